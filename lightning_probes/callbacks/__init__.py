@@ -1,0 +1,6 @@
+"""The probes: Lightning callbacks that make the inside of training visible."""
+
+from lightning_probes.callbacks.base import ParameterProbe, ProbeCallback
+from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
+
+__all__ = ["GradientStatsMonitor", "ParameterProbe", "ProbeCallback"]

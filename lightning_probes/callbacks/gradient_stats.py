@@ -1,0 +1,206 @@
+"""`GradientStatsMonitor`: per-layer gradient statistics and first-vs-last gradient flow."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_probes.callbacks.base import ParameterProbe, check_positive_int
+from lightning_probes.functional.gradients import nonfinite_counts, norm_summary, stats_from_summary, total_summary
+from lightning_probes.naming import Patterns
+from lightning_probes.plotting import grouped_bars
+
+log = logging.getLogger(__name__)
+
+TOTAL = "__total__"
+
+
+class GradientStatsMonitor(ParameterProbe):
+    """Logs ``grad_abs_mean``, ``grad_abs_std``, ``grad_norm``, ``grad_abs_max`` and ``nonfinite`` per parameter.
+
+    Gradients are read in ``on_before_optimizer_step``: accumulated over micro-batches, unscaled under AMP,
+    not yet clipped. Every ``every_n_steps`` optimiser steps it writes one record per parameter tensor and one
+    ``__total__`` record (global norm over all tracked entries) to ``gradient_stats.jsonl``, and logs the same
+    values as ``gradient_stats/<stat>/<layer>``. ``grad_abs_std`` is the population standard deviation of
+    ``|g|``. All statistics are computed on the device; a logged step costs one device-to-host transfer.
+
+    It also accumulates the mean and std of ``|g|`` per layer, pooled over all entries of the first ``window``
+    optimiser steps of training and of the last ``window`` steps of the final epoch, and at the end of fit
+    writes them to ``gradient_flow.json`` and draws them as ``gradient_flow.png`` (and a TensorBoard image).
+
+    Args:
+        every_n_steps: Log at every n-th optimiser step (of each optimiser).
+        window: Number of optimiser steps in the first and last gradient-flow windows.
+        histogram_every_n_steps: Also send gradient histograms to loggers that support them (TensorBoard)
+            every n steps; ``None`` disables them. Each histogram copies the gradient to the host.
+        include: Regular expression(s); only parameters whose name matches one are tracked.
+        exclude: Regular expression(s); parameters whose name matches one are not tracked.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+
+    Example:
+        >>> from pytorch_lightning import Trainer
+        >>> trainer = Trainer(callbacks=[GradientStatsMonitor(every_n_steps=10)])
+    """
+
+    probe_name = "gradient_stats"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        window: int = 5,
+        histogram_every_n_steps: Optional[int] = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(every_n_steps, include, exclude, output_dir)
+        check_positive_int("window", window)
+        check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
+        self.window = window
+        self.histogram_every_n_steps = histogram_every_n_steps
+        # Per tracked parameter: [sum |g|, sum g^2, entries] over the window's finite steps.
+        self._first_window: Optional[torch.Tensor] = None
+        self._last_window: Optional[torch.Tensor] = None
+        self._batch_idx = 0
+        self._warned_nonfinite = False
+
+    def _state_config(self) -> dict[str, Any]:
+        return {**super()._state_config(), "window": self.window}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for key in ("_first_window", "_last_window"):
+            value = getattr(self, key)
+            state[key.lstrip("_")] = None if value is None else value.detach().cpu()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._first_window = state_dict.get("first_window")
+        self._last_window = state_dict.get("last_window")
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = self._params[0].device
+        for key in ("_first_window", "_last_window"):
+            value = getattr(self, key)
+            if value is None or value.shape[0] != len(self._params):
+                value = torch.zeros(len(self._params), 3, dtype=torch.float64)
+            setattr(self, key, value.to(device))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_window is not None and self._steps_left_in_epoch(trainer, 0) >= self.window:
+            self._last_window.zero_()  # a fresh epoch (not a mid-epoch resume) starts a fresh last window
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def _steps_left_in_epoch(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        """Optimiser steps that remain in this epoch after the one at ``batch_idx`` (inf when unknown)."""
+        accumulate = max(1, trainer.accumulate_grad_batches)
+        left = math.inf
+        if isinstance(trainer.num_training_batches, int):
+            per_epoch = math.ceil(trainer.num_training_batches / accumulate)
+            left = per_epoch - 1 - batch_idx // accumulate
+        if trainer.max_steps and trainer.max_steps > 0:
+            left = min(left, trainer.max_steps - 1 - trainer.global_step)
+        return left
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not trainer.is_global_zero:
+            return
+        opt_index, tracked = self._tracked_for(trainer, optimizer)
+        count = self._next_step(opt_index)
+        log_now = count % self.every_n_steps == 0
+        in_first = count < self.window
+        in_last = self._steps_left_in_epoch(trainer, self._batch_idx) < self.window
+        histogram = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
+        if not (log_now or in_first or in_last or histogram):
+            return
+        tracked = [i for i in tracked if self._params[i].grad is not None]
+        if not tracked:
+            return
+        grads = [self._params[i].grad for i in tracked]
+        summary = norm_summary(grads)  # (P, 3) on the device: sum|g|, ||g||_2, max|g|
+        if in_first or in_last:
+            self._accumulate_windows(tracked, grads, summary, in_first, in_last)
+        if log_now:
+            self._log_step(trainer, opt_index, tracked, grads, summary)
+        if histogram:
+            self._log_histograms(trainer, tracked, grads)
+
+    def _accumulate_windows(self, tracked: list[int], grads: list[torch.Tensor], summary: torch.Tensor,
+                            in_first: bool, in_last: bool) -> None:
+        numel = torch.tensor([g.numel() for g in grads], dtype=torch.float64, device=summary.device)
+        rows = torch.stack([summary[:, 0].double(), summary[:, 1].double().square(), numel], dim=1)
+        finite = torch.isfinite(rows).all(dim=1, keepdim=True)  # a non-finite step is left out, without a sync
+        rows = torch.where(finite, rows, torch.zeros_like(rows))
+        index = torch.tensor(tracked, device=summary.device)
+        if in_first:
+            self._first_window.index_add_(0, index, rows)
+        if in_last:
+            self._last_window.index_add_(0, index, rows)
+
+    def _log_step(self, trainer: pl.Trainer, opt_index: int, tracked: list[int], grads: list[torch.Tensor],
+                  summary: torch.Tensor) -> None:
+        summary = torch.cat([summary.double(), total_summary(summary)]).cpu()  # the one transfer
+        numel = torch.tensor([g.numel() for g in grads] + [sum(g.numel() for g in grads)])
+        stats = stats_from_summary(summary, numel)
+        nonfinite = torch.zeros(len(tracked) + 1, dtype=torch.int64)
+        if not torch.isfinite(summary).all():
+            counts = nonfinite_counts(grads).cpu()
+            nonfinite = torch.cat([counts, counts.sum().view(1)])
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                rank_zero_warn(f"GradientStatsMonitor: non-finite gradients at step {trainer.global_step} "
+                               f"({int(counts.sum())} entries); they are counted in `nonfinite` (warned once).")
+        names = [self._names[i] for i in tracked] + [TOTAL]
+        base = self._base_record(trainer, opt_index)
+        records, scalars = [], {}
+        for row, name in enumerate(names):
+            record = {**base, "layer": name}
+            for key, values in stats.items():
+                record[key] = float(values[row])
+                scalars[f"{self.probe_name}/{key}/{name}"] = record[key]
+            record["nonfinite"] = int(nonfinite[row])
+            scalars[f"{self.probe_name}/nonfinite/{name}"] = record["nonfinite"]
+            records.append(record)
+        self.write_records(trainer, records)
+        self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)}, trainer.global_step)
+
+    def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor]) -> None:
+        for logger in trainer.loggers:
+            add_histogram = getattr(getattr(logger, "experiment", None), "add_histogram", None)
+            if callable(add_histogram):
+                for i, grad in zip(tracked, grads):
+                    add_histogram(f"{self.probe_name}/histogram/{self._names[i]}", grad.detach().float().cpu(),
+                                  trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._first_window is None:
+            return
+        windows = {}
+        for label, acc in (("first", self._first_window), ("last", self._last_window)):
+            acc = acc.cpu()
+            count = acc[:, 2].clamp_min(1)
+            mean = acc[:, 0] / count
+            std = (acc[:, 1] / count - mean.square()).clamp_min(0).sqrt()
+            seen = acc[:, 2] > 0
+            windows[label] = {"mean": [float(m) if s else None for m, s in zip(mean, seen)],
+                              "std": [float(v) if s else None for v, s in zip(std, seen)]}
+        summary = {"window": self.window, "layers": self._names, **windows}
+        self.save_json(trainer, summary, "gradient_flow.json")
+        nan = float("nan")
+        panels = {f"{stat} |grad| per layer": {w: [nan if v is None else v for v in windows[w][stat]]
+                                               for w in ("first", "last")}
+                  for stat in ("mean", "std")}
+        fig = grouped_bars(self._names, panels, title=f"Gradient flow: first vs last {self.window} optimiser steps")
+        self.save_figure(trainer, fig, "gradient_flow.png", f"{self.probe_name}/gradient_flow", trainer.global_step)

@@ -1,0 +1,75 @@
+"""Per-tensor gradient statistics, computed for many tensors at once with one pass per norm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+#: Column order of `norm_summary`: sum of |g|, L2 norm, max |g|.
+SUMMARY_COLUMNS = ("abs_sum", "l2", "abs_max")
+
+
+def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``[sum |g|, ||g||_2, max |g|]`` of each tensor into a ``(len(tensors), 3)`` float32 tensor.
+
+    Uses ``torch._foreach_norm`` (fused on CUDA, one C++ loop on CPU) and stays on the tensors' device:
+    no host synchronisation.
+
+    Args:
+        tensors: Gradient tensors of any shape and floating dtype, all on one device.
+
+    Returns:
+        A ``(P, 3)`` float32 tensor on the tensors' device.
+    """
+    if len(tensors) == 0:
+        raise ValueError("Expected at least one tensor, but got none")
+    columns = [torch.stack(torch._foreach_norm(list(tensors), order, dtype=torch.float32))
+               for order in (1, 2, float("inf"))]
+    return torch.stack(columns, dim=1)
+
+
+def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Number of NaN or infinite entries per tensor, as an int64 tensor ``(P,)``."""
+    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors])
+
+
+def stats_from_summary(summary: torch.Tensor, numel: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Turn `norm_summary` columns into statistics of ``|g|`` (float64, on the summary's device).
+
+    ``grad_abs_std`` is the population standard deviation (``correction=0``) of ``|g|`` over the tensor's
+    entries, from ``E[g^2] - E[|g|]^2``.
+
+    Args:
+        summary: ``(P, 3)`` output of `norm_summary`.
+        numel: ``(P,)`` number of entries of each tensor.
+
+    Returns:
+        ``grad_abs_mean``, ``grad_abs_std``, ``grad_norm`` and ``grad_abs_max``, each ``(P,)``.
+    """
+    summary = summary.double()
+    n = numel.double()
+    mean = summary[:, 0] / n
+    second_moment = summary[:, 1].square() / n
+    std = (second_moment - mean.square()).clamp_min(0).sqrt()
+    return {"grad_abs_mean": mean, "grad_abs_std": std, "grad_norm": summary[:, 1], "grad_abs_max": summary[:, 2]}
+
+
+def total_summary(summary: torch.Tensor) -> torch.Tensor:
+    """Combine per-tensor `norm_summary` rows into one row for all entries together (shape ``(1, 3)``)."""
+    summary = summary.double()
+    return torch.stack([summary[:, 0].sum(), summary[:, 1].square().sum().sqrt(), summary[:, 2].max()]).unsqueeze(0)
+
+
+def gradient_stats(tensor: torch.Tensor) -> dict[str, float]:
+    """Statistics of one gradient tensor: mean, population std, L2 norm and max of ``|g|``, non-finite count.
+
+    Example:
+        >>> gradient_stats(torch.tensor([3.0, -4.0]))["grad_norm"]
+        5.0
+    """
+    summary = norm_summary([tensor])
+    stats = stats_from_summary(summary, torch.tensor([tensor.numel()]))
+    out = {k: float(v[0]) for k, v in stats.items()}
+    out["nonfinite"] = int(nonfinite_counts([tensor])[0])
+    return out

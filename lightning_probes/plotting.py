@@ -1,0 +1,110 @@
+"""Figures as pure functions: arrays in, a ``matplotlib.figure.Figure`` out (no pyplot, no global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+
+def grouped_bars(
+    labels: Sequence[str],
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str,
+    log_scale: bool = True,
+) -> Figure:
+    """One panel per statistic, bars grouped per label, one bar per series.
+
+    Args:
+        labels: Names along the x axis (layers).
+        groups: ``{panel title: {series name: values per label}}``.
+        title: Figure title.
+        log_scale: Logarithmic y axis (gradient magnitudes span decades).
+    """
+    n_panels = len(groups)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(labels) + 2), 3.2 * n_panels), constrained_layout=True)
+    axes = fig.subplots(n_panels, 1, squeeze=False)[:, 0]
+    x = np.arange(len(labels))
+    for ax, (panel, series) in zip(axes, groups.items()):
+        width = 0.8 / max(1, len(series))
+        for i, (name, values) in enumerate(series.items()):
+            values = np.asarray(values, dtype=float)
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, np.where(np.isfinite(values), values, 0), width, label=name)
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(panel, fontsize=9)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def line_panels(x: Sequence[float], series: Mapping[str, Sequence[float]], xlabel: str, title: str) -> Figure:
+    """One small line plot per named series, sharing the x axis."""
+    n = len(series)
+    fig = Figure(figsize=(7, 2.2 * n), constrained_layout=True)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (name, values) in zip(axes, series.items()):
+        ax.plot(np.asarray(x), np.asarray(values, dtype=float), marker=".", linewidth=1)
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1].set_xlabel(xlabel)
+    fig.suptitle(title)
+    return fig
+
+
+def heatmap(
+    matrix: np.ndarray,
+    title: str,
+    xlabels: Optional[Sequence[str]] = None,
+    ylabels: Optional[Sequence[str]] = None,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    cmap: str = "viridis",
+    annotate: bool = False,
+    ax=None,
+) -> Figure:
+    """A labelled heatmap; NaN cells (masked) are left blank."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig = ax.figure if ax is not None else Figure(figsize=(1.0 + 0.5 * matrix.shape[1], 0.8 + 0.45 * matrix.shape[0]),
+                                                   constrained_layout=True)
+    ax = ax if ax is not None else fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if xlabels is not None:
+        ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right", fontsize=7)
+    if ylabels is not None:
+        ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+    if annotate and matrix.size <= 400:
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color="w")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+#: Gradient-sign map colours, indexed by category: 0 |g| > threshold, 1 small negative, 2 small positive, 3 zero.
+SIGN_MAP_COLORS = ListedColormap(["white", "red", "green", "black"])
+
+
+def sign_map(
+    categories: np.ndarray,
+    row_labels: Sequence[int],
+    title: str,
+    column_range: Optional[tuple[int, int]] = None,
+) -> Figure:
+    """Gradient-sign map: rows are epochs, columns gradient entries; colours from `SIGN_MAP_COLORS`."""
+    categories = np.asarray(categories)
+    start, stop = column_range if column_range is not None else (0, categories.shape[1])
+    shown = categories[:, start:stop]
+    fig = Figure(figsize=(10, 1.2 + 0.25 * len(row_labels)), constrained_layout=True)
+    ax = fig.subplots()
+    ax.imshow(shown, cmap=SIGN_MAP_COLORS, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest",
+              extent=(start - 0.5, stop - 0.5, len(row_labels) - 0.5, -0.5))
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=7)
+    ax.set_ylabel("epoch")
+    ax.set_xlabel("gradient entry (first layer to last, subsampled)")
+    ax.set_title(title + "   white |g|>thr, red small g<0, green small g>0, black g=0", fontsize=9)
+    return fig

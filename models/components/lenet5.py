@@ -1,0 +1,57 @@
+"""LeNet-5 (LeCun et al. 1998), with a selectable activation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class LeNet5Net(nn.Module):
+    """``conv1(6) - pool1 - conv2(16) - pool2 - fc1(120) - fc2(84) - fc3(classes)``.
+
+    ``conv1`` pads by 2 so a 28x28 input gives the classic 28 -> 14 -> 10 -> 5 feature maps.
+
+    Args:
+        in_channels: Channels of the input images.
+        num_classes: Number of output logits.
+        input_size: Side of the square input images.
+        activation: ``"relu"`` or ``"tanh"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        input_size: int = 28,
+        activation: Literal["relu", "tanh"] = "relu",
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"Expected `activation` to be one of {sorted(_ACTIVATIONS)}, but got {activation!r}")
+        act = _ACTIVATIONS[activation]
+        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
+        self.act1 = act()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.act2 = act()
+        self.pool2 = nn.MaxPool2d(2)
+        side = (input_size // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"Expected `input_size` to be at least 12 for LeNet5, but got {input_size}")
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.act3 = act()
+        self.fc2 = nn.Linear(120, 84)
+        self.act4 = act()
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.act1(self.conv1(x)))  # (batch, 6, side/2, side/2)
+        x = self.pool2(self.act2(self.conv2(x)))  # (batch, 16, s, s)
+        x = self.flatten(x)
+        x = self.act4(self.fc2(self.act3(self.fc1(x))))
+        return self.fc3(x)
