@@ -30,7 +30,8 @@ class TensorImageDataset(Dataset):
         augment: Optional[v2.Transform] = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"Expected `images` to be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"Expected `images` to be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(targets):
             raise ValueError(f"Expected as many targets as images, got {len(targets)} and {len(images)}")
         self.images = images

@@ -58,7 +58,8 @@ class CIFAR10DataModule(ImageDataModule):
             with np.load(path) as archive:
                 for key in ("x", "y"):
                     if key not in archive:
-                        raise KeyError(f"{path!r} has no array {key!r}; expected arrays 'x' (N, 32, 32, 3) and 'y' (N,)")
+                        raise KeyError(
+                            f"{path!r} has no array {key!r}; expected arrays 'x' (N, 32, 32, 3) and 'y' (N,)")
                 x, y = archive["x"], archive["y"]
         elif os.path.isdir(os.path.join(self.data_dir, "cifar-10-batches-py")):
             dataset = CIFAR10(self.data_dir, train=train, download=False)

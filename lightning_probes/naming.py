@@ -34,7 +34,8 @@ def compile_patterns(argument: str, patterns: Patterns) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(pattern))
         except (re.error, TypeError) as err:
-            raise ValueError(f"Expected `{argument}` to hold valid regular expressions, but got {pattern!r}: {err}") from err
+            raise ValueError(
+                f"Expected `{argument}` to hold valid regular expressions, but got {pattern!r}: {err}") from err
     return compiled
 
 

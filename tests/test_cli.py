@@ -1,0 +1,82 @@
+"""The `lightning` CLI: every config fits with fast_dev_run, and bad input exits with one clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_probes.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_every_config_is_tested():
+    assert {c.stem for c in CONFIGS} >= {"quickstart", "mnist_mlp", "mnist_lenet5", "cifar10_baseline",
+                                         "cifar10_dropout", "cifar10_batchnorm"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_fast_dev_run(config, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--data.num_workers", "0"]
+    if config.stem != "quickstart":
+        args += ["--data.data_dir", str(tiny_data)]
+    main(args)
+    probes = tmp_path / "probes"
+    assert (probes / "gradient_stats.jsonl").stat().st_size > 0
+
+
+def test_quickstart_writes_tensorboard_metrics(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS[0].parent / "quickstart.yaml"), "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"])
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1"} <= tags
+    assert any(t.startswith("gradient_stats/grad_norm/") for t in tags)
+    assert (run / "probes" / "gradient_stats.jsonl").exists()
+
+
+def test_model_and_data_by_class_name(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--model", "LeNet5", "--data", "MNISTDataModule", "--data.data_dir", str(tiny_data),
+          "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path)])
+    main(["test", "--model", "LeNet5", "--data", "MNISTDataModule", "--data.data_dir", str(tiny_data),
+          "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path)])
+
+
+def _error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def test_unknown_key(capsys):
+    err = _error(capsys, ["fit", "--config", str(CONFIGS[0].parent / "quickstart.yaml"), "--model.init_args.lrr", "1"])
+    assert "lrr" in err
+
+
+def test_wrong_type(capsys):
+    err = _error(capsys, ["fit", "--model", "MLP", "--model.lr", "fast"])
+    assert "lr" in err and "fast" in err
+
+
+def test_negative_lr(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["fit", "--model", "MLP", "--model.lr", "-0.1", "--data", "DigitsDataModule"])
+    assert "`lr`" in err and "-0.1" in err
+    assert "Traceback" not in err
+
+
+def test_missing_data(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["fit", "--model", "LeNet5", "--data", "MNISTDataModule", "--data.data_dir",
+                          str(tmp_path / "nowhere"), "--trainer.fast_dev_run", "1"])
+    assert "nowhere" in err and "train-images-idx3-ubyte" in err
+    assert err.count("\n") == 1
