@@ -1,6 +1,6 @@
 """lightning-probes: reusable PyTorch Lightning callbacks that make the inside of training visible."""
 
-from lightning_probes.callbacks import GradientStatsMonitor
+from lightning_probes.callbacks import GradientDynamicsMonitor, GradientStatsMonitor
 
 __version__ = "0.1.0"
-__all__ = ["GradientStatsMonitor", "__version__"]
+__all__ = ["GradientDynamicsMonitor", "GradientStatsMonitor", "__version__"]
