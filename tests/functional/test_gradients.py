@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from lightning_probes.functional.gradients import (
+    gradient_stats,
+    nonfinite_counts,
+    norm_summary,
+    stats_from_summary,
+    total_summary,
+)
+
+
+def test_norm_summary_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, 7, generator=g), torch.randn(3, generator=g) * 1e-3, torch.randn(2, 2, 2, generator=g)]
+    summary = norm_summary(tensors)
+    assert summary.shape == (3, 3)
+    for row, t in zip(summary, tensors):
+        a = np.abs(t.numpy().ravel())
+        np.testing.assert_allclose(row.numpy(), [a.sum(), np.sqrt((a**2).sum()), a.max()], rtol=1e-5)
+    stats = stats_from_summary(summary, torch.tensor([t.numel() for t in tensors]))
+    for i, t in enumerate(tensors):
+        a = np.abs(t.numpy().ravel()).astype(np.float64)
+        assert stats["grad_abs_mean"][i].item() == pytest.approx(a.mean(), rel=1e-5)
+        assert stats["grad_abs_std"][i].item() == pytest.approx(a.std(ddof=0), rel=1e-4)
+        assert stats["grad_norm"][i].item() == pytest.approx(np.linalg.norm(a), rel=1e-5)
+        assert stats["grad_abs_max"][i].item() == pytest.approx(a.max(), rel=1e-6)
+    total = total_summary(summary)[0]
+    every = np.concatenate([np.abs(t.numpy().ravel()) for t in tensors])
+    np.testing.assert_allclose(total.numpy(), [every.sum(), np.linalg.norm(every), every.max()], rtol=1e-5)
+
+
+def test_hand_worked_example():
+    stats = gradient_stats(torch.tensor([3.0, -4.0, 0.0, 1.0]))
+    # |g| = 3, 4, 0, 1: mean 2, E[g^2] = 26/4 = 6.5, var = 6.5 - 4 = 2.5
+    assert stats == pytest.approx({"grad_abs_mean": 2.0, "grad_abs_std": 2.5**0.5, "grad_norm": 26**0.5,
+                                   "grad_abs_max": 4.0, "nonfinite": 0})
+
+
+def test_bf16_input_is_summarised_in_float32():
+    t = torch.full((1000,), 0.1, dtype=torch.bfloat16)
+    summary = norm_summary([t])
+    assert summary.dtype == torch.float32
+    assert summary[0, 0].item() == pytest.approx(1000 * float(t[0]), rel=1e-4)
+
+
+def test_nonfinite_counts():
+    t = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    assert nonfinite_counts([t, torch.ones(3)]).tolist() == [3, 0]
+
+
+def test_empty_input_is_an_error():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        norm_summary([])
