@@ -103,7 +103,8 @@ class GradientDynamicsMonitor(ParameterProbe):
         check_positive_int("max_columns", max_columns)
         if (len(tuple(zoom_columns)) != 2 or not all(isinstance(c, int) for c in zoom_columns)
                 or not 0 <= zoom_columns[0] < zoom_columns[1]):
-            raise ValueError(f"Expected `zoom_columns` to be (start, stop) with 0 <= start < stop, got {zoom_columns!r}")
+            raise ValueError(
+                f"Expected `zoom_columns` to be (start, stop) with 0 <= start < stop, but got {zoom_columns!r}")
         self.zero_threshold = float(zero_threshold)
         self.release_threshold = float(release_threshold)
         self.ema_decay = float(ema_decay)
@@ -311,7 +312,8 @@ class GradientDynamicsMonitor(ParameterProbe):
             self._update_ema(name, record)
             records.append(record)
             for key, value in record.items():
-                if key not in base and key != "layer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if numeric and key not in base and key != "layer":
                     scalars[f"{self.probe_name}/{key}/{name}"] = value
         self._accumulate_epoch(records[-1])
         self.write_records(trainer, records)

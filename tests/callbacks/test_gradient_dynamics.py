@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins import MixedPrecision
+
+from lightning_probes import GradientDynamicsMonitor
+from tests.conftest import CaptureLogger
+from tests.helpers import GradRecorder, RandomDataModule, read, small_mlp, trainer
+
+
+def _reference(prev, now, layer, zero_thr=1e-7, rel_thr=1e-5):
+    """Numpy computation of one record from full copies of gradients and weights."""
+    def flat(step, key):
+        if layer == "__total__":
+            return np.concatenate([v.numpy().ravel() for k, v in step[key].items() if k in step["grads"]])
+        return step[key][layer].numpy().ravel()
+
+    g_prev, g_now = flat(prev, "grads"), flat(now, "grads")
+    dw_prev = flat(prev, "after") - flat(prev, "before")
+    dw_now = flat(now, "after") - flat(now, "before")
+    below_prev = np.abs(g_prev) < rel_thr
+    released = below_prev & (np.abs(g_now) >= rel_thr)
+    nonzero = (g_prev != 0) & (g_now != 0)
+    flipped = nonzero & (np.sign(g_prev) != np.sign(g_now))
+    product = dw_prev * (g_now - g_prev)
+    return {
+        "zero_count": int((np.abs(g_now) < zero_thr).sum()),
+        "released_fraction": released.sum() / below_prev.sum() if below_prev.sum() else None,
+        "sign_flip_fraction": flipped.sum() / nonzero.sum(),
+        "minima_crossings": int((flipped & (product > 0)).sum()),
+        "maxima_crossings": int((flipped & (product < 0)).sum()),
+        "update_norm": np.linalg.norm(dw_now),
+        "weight_norm": np.linalg.norm(flat(now, "after")),
+        "grad_norm": np.linalg.norm(g_now),
+    }
+
+
+def test_records_match_an_independent_recorder(tmp_path):
+    recorder = GradRecorder()
+    logger = CaptureLogger()
+    probe = GradientDynamicsMonitor(every_n_steps=3, release_threshold=1e-3, output_dir=str(tmp_path))
+    model = small_mlp(momentum=0.9, lr=0.2)
+    trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2).fit(model, RandomDataModule())
+    records = read(tmp_path / "gradient_dynamics.jsonl")
+    steps = recorder.by_step()
+    assert sorted({r["step"] for r in records}) == [0, 3, 6, 9]
+    checked = 0
+    for r in records:
+        if r["step"] == 0:
+            assert r["has_previous"] is False and r["sign_flip_fraction"] is None
+            continue
+        ref = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
+        assert r["has_previous"] is True and r["skipped"] is False
+        for key in ("zero_count", "minima_crossings", "maxima_crossings"):
+            assert r[key] == ref[key], (r["step"], r["layer"], key)
+        for key in ("released_fraction", "sign_flip_fraction", "update_norm", "weight_norm", "grad_norm"):
+            if ref[key] is None:
+                assert r[key] is None
+            else:
+                assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (r["step"], r["layer"], key)
+        assert r["retained_fraction"] == pytest.approx(None if ref["released_fraction"] is None
+                                                       else 1 - ref["released_fraction"])
+        checked += 1
+    assert checked == 3 * 12  # three compared steps, 11 tensors + total
+    # With momentum, some flips cross maxima: both kinds occur over the run.
+    totals = [r for r in records if r["layer"] == "__total__" and r["has_previous"]]
+    assert sum(r["minima_crossings"] for r in totals) > 0
+    assert "gradient_dynamics/sign_flip_fraction/__total__" in logger.keys()
+    assert "gradient_dynamics/epoch_mean_sign_flip_fraction/__total__" in logger.keys()
+    for name in ("gradient_sign_map.png", "gradient_sign_map_zoom.png", "gradient_dynamics.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert len(probe._sign_rows) == 2  # one row per epoch
+
+
+def test_ema_of_norms(tmp_path):
+    probe = GradientDynamicsMonitor(every_n_steps=1, ema_decay=0.5, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_steps=4).fit(small_mlp(), RandomDataModule())
+    totals = [r for r in read(tmp_path / "gradient_dynamics.jsonl") if r["layer"] == "__total__"]
+    ema = None
+    for r in totals:
+        ema = r["grad_norm"] if ema is None else 0.5 * ema + 0.5 * r["grad_norm"]
+        assert r["grad_norm_ema"] == pytest.approx(ema)
+
+
+def test_state_between_steps_is_two_bytes_per_entry(tmp_path):
+    seen = {}
+
+    class Inspect(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            probe = trainer.callbacks[0]
+            assert probe._pending == {}  # no weight copy survives a step
+            state = [t for prev in probe._previous.values() for t in (prev["code"], prev["below"])]
+            seen[batch_idx] = sum(t.numel() * t.element_size() for t in state)
+            assert all(t.dtype in (torch.int8, torch.bool) for t in state)
+
+    probe = GradientDynamicsMonitor(every_n_steps=4, output_dir=str(tmp_path))
+    model = small_mlp()
+    trainer(tmp_path, [probe, Inspect()], max_epochs=1).fit(model, RandomDataModule())
+    entries = sum(p.numel() for p in model.parameters())
+    assert seen[4] == 2 * entries  # after the snapshot step 3, before logged step 4
+    assert seen[1] == 0 and seen[5] == 0
+
+
+def test_amp_skipped_step(tmp_path):
+    class InjectInf(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                pl_module.net.fc1.weight.grad[0, 0] = float("inf")
+
+    scaler = torch.amp.GradScaler("cpu")
+    probe = GradientDynamicsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="skipped by the AMP GradScaler"):
+        trainer(tmp_path, [InjectInf(), probe], max_steps=6,
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(small_mlp(), RandomDataModule())
+    totals = {r["step"]: r for r in read(tmp_path / "gradient_dynamics.jsonl") if r["layer"] == "__total__"}
+    assert totals[3]["skipped"] is True and totals[3]["update_norm"] is None
+    assert totals[3]["sign_flip_fraction"] is None
+    assert totals[4]["skipped"] is False and totals[4]["has_previous"] is False  # no polluted comparison
+    assert totals[5]["has_previous"] is True and totals[5]["update_norm"] > 0
+    assert totals[2]["has_previous"] is True
+
+
+def test_resume_marks_first_step_without_previous(tmp_path):
+    out = tmp_path / "out"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path, [GradientDynamicsMonitor(every_n_steps=1, output_dir=str(out)), ckpt], max_epochs=3,
+            enable_checkpointing=True).fit(small_mlp(), RandomDataModule())
+    ckpt_path = next(p for p in (tmp_path / "ckpt").iterdir() if "epoch=1" in p.name)
+    probe = GradientDynamicsMonitor(every_n_steps=1, output_dir=str(out))
+    trainer(tmp_path, [probe], max_epochs=3).fit(small_mlp(), RandomDataModule(), ckpt_path=str(ckpt_path))
+    totals = [r for r in read(out / "gradient_dynamics.jsonl") if r["layer"] == "__total__"]
+    assert [r["step"] for r in totals] == list(range(18))
+    assert [r["step"] for r in totals if not r["has_previous"]] == [0, 12]
+    assert len(probe._sign_rows) == 3  # two rows restored from the checkpoint, one new
+
+
+def test_hooks_removed_after_fit_and_on_exception(tmp_path):
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+
+    probe = GradientDynamicsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    model = small_mlp()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [probe, Boom()], max_steps=5).fit(model, RandomDataModule())
+    assert probe._hooks == [] and probe._pending == {}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"zero_threshold": 0}, "`zero_threshold`"),
+    ({"release_threshold": -1.0}, "`release_threshold`"),
+    ({"ema_decay": 1.0}, r"`ema_decay` to be in \[0, 1\)"),
+    ({"max_columns": 0}, "`max_columns`"),
+    ({"zoom_columns": (5, 2)}, "`zoom_columns`"),
+    ({"every_n_steps": 1.5}, "`every_n_steps`"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientDynamicsMonitor(**kwargs)
