@@ -1,0 +1,37 @@
+"""Run a small fit under DDP (2 CPU processes, gloo) with the probes named on the command line.
+
+Lightning's DDP launcher re-executes ``sys.argv``, so tests start this file in a subprocess:
+``python tests/ddp_run.py OUTPUT_DIR probe_name[,probe_name...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytorch_lightning as pl  # noqa: E402
+
+import lightning_probes as lp  # noqa: E402
+from tests.helpers import RandomDataModule, small_mlp  # noqa: E402
+
+PROBES = {
+    "gradient_stats": lambda out: lp.GradientStatsMonitor(every_n_steps=1, output_dir=out),
+    "gradient_dynamics": lambda out: lp.GradientDynamicsMonitor(every_n_steps=1, output_dir=out),
+}
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2].split(",")
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, default_root_dir=out, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[PROBES[name](out) for name in names], num_sanity_val_steps=0,
+    )
+    trainer.fit(small_mlp(), RandomDataModule(n=96, batch_size=16))
+
+
+if __name__ == "__main__":
+    main()
