@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
@@ -55,6 +56,7 @@ class ProbeCallback(Callback):
         self._output_dir: Optional[str] = None
         self._writer: Optional[JsonlWriter] = None
         self._resume_records: Optional[int] = None
+        self._last_logger_step: Optional[int] = None
 
     # -- identity and state -------------------------------------------------------------------------
     def _state_config(self) -> Mapping[str, Any]:
@@ -107,10 +109,19 @@ class ProbeCallback(Callback):
         if trainer.is_global_zero and self._writer is not None:
             self._writer.write(records)
 
-    @staticmethod
-    def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-        """Send scalars to every attached logger (loggers are rank-zero only by themselves)."""
-        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    def log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, Optional[float]], step: int,
+                    throttle: bool = False) -> None:
+        """Send finite scalars to every attached logger (loggers are rank-zero only by themselves).
+
+        With ``throttle``, per-step scalars reach the loggers at most once per ``trainer.log_every_n_steps``
+        optimiser steps (Lightning's own logging cadence); the JSONL still gets every logged step.
+        """
+        if throttle:
+            last = self._last_logger_step
+            if last is not None and 0 <= step - last < max(1, trainer.log_every_n_steps):
+                return
+            self._last_logger_step = step
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
         if not metrics:
             return
         for logger in trainer.loggers:

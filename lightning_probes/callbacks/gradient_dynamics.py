@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -14,10 +13,11 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_probes.callbacks.base import ParameterProbe, check_positive_int
 from lightning_probes.functional.dynamics import (
     COUNT_NAMES,
-    default_zero_threshold,
+    NUM_BINS,
+    counts_from_histogram,
     encode_previous,
-    transition_counts,
-    zero_counts,
+    transition_histogram,
+    zero_threshold_for,
 )
 from lightning_probes.io import read_jsonl
 from lightning_probes.naming import Patterns
@@ -26,11 +26,8 @@ from lightning_probes.plotting import line_panels, sign_map
 log = logging.getLogger(__name__)
 
 TOTAL = "__total__"
+_INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings")
 _FRACTIONS = ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction")
-
-
-def _ratio(numerator: float, denominator: float) -> Optional[float]:
-    return numerator / denominator if denominator > 0 else None
 
 
 class GradientDynamicsMonitor(ParameterProbe):
@@ -52,8 +49,9 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     A record of a step the AMP GradScaler skipped (non-finite gradients) has ``skipped: true`` and no flip,
     release or update statistics; the next step then has no previous gradient (``has_previous: false``), as
-    does the first step after a restart. Between steps it keeps two bytes per tracked entry (an ``int8``
-    sign-and-direction code and a ``bool`` below-threshold mask), and only for the step before a logged one;
+    does the first step after a restart. Between steps it keeps one byte per tracked entry (an ``int8``
+    sign-direction-and-threshold code, see `lightning_probes.functional.dynamics`), and only for the step before
+    a logged one;
     a weight copy exists only during the steps it compares. A logged step costs one device-to-host transfer.
 
     At every epoch end it adds a row to a gradient-sign map (columns: gradient entries from the first to the
@@ -98,6 +96,9 @@ class GradientDynamicsMonitor(ParameterProbe):
         for name, value in (("zero_threshold", zero_threshold), ("release_threshold", release_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Expected `{name}` to be a positive float, but got {value!r}")
+        if zero_threshold > release_threshold:
+            raise ValueError(f"Expected `zero_threshold` <= `release_threshold`, but got {zero_threshold!r} > "
+                             f"{release_threshold!r}")
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
             raise ValueError(f"Expected `ema_decay` to be in [0, 1), but got {ema_decay!r}")
         check_positive_int("max_columns", max_columns)
@@ -182,41 +183,32 @@ class GradientDynamicsMonitor(ParameterProbe):
         count = self._next_step(opt_index)
         log_now = count % self.every_n_steps == 0
         snapshot = (count + 1) % self.every_n_steps == 0
+        previous = self._previous.pop(opt_index, None)
         if not (log_now or snapshot):
-            self._previous.pop(opt_index, None)
             return
         tracked = [i for i in tracked if self._params[i].grad is not None]
         if not tracked:
             return
         params = [self._params[i] for i in tracked]
-        grads = [p.grad for p in params]
-        sizes = [g.numel() for g in grads]
-        flat = torch.cat([g.detach().reshape(-1) for g in grads])  # (N,) all tracked entries of this optimiser
-        zero_thr = default_zero_threshold(flat.dtype, self.zero_threshold)
+        grads = [p.grad.detach() for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) every tracked entry of this optimiser
+        zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
         flat = flat.float()
+        grad_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # (P,)
         pending: dict[str, Any] = {"count": count, "tracked": tracked, "log": log_now, "snapshot": snapshot,
                                    "weights": [p.detach().clone() for p in params],
                                    "step": trainer.global_step, "epoch": trainer.current_epoch,
-                                   "finite": torch.isfinite(flat).all()}
+                                   "finite": torch.isfinite(grad_norm).all(), "grad_norm": grad_norm}
         if log_now:
-            previous = self._previous.get(opt_index)
             has_previous = previous is not None and previous["count"] == count - 1 and previous["tracked"] == tracked
-            if has_previous:
-                counts = transition_counts(previous["code"], previous["below"], flat, zero_thr,
-                                           self.release_threshold, sizes)
-                pending["previous_finite"] = previous["finite"]
-            else:
-                counts = torch.zeros(len(sizes), len(COUNT_NAMES), dtype=torch.int64, device=flat.device)
-                counts[:, 0] = zero_counts(flat, zero_thr, sizes)
+            state = previous["state"] if has_previous else torch.zeros_like(flat, dtype=torch.int8)
+            pending["histogram"] = transition_histogram(state, flat, zero_threshold, self.release_threshold,
+                                                        [g.numel() for g in grads])  # (P, 126)
             pending["has_previous"] = has_previous
-            pending["counts"] = counts
-            pending["grad_norm"] = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            pending["sample"] = torch.cat([g.detach().reshape(-1)[self._columns[i]].float()
-                                           for i, g in zip(tracked, grads)])
+            pending["previous_finite"] = previous["finite"] if has_previous else pending["finite"]
+            pending["sample"] = torch.cat([g.reshape(-1)[self._columns[i]].float() for i, g in zip(tracked, grads)])
         if snapshot:
-            pending["sign"] = torch.sign(flat).to(torch.int8)
-            pending["below"] = flat.abs() < self.release_threshold
-        self._previous.pop(opt_index, None)
+            pending["flat"] = flat  # needed with the update to encode the state; freed after the step
         self._pending[opt_index] = pending
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -226,18 +218,17 @@ class GradientDynamicsMonitor(ParameterProbe):
         pending = self._pending.pop(opt_index, None)
         if pending is None:
             return
-        params = [self._params[i] for i in pending["tracked"]]
+        params = [self._params[i].detach() for i in pending["tracked"]]
         with torch.no_grad():
-            deltas = torch._foreach_sub([p.detach() for p in params], pending.pop("weights"))
+            deltas = torch._foreach_sub(params, pending.pop("weights"))
         if pending["snapshot"]:
             update = torch.cat([d.reshape(-1) for d in deltas])
-            self._previous[opt_index] = {"code": encode_previous(pending["sign"], update), "below": pending["below"],
+            self._previous[opt_index] = {"state": encode_previous(pending.pop("flat"), update, self.release_threshold),
                                          "finite": pending["finite"], "count": pending["count"],
                                          "tracked": pending["tracked"]}
         if pending["log"]:
             pending["update_norm"] = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float32))
-            pending["weight_norm"] = torch.stack(torch._foreach_norm([p.detach() for p in params], 2,
-                                                                     dtype=torch.float32))
+            pending["weight_norm"] = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
             self._write(trainer, opt_index, pending, skipped=False)
 
     def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
@@ -266,58 +257,60 @@ class GradientDynamicsMonitor(ParameterProbe):
     def _write(self, trainer: pl.Trainer, opt_index: int, pending: dict[str, Any], skipped: bool) -> None:
         tracked = pending["tracked"]
         n_layers = len(tracked)
-        device = pending["counts"].device
+        device = pending["histogram"].device
         missing = torch.full((n_layers,), float("nan"), device=device)
-        flags = torch.stack([pending["finite"], pending.get("previous_finite", torch.tensor(True, device=device))])
-        packed = torch.cat([  # everything the record needs, in one transfer
-            pending["counts"].double().reshape(-1),
+        flags = torch.stack([pending["finite"], pending["previous_finite"]])
+        packed = torch.cat([  # everything the records need, in one transfer
+            pending["histogram"].double().reshape(-1),
             pending["grad_norm"].double(),
             pending.get("update_norm", missing).double(),
             pending.get("weight_norm", missing).double(),
             flags.double(),
             pending["sample"].double(),
         ]).cpu().numpy()
-        sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
-        counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
-        counts = counts.reshape(n_layers, len(COUNT_NAMES))
+        sections = np.cumsum([n_layers * NUM_BINS, n_layers, n_layers, n_layers, 2])
+        histogram, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
         finite, previous_finite = bool(flags[0]), bool(flags[1])
         if not finite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(f"GradientDynamicsMonitor: non-finite gradients at step {pending['step']}"
                            f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
         self._store_sample(tracked, sample)
+        counts = counts_from_histogram(histogram.reshape(n_layers, NUM_BINS).round().astype(np.int64))
+        counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
+        c = dict(zip(COUNT_NAMES, counts.T))
+        sizes = np.array([self._params[i].numel() for i in tracked] + [0], dtype=float)
+        sizes[-1] = sizes[:-1].sum()
         comparable = pending["has_previous"] and previous_finite and finite and not skipped
-        sizes = np.array([self._params[i].numel() for i in tracked], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            columns: dict[str, Any] = {"zero_count": c["zero"], "zero_fraction": c["zero"] / sizes}
+            nan = np.full(n_layers + 1, np.nan)
+            released = c["released"] / c["prev_below"] if comparable else nan
+            columns["released_fraction"] = released
+            columns["retained_fraction"] = 1.0 - released
+            columns["sign_flip_fraction"] = c["flips"] / c["both_nonzero"] if comparable else nan
+            columns["minima_crossings"] = c["minima"] if comparable else nan
+            columns["maxima_crossings"] = c["maxima"] if comparable else nan
+        for key, values in (("grad_norm", grad_norm), ("update_norm", nan[:-1] if skipped else update_norm),
+                            ("weight_norm", weight_norm)):
+            columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
         names = [self._names[i] for i in tracked] + [TOTAL]
-        counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])
-        sizes = np.append(sizes, sizes.sum())
-        norms = {"grad_norm": grad_norm, "update_norm": update_norm, "weight_norm": weight_norm}
-        norms = {k: np.append(v, math.sqrt(float(np.sum(v**2)))) for k, v in norms.items()}
         base = self._base_record(trainer, opt_index)
-        base.update(step=pending["step"], epoch=pending["epoch"])
-        records, scalars = [], {}
-        for row, name in enumerate(names):
-            c = dict(zip(COUNT_NAMES, counts[row]))
-            record: dict[str, Any] = {**base, "layer": name, "skipped": skipped, "has_previous": comparable,
-                                      "zero_count": int(c["zero"]), "zero_fraction": c["zero"] / sizes[row]}
-            released = _ratio(c["released"], c["prev_below"]) if comparable else None
-            record["released_fraction"] = released
-            record["retained_fraction"] = None if released is None else 1.0 - released
-            record["sign_flip_fraction"] = _ratio(c["flips"], c["both_nonzero"]) if comparable else None
-            record["minima_crossings"] = int(c["minima"]) if comparable else None
-            record["maxima_crossings"] = int(c["maxima"]) if comparable else None
-            for key in ("grad_norm", "update_norm", "weight_norm"):
-                value = float(norms[key][row])
-                record[key] = value if (math.isfinite(value) and not (skipped and key == "update_norm")) else None
+        base.update(step=pending["step"], epoch=pending["epoch"], skipped=skipped, has_previous=comparable)
+        keys = list(columns)
+        rows = np.stack([np.asarray(columns[k], dtype=float) for k in keys], axis=1).tolist()
+        records = []
+        for name, row in zip(names, rows):
+            record = {**base, "layer": name}
+            for key, value in zip(keys, row):
+                record[key] = None if value != value else (int(value) if key in _INTEGER_KEYS else value)
             self._update_ema(name, record)
             records.append(record)
-            for key, value in record.items():
-                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if numeric and key not in base and key != "layer":
-                    scalars[f"{self.probe_name}/{key}/{name}"] = value
         self._accumulate_epoch(records[-1])
         self.write_records(trainer, records)
-        self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)}, pending["step"])
+        self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer']}": r[key]
+                                   for r in records for key in (*keys, "grad_norm_ema", "weight_norm_ema")},
+                         pending["step"], throttle=True)
 
     def _update_ema(self, name: str, record: dict[str, Any]) -> None:
         ema = self._ema.setdefault(name, {})

@@ -174,7 +174,7 @@ class GradientStatsMonitor(ParameterProbe):
             scalars[f"{self.probe_name}/nonfinite/{name}"] = record["nonfinite"]
             records.append(record)
         self.write_records(trainer, records)
-        self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)}, trainer.global_step)
+        self.log_scalars(trainer, scalars, trainer.global_step, throttle=True)
 
     def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor]) -> None:
         for logger in trainer.loggers:

@@ -1,7 +1,19 @@
 """Optimiser dynamics between two consecutive optimiser steps: zeros, release, sign flips, crossings.
 
-The state kept between steps is one ``int8`` per gradient entry (`encode_previous`) and one ``bool``
-(below the release threshold): two bytes per tracked entry, never a float copy.
+Everything is integer arithmetic on ``int8`` codes, so the state kept between two steps is **one byte per
+gradient entry** (`encode_previous`), and the comparison of two steps is one histogram per parameter tensor
+(`transition_histogram`) from which every count is read (`counts_from_histogram`).
+
+Codes of step ``t-1`` (``int8``)::
+
+    code  = sign(g) * k      k = 1: the update of step t-1 moved against the gradient (descent),
+                             k = 2: it did not move the entry, k = 3: it moved with the gradient (ascent)
+    state = code + 8 * [|g| < release_threshold]                 # in [-3, 11]
+
+Bins of step ``t`` (``uint8``, 126 of them)::
+
+    bin = (code + 3) + 7 * below_prev + 14 * (sign(g_t) + 1) + 42 * level_t
+    level_t = [|g_t| < release_threshold] + [|g_t| < zero_threshold]   # 0, 1 or 2
 """
 
 from __future__ import annotations
@@ -9,103 +21,118 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 
-#: Row order of the counts returned by `transition_counts`.
+#: Order of the counts returned by `counts_from_histogram` and `transition_counts`.
 COUNT_NAMES = ("zero", "prev_below", "released", "both_nonzero", "flips", "minima", "maxima")
+NUM_BINS = 126
 
-_ZERO_UPDATE, _DESCENT, _ASCENT = 1, 2, 3
+
+def _sign8(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x).to(torch.int8)
 
 
-def encode_previous(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """Pack the sign of ``grad`` and the direction of the ``update`` that followed it into one ``int8``.
+def _below8(magnitude: torch.Tensor, threshold: float) -> torch.Tensor:
+    return (magnitude < threshold).view(torch.int8)
 
-    ``code = sign(g) * k`` with ``k = 2`` when the update moved against the gradient (descent along that
-    coordinate), ``k = 3`` when it moved with it (ascent), ``k = 1`` when the entry did not move. A zero
-    gradient gives 0.
+
+def encode_previous(grad: torch.Tensor, update: torch.Tensor, release_threshold: float) -> torch.Tensor:
+    """One ``int8`` per entry holding the gradient's sign, the update's direction and "below threshold".
 
     Args:
-        grad: Gradient at step ``t-1`` (any shape).
+        grad: Gradient at step ``t-1`` (flat).
         update: ``w_t - w_{t-1}``, the update of step ``t-1`` (same shape).
+        release_threshold: Magnitude below which the entry counts as near zero.
 
     Returns:
-        ``int8`` tensor of the same shape.
+        ``int8`` state in ``[-3, 11]`` (see the module docstring).
     """
-    g_sign = torch.sign(grad).to(torch.int8)
-    u_sign = torch.sign(update).to(torch.int8)
-    product = g_sign * u_sign  # -1 descent, +1 ascent, 0 no move (or zero gradient)
-    kind = torch.where(product < 0, _DESCENT, torch.where(product > 0, _ASCENT, _ZERO_UPDATE)).to(torch.int8)
-    return g_sign * kind
+    g_sign = _sign8(grad)
+    code = g_sign * (2 + g_sign * _sign8(update))  # |code| = 1 descent, 2 no move, 3 ascent; 0 if g == 0
+    return code + 8 * _below8(grad.abs(), release_threshold)
 
 
-def transition_counts(
-    previous_code: torch.Tensor,
-    previous_below: torch.Tensor,
-    grad: torch.Tensor,
-    zero_threshold: float,
-    release_threshold: float,
-    sizes: Optional[Sequence[int]] = None,
-) -> torch.Tensor:
-    """Counts describing how the gradient changed from step ``t-1`` to step ``t`` (flat tensors).
+def transition_bins(state: torch.Tensor, grad: torch.Tensor, zero_threshold: float,
+                    release_threshold: float) -> torch.Tensor:
+    """The bin (0..125) of every entry, from the previous state and the current gradient (``uint8``)."""
+    if zero_threshold > release_threshold:
+        raise ValueError(
+            f"Expected `zero_threshold` <= `release_threshold`, but got {zero_threshold} > {release_threshold}")
+    below_prev = (state + 3) >> 3  # 1 where state >= 5, i.e. the +8 flag is set
+    code = state - 8 * below_prev
+    magnitude = grad.abs()
+    level = _below8(magnitude, release_threshold) + _below8(magnitude, zero_threshold)
+    bins = (code + 3) + 7 * below_prev + 14 * (_sign8(grad) + 1) + 42 * level
+    return bins.view(torch.uint8)
 
-    With ``g`` the gradient at ``t`` and the previous step described by `encode_previous`:
 
-    - ``zero``: entries with ``|g| < zero_threshold``;
+def _histogram(bins: torch.Tensor) -> torch.Tensor:
+    if bins.device.type == "cpu":
+        return torch.bincount(bins, minlength=NUM_BINS)
+    # bincount on an accelerator reads the maximum back to the host; histc with fixed bins does not.
+    return torch.histc(bins.float(), bins=NUM_BINS, min=0, max=NUM_BINS).long()
+
+
+def transition_histogram(state: torch.Tensor, grad: torch.Tensor, zero_threshold: float, release_threshold: float,
+                         sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Histogram of `transition_bins` per segment: ``(len(sizes), 126)``, or ``(1, 126)`` without sizes."""
+    bins = transition_bins(state, grad, zero_threshold, release_threshold)
+    chunks = bins.split(list(sizes)) if sizes is not None else [bins]
+    return torch.stack([_histogram(chunk) for chunk in chunks])
+
+
+def _bin_table() -> np.ndarray:
+    """``(126, 7)`` 0/1 matrix: which of `COUNT_NAMES` each bin contributes to."""
+    table = np.zeros((NUM_BINS, len(COUNT_NAMES)), dtype=np.int64)
+    for code in range(-3, 4):
+        for below_prev in (0, 1):
+            for sign in (-1, 0, 1):
+                for level in (0, 1, 2):
+                    b = (code + 3) + 7 * below_prev + 14 * (sign + 1) + 42 * level
+                    prev_sign, kind = int(np.sign(code)), abs(code)
+                    flipped = prev_sign * sign < 0
+                    table[b] = [level == 2, below_prev, below_prev and level == 0, prev_sign * sign != 0,
+                                flipped, flipped and kind == 1, flipped and kind == 3]
+    return table
+
+
+_TABLE = _bin_table()
+
+
+def counts_from_histogram(histogram: np.ndarray) -> np.ndarray:
+    """Turn ``(..., 126)`` histograms into ``(..., 7)`` counts in the order of `COUNT_NAMES`."""
+    return np.asarray(histogram, dtype=np.int64) @ _TABLE
+
+
+def transition_counts(grad_prev: torch.Tensor, update_prev: torch.Tensor, grad: torch.Tensor,
+                      zero_threshold: float, release_threshold: float,
+                      sizes: Optional[Sequence[int]] = None) -> np.ndarray:
+    """How the gradient changed from step ``t-1`` to ``t``, per segment (one-shot convenience).
+
+    - ``zero``: entries with ``|g_t| < zero_threshold``;
     - ``prev_below``: entries with ``|g_{t-1}| < release_threshold``;
-    - ``released``: of those, entries now with ``|g| >= release_threshold``;
+    - ``released``: of those, entries now with ``|g_t| >= release_threshold``;
     - ``both_nonzero``: entries whose gradient is non-zero at both steps;
     - ``flips``: entries whose gradient sign changed (exact zeros excluded);
     - ``minima`` / ``maxima``: flipped entries with ``dw * dg > 0`` / ``< 0``, where ``dw = w_t - w_{t-1}``
       and ``dg = g_t - g_{t-1}``. For a flipped entry ``sign(dg) = sign(g_t) = -sign(g_{t-1})``, so the sign
-      of ``dw * dg`` is fixed by whether step ``t-1`` moved against its gradient (a minimum was crossed along
+      of ``dw * dg`` is set by whether step ``t-1`` moved against its gradient (a minimum was crossed along
       that coordinate) or with it (a maximum).
 
-    Args:
-        previous_code: ``int8`` codes from `encode_previous` for step ``t-1``.
-        previous_below: ``bool``, ``|g_{t-1}| < release_threshold``.
-        grad: Gradient at step ``t`` (flattened, same length).
-        zero_threshold: Entries below this magnitude count as zero.
-        release_threshold: Entries below this magnitude count as "near zero" for release and retention.
-        sizes: Lengths of consecutive segments (one per parameter tensor) to count separately.
-
     Returns:
-        ``int64`` tensor of shape ``(7,)`` in the order of `COUNT_NAMES`, or ``(len(sizes), 7)``.
+        ``(len(sizes), 7)`` (or ``(7,)`` without sizes) int64 NumPy array in the order of `COUNT_NAMES`.
     """
-    magnitude = grad.abs()
-    below = magnitude < release_threshold
-    g_sign = torch.sign(grad).to(torch.int8)
-    prev_sign = torch.sign(previous_code)
-    product = prev_sign * g_sign
-    flipped = product < 0
-    kind = previous_code.abs()
-    rows = torch.stack([
-        magnitude < zero_threshold,
-        previous_below,
-        previous_below & ~below,
-        product != 0,
-        flipped,
-        flipped & (kind == _DESCENT),
-        flipped & (kind == _ASCENT),
-    ])  # (7, N) bool
-    return segment_sums(rows, sizes)
+    state = encode_previous(grad_prev, update_prev, release_threshold)
+    counts = counts_from_histogram(transition_histogram(state, grad, zero_threshold, release_threshold,
+                                                        sizes).cpu().numpy())
+    return counts if sizes is not None else counts[0]
 
 
-def segment_sums(rows: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Sum ``rows`` ``(K, N)`` over consecutive column segments: ``(len(sizes), K)``, or ``(K,)`` without sizes."""
-    if sizes is None:
-        return rows.sum(dim=1)
-    return torch.stack([chunk.sum(dim=1) for chunk in rows.split(list(sizes), dim=1)])
-
-
-def zero_counts(grad: torch.Tensor, zero_threshold: float, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Number of entries with ``|g| < zero_threshold``, per segment when ``sizes`` is given."""
-    return segment_sums((grad.abs() < zero_threshold).unsqueeze(0), sizes)[..., 0]
-
-
-def default_zero_threshold(dtype: torch.dtype, threshold: float) -> float:
+def zero_threshold_for(dtype: torch.dtype, threshold: float) -> float:
     """The zero threshold actually usable for ``dtype``: at least the dtype's smallest normal number.
 
-    bf16 and fp16 cannot represent magnitudes much below ``1e-7`` (fp16's smallest normal is ~6.1e-5), so a
-    threshold under the dtype's ``tiny`` is raised to it: there, "zero" means "flushed to (near) zero".
+    fp16 cannot represent normal magnitudes below ~6.1e-5, so a threshold under the dtype's ``tiny`` is raised
+    to it: there, "zero" means "flushed to (near) zero". bf16 and fp32 keep the threshold as given.
     """
     return max(threshold, torch.finfo(dtype).tiny) if dtype.is_floating_point else threshold

@@ -42,7 +42,8 @@ def test_records_match_an_independent_recorder(tmp_path):
     logger = CaptureLogger()
     probe = GradientDynamicsMonitor(every_n_steps=3, release_threshold=1e-3, output_dir=str(tmp_path))
     model = small_mlp(momentum=0.9, lr=0.2)
-    trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2).fit(model, RandomDataModule())
+    trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2, log_every_n_steps=1).fit(
+        model, RandomDataModule())
     records = read(tmp_path / "gradient_dynamics.jsonl")
     steps = recorder.by_step()
     assert sorted({r["step"] for r in records}) == [0, 3, 6, 9]
@@ -84,22 +85,22 @@ def test_ema_of_norms(tmp_path):
         assert r["grad_norm_ema"] == pytest.approx(ema)
 
 
-def test_state_between_steps_is_two_bytes_per_entry(tmp_path):
+def test_state_between_steps_is_one_byte_per_entry(tmp_path):
     seen = {}
 
     class Inspect(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             probe = trainer.callbacks[0]
             assert probe._pending == {}  # no weight copy survives a step
-            state = [t for prev in probe._previous.values() for t in (prev["code"], prev["below"])]
+            state = [prev["state"] for prev in probe._previous.values()]
             seen[batch_idx] = sum(t.numel() * t.element_size() for t in state)
-            assert all(t.dtype in (torch.int8, torch.bool) for t in state)
+            assert all(t.dtype == torch.int8 for t in state)
 
     probe = GradientDynamicsMonitor(every_n_steps=4, output_dir=str(tmp_path))
     model = small_mlp()
     trainer(tmp_path, [probe, Inspect()], max_epochs=1).fit(model, RandomDataModule())
     entries = sum(p.numel() for p in model.parameters())
-    assert seen[4] == 2 * entries  # after the snapshot step 3, before logged step 4
+    assert seen[4] == entries  # after the snapshot step 3, before logged step 4
     assert seen[1] == 0 and seen[5] == 0
 
 
@@ -156,6 +157,7 @@ def test_hooks_removed_after_fit_and_on_exception(tmp_path):
     ({"max_columns": 0}, "`max_columns`"),
     ({"zoom_columns": (5, 2)}, "`zoom_columns`"),
     ({"every_n_steps": 1.5}, "`every_n_steps`"),
+    ({"zero_threshold": 1e-3, "release_threshold": 1e-5}, "`zero_threshold` <= `release_threshold`"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -33,7 +33,8 @@ def test_statistics_match_an_independent_recorder(tmp_path):
     recorder = GradRecorder()
     logger = CaptureLogger()
     probe = GradientStatsMonitor(every_n_steps=3, window=2, output_dir=str(tmp_path / "out"))
-    trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2).fit(small_mlp(), RandomDataModule())
+    trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2, log_every_n_steps=1).fit(
+        small_mlp(), RandomDataModule())
     records = read(tmp_path / "out" / "gradient_stats.jsonl")
     steps = sorted({r["step"] for r in records})
     assert steps == list(range(0, 12, 3))  # 6 batches x 2 epochs, every 3rd step
@@ -53,6 +54,15 @@ def test_statistics_match_an_independent_recorder(tmp_path):
             assert flow[label]["std"][i] == pytest.approx(pooled.std(), rel=1e-4, abs=1e-10)
     assert (tmp_path / "out" / "gradient_flow.png").stat().st_size > 1000
     assert "gradient_stats/gradient_flow" in logger.figures
+
+
+def test_loggers_follow_log_every_n_steps(tmp_path):
+    logger = CaptureLogger()
+    probe = GradientStatsMonitor(every_n_steps=2, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], logger=logger, max_epochs=2, log_every_n_steps=5).fit(small_mlp(), RandomDataModule())
+    logged = sorted({step for step, metrics in logger.metrics if "gradient_stats/grad_norm/__total__" in metrics})
+    assert logged == [0, 6]  # logged steps 0, 2, ..., 10: at most one logger write per 5 steps
+    assert sorted({r["step"] for r in read(tmp_path / "gradient_stats.jsonl")}) == [0, 2, 4, 6, 8, 10]
 
 
 def test_accumulation_logs_once_per_optimizer_step(tmp_path):
