@@ -50,11 +50,25 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(_jsonable(obj), indent=2).encode())
 
 
-def atomic_save_figure(fig: Any, path: str, dpi: int = 100) -> None:
-    """Save a matplotlib figure as PNG, atomically."""
+def render_png(fig: Any, dpi: int = 90) -> bytes:
+    """Render a matplotlib figure to PNG bytes (one draw)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def decode_png(png: bytes) -> Any:
+    """PNG bytes to an ``(H, W, 3)`` uint8 array, for image loggers."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def atomic_save_figure(fig: Any, path: str, dpi: int = 90) -> None:
+    """Save a matplotlib figure as PNG, atomically."""
+    atomic_write_bytes(path, render_png(fig, dpi))
 
 
 def atomic_save_npz(path: str, **arrays: Any) -> None:

@@ -25,7 +25,7 @@ def grouped_bars(
         log_scale: Logarithmic y axis (gradient magnitudes span decades).
     """
     n_panels = len(groups)
-    fig = Figure(figsize=(max(6.0, 0.55 * len(labels) + 2), 3.2 * n_panels), constrained_layout=True)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(labels) + 2), 3.2 * n_panels), layout="constrained")
     axes = fig.subplots(n_panels, 1, squeeze=False)[:, 0]
     x = np.arange(len(labels))
     for ax, (panel, series) in zip(axes, groups.items()):
@@ -45,7 +45,7 @@ def grouped_bars(
 def line_panels(x: Sequence[float], series: Mapping[str, Sequence[float]], xlabel: str, title: str) -> Figure:
     """One small line plot per named series, sharing the x axis."""
     n = len(series)
-    fig = Figure(figsize=(7, 2.2 * n), constrained_layout=True)
+    fig = Figure(figsize=(7, 2.2 * n), layout="constrained")
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, values) in zip(axes, series.items()):
         ax.plot(np.asarray(x), np.asarray(values, dtype=float), marker=".", linewidth=1)
@@ -77,10 +77,13 @@ def heatmap(
         ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right", fontsize=7)
     if ylabels is not None:
         ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
-    if annotate and matrix.size <= 400:
+    if annotate and matrix.size <= 150:
+        low, high = image.get_clim()
+        middle = (low + high) / 2
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color="w")
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                        color="k" if value > middle else "w")
     ax.set_title(title, fontsize=9)
     return fig
 
@@ -99,7 +102,7 @@ def sign_map(
     categories = np.asarray(categories)
     start, stop = column_range if column_range is not None else (0, categories.shape[1])
     shown = categories[:, start:stop]
-    fig = Figure(figsize=(10, 1.2 + 0.25 * len(row_labels)), constrained_layout=True)
+    fig = Figure(figsize=(10, 1.2 + 0.25 * len(row_labels)), layout="constrained")
     ax = fig.subplots()
     ax.imshow(shown, cmap=SIGN_MAP_COLORS, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest",
               extent=(start - 0.5, stop - 0.5, len(row_labels) - 0.5, -0.5))

@@ -75,9 +75,10 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net = self.build_network()
         self.example_input_array = torch.zeros(2, in_channels, input_size, input_size)
-        metrics = {"acc": MulticlassAccuracy(num_classes), "f1": MulticlassF1Score(num_classes, average="macro")}
+        metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
+                   "f1": MulticlassF1Score(num_classes, average="macro")}
         # One metric object per stage, as torchmetrics recommends.
-        self.train_acc = MulticlassAccuracy(num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = nn.ModuleDict({k: m.clone() for k, m in metrics.items()})
         self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in metrics.items()})
 

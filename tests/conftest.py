@@ -61,7 +61,8 @@ class CaptureLogger(Logger):
     def experiment(self):
         return self
 
-    def add_figure(self, tag, figure, global_step=None, close=True) -> None:
+    def add_image(self, tag, image, global_step=None, dataformats="CHW") -> None:
+        assert image.ndim == 3 and image.shape[2] == 3 and dataformats == "HWC"
         self.figures.append(tag)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_probes.io import JsonlWriter, atomic_save_figure, atomic_write_json
+from lightning_probes.io import JsonlWriter, atomic_write_bytes, atomic_write_json, decode_png, render_png
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,19 @@ class ProbeCallback(Callback):
             logger.log_metrics(metrics, step=step)
 
     def save_figure(self, trainer: pl.Trainer, fig: Any, filename: str, tag: str, step: int) -> None:
-        """Write a ``matplotlib.figure.Figure`` to ``<output_dir>/<filename>`` and to TensorBoard-like loggers."""
+        """Render a ``matplotlib.figure.Figure`` once; write it to ``<output_dir>/<filename>`` and to loggers
+        whose ``experiment`` has ``add_image`` (TensorBoard). Global rank 0 only."""
         if not trainer.is_global_zero:
             return
-        atomic_save_figure(fig, self.path(filename))
+        png = render_png(fig)
+        atomic_write_bytes(self.path(filename), png)
+        image = None
         for logger in trainer.loggers:
-            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
-            if callable(add_figure):
-                add_figure(tag, fig, global_step=step, close=False)
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if callable(add_image):
+                if image is None:
+                    image = decode_png(png)
+                add_image(tag, image, global_step=step, dataformats="HWC")
 
     def save_json(self, trainer: pl.Trainer, obj: Any, filename: str) -> None:
         """Write a JSON summary atomically (global rank 0 only)."""

@@ -1,0 +1,162 @@
+"""Prediction quality: confusion with per-cell confidence, calibration error, Brier score, entropy.
+
+Every function works on one batch; the ``*_sums`` helpers return additive sums so that a stream of batches can
+be accumulated in constant memory and reduced across processes by summation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+Norm = Literal["l1", "l2", "max"]
+
+
+def _check_inputs(probs: torch.Tensor, target: torch.Tensor) -> None:
+    if probs.ndim != 2:
+        raise ValueError(f"Expected `probs` of shape (N, C), but got shape {tuple(probs.shape)}")
+    if target.shape != probs.shape[:1]:
+        raise ValueError(f"Expected `target` of shape ({probs.shape[0]},), but got shape {tuple(target.shape)}")
+
+
+def confusion_confidence(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confusion counts and the sum of top-label confidences per cell (rows: true class, columns: predicted).
+
+    Args:
+        probs: ``(N, C)`` class probabilities.
+        target: ``(N,)`` true classes.
+
+    Returns:
+        ``counts`` ``(C, C)`` int64 and ``confidence_sums`` ``(C, C)`` float64; the mean confidence of a cell is
+        ``confidence_sums / counts``.
+    """
+    _check_inputs(probs, target)
+    num_classes = probs.shape[1]
+    confidence, predicted = probs.max(dim=1)
+    cell = target.long() * num_classes + predicted  # (N,) flat cell index
+    cells = num_classes**2
+    counts = torch.zeros(cells, dtype=torch.int64, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
+    sums = torch.zeros(cells, dtype=torch.float64, device=probs.device).index_add_(0, cell, confidence.double())
+    return counts.view(num_classes, num_classes), sums.view(num_classes, num_classes)
+
+
+def calibration_bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Equal-width bin of each confidence: bin ``k`` holds ``k/n <= c < (k+1)/n``; ``c == 1`` gets bin ``n``.
+
+    This is torchmetrics' binning (``bucketize(..., right=True) - 1`` over ``linspace(0, 1, n + 1)``), so there
+    are ``n_bins + 1`` bins, the last holding only confidences of exactly 1.
+    """
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
+    return torch.bucketize(confidence, boundaries, right=True) - 1
+
+
+def calibration_sums(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Per-bin ``[count, sum of confidence, sum of correct]`` (``(n_bins + 1, 3)`` float64), additive over batches."""
+    index = calibration_bin_index(confidence, n_bins)
+    values = torch.stack([torch.ones_like(confidence), confidence, correct.to(confidence.dtype)], dim=1).double()
+    return torch.zeros(n_bins + 1, 3, dtype=torch.float64, device=confidence.device).index_add_(0, index, values)
+
+
+def calibration_error_from_sums(sums: torch.Tensor, norm: Norm = "l1") -> torch.Tensor:
+    """Calibration error from per-bin ``[count, confidence sum, correct sum]`` rows (empty bins ignored).
+
+    ``l1`` is the expected calibration error (ECE), ``max`` the maximum calibration error (MCE), ``l2`` the
+    root of the count-weighted mean squared gap.
+    """
+    if norm not in ("l1", "l2", "max"):
+        raise ValueError(f"Expected `norm` to be one of ('l1', 'l2', 'max'), but got {norm!r}")
+    count = sums[:, 0]
+    filled = count > 0
+    gap = (sums[filled, 2] - sums[filled, 1]).abs() / count[filled]
+    weight = count[filled] / count.sum().clamp_min(1)
+    if gap.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=sums.device)
+    if norm == "l1":
+        return (gap * weight).sum()
+    if norm == "max":
+        return gap.max()
+    return (gap.square() * weight).sum().sqrt()
+
+
+def adaptive_bins_from_histogram(fine: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Merge a fine equal-width histogram ``(R, 3)`` into ``n_bins`` groups of (nearly) equal count.
+
+    Each fine bin goes to group ``floor(n_bins * (cumulative count before its middle) / total)``, so the groups
+    hold about ``total / n_bins`` samples each; the result is exact when every group boundary falls between two
+    fine bins (equal-count binning of a stream in constant memory).
+    """
+    count = fine[:, 0]
+    total = count.sum()
+    if total <= 0:
+        return torch.zeros(n_bins, 3, dtype=fine.dtype, device=fine.device)
+    middle = count.cumsum(0) - count / 2
+    group = (middle * n_bins / total).floor().clamp(0, n_bins - 1).long()
+    return torch.zeros(n_bins, 3, dtype=fine.dtype, device=fine.device).index_add_(0, group, fine)
+
+
+def calibration_error(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    n_bins: int = 15,
+    norm: Norm = "l1",
+    adaptive: bool = False,
+) -> torch.Tensor:
+    """Top-label calibration error of one batch of predictions.
+
+    Args:
+        probs: ``(N, C)`` class probabilities.
+        target: ``(N,)`` true classes.
+        n_bins: Number of bins.
+        norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (MCE).
+        adaptive: Equal-count bins (sorted confidences split into ``n_bins`` nearly equal groups) instead of
+            equal-width bins.
+
+    Returns:
+        A 0-dim float64 tensor.
+    """
+    _check_inputs(probs, target)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"Expected `n_bins` to be a positive integer, but got {n_bins!r}")
+    confidence, predicted = probs.max(dim=1)
+    correct = predicted == target
+    if not adaptive:
+        return calibration_error_from_sums(calibration_sums(confidence, correct, n_bins), norm)
+    order = confidence.argsort()
+    group = torch.arange(len(order), device=probs.device) * n_bins // max(1, len(order))
+    values = torch.stack([torch.ones_like(confidence), confidence, correct.to(confidence.dtype)], dim=1).double()
+    sums = torch.zeros(n_bins, 3, dtype=torch.float64, device=probs.device).index_add_(0, group, values[order])
+    return calibration_error_from_sums(sums, norm)
+
+
+def brier_score(probs: torch.Tensor, target: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Multiclass Brier score: ``sum_c (p_c - [c == y])^2`` per sample, averaged (or summed)."""
+    _check_inputs(probs, target)
+    one_hot = torch.nn.functional.one_hot(target.long(), probs.shape[1]).to(probs.dtype)
+    per_sample = (probs - one_hot).square().sum(dim=1).double()
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum_c p_c log p_c`` (nats) of each row of ``(N, C)`` probabilities, with ``0 log 0 = 0``."""
+    return -(probs * torch.log(probs.clamp_min(1e-45))).where(probs > 0, torch.zeros_like(probs)).sum(dim=1)
+
+
+def normalized_entropy(distribution: torch.Tensor) -> torch.Tensor:
+    """Entropy of a distribution (counts or probabilities) divided by ``log(C)``: 1 uniform, 0 one class."""
+    p = distribution.double() / distribution.double().sum().clamp_min(1e-300)
+    return predictive_entropy(p.unsqueeze(0))[0] / torch.log(torch.tensor(float(len(p)), dtype=torch.float64))
+
+
+def thresholded_confusion(probs: torch.Tensor, target: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """Confusion counts ``(T, C, C)`` restricted to predictions with confidence ``>=`` each threshold."""
+    _check_inputs(probs, target)
+    num_classes = probs.shape[1]
+    confidence, predicted = probs.max(dim=1)
+    cell = target.long() * num_classes + predicted
+    out = torch.zeros(len(thresholds), num_classes**2, dtype=torch.int64, device=probs.device)
+    for i, threshold in enumerate(thresholds):
+        keep = confidence >= threshold
+        out[i].index_add_(0, cell, keep.long())
+    return out.view(len(thresholds), num_classes, num_classes)
