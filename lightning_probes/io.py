@@ -99,9 +99,10 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 class JsonlWriter:
     """Append-only JSON Lines file; every ``write`` ends in a flush, so a crash loses no finished record.
 
-    The file opens lazily on the first write. On a fresh start an existing non-empty file is renamed
-    aside (``name.<timestamp>.jsonl``), never overwritten. On resume, ``keep_first(n)`` cuts the file back
-    to the ``n`` records that existed when the checkpoint was taken, so replayed steps are not duplicated.
+    The file opens lazily on the first write. On a fresh start an existing non-empty file is renamed aside
+    (``name.<timestamp>.jsonl``), never overwritten; a writer closed and reopened (fit, then test) appends. On
+    resume, ``keep_first(n)`` cuts the file back to the ``n`` records that existed when the checkpoint was
+    taken, so replayed steps are not duplicated.
 
     Args:
         path: Path of the ``.jsonl`` file.
@@ -112,6 +113,7 @@ class JsonlWriter:
         self._handle: Optional[io.TextIOWrapper] = None
         self.records_written = 0
         self._resume_count: Optional[int] = None
+        self._started = False  # after the first open, reopening (a later stage) appends
 
     def keep_first(self, count: int) -> None:
         """On the next open, keep only the first ``count`` records of the existing file (resume)."""
@@ -128,11 +130,12 @@ class JsonlWriter:
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             self.records_written = self._resume_count
             self._resume_count = None
-        elif os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+        elif not self._started and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             root, ext = os.path.splitext(self.path)
             aside = f"{root}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
             os.replace(self.path, aside)
             log.warning("%s existed from an earlier run; moved it to %s", self.path, aside)
+        self._started = True
         return open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> None:

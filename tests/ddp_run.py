@@ -19,6 +19,8 @@ from tests.helpers import RandomDataModule, small_mlp  # noqa: E402
 PROBES = {
     "gradient_stats": lambda out: lp.GradientStatsMonitor(every_n_steps=1, output_dir=out),
     "gradient_dynamics": lambda out: lp.GradientDynamicsMonitor(every_n_steps=1, output_dir=out),
+    "confidence": lambda out: lp.ConfidenceMonitor(output_dir=out),
+    "noise_robustness": lambda out: lp.NoiseRobustnessMonitor(num_samples=16, num_draws=4, output_dir=out),
 }
 
 

@@ -91,8 +91,9 @@ class ProbeCallback(Callback):
         else:
             base = trainer.log_dir if trainer.loggers and trainer.log_dir else trainer.default_root_dir
             self._output_dir = os.path.join(base, "probes")
-        if trainer.is_global_zero:
-            self._writer = JsonlWriter(os.path.join(self._output_dir, f"{self.probe_name}.jsonl"))
+        path = os.path.join(self._output_dir, f"{self.probe_name}.jsonl")
+        if trainer.is_global_zero and (self._writer is None or self._writer.path != path):
+            self._writer = JsonlWriter(path)
             if self._resume_records is not None:
                 self._writer.keep_first(self._resume_records)
 

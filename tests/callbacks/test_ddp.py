@@ -31,3 +31,13 @@ def test_gradient_probes_under_ddp(tmp_path):
     totals = [r for r in read(out / "gradient_dynamics.jsonl") if r["layer"] == "__total__"]
     assert [r["has_previous"] for r in totals] == [False] + [True] * 5
     assert not list(out.glob("*.20*.jsonl"))  # no second writer moved a file aside
+
+
+def test_prediction_probes_under_ddp(tmp_path):
+    out = run_ddp(tmp_path, ["confidence", "noise_robustness"])
+    records = read(out / "confidence.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1]  # one record per epoch, written once
+    for r in records:
+        # Each rank sees 16 of the 32 validation samples; the reduced matrix counts each exactly once.
+        assert sum(map(sum, r["confusion_matrix"])) == 32 == r["n"]
+    assert [r["epoch"] for r in read(out / "noise_robustness.jsonl")] == [0, 1]
