@@ -1,17 +1,23 @@
 """lightning-probes: reusable PyTorch Lightning callbacks that make the inside of training visible."""
 
 from lightning_probes.callbacks import (
+    ActivationStatsMonitor,
+    AugmentationInvarianceMonitor,
     ConfidenceMonitor,
     GradientDynamicsMonitor,
     GradientStatsMonitor,
+    LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
 )
 
 __version__ = "0.1.0"
 __all__ = [
+    "ActivationStatsMonitor",
+    "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",
     "GradientStatsMonitor",
+    "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
     "__version__",
 ]

@@ -1,15 +1,21 @@
 """The probes: Lightning callbacks that make the inside of training visible."""
 
+from lightning_probes.callbacks.activation_stats import ActivationStatsMonitor
+from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
 from lightning_probes.callbacks.base import ParameterProbe, ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
 from lightning_probes.callbacks.gradient_dynamics import GradientDynamicsMonitor
 from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
+from lightning_probes.callbacks.layer_correlation import LayerCorrelationMonitor
 from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
 
 __all__ = [
+    "ActivationStatsMonitor",
+    "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",
     "GradientStatsMonitor",
+    "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
     "ParameterProbe",
     "ProbeCallback",

@@ -15,36 +15,9 @@ from matplotlib.figure import Figure
 from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
 from lightning_probes.functional.robustness import kl_from_clean, noisy_logits, stability_ratio
 from lightning_probes.io import atomic_save_npz
+from lightning_probes.probe_data import collect_probe_set
 
 log = logging.getLogger(__name__)
-
-
-def _first_tensor(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, Mapping):
-        values = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        values = list(batch)
-    else:
-        raise TypeError(f"Expected a validation batch of (inputs, targets), but got {type(batch).__name__}")
-    if len(values) < 2:
-        raise TypeError("Expected a validation batch of (inputs, targets), but got a single element")
-    return values[0], values[1]
-
-
-def select_balanced(labels: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
-    """Indices of ``num_samples`` entries, spread as evenly over the classes as the data allow (seeded)."""
-    generator = torch.Generator().manual_seed(seed)
-    classes = labels.unique()
-    pools = {int(c): (labels == c).nonzero().flatten() for c in classes}
-    pools = {c: idx[torch.randperm(len(idx), generator=generator)] for c, idx in pools.items()}
-    chosen: list[int] = []
-    taken = dict.fromkeys(pools, 0)
-    while len(chosen) < min(num_samples, len(labels)):
-        for c in pools:  # round robin over classes until enough
-            if taken[c] < len(pools[c]) and len(chosen) < num_samples:
-                chosen.append(int(pools[c][taken[c]]))
-                taken[c] += 1
-    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 class NoiseRobustnessMonitor(ProbeCallback):
@@ -110,23 +83,8 @@ class NoiseRobustnessMonitor(ProbeCallback):
         return {"sigma": self.sigma, "num_samples": self.num_samples, "output_dir": self._output_dir_arg}
 
     def _collect(self, trainer: pl.Trainer) -> None:
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if loader is None:
-            raise ValueError("NoiseRobustnessMonitor needs validation data, but the Trainer has no val dataloader")
-        inputs, labels = [], []
-        for i, batch in enumerate(loader):
-            x, y = _first_tensor(batch)
-            inputs.append(x.cpu())
-            labels.append(y.cpu())
-            if i + 1 >= self.search_batches:
-                break
-        all_inputs, all_labels = torch.cat(inputs), torch.cat(labels)
-        if len(all_labels) < self.num_samples:
-            log.warning("NoiseRobustnessMonitor: only %d validation samples found; using all of them "
-                        "(num_samples=%d)", len(all_labels), self.num_samples)
-        self._indices = select_balanced(all_labels, self.num_samples, self.seed)
-        self._inputs, self._labels = all_inputs[self._indices], all_labels[self._indices]
+        self._inputs, self._labels, self._indices = collect_probe_set(trainer, self.num_samples, self.seed,
+                                                                      self.search_batches)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:

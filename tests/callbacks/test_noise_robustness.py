@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_probes import NoiseRobustnessMonitor
-from lightning_probes.callbacks.noise_robustness import select_balanced
+from lightning_probes.probe_data import select_balanced
 from tests.conftest import CaptureLogger
 from tests.helpers import RandomDataModule, read, small_mlp, trainer
 

@@ -1,0 +1,110 @@
+"""`ActivationStatsMonitor`: per-layer activation statistics and effective rank on the probe set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+
+from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.capture import BOUNDED, reduce_features
+from lightning_probes.functional.activations import ActivationAccumulator
+from lightning_probes.functional.representations import MomentAccumulator, effective_rank_from_covariance
+
+_STATS = ("mean", "std", "sparsity", "positive_ratio", "dead_fraction", "saturation", "effective_rank")
+
+
+class ActivationStatsMonitor(RepresentationProbe):
+    """Per-layer statistics of the layer outputs on the probe set, at the start and every ``every_n_epochs``.
+
+    For each selected layer (see `RepresentationProbe`), accumulated batch by batch in float64:
+
+    - ``mean`` and ``std`` (population) over all output entries;
+    - ``sparsity``: share of exact zeros; ``positive_ratio``: share of entries > 0;
+    - ``dead_units`` / ``dead_fraction``: units (channels of conv outputs, features otherwise) never non-zero
+      on the probe set;
+    - ``saturation``: for bounded activations (tanh, sigmoid, hardtanh, ReLU6, softmax), the share of entries
+      within 1% of the range of either bound; ``null`` for other layers;
+    - ``effective_rank`` (Roy and Vetterli 2007): ``exp(-sum_i p_i log p_i)`` with ``p_i = s_i / sum_j s_j``
+      and ``s`` the singular values of the centred activations (reduced to at most ``max_features`` features,
+      as in `lightning_probes.capture.reduce_features`); computed from the streamed covariance.
+
+    Records per (epoch, layer) go to ``activation_stats.jsonl`` and ``activation_stats/<stat>/<layer>``; an
+    overview figure of every statistic across layers to ``activation_stats.png``.
+
+    Args:
+        layers: Module names to analyse; default every leaf module with parameters plus activation modules.
+        num_samples: Size of the probe set.
+        max_features: Features kept per layer for the effective rank.
+        every_n_epochs: Analyse after every n-th epoch.
+        batch_size: Probe samples per forward pass.
+        seed: Seed of the probe-set choice.
+        search_batches: Validation batches searched for the probe set.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+
+    Example:
+        >>> from pytorch_lightning import Trainer
+        >>> trainer = Trainer(callbacks=[ActivationStatsMonitor(every_n_epochs=2)])
+    """
+
+    probe_name = "activation_stats"
+
+    def __init__(
+        self,
+        layers: Optional[Sequence[str]] = None,
+        num_samples: int = 512,
+        max_features: int = 1024,
+        every_n_epochs: int = 1,
+        batch_size: int = 128,
+        seed: int = 0,
+        search_batches: int = 100,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(layers, num_samples, max_features, every_n_epochs, batch_size, seed, search_batches,
+                         output_dir)
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        inputs, _ = self.probe_set(trainer)
+        stats = {name: ActivationAccumulator(next((b for t, b in BOUNDED.items() if isinstance(m, t)), None))
+                 for name, m in self._modules.items()}
+        moments: dict[str, MomentAccumulator] = {}
+
+        def consume(outputs: dict[str, torch.Tensor]) -> None:
+            for name, output in outputs.items():
+                stats[name].update(output)
+                features = reduce_features(output, self.max_features).float()
+                if name not in moments:
+                    moments[name] = MomentAccumulator(features.shape[1], device=features.device)
+                moments[name].update(features)
+
+        self.for_each_batch(pl_module, inputs, None, consume)
+        records = []
+        for name in self._modules:
+            values = stats[name].compute()
+            values["effective_rank"] = float(effective_rank_from_covariance(moments[name].covariance()))
+            records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, **values})
+        self.write_records(trainer, records)
+        step = trainer.global_step
+        self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records for k in _STATS}, step)
+        self.save_figure(trainer, _overview(records, epoch), "activation_stats.png", f"{self.probe_name}/overview",
+                         step)
+
+
+def _overview(records: list[dict[str, Any]], epoch: int) -> Figure:
+    names = [r["layer"] for r in records]
+    fig = Figure(figsize=(max(8.0, 0.5 * len(names) + 4), 9))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.93, hspace=0.5, wspace=0.25)
+    axes = fig.subplots(4, 2).ravel()
+    x = np.arange(len(names))
+    for ax, stat in zip(axes, _STATS):
+        values = [np.nan if r[stat] is None else r[stat] for r in records]
+        ax.bar(x, values)
+        ax.set_title(stat, fontsize=9)
+        ax.set_xticks(x, names if ax in axes[-3:-1] else [""] * len(names), rotation=60, ha="right", fontsize=7)
+    axes[-1].set_visible(False)
+    fig.suptitle(f"Activation statistics, epoch {epoch}")
+    return fig

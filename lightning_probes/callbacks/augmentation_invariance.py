@@ -1,0 +1,212 @@
+"""`AugmentationInvarianceMonitor`: how stable each layer's features are under data augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+from torchvision.transforms import v2
+
+from lightning_probes.callbacks.base import check_positive_int
+from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
+from lightning_probes.plotting import heatmap
+
+
+def _generic_augmentation() -> v2.Transform:
+    return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+
+
+class AugmentationInvarianceMonitor(RepresentationProbe):
+    """Feature stability under augmentation, per layer, for a few fixed probe images.
+
+    For ``num_images`` images of the probe set (different classes where possible), ``num_views`` augmented
+    views each go through the network (model in ``eval()``; see `RepresentationProbe` for the schedule). With
+    ``f_iv`` a layer's features of view ``v`` of image ``i`` (at most ``max_features``):
+
+    - ``within_variance``: mean over images and features of the variance over views;
+    - ``across_variance``: mean over features of the variance over images of the view-averaged features;
+    - ``invariance = across / (within + across)``: 1 when views of an image are indistinguishable, near 0 when
+      augmentation moves features as much as changing the image; ``within_across_ratio = within / across``.
+
+    For the first and last analysed layers it also draws the feature x feature correlation matrix over all
+    views, and the view x view (sample x sample) correlation matrix of up to ``matrix_views`` views per image,
+    plus a grid of example views (``augmentation_invariance*.png``). Records per (epoch, layer) go to
+    ``augmentation_invariance.jsonl`` and ``augmentation_invariance/<stat>/<layer>``.
+
+    Augmentation: ``transform`` (a torchvision v2 transform), applied to the DataModule's raw ``uint8``
+    validation images and normalised by it when it provides them (``val_set.images`` and
+    ``val_set.normalize``, as the project's DataModules do), else to the normalised probe tensors. Default:
+    the DataModule's ``default_augmentation()`` if it has one, else a mild ``RandomAffine``.
+
+    Args:
+        transform: Augmentation to apply; default as above.
+        num_images: Probe images.
+        num_views: Augmented views per image.
+        matrix_views: Views per image in the view x view correlation matrix.
+        layers: Module names to analyse; default every leaf module with parameters plus activation modules.
+        max_features: Features kept per layer.
+        every_n_epochs: Analyse after every n-th epoch.
+        batch_size: Views per forward pass.
+        seed: Seed of the image choice and of the augmentation.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+    """
+
+    probe_name = "augmentation_invariance"
+
+    def __init__(
+        self,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        num_images: int = 4,
+        num_views: int = 300,
+        matrix_views: int = 50,
+        layers: Optional[Sequence[str]] = None,
+        max_features: int = 1024,
+        every_n_epochs: int = 1,
+        batch_size: int = 128,
+        seed: int = 0,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(layers, max(2, num_images) * 20, max_features, every_n_epochs, batch_size, seed, 100,
+                         output_dir)
+        check_positive_int("num_images", num_images)
+        check_positive_int("num_views", num_views)
+        check_positive_int("matrix_views", matrix_views)
+        if num_images < 2:
+            raise ValueError(f"Expected `num_images` to be at least 2 (invariance compares images), got {num_images}")
+        if num_views < 2:
+            raise ValueError(f"Expected `num_views` to be at least 2, but got {num_views}")
+        if transform is not None and not callable(transform):
+            raise ValueError(f"Expected `transform` to be a callable (torchvision v2) transform, got {transform!r}")
+        self.transform = transform
+        self.num_images, self.num_views, self.matrix_views = num_images, num_views, matrix_views
+        self._images: Optional[list[Callable[[], torch.Tensor]]] = None
+        self._drew_views = False
+
+    def _view_makers(self, trainer: pl.Trainer) -> list[Callable[[], torch.Tensor]]:
+        """One function per probe image that returns a fresh augmented, normalised view ``(C, H, W)``."""
+        datamodule = getattr(trainer, "datamodule", None)
+        val_set = getattr(datamodule, "val_set", None)
+        transform = self.transform
+        if transform is None:
+            default = getattr(datamodule, "default_augmentation", None)
+            transform = default() if callable(default) else _generic_augmentation()
+        if val_set is not None and hasattr(val_set, "images") and hasattr(val_set, "normalize"):
+            labels = val_set.targets
+            chosen = _distinct_classes(labels, self.num_images, self.seed)
+            raw = [val_set.images[i] for i in chosen]
+            return [lambda img=img: val_set.normalize(transform(img)) for img in raw]
+        inputs, labels = self.probe_set(trainer)
+        chosen = _distinct_classes(labels, self.num_images, self.seed)
+        return [lambda img=inputs[i]: transform(img) for i in chosen]
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        if self._images is None:
+            self._images = self._view_makers(trainer)
+        torch.manual_seed(self.seed + epoch)  # torchvision transforms draw from the global generator
+        names = list(self._modules)
+        ends = [names[0], names[-1]] if len(names) > 1 else names
+        per_image: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {n: [] for n in names}
+        moments: dict[str, Optional[MomentAccumulator]] = {n: None for n in ends}
+        kept: dict[str, list[torch.Tensor]] = {n: [] for n in ends}
+        examples = []
+        for make_view in self._images:
+            views = torch.stack([make_view() for _ in range(self.num_views)])  # (V, C, H, W)
+            examples.append(views[:6])
+            sums: dict[str, list[Any]] = {}
+            firsts: dict[str, list[torch.Tensor]] = {n: [] for n in ends}
+
+            def consume(outputs: dict[str, torch.Tensor], sums=sums, firsts=firsts) -> None:
+                for name, f in outputs.items():
+                    f = f.double()
+                    if name not in sums:
+                        sums[name] = [torch.zeros(f.shape[1], dtype=torch.float64, device=f.device),
+                                      torch.zeros(f.shape[1], dtype=torch.float64, device=f.device), 0]
+                    acc = sums[name]
+                    if name in moments:
+                        if moments[name] is None:
+                            moments[name] = MomentAccumulator(f.shape[1], device=f.device)
+                        moments[name].update(f)
+                        room = self.matrix_views - acc[2]
+                        if room > 0:  # the first `matrix_views` views, for the view x view matrix
+                            firsts[name].append(f[:room].float().cpu())
+                    acc[0] += f.sum(0)
+                    acc[1] += f.square().sum(0)
+                    acc[2] += f.shape[0]
+
+            self.for_each_batch(pl_module, views, self.max_features, consume)
+            for name in names:
+                total, squares, count = sums[name]
+                per_image[name].append((total / count, squares / count, count))
+            for name in ends:
+                kept[name].append(torch.cat(firsts[name]))
+        records = []
+        for name in names:
+            means = torch.stack([m for m, _, _ in per_image[name]])  # (images, features)
+            within = torch.stack([sq - m.square() for m, sq, _ in per_image[name]]).clamp_min(0).mean()
+            across = means.var(dim=0, unbiased=False).mean()
+            total = within + across
+            records.append({"epoch": epoch, "step": trainer.global_step, "layer": name,
+                            "within_variance": float(within), "across_variance": float(across),
+                            "within_across_ratio": float(within / across) if across > 0 else None,
+                            "invariance": float(across / total) if total > 0 else None})
+        self._report(trainer, epoch, records, ends, moments, kept, examples)
+
+    def _report(self, trainer: pl.Trainer, epoch: int, records: list[dict[str, Any]], ends: list[str],
+                moments: dict[str, Any], kept: dict[str, list[torch.Tensor]], examples: list[torch.Tensor]) -> None:
+        step = trainer.global_step
+        self.write_records(trainer, records)
+        self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records
+                                   for k in ("invariance", "within_across_ratio")}, step)
+        fig = Figure(figsize=(max(6.0, 0.5 * len(records) + 3), 4), layout="constrained")
+        ax = fig.subplots()
+        ax.bar(range(len(records)), [np.nan if r["invariance"] is None else r["invariance"] for r in records])
+        ax.set_xticks(range(len(records)), [r["layer"] for r in records], rotation=60, ha="right", fontsize=7)
+        ax.set(ylim=(0, 1), ylabel="across / (within + across)", title=f"Augmentation invariance, epoch {epoch}")
+        self.save_figure(trainer, fig, f"{self.probe_name}.png", f"{self.probe_name}/invariance", step)
+
+        fig = Figure(figsize=(11, 10))
+        fig.subplots_adjust(left=0.05, right=0.97, bottom=0.05, top=0.93, hspace=0.3, wspace=0.2)
+        axes = fig.subplots(2, 2)
+        for row, name in enumerate(ends + ends[:1] * (2 - len(ends))):
+            features_corr = correlation_from_covariance(moments[name].covariance()).cpu().numpy()
+            heatmap(features_corr, f"{name}: feature x feature", vmin=-1, vmax=1, cmap="RdBu_r", ax=axes[row, 0])
+            views = torch.cat(kept[name]).double()
+            views = views - views.mean(dim=1, keepdim=True)
+            norms = views.norm(dim=1, keepdim=True)
+            sample_corr = (views @ views.T / (norms @ norms.T)).numpy()
+            heatmap(sample_corr, f"{name}: view x view ({self.num_images} images)", vmin=-1, vmax=1, cmap="RdBu_r",
+                    ax=axes[row, 1])
+        fig.suptitle(f"Correlations under augmentation, epoch {epoch}")
+        self.save_figure(trainer, fig, f"{self.probe_name}_correlations.png", f"{self.probe_name}/correlations", step)
+        if epoch == 0 or not self._drew_views:
+            self._drew_views = True
+            self.save_figure(trainer, _view_grid(examples), f"{self.probe_name}_views.png", f"{self.probe_name}/views",
+                             step)
+
+
+def _distinct_classes(labels: torch.Tensor, count: int, seed: int) -> list[int]:
+    """Indices of ``count`` samples, from as many different classes as possible (seeded)."""
+    from lightning_probes.probe_data import select_balanced
+
+    return select_balanced(labels.cpu(), count, seed).tolist()
+
+
+def _view_grid(examples: list[torch.Tensor]) -> Figure:
+    rows, cols = len(examples), examples[0].shape[0]
+    fig = Figure(figsize=(1.4 * cols, 1.4 * rows))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.05, hspace=0.05)
+    axes = np.atleast_2d(fig.subplots(rows, cols))
+    for r, views in enumerate(examples):
+        for c, view in enumerate(views):
+            image = view.float()
+            image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)
+            ax = axes[r, c]
+            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)
+            ax.axis("off")
+    fig.suptitle("Example augmented views")
+    return fig

@@ -1,0 +1,165 @@
+"""`LayerCorrelationMonitor`: cross-correlation and CKA between layers, over training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+
+from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.functional.representations import (
+    MomentAccumulator,
+    cka_from_covariances,
+    cka_from_hsic,
+    correlation_from_covariance,
+    minibatch_hsic_terms,
+)
+from lightning_probes.plotting import heatmap, line_panels
+
+
+class LayerCorrelationMonitor(RepresentationProbe):
+    """How similar the layers are to each other, and how that changes as training goes.
+
+    On the probe set (see `RepresentationProbe`: at the start of training and every ``every_n_epochs``) it
+    streams the selected layers' outputs (each reduced to at most ``max_features`` features) into one float64
+    covariance matrix over all their features, from which it derives, for every pair of layers ``i <= j``:
+
+    - the Pearson cross-correlation matrix between their features, drawn together as a "matrix of
+      correlation matrices" (``layer_correlation.png``), and its mean absolute value
+      (``mean_abs_correlation``; features with zero variance are left out);
+    - linear CKA (Kornblith et al. 2019), a similarity in [0, 1], from the covariance blocks; or, with
+      ``cka="minibatch_unbiased"``, the unbiased minibatch estimator of Nguyen et al. (2021) averaged over
+      batches of ``batch_size`` probe samples (needs ``batch_size > 3``). Drawn as a layer x layer heatmap
+      (``cka.png``).
+
+    Records per (epoch, pair) go to ``layer_correlation.jsonl`` and ``layer_correlation/<stat>/<a>__<b>``;
+    ``corr_means.json`` holds the pair summaries of every analysed epoch, plotted over epochs in
+    ``corr_means.png``. The cost of one pass is a ``(features x features)`` product per batch.
+
+    Args:
+        layers: Module names to analyse; default every leaf module with parameters plus activation modules.
+        num_samples: Size of the probe set.
+        max_features: Features kept per layer (adaptive average pooling for wider conv outputs).
+        every_n_epochs: Analyse after every n-th epoch.
+        cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"``.
+        batch_size: Probe samples per forward pass (and per CKA minibatch).
+        seed: Seed of the probe-set choice.
+        search_batches: Validation batches searched for the probe set.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+
+    Example:
+        >>> from pytorch_lightning import Trainer
+        >>> trainer = Trainer(callbacks=[LayerCorrelationMonitor(layers=["net.fc1", "net.fc2"])])
+    """
+
+    probe_name = "layer_correlation"
+
+    def __init__(
+        self,
+        layers: Optional[Sequence[str]] = None,
+        num_samples: int = 512,
+        max_features: int = 1024,
+        every_n_epochs: int = 1,
+        cka: Literal["linear", "minibatch_unbiased"] = "linear",
+        batch_size: int = 128,
+        seed: int = 0,
+        search_batches: int = 100,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(layers, num_samples, max_features, every_n_epochs, batch_size, seed, search_batches,
+                         output_dir)
+        if cka not in ("linear", "minibatch_unbiased"):
+            raise ValueError(f"Expected `cka` to be one of ('linear', 'minibatch_unbiased'), but got {cka!r}")
+        if cka == "minibatch_unbiased" and batch_size <= 3:
+            raise ValueError(f"The unbiased minibatch CKA needs `batch_size` > 3, but got {batch_size}")
+        self.cka = cka
+        self.history: dict[str, Any] = {"epochs": [], "pairs": {}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = state_dict.get("history", {"epochs": [], "pairs": {}})
+
+    def minimum_samples(self) -> int:
+        return 4 if self.cka == "minibatch_unbiased" else 2
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        inputs, _ = self.probe_set(trainer)
+        state: dict[str, Any] = {"moments": None, "hsic": None, "widths": None}
+
+        def consume(outputs: dict[str, torch.Tensor]) -> None:
+            features = [f.float() for f in outputs.values()]
+            if state["moments"] is None:
+                state["widths"] = [f.shape[1] for f in features]
+                state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device)
+            state["moments"].update(torch.cat(features, dim=1))  # (batch, all features)
+            if self.cka == "minibatch_unbiased" and features[0].shape[0] > 3:
+                grams = [(f @ f.T).double() for f in features]
+                hsic = minibatch_hsic_terms(grams)
+                state["hsic"] = hsic if state["hsic"] is None else state["hsic"] + hsic
+
+        self.for_each_batch(pl_module, inputs, self.max_features, consume)
+        names = list(self._modules)
+        cov = state["moments"].covariance()
+        corr = correlation_from_covariance(cov).cpu()
+        edges = np.cumsum([0, *state["widths"]])
+        blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        if self.cka == "linear":
+            cka = torch.zeros(len(names), len(names), dtype=torch.float64)
+            for i, bi in enumerate(blocks):
+                for j in range(i, len(names)):
+                    bj = blocks[j]
+                    cka[i, j] = cka[j, i] = cka_from_covariances(cov[bj, bi], cov[bi, bi], cov[bj, bj]).cpu()
+        else:
+            cka = cka_from_hsic(state["hsic"]).cpu()
+        records = []
+        for i in range(len(names)):
+            for j in range(i, len(names)):
+                block = corr[blocks[i], blocks[j]].abs()
+                mean_abs = float(block[~block.isnan()].mean()) if (~block.isnan()).any() else None
+                records.append({"epoch": epoch, "step": trainer.global_step, "layer_a": names[i], "layer_b": names[j],
+                                "mean_abs_correlation": mean_abs, "cka": float(cka[i, j])})
+        self._report(trainer, epoch, names, records, corr.numpy(), edges, cka.numpy())
+
+    def _report(self, trainer: pl.Trainer, epoch: int, names: list[str], records: list[dict[str, Any]],
+                corr: np.ndarray, edges: np.ndarray, cka: np.ndarray) -> None:
+        self.write_records(trainer, records)
+        step = trainer.global_step
+        self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer_a']}__{r['layer_b']}": r[key]
+                                   for r in records for key in ("mean_abs_correlation", "cka")}, step)
+        self.history["layers"] = names
+        self.history["epochs"].append(epoch)
+        for r in records:
+            pair = self.history["pairs"].setdefault(f"{r['layer_a']}|{r['layer_b']}",
+                                                    {"mean_abs_correlation": [], "cka": []})
+            pair["mean_abs_correlation"].append(r["mean_abs_correlation"])
+            pair["cka"].append(r["cka"])
+        self.save_json(trainer, self.history, "corr_means.json")
+
+        fig = Figure(figsize=(9, 8))
+        ax = fig.subplots()
+        heatmap(corr, f"Cross-correlation of layer features, epoch {epoch}", vmin=-1, vmax=1, cmap="RdBu_r", ax=ax)
+        centers = (edges[:-1] + edges[1:]) / 2 - 0.5
+        for edge in edges[1:-1]:
+            ax.axhline(edge - 0.5, color="k", linewidth=0.5)
+            ax.axvline(edge - 0.5, color="k", linewidth=0.5)
+        ax.set_xticks(centers, names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(centers, names, fontsize=7)
+        self.save_figure(trainer, fig, "layer_correlation.png", f"{self.probe_name}/correlation", step)
+        fig = Figure(figsize=(1.5 + 0.5 * len(names), 1.0 + 0.45 * len(names)), layout="constrained")
+        heatmap(cka, f"{self.cka} CKA, epoch {epoch}", names, names, vmin=0, vmax=1, annotate=True, ax=fig.subplots())
+        self.save_figure(trainer, fig, "cka.png", f"{self.probe_name}/cka", step)
+        if len(self.history["epochs"]) > 1:
+            adjacent = [f"{a}|{b}" for a, b in zip(names[:-1], names[1:])]
+            series = {}
+            for key in ("mean_abs_correlation", "cka"):
+                for pair in adjacent[:6]:
+                    series[f"{key}\n{pair}"] = [np.nan if v is None else v for v in self.history["pairs"][pair][key]]
+            fig = line_panels(self.history["epochs"], series, "epoch", "Adjacent layers over training")
+            self.save_figure(trainer, fig, "corr_means.png", f"{self.probe_name}/over_training", step)

@@ -1,0 +1,131 @@
+"""Capturing layer outputs with forward hooks: one shared mechanism for the representation probes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_probes.naming import clean_name, close_matches
+
+log = logging.getLogger(__name__)
+
+#: Activation modules captured by default, besides every leaf module that has parameters.
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Mish,
+               nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.Softmax)
+#: Activations with a bounded range, for the saturation share: (low, high).
+BOUNDED = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: (-1.0, 1.0), nn.ReLU6: (0.0, 6.0),
+           nn.Softmax: (0.0, 1.0)}
+
+
+def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[str, nn.Module]:
+    """Modules to capture, by clean name (``_orig_mod.`` and leading ``module.`` removed).
+
+    Default: every leaf module that has parameters, plus activation modules. With ``names``, each must be a
+    module name; an unknown one raises ``ValueError`` listing close matches.
+    """
+    modules = {}
+    for name, module in model.named_modules():
+        name = clean_name(name)
+        if name and name not in modules:
+            modules[name] = module
+    if names is None:
+        chosen = {n: m for n, m in modules.items()
+                  if (not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
+                  or isinstance(m, ACTIVATIONS)}
+        if not chosen:
+            raise ValueError(f"{type(model).__name__} has no leaf module with parameters and no activation module "
+                             "to capture; pass `layers` explicitly")
+        return chosen
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        hints = {n: close_matches(n, modules) for n in unknown}
+        raise ValueError("Unknown layer name(s): " + "; ".join(
+            f"{n!r} (did you mean {', '.join(map(repr, h)) or 'nothing close'}?)" for n, h in hints.items())
+            + f". Available: {', '.join(list(modules)[:30])}{' ...' if len(modules) > 30 else ''}")
+    return {n: modules[n] for n in names}
+
+
+def reduce_features(output: torch.Tensor, max_features: int) -> torch.Tensor:
+    """Flatten a layer output to ``(batch, features)`` with at most ``max_features`` features.
+
+    Outputs with spatial dimensions ``(batch, C, *spatial)`` wider than ``max_features`` are first reduced by
+    adaptive average pooling to the largest square (cube) grid with ``C * grid <= max_features`` (global
+    average when even ``C`` features are too many, then only the first ``max_features`` channels are kept).
+    Other outputs wider than ``max_features`` keep their first ``max_features`` features.
+    """
+    if output.ndim > 2 and output[0].numel() > max_features:
+        channels, spatial = output.shape[1], output.ndim - 2
+        side = max(1, int(math.floor((max_features / channels) ** (1 / spatial))))
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(spatial)
+        if pool is not None:
+            output = pool(output, side)
+    flat = output.reshape(output.shape[0], -1)
+    return flat[:, :max_features]
+
+
+class ActivationCapture:
+    """Forward hooks that keep ``detach().clone()``d, reduced outputs of chosen modules for one forward pass.
+
+    A module called several times in one forward pass contributes its first call (a warning says so once);
+    a tuple or list output contributes its first tensor; a module whose output holds no tensor raises a
+    clear error.
+
+    Args:
+        modules: ``{name: module}`` to capture, e.g. from `select_modules`.
+        max_features: Feature cap per layer (see `reduce_features`); ``None`` keeps the raw output shape.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int]) -> None:
+        self.modules = modules
+        self.max_features = max_features
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._warned_repeat = False
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            if name in self.outputs:
+                if not self._warned_repeat:
+                    self._warned_repeat = True
+                    log.warning("Layer %r was called more than once in one forward pass; its first call is used",
+                                name)
+                return
+            tensor = output
+            if isinstance(output, (tuple, list)):
+                tensor = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"Layer {name!r} ({type(module).__name__}) produced {type(output).__name__}, "
+                                "which holds no tensor; choose other `layers`")
+            # Clone: an in-place op later in the network (ReLU(inplace=True)) must not change what we saw.
+            tensor = tensor.detach()
+            reduced = tensor if self.max_features is None else reduce_features(tensor, self.max_features)
+            self.outputs[name] = reduced.clone()
+
+        return hook
+
+    @contextmanager
+    def capturing(self) -> Iterator[ActivationCapture]:
+        """Register the hooks for the duration of the block; they are removed on exit, exceptions included."""
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The outputs of the last forward pass, in module order; clears them."""
+        outputs, self.outputs = self.outputs, {}
+        missing = [n for n in self.modules if n not in outputs]
+        if missing:
+            raise ValueError(f"Layer(s) {missing} produced no output in the forward pass; are they used?")
+        return {n: outputs[n] for n in self.modules}

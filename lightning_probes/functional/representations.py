@@ -1,0 +1,176 @@
+"""Representation maths: cross-correlation, linear CKA, effective rank, activation statistics.
+
+One-shot functions take feature matrices ``(n_samples, n_features)``. `MomentAccumulator` streams batches
+into float64 first and second moments, from which the same quantities follow without keeping activations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _as_2d(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.ndim != 2:
+        raise ValueError(f"Expected `{name}` of shape (n_samples, n_features), but got shape {tuple(x.shape)}")
+    return x.double()
+
+
+def correlation_from_covariance(cov: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation from a covariance matrix; features with zero variance give NaN rows and columns."""
+    std = cov.diagonal().clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.full_like(std, float("nan")))
+    return (cov / std.unsqueeze(1) / std.unsqueeze(0)).clamp(-1, 1)
+
+
+def cross_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between every feature of ``x`` and every feature of ``y`` over the samples.
+
+    Args:
+        x: ``(n, p)`` features.
+        y: ``(n, q)`` features of the same samples.
+
+    Returns:
+        ``(p, q)`` float64 matrix, equal to the off-diagonal block of ``numpy.corrcoef(x, y, rowvar=False)``;
+        NaN where a feature has zero variance.
+    """
+    x, y = _as_2d(x, "x"), _as_2d(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"Expected `x` and `y` to have as many samples, but got {x.shape[0]} and {y.shape[0]}")
+    z = torch.cat([x, y], dim=1)
+    zc = z - z.mean(dim=0)
+    cov = zc.T @ zc / max(1, z.shape[0] - 1)
+    return correlation_from_covariance(cov)[: x.shape[1], x.shape[1]:]
+
+
+def cka_from_covariances(cov_xy: torch.Tensor, cov_xx: torch.Tensor, cov_yy: torch.Tensor) -> torch.Tensor:
+    """Linear CKA from centred (cross-)covariance blocks: ``||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F)``."""
+    denominator = torch.linalg.matrix_norm(cov_xx) * torch.linalg.matrix_norm(cov_yy)
+    return torch.where(denominator > 0, cov_xy.square().sum() / denominator, torch.zeros_like(denominator))
+
+
+def _hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name)
+    """Unbiased HSIC estimator of Song et al. (2012) on Gram matrices (their diagonals are ignored)."""
+    n = k.shape[0]
+    k = k - torch.diag_embed(k.diagonal())
+    l = l - torch.diag_embed(l.diagonal())  # noqa: E741
+    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+    term = (k * l).sum() + (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
+    term = term - 2.0 / (n - 2) * (ones.T @ k @ l @ ones)
+    return (term / (n * (n - 3))).reshape(())
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Linear centred kernel alignment (Kornblith et al. 2019), a similarity in [0, 1].
+
+    Args:
+        x: ``(n, p)`` features.
+        y: ``(n, q)`` features of the same samples.
+        unbiased: Use the unbiased HSIC estimator (Nguyen et al. 2021), which needs ``n > 3``; it may fall
+            slightly outside [0, 1] on small samples.
+
+    Returns:
+        A 0-dim float64 tensor. It is invariant to orthogonal transforms and isotropic scaling of either input.
+    """
+    x, y = _as_2d(x, "x"), _as_2d(y, "y")
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"Expected `x` and `y` to have as many samples, but got {n} and {y.shape[0]}")
+    if unbiased:
+        if n <= 3:
+            raise ValueError(f"The unbiased CKA estimator needs more than 3 samples, but got {n}")
+        k, l = x @ x.T, y @ y.T  # noqa: E741
+        denominator = (_hsic1(k, k) * _hsic1(l, l)).clamp_min(0).sqrt()
+        return _hsic1(k, l) / denominator if denominator > 0 else torch.zeros((), dtype=torch.float64)
+    xc, yc = x - x.mean(dim=0), y - y.mean(dim=0)
+    return cka_from_covariances(yc.T @ xc, xc.T @ xc, yc.T @ yc)
+
+
+def minibatch_hsic_terms(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Unbiased HSIC of every pair of layers on one minibatch: ``(L, L)``, to be summed over minibatches.
+
+    Minibatch CKA (Nguyen et al. 2021) is ``sum_b H_b[i, j] / sqrt(sum_b H_b[i, i] * sum_b H_b[j, j])``.
+    """
+    size = len(grams)
+    out = torch.zeros(size, size, dtype=torch.float64, device=grams[0].device)
+    for i in range(size):
+        for j in range(i, size):
+            out[i, j] = out[j, i] = _hsic1(grams[i], grams[j])
+    return out
+
+
+def cka_from_hsic(hsic: torch.Tensor) -> torch.Tensor:
+    """CKA matrix from summed HSIC terms ``(L, L)``."""
+    diagonal = hsic.diagonal().clamp_min(0).sqrt()
+    denominator = diagonal.unsqueeze(1) * diagonal.unsqueeze(0)
+    return torch.where(denominator > 0, hsic / denominator, torch.zeros_like(hsic))
+
+
+def effective_rank_from_covariance(cov: torch.Tensor) -> torch.Tensor:
+    """Effective rank from a covariance matrix: ``exp(H(p))``, ``p = s / sum(s)``, ``s`` = singular values.
+
+    The singular values of the centred activations are ``sqrt(n * eigenvalues(cov))``; ``p`` does not depend
+    on the scale ``n``.
+    """
+    eigenvalues = torch.linalg.eigvalsh(cov.double()).clamp_min(0)
+    singular = eigenvalues.sqrt()
+    total = singular.sum()
+    if total <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    p = singular / total
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).where(p > 0, torch.zeros_like(p)).sum()
+    return entropy.exp()
+
+
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """Effective rank (Roy and Vetterli 2007) of activations ``(n, p)``.
+
+    ``exp(-sum_i p_i log p_i)`` with ``p_i = s_i / sum_j s_j`` and ``s`` the singular values of the centred
+    activations. It is 1 for rank-1 activations and ``k`` for ``k`` orthogonal directions of equal spread.
+    """
+    x = _as_2d(x, "x")
+    singular = torch.linalg.svdvals(x - x.mean(dim=0))
+    total = singular.sum()
+    if total <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    p = singular / total
+    return (-(p * torch.log(p.clamp_min(1e-300))).where(p > 0, torch.zeros_like(p)).sum()).exp()
+
+
+class MomentAccumulator:
+    """Streams feature batches into float64 sums; gives the covariance without keeping activations.
+
+    Each batch is shifted by the first batch's mean before its products are summed (covariance is
+    shift-invariant; the shift avoids cancellation). Products are formed in the batch's dtype (fast matmul)
+    and summed in float64.
+
+    Args:
+        num_features: Width of the feature rows.
+        device: Device of the sums.
+    """
+
+    def __init__(self, num_features: int, device: Optional[torch.device] = None) -> None:
+        self.n = 0
+        self.shift: Optional[torch.Tensor] = None
+        self.sum = torch.zeros(num_features, dtype=torch.float64, device=device)
+        self.products = torch.zeros(num_features, num_features, dtype=torch.float64, device=device)
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add a batch ``(b, num_features)``."""
+        if self.shift is None:
+            self.shift = z.mean(dim=0).detach()
+        zs = z - self.shift
+        self.n += z.shape[0]
+        self.sum += zs.sum(dim=0, dtype=torch.float64)
+        self.products += (zs.T @ zs).double()
+
+    def covariance(self) -> torch.Tensor:
+        """Sample covariance (``n - 1`` in the denominator)."""
+        if self.n < 2:
+            raise ValueError(f"Expected at least 2 samples for a covariance, but got {self.n}")
+        mean = self.sum / self.n
+        return (self.products - self.n * torch.outer(mean, mean)) / (self.n - 1)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(1, self.n) + (0 if self.shift is None else self.shift.double())
