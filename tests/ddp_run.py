@@ -21,6 +21,9 @@ PROBES = {
     "gradient_dynamics": lambda out: lp.GradientDynamicsMonitor(every_n_steps=1, output_dir=out),
     "confidence": lambda out: lp.ConfidenceMonitor(output_dir=out),
     "noise_robustness": lambda out: lp.NoiseRobustnessMonitor(num_samples=16, num_draws=4, output_dir=out),
+    "layer_correlation": lambda out: lp.LayerCorrelationMonitor(num_samples=16, output_dir=out),
+    "activation_stats": lambda out: lp.ActivationStatsMonitor(num_samples=16, output_dir=out),
+    "augmentation_invariance": lambda out: lp.AugmentationInvarianceMonitor(num_images=2, num_views=4, output_dir=out),
 }
 
 

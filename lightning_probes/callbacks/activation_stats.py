@@ -76,7 +76,7 @@ class ActivationStatsMonitor(RepresentationProbe):
         def consume(outputs: dict[str, torch.Tensor]) -> None:
             for name, output in outputs.items():
                 stats[name].update(output)
-                features = reduce_features(output, self.max_features).float()
+                features = reduce_features(output, self.max_features).double()
                 if name not in moments:
                     moments[name] = MomentAccumulator(features.shape[1], device=features.device)
                 moments[name].update(features)

@@ -41,3 +41,13 @@ def test_prediction_probes_under_ddp(tmp_path):
         # Each rank sees 16 of the 32 validation samples; the reduced matrix counts each exactly once.
         assert sum(map(sum, r["confusion_matrix"])) == 32 == r["n"]
     assert [r["epoch"] for r in read(out / "noise_robustness.jsonl")] == [0, 1]
+
+
+def test_representation_probes_under_ddp(tmp_path):
+    out = run_ddp(tmp_path, ["layer_correlation", "activation_stats", "augmentation_invariance"])
+    for name in ("layer_correlation", "activation_stats", "augmentation_invariance"):
+        records = read(out / f"{name}.jsonl")
+        assert sorted({r["epoch"] for r in records}) == [0, 1, 2], name  # rank 0 only: no duplicates
+        key = "layer_b" if name == "layer_correlation" else "layer"
+        rows = [(r["epoch"], r.get("layer_a"), r[key]) for r in records]
+        assert len(rows) == len(set(rows)), name

@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+import torch
+
+from lightning_probes import ActivationStatsMonitor, AugmentationInvarianceMonitor, LayerCorrelationMonitor
+from lightning_probes.functional.representations import linear_cka
+from tests.conftest import CaptureLogger
+from tests.helpers import RandomDataModule, read, small_mlp, trainer
+
+
+def _features(model, inputs, names):
+    """Independent reference: the same layers' outputs via a plain forward with hooks of our own."""
+    model.eval()
+    outputs, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        handles.append(modules[name].register_forward_hook(
+            lambda m, a, o, name=name: outputs.__setitem__(name, o.detach().clone().double())))
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def test_layer_correlation_matches_one_shot_cka(tmp_path):
+    logger = CaptureLogger()
+    layers = ["net.fc1", "net.relu1", "net.fc2", "net.fc4"]
+    probe = LayerCorrelationMonitor(layers=layers, num_samples=48, batch_size=16, output_dir=str(tmp_path))
+    model = small_mlp()
+    trainer(tmp_path, [probe], logger=logger, max_epochs=2).fit(model, RandomDataModule())
+    records = read(tmp_path / "layer_correlation.jsonl")
+    assert sorted({r["epoch"] for r in records}) == [0, 1, 2]  # 0: the untrained network
+    last = {(r["layer_a"], r["layer_b"]): r for r in records if r["epoch"] == 2}
+    assert len(last) == 10  # pairs i <= j of 4 layers
+    feats = _features(model, probe._inputs, layers)
+    for (a, b), r in last.items():
+        assert r["cka"] == pytest.approx(linear_cka(feats[a], feats[b]).item(), abs=1e-5)
+        corr = np.corrcoef(feats[a].numpy(), feats[b].numpy(), rowvar=False)[: feats[a].shape[1], feats[a].shape[1]:]
+        assert r["mean_abs_correlation"] == pytest.approx(np.nanmean(np.abs(corr)), abs=1e-5)
+        if a == b:
+            assert r["cka"] == pytest.approx(1.0)
+    means = (tmp_path / "corr_means.json").read_text()
+    assert '"epochs": [\n    0,\n    1,\n    2\n  ]' in means
+    for name in ("layer_correlation.png", "cka.png", "corr_means.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "layer_correlation/cka/net.fc1__net.fc2" in logger.keys()
+
+
+def test_minibatch_unbiased_option(tmp_path):
+    probe = LayerCorrelationMonitor(layers=["net.fc1", "net.fc2"], num_samples=48, batch_size=16,
+                                    cka="minibatch_unbiased", output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), RandomDataModule())
+    records = read(tmp_path / "layer_correlation.jsonl")
+    assert all(r["cka"] == pytest.approx(1.0) for r in records if r["layer_a"] == r["layer_b"])
+
+
+def test_activation_stats_match_a_plain_forward(tmp_path):
+    probe = ActivationStatsMonitor(num_samples=48, batch_size=16, output_dir=str(tmp_path))
+    model = small_mlp()
+    trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+    records = [r for r in read(tmp_path / "activation_stats.jsonl") if r["epoch"] == 1]
+    assert [r["layer"] for r in records] == [
+        "net.fc1", "net.bn1", "net.relu1", "net.fc2", "net.bn2", "net.relu2", "net.fc3", "net.bn3", "net.relu3",
+        "net.fc4"]
+    feats = _features(model, probe._inputs, [r["layer"] for r in records])
+    for r in records:
+        a = feats[r["layer"]].numpy()
+        assert r["mean"] == pytest.approx(a.mean(), abs=1e-7) and r["std"] == pytest.approx(a.std(), rel=1e-6)
+        assert r["sparsity"] == pytest.approx((a == 0).mean())
+        assert r["dead_units"] == int((~(a != 0).any(axis=0)).sum())
+        s = np.linalg.svd(a - a.mean(0), compute_uv=False)
+        p = s / s.sum()
+        assert r["effective_rank"] == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-5)
+    assert (tmp_path / "activation_stats.png").exists()
+
+
+def test_tanh_saturation_is_reported(tmp_path):
+    from models import LeNet5
+
+    probe = ActivationStatsMonitor(layers=["net.act1", "net.fc1"], num_samples=16, output_dir=str(tmp_path))
+    data = RandomDataModule(n=32, shape=(1, 28, 28))
+    trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(LeNet5(activation="tanh"), data)
+    records = {r["layer"]: r for r in read(tmp_path / "activation_stats.jsonl")}
+    assert 0 <= records["net.act1"]["saturation"] <= 1 and records["net.fc1"]["saturation"] is None
+
+
+def test_augmentation_invariance(tmp_path):
+    probe = AugmentationInvarianceMonitor(num_images=3, num_views=12, matrix_views=5, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), RandomDataModule())
+    records = read(tmp_path / "augmentation_invariance.jsonl")
+    assert {r["epoch"] for r in records} == {0, 1}
+    assert all(0 <= r["invariance"] <= 1 for r in records)
+    for name in ("augmentation_invariance.png", "augmentation_invariance_correlations.png",
+                 "augmentation_invariance_views.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_identity_augmentation_is_perfectly_invariant(tmp_path):
+    probe = AugmentationInvarianceMonitor(transform=lambda x: x, num_images=2, num_views=4, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), RandomDataModule())
+    for r in read(tmp_path / "augmentation_invariance.jsonl"):
+        assert r["within_variance"] == pytest.approx(0.0, abs=1e-12) and r["invariance"] == pytest.approx(1.0)
+
+
+def test_hooks_removed_after_fit_and_after_an_exception(tmp_path):
+    model = small_mlp()
+    trainer(tmp_path, [ActivationStatsMonitor(num_samples=16, output_dir=str(tmp_path))], max_epochs=1).fit(
+        model, RandomDataModule())
+    assert all(not m._forward_hooks for m in model.modules())
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("broken layer")
+
+    model = small_mlp()
+    probe = ActivationStatsMonitor(num_samples=16, output_dir=str(tmp_path))
+    model.net.fc1.register_forward_hook(lambda m, a, o: Broken()(o) if not m.training else None)
+    with pytest.raises(RuntimeError, match="broken layer"):
+        trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+    assert all(len(m._forward_hooks) <= 1 for m in model.modules())  # only the test's own hook is left
+    assert model.training
+
+
+def test_unknown_layer_is_a_clear_error(tmp_path):
+    probe = LayerCorrelationMonitor(layers=["net.fc_1"])
+    with pytest.raises(ValueError, match="did you mean 'net.fc1'"):
+        trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), RandomDataModule())
+
+
+def test_layer_without_tensor_output(tmp_path):
+    class NoneLayer(torch.nn.Module):
+        def forward(self, x):
+            return None
+
+    model = small_mlp()
+    model.net.add_module("nothing", NoneLayer())
+    model.net.fc1.register_forward_hook(lambda m, a, o: (model.net.nothing(o), o)[1])
+    probe = ActivationStatsMonitor(layers=["net.nothing"], num_samples=8)
+    with pytest.raises(TypeError, match="'net.nothing' .* holds no tensor"):
+        trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+
+
+def test_too_small_probe_set(tmp_path):
+    probe = LayerCorrelationMonitor(layers=["net.fc1"], cka="minibatch_unbiased", batch_size=4)
+    data = RandomDataModule(n=3, batch_size=3)
+    data.val_dataloader = lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x[:3], data.y[:3]))
+    with pytest.raises(ValueError, match="needs at least 4 probe samples"):
+        trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), data)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "match"), [
+    (LayerCorrelationMonitor, {"cka": "rbf"}, "`cka`"),
+    (LayerCorrelationMonitor, {"layers": "net.fc1"}, "`layers`"),
+    (LayerCorrelationMonitor, {"num_samples": 0}, "`num_samples`"),
+    (ActivationStatsMonitor, {"max_features": 0}, "`max_features`"),
+    (AugmentationInvarianceMonitor, {"num_images": 1}, "`num_images`"),
+    (AugmentationInvarianceMonitor, {"transform": 3}, "`transform`"),
+])
+def test_bad_arguments(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_real_datamodule_augmentation_is_used(tmp_path, tiny_data):
+    from datamodules import MNISTDataModule
+    from models import LeNet5
+
+    dm = MNISTDataModule(data_dir=str(tiny_data), batch_size=16)
+    probe = AugmentationInvarianceMonitor(num_images=2, num_views=6, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(LeNet5(), dm)
+    assert len(read(tmp_path / "augmentation_invariance.jsonl")) == 2 * len(probe._modules)
+    views = probe._images[0]()
+    assert views.shape == (1, 28, 28) and views.dtype == torch.float32  # raw uint8 -> augmented -> normalised
