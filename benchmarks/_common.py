@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: quiet Lightning, random data of real shapes, a wall-clock timer."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def quiet() -> None:
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_probes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def random_loader(n: int, shape: tuple[int, ...], batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+
+
+def bare_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    accelerator="cpu", num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def timed_method(obj, name: str, watch: Stopwatch) -> None:
+    """Wrap ``obj.name`` so that the time spent in it adds to ``watch``."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        with watch.timing():
+            return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
