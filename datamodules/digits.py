@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,34 +21,16 @@ class DigitsDataModule(ImageDataModule):
     rest plays the role of the official training set.
 
     Args:
-        data_dir: Unused; kept so every DataModule takes the same arguments.
-        batch_size: Samples per batch.
-        num_workers: DataLoader worker processes.
         val_fraction: Share of the training part held out for validation, in (0, 1).
-        seed: Seed of the train/validation split and of the ``train_half`` split.
-        augment: Random affine jitter on training images.
-        train_half: ``None``, ``0`` or ``1``: train on one seeded half of the training split.
-        swap_train_val: Train on the validation split and validate on the training split.
-        download: Unused (the data ship with scikit-learn).
+        **kwargs: Further `ImageDataModule` arguments (``data_dir`` and ``download`` are unused: the data ship
+            with scikit-learn; ``augment`` adds random affine jitter).
     """
 
     mean = (0.3056,)  # measured on the training part
     std = (0.3247,)
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.2,
-        seed: int = 42,
-        augment: bool = False,
-        train_half: Optional[Literal[0, 1]] = None,
-        swap_train_val: bool = False,
-        download: bool = False,
-    ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, val_fraction, seed, augment, train_half,
-                         swap_train_val, download)
+    def __init__(self, val_fraction: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(val_fraction=val_fraction, **kwargs)
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits

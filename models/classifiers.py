@@ -1,12 +1,17 @@
-"""The five LightningModules: thin subclasses of `ImageClassifier` that pick a network."""
+"""The five LightningModules: thin subclasses of `ImageClassifier` that pick a network.
+
+Each takes its own arguments plus every `ImageClassifier` argument (``in_channels``, ``num_classes``,
+``input_size``, ``lr``, ``momentum``, ``weight_decay``, ``lr_schedule``, ``lr_decay``, ``step_size``, ``gamma``)
+through ``**kwargs``; LightningCLI follows them to `ImageClassifier` and shows them in ``--help``.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from models.base import ImageClassifier, LRSchedule
+from models.base import ImageClassifier
 from models.components import ConvNet, LeNet5Net, MLPNet
 
 
@@ -15,114 +20,53 @@ class BaselineNet(ImageClassifier):
 
     Args:
         in_channels: Channels of the input images.
-        num_classes: Number of classes.
         input_size: Side of the square input images.
         lr: Initial SGD learning rate, > 0.
-        momentum: SGD momentum, in [0, 1).
-        weight_decay: L2 penalty, >= 0.
-        lr_schedule: ``"none"``, ``"inverse_time"`` or ``"step"`` (see `ImageClassifier`).
-        lr_decay: Decay rate of the ``inverse_time`` schedule.
-        step_size: Epochs between decays of the ``step`` schedule.
-        gamma: Factor of the ``step`` schedule.
+        **kwargs: Further `ImageClassifier` arguments.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        input_size: int = 32,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "none",
-        lr_decay: float = 0.1,
-        step_size: int = 10,
-        gamma: float = 0.5,
-    ) -> None:
-        super().__init__(in_channels, num_classes, input_size, lr, momentum, weight_decay,
-                         lr_schedule, lr_decay, step_size, gamma)
+    #: Keyword arguments of `ConvNet` that make the variant.
+    variant: dict[str, Any] = {}
+
+    def __init__(self, in_channels: int = 3, input_size: int = 32, lr: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(in_channels=in_channels, input_size=input_size, lr=lr, **kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        return ConvNet(hp.in_channels, hp.num_classes, hp.input_size)
+        return ConvNet(hp.in_channels, hp.num_classes, hp.input_size, **self.variant_arguments())
+
+    def variant_arguments(self) -> dict[str, Any]:
+        return dict(self.variant)
 
 
-class DropoutNet(ImageClassifier):
+class DropoutNet(BaselineNet):
     """BaselineNet with one ``nn.Dropout(dropout)`` after ``fc1``'s activation.
 
     Args:
         dropout: Dropout probability, in [0, 1).
-        in_channels: Channels of the input images.
-        num_classes: Number of classes.
-        input_size: Side of the square input images.
-        lr: Initial SGD learning rate, > 0.
-        momentum: SGD momentum, in [0, 1).
-        weight_decay: L2 penalty, >= 0.
-        lr_schedule: ``"none"``, ``"inverse_time"`` or ``"step"`` (see `ImageClassifier`).
-        lr_decay: Decay rate of the ``inverse_time`` schedule.
-        step_size: Epochs between decays of the ``step`` schedule.
-        gamma: Factor of the ``step`` schedule.
+        **kwargs: Further `BaselineNet` / `ImageClassifier` arguments.
     """
 
-    def __init__(
-        self,
-        dropout: float = 0.5,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        input_size: int = 32,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "none",
-        lr_decay: float = 0.1,
-        step_size: int = 10,
-        gamma: float = 0.5,
-    ) -> None:
-        if not 0 <= dropout < 1:
+    def __init__(self, dropout: float = 0.5, **kwargs: Any) -> None:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"Expected `dropout` to be in [0, 1), but got {dropout!r}")
-        super().__init__(in_channels, num_classes, input_size, lr, momentum, weight_decay,
-                         lr_schedule, lr_decay, step_size, gamma)
+        super().__init__(**kwargs)
 
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        return ConvNet(hp.in_channels, hp.num_classes, hp.input_size, dropout=hp.dropout)
+    def variant_arguments(self) -> dict[str, Any]:
+        return {"dropout": self.hparams.dropout}
 
 
-class BatchNormNet(ImageClassifier):
+class BatchNormNet(BaselineNet):
     """BaselineNet with batch norm after each convolution and after ``fc1``.
 
     Args:
         in_channels: Channels of the input images.
-        num_classes: Number of classes.
         input_size: Side of the square input images.
         lr: Initial SGD learning rate, > 0.
-        momentum: SGD momentum, in [0, 1).
-        weight_decay: L2 penalty, >= 0.
-        lr_schedule: ``"none"``, ``"inverse_time"`` or ``"step"`` (see `ImageClassifier`).
-        lr_decay: Decay rate of the ``inverse_time`` schedule.
-        step_size: Epochs between decays of the ``step`` schedule.
-        gamma: Factor of the ``step`` schedule.
+        **kwargs: Further `ImageClassifier` arguments.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        input_size: int = 32,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "none",
-        lr_decay: float = 0.1,
-        step_size: int = 10,
-        gamma: float = 0.5,
-    ) -> None:
-        super().__init__(in_channels, num_classes, input_size, lr, momentum, weight_decay,
-                         lr_schedule, lr_decay, step_size, gamma)
-
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        return ConvNet(hp.in_channels, hp.num_classes, hp.input_size, batch_norm=True)
+    variant = {"batch_norm": True}
 
 
 class MLP(ImageClassifier):
@@ -130,36 +74,13 @@ class MLP(ImageClassifier):
 
     Args:
         hidden: Widths of the three hidden layers.
-        in_channels: Channels of the input images.
-        num_classes: Number of classes.
-        input_size: Side of the square input images.
-        lr: Initial SGD learning rate, > 0.
-        momentum: SGD momentum, in [0, 1).
-        weight_decay: L2 penalty, >= 0.
-        lr_schedule: ``"none"``, ``"inverse_time"`` or ``"step"`` (see `ImageClassifier`).
-        lr_decay: Decay rate of the ``inverse_time`` schedule.
-        step_size: Epochs between decays of the ``step`` schedule.
-        gamma: Factor of the ``step`` schedule.
+        **kwargs: Further `ImageClassifier` arguments (defaults: 1x28x28 inputs, 10 classes, lr 0.05).
     """
 
-    def __init__(
-        self,
-        hidden: tuple[int, int, int] = (512, 256, 128),
-        in_channels: int = 1,
-        num_classes: int = 10,
-        input_size: int = 28,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "none",
-        lr_decay: float = 0.1,
-        step_size: int = 10,
-        gamma: float = 0.5,
-    ) -> None:
+    def __init__(self, hidden: tuple[int, int, int] = (512, 256, 128), **kwargs: Any) -> None:
         if len(hidden) != 3 or any(int(h) < 1 for h in hidden):
             raise ValueError(f"Expected `hidden` to be three positive widths, but got {hidden!r}")
-        super().__init__(in_channels, num_classes, input_size, lr, momentum, weight_decay,
-                         lr_schedule, lr_decay, step_size, gamma)
+        super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
@@ -171,36 +92,13 @@ class LeNet5(ImageClassifier):
 
     Args:
         activation: ``"relu"`` or ``"tanh"``.
-        in_channels: Channels of the input images.
-        num_classes: Number of classes.
-        input_size: Side of the square input images.
-        lr: Initial SGD learning rate, > 0.
-        momentum: SGD momentum, in [0, 1).
-        weight_decay: L2 penalty, >= 0.
-        lr_schedule: ``"none"``, ``"inverse_time"`` or ``"step"`` (see `ImageClassifier`).
-        lr_decay: Decay rate of the ``inverse_time`` schedule.
-        step_size: Epochs between decays of the ``step`` schedule.
-        gamma: Factor of the ``step`` schedule.
+        **kwargs: Further `ImageClassifier` arguments (defaults: 1x28x28 inputs, 10 classes, lr 0.05).
     """
 
-    def __init__(
-        self,
-        activation: Literal["relu", "tanh"] = "relu",
-        in_channels: int = 1,
-        num_classes: int = 10,
-        input_size: int = 28,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule = "none",
-        lr_decay: float = 0.1,
-        step_size: int = 10,
-        gamma: float = 0.5,
-    ) -> None:
+    def __init__(self, activation: Literal["relu", "tanh"] = "relu", **kwargs: Any) -> None:
         if activation not in ("relu", "tanh"):
             raise ValueError(f"Expected `activation` to be one of ('relu', 'tanh'), but got {activation!r}")
-        super().__init__(in_channels, num_classes, input_size, lr, momentum, weight_decay,
-                         lr_schedule, lr_decay, step_size, gamma)
+        super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams

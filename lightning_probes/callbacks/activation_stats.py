@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -52,20 +51,6 @@ class ActivationStatsMonitor(RepresentationProbe):
     """
 
     probe_name = "activation_stats"
-
-    def __init__(
-        self,
-        layers: Optional[Sequence[str]] = None,
-        num_samples: int = 512,
-        max_features: int = 1024,
-        every_n_epochs: int = 1,
-        batch_size: int = 128,
-        seed: int = 0,
-        search_batches: int = 100,
-        output_dir: Optional[str] = None,
-    ) -> None:
-        super().__init__(layers, num_samples, max_features, every_n_epochs, batch_size, seed, search_batches,
-                         output_dir)
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         inputs, _ = self.probe_set(trainer)
