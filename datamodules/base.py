@@ -168,9 +168,9 @@ def missing_files_error(name: str, directory: str, expected: list[str], hint: st
     return FileNotFoundError(f"{name} data not found: searched {directory!r} for {files}. {hint}")
 
 
-def download_failed_error(name: str, directory: str, err: Exception) -> RuntimeError:
+def download_failed_error(name: str, directory: str, err: Exception) -> ConnectionError:
     """A download that could not reach its server, said plainly."""
-    return RuntimeError(
+    return ConnectionError(
         f"Could not download {name} into {directory!r} ({type(err).__name__}: {err}). "
         "Without a network, copy the files there by hand and set `download: false`."
     )

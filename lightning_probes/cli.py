@@ -23,7 +23,7 @@ from models.base import ImageClassifier
 log = logging.getLogger(__name__)
 
 # Errors our own code raises for bad input; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+_USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:

@@ -80,3 +80,16 @@ def test_missing_data(capsys, tmp_path, monkeypatch):
                           str(tmp_path / "nowhere"), "--trainer.fast_dev_run", "1"])
     assert "nowhere" in err and "train-images-idx3-ubyte" in err
     assert err.count("\n") == 1
+
+
+def test_failed_download_is_one_message(capsys, tmp_path, monkeypatch):
+    import datamodules.mnist as mnist
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(mnist, "MNIST", offline)
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["fit", "--model", "LeNet5", "--data", "MNISTDataModule", "--data.download", "true",
+                          "--data.data_dir", str(tmp_path), "--trainer.fast_dev_run", "1"])
+    assert "Could not download MNIST" in err and "Traceback" not in err

@@ -69,7 +69,7 @@ def test_download_failure_is_clear(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(mnist, "MNIST", offline)
-    with pytest.raises(RuntimeError, match="Could not download MNIST.*network unreachable"):
+    with pytest.raises(ConnectionError, match="Could not download MNIST.*network unreachable"):
         MNISTDataModule(data_dir=str(tmp_path), download=True).prepare_data()
 
 
