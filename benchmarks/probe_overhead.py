@@ -2,8 +2,9 @@
 
 Every configuration runs the same number of optimiser steps in this one process; the runs are interleaved
 (each repeat runs every configuration once, in a shuffled order) and each is compared with the bare run of the
-same repeat. The table shows the median ratio of steady-state step time (first ``--warmup`` steps excluded)
-and the most bytes a probe holds between steps.
+same repeat. The table shows the median ratio of steady-state step time (first ``--warmup`` steps excluded),
+the time spent inside the probes' hooks per step (a measure the machine's noise disturbs far less), and the
+most bytes a probe holds between steps.
 
     python benchmarks/probe_overhead.py --steps 200 --repeats 5
 """
@@ -33,6 +34,7 @@ class StepTimer(pl.Callback):
         self.warmup = warmup
         self.start = self.end = 0.0
         self.held_bytes = 0
+        self.hook_seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
@@ -50,6 +52,28 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
+_HOOKS = ("on_before_optimizer_step", "_after_step", "on_train_batch_start", "on_train_batch_end",
+          "on_train_epoch_start", "on_train_epoch_end")
+
+
+def _time_hooks(probe, timer: StepTimer) -> None:
+    """Add the wall time spent inside the probe's per-step and per-epoch hooks to ``timer.hook_seconds``."""
+    for name in _HOOKS:
+        original = getattr(probe, name, None)
+        if original is None:
+            continue
+
+        def wrapper(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                if timer.start:
+                    timer.hook_seconds += time.perf_counter() - start
+
+        setattr(probe, name, wrapper)
+
+
 def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data: TensorDataset, tb: bool) -> StepTimer:
     probes = []
     if config in ("stats", "both"):
@@ -57,6 +81,8 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
     if config in ("dynamics", "both"):
         probes.append(GradientDynamicsMonitor(every_n_steps=every))
     timer = StepTimer(warmup)
+    for probe in probes:
+        _time_hooks(probe, timer)
     with tempfile.TemporaryDirectory() as tmp:
         logger = pl.loggers.TensorBoardLogger(tmp, name="bench") if tb else False
         trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
@@ -83,6 +109,7 @@ def main() -> None:
     data = TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
     configs = [("bare", 0)] + [(c, e) for e in args.every for c in ("stats", "dynamics", "both")]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    hooks: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     held: dict[tuple[str, int], int] = {}
     rng = random.Random(0)
     for _ in range(args.repeats):
@@ -91,18 +118,23 @@ def main() -> None:
         for config in order:
             timer = run(*config, args.steps, args.warmup, args.batch_size, data, not args.no_tensorboard)
             times[config].append((timer.end - timer.start) / (args.steps - args.warmup))
+            hooks[config].append(timer.hook_seconds / (args.steps - args.warmup))
             held[config] = timer.held_bytes
     bare = times[("bare", 0)]
     entries = sum(p.numel() for p in MLP().parameters())
     print(f"MLP ({entries:,} parameters), batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, logger: {'TensorBoard' if not args.no_tensorboard else 'none'}")
     print(f"bare step: median {statistics.median(bare) * 1e3:.2f} ms")
-    print("| probe | every_n_steps | median ratio to bare | step ms | bytes held between steps (per entry) |")
-    print("|---|---|---|---|---|")
+    print("| probe | every_n_steps | median ratio to bare (wall) | step ms | ms per step in probe hooks "
+          "| 1 + hook time / bare step | bytes held between steps (per entry) |")
+    print("|---|---|---|---|---|---|---|")
     for config in configs[1:]:
         ratios = [t / b for t, b in zip(times[config], bare)]
+        hook_ms = statistics.median(hooks[config]) * 1e3
+        hook_ratio = 1 + hook_ms / (statistics.median(bare) * 1e3)
         print(f"| {config[0]} | {config[1]} | {statistics.median(ratios):.3f}x | "
-              f"{statistics.median(times[config]) * 1e3:.2f} | {held[config]:,} ({held[config] / entries:.2f}) |")
+              f"{statistics.median(times[config]) * 1e3:.2f} | {hook_ms:.3f} | {hook_ratio:.3f}x | "
+              f"{held[config]:,} ({held[config] / entries:.2f}) |")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def one_pass(model_cls, shape, samples: int, repeats: int) -> dict:
         timed_method(probe, "analyse", analysis)
         timed_method(probe, "save_figure", drawing)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        trainer = bare_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[probe],
+        trainer = bare_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[probe],
                                default_root_dir="/tmp/lp_bench")
         trainer.fit(model_cls(), random_loader(64, shape, 64), random_loader(samples, shape, 128))
         passes.append(analysis.seconds - drawing.seconds)

@@ -12,6 +12,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class MissingValidationDataError(ValueError):
+    """The Trainer has no validation data to draw a probe set from."""
+
+
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` from a batch given as a tuple/list or a dict (first two values)."""
     values = list(batch.values()) if isinstance(batch, Mapping) else list(batch) if isinstance(batch, (list, tuple)) \
@@ -47,7 +51,7 @@ def validation_loader(trainer: pl.Trainer) -> Any:
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     if loaders is None:
-        raise ValueError("This probe needs validation data, but the Trainer has no validation dataloader")
+        raise MissingValidationDataError("it needs validation data, but the Trainer has no validation dataloader")
     return loaders
 
 

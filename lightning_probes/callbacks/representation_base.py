@@ -7,10 +7,11 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
 from lightning_probes.capture import ActivationCapture, select_modules
-from lightning_probes.probe_data import collect_probe_set
+from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set
 
 
 class RepresentationProbe(ProbeCallback):
@@ -59,6 +60,7 @@ class RepresentationProbe(ProbeCallback):
         self._modules: dict[str, torch.nn.Module] = {}
         self._inputs: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
+        self._skipped = False
 
     def _state_config(self) -> dict[str, Any]:
         return {"layers": self.layers, "output_dir": self._output_dir_arg}
@@ -92,13 +94,16 @@ class RepresentationProbe(ProbeCallback):
             self._run(trainer, pl_module, epoch=done)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self._skipped:
             return
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():
                 self.analyse(trainer, pl_module, epoch)
+        except MissingValidationDataError as err:
+            self._skipped = True
+            rank_zero_warn(f"{type(self).__name__} is skipped for this run: {err}.")
         finally:
             pl_module.train(was_training)
 

@@ -172,3 +172,10 @@ def test_real_datamodule_augmentation_is_used(tmp_path, tiny_data):
     assert len(read(tmp_path / "augmentation_invariance.jsonl")) == 2 * len(probe._modules)
     views = probe._images[0]()
     assert views.shape == (1, 28, 28) and views.dtype == torch.float32  # raw uint8 -> augmented -> normalised
+
+
+def test_no_validation_data_skips_with_a_warning(tmp_path):
+    probe = ActivationStatsMonitor(output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="ActivationStatsMonitor is skipped for this run: it needs validation data"):
+        trainer(tmp_path, [probe], max_epochs=2, limit_val_batches=0).fit(small_mlp(), RandomDataModule())
+    assert not (tmp_path / "activation_stats.jsonl").exists()
