@@ -11,19 +11,14 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics import Metric
 
 from lightning_probes.callbacks.base import ProbeCallback, check_fraction, check_positive_int
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
-    brier_score,
+    calibration_bin_index,
     calibration_error_from_sums,
-    calibration_sums,
-    confusion_confidence,
     normalized_entropy,
-    predictive_entropy,
-    thresholded_confusion,
 )
 from lightning_probes.plotting import heatmap
 
@@ -34,6 +29,16 @@ _HIST_BINS = 20
 
 class ConfidenceState(Metric):
     """Constant-memory running sums behind `ConfidenceMonitor`, summed across processes by torchmetrics.
+
+    Each batch costs two ``index_add_`` calls into packed float64 accumulators (speed matters: a validation
+    batch of a small model takes milliseconds):
+
+    - ``cells``: per (true class, predicted class, number of ``thresholds`` the confidence reaches):
+      ``[count, sum of confidence]``;
+    - ``bins``: per calibration bin (``n_bins + 1``, torchmetrics' binning), fine bin
+      (``adaptive_resolution + 1``) and histogram bin of correct and of wrong predictions (``21`` each):
+      ``[count, sum of confidence, sum of correct]``;
+    - ``scalars``: sums of Brier score, NLL, predictive entropy and confidence.
 
     Args:
         num_classes: Number of classes.
@@ -48,36 +53,75 @@ class ConfidenceState(Metric):
         super().__init__()
         self.num_classes, self.n_bins, self.thresholds = num_classes, n_bins, tuple(thresholds)
         self.adaptive_resolution = adaptive_resolution
-        c = num_classes
-        self.add_state("confusion", torch.zeros(c, c, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("confidence_sums", torch.zeros(c, c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("thresholded", torch.zeros(len(self.thresholds), c, c, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("calibration", torch.zeros(n_bins + 1, 3, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("fine", torch.zeros(adaptive_resolution + 1, 3, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("hist_correct", torch.zeros(_HIST_BINS + 1, 3, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("hist_wrong", torch.zeros(_HIST_BINS + 1, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        levels = len(self.thresholds) + 1
+        self._offsets = (0, n_bins + 1, n_bins + 1 + adaptive_resolution + 1,
+                         n_bins + 1 + adaptive_resolution + 1 + 2 * (_HIST_BINS + 1))
+        self.add_state("cells", torch.zeros(num_classes * num_classes * levels, 2, dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("bins", torch.zeros(self._offsets[-1], 3, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("scalars", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")  # brier, nll, H, conf
+        self.register_buffer("_threshold_values", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        logits = logits.detach().float()
-        log_probs = logits.log_softmax(dim=1)
+        log_probs = logits.detach().float().log_softmax(dim=1)  # (N, C)
         probs = log_probs.exp()
         confidence, predicted = probs.max(dim=1)
-        correct = predicted == target
-        counts, sums = confusion_confidence(probs, target)
-        self.confusion += counts
-        self.confidence_sums += sums
-        self.thresholded += thresholded_confusion(probs, target, self.thresholds)
-        self.calibration += calibration_sums(confidence, correct, self.n_bins)
-        self.fine += calibration_sums(confidence, correct, self.adaptive_resolution)
-        self.hist_correct += calibration_sums(confidence[correct], correct[correct], _HIST_BINS)
-        self.hist_wrong += calibration_sums(confidence[~correct], correct[~correct], _HIST_BINS)
-        nll = -log_probs.gather(1, target.long().unsqueeze(1)).sum()
-        self.scalars += torch.stack([brier_score(probs, target, "sum"), nll.double(),
-                                     predictive_entropy(probs).double().sum(), confidence.double().sum()])
+        target = target.long()
+        correct = (predicted == target).to(probs.dtype)
+        levels = len(self.thresholds) + 1
+        reached = torch.bucketize(confidence, self._threshold_values, right=True)  # thresholds <= confidence
+        cell = (target * self.num_classes + predicted) * levels + reached
+        self.cells.index_add_(0, cell, torch.stack([torch.ones_like(confidence), confidence], dim=1).double())
+        main = calibration_bin_index(confidence, self.n_bins)
+        fine = (confidence * self.adaptive_resolution).long().clamp_(0, self.adaptive_resolution)
+        hist = (confidence * _HIST_BINS).long().clamp_(0, _HIST_BINS) + (1 - correct.long()) * (_HIST_BINS + 1)
+        index = torch.cat([main, fine + self._offsets[1], hist + self._offsets[2]])
+        values = torch.stack([torch.ones_like(confidence), confidence, correct], dim=1).double()
+        self.bins.index_add_(0, index, values.repeat(3, 1))
+        picked = probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        brier = probs.square().sum(dim=1) - 2 * picked + 1
+        nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=1)  # 0 log 0 = 0 (logits of -inf)
+        self.scalars.add_(torch.stack([brier, nll, entropy, confidence]).double().sum(dim=1))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._defaults}
+        """Unpack the sums into confusion, confidence, thresholded confusion, bins and scalars."""
+        c, levels = self.num_classes, len(self.thresholds) + 1
+        cells = self.cells.view(c, c, levels, 2)
+        counts = cells[..., 0]  # (C, C, levels)
+        # Predictions reaching threshold j are those with at least j + 1 thresholds reached.
+        reached = counts.flip(-1).cumsum(-1).flip(-1)[..., 1:]  # (C, C, T)
+        a, b, h, _ = self._offsets
+        return {
+            "confusion": counts.sum(-1).round().long(),
+            "confidence_sums": cells[..., 1].sum(-1),
+            "thresholded": reached.permute(2, 0, 1).round().long(),
+            "calibration": self.bins[a:b],
+            "fine": self.bins[b:h],
+            "hist_correct": self.bins[h:h + _HIST_BINS + 1],
+            "hist_wrong": self.bins[h + _HIST_BINS + 1:],
+            "scalars": self.scalars,
+        }
+
+
+def classification_scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """Accuracy and per-class / macro precision, recall and F1 from a confusion matrix (rows: true).
+
+    Undefined ratios count as 0, and the macro average leaves out classes that appear neither as target nor as
+    prediction, as torchmetrics does (the tests check agreement with torchmetrics).
+    """
+    cm = confusion.double()
+    tp = cm.diagonal()
+    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-300), torch.zeros_like(tp))
+    present = (predicted + actual) > 0
+    weight = present.double() / present.sum().clamp_min(1)
+    return {"accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
+            "macro_precision": float((precision * weight).sum()), "macro_recall": float((recall * weight).sum()),
+            "macro_f1": float((f1 * weight).sum()), "precision": precision, "recall": recall, "f1": f1}
 
 
 class ConfidenceMonitor(ProbeCallback):
@@ -91,7 +135,8 @@ class ConfidenceMonitor(ProbeCallback):
     - the confusion matrix (counts and row-normalised) and the mean top-label confidence of each cell (cells
       with fewer than ``min_count`` predictions masked), and confusion matrices restricted to predictions with
       confidence ``>=`` each of ``confidence_thresholds``;
-    - accuracy, macro and per-class precision/recall/F1 (torchmetrics), ECE (top-label, ``n_bins`` equal-width
+    - accuracy, macro and per-class precision/recall/F1 (from the confusion matrix, as torchmetrics defines
+      them: tested against it), ECE (top-label, ``n_bins`` equal-width
       bins, torchmetrics' binning), adaptive ECE (``n_bins`` equal-count bins formed from a fine histogram of
       ``adaptive_resolution`` bins), MCE, Brier score, NLL, mean confidence, mean predictive entropy, a
       reliability diagram and confidence histograms of correct and wrong predictions;
@@ -153,25 +198,16 @@ class ConfidenceMonitor(ProbeCallback):
         self.confidence_thresholds = thresholds
         self.min_count, self.collapse_entropy = min_count, collapse_entropy
         self.plot_every_n_epochs = plot_every_n_epochs
-        self._states: dict[str, MetricCollection] = {}
+        self._states: dict[str, ConfidenceState] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
 
     def _state_config(self) -> Mapping[str, Any]:
         return {"logits_key": self.logits_key, "target_key": self.target_key, "output_dir": self._output_dir_arg}
 
     # -- accumulation -------------------------------------------------------------------------------
-    def _new_state(self, num_classes: int, device: torch.device) -> MetricCollection:
-        kw = {"num_classes": num_classes}
-        return MetricCollection({
-            "state": ConfidenceState(num_classes, self.n_bins, self.confidence_thresholds, self.adaptive_resolution),
-            "accuracy": MulticlassAccuracy(average="micro", **kw),
-            "precision": MulticlassPrecision(average=None, **kw),
-            "recall": MulticlassRecall(average=None, **kw),
-            "f1": MulticlassF1Score(average=None, **kw),
-            "macro_precision": MulticlassPrecision(average="macro", **kw),
-            "macro_recall": MulticlassRecall(average="macro", **kw),
-            "macro_f1": MulticlassF1Score(average="macro", **kw),
-        }, compute_groups=True).to(device)
+    def _new_state(self, num_classes: int, device: torch.device) -> ConfidenceState:
+        state = ConfidenceState(num_classes, self.n_bins, self.confidence_thresholds, self.adaptive_resolution)
+        return state.to(device)
 
     def _update(self, trainer: pl.Trainer, stage: str, outputs: Any) -> None:
         if trainer.sanity_checking:
@@ -212,7 +248,7 @@ class ConfidenceMonitor(ProbeCallback):
             return None
         computed = collection.compute()  # every rank: torchmetrics sums the states across processes
         collection.reset()
-        results = summarize({k.replace("state_", ""): v.cpu() for k, v in computed.items()}, self.confidence_thresholds)
+        results = summarize({k: v.cpu() for k, v in computed.items()}, self.confidence_thresholds)
         self.last_results[stage] = results
         if results["prediction_entropy_normalized"] < self.collapse_entropy:
             rank_zero_warn(f"ConfidenceMonitor: predictions collapsed in {stage} epoch {trainer.current_epoch}: "
@@ -261,7 +297,8 @@ class ConfidenceMonitor(ProbeCallback):
 
 
 def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) -> dict[str, Any]:
-    """Turn the reduced sums (and torchmetrics results) into the JSON-friendly record of one epoch."""
+    """Turn the reduced sums into the JSON-friendly record of one epoch."""
+    scores = classification_scores(state["confusion"])
     confusion = state["confusion"].double()
     n = float(confusion.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -272,10 +309,10 @@ def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) ->
     adaptive = adaptive_bins_from_histogram(state["fine"], calibration.shape[0] - 1)
     out: dict[str, Any] = {
         "n": int(n),
-        "accuracy": float(state["accuracy"]),
-        "macro_precision": float(state["macro_precision"]),
-        "macro_recall": float(state["macro_recall"]),
-        "macro_f1": float(state["macro_f1"]),
+        "accuracy": scores["accuracy"],
+        "macro_precision": scores["macro_precision"],
+        "macro_recall": scores["macro_recall"],
+        "macro_f1": scores["macro_f1"],
         "ece": float(calibration_error_from_sums(calibration, "l1")),
         "adaptive_ece": float(calibration_error_from_sums(adaptive, "l1")),
         "mce": float(calibration_error_from_sums(calibration, "max")),
@@ -287,9 +324,9 @@ def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) ->
         "top_class_share": float(predicted.max() / max(n, 1.0)),
         "predicted_distribution": (predicted / max(n, 1.0)).tolist(),
         "true_distribution": (true / max(n, 1.0)).tolist(),
-        "per_class_precision": state["precision"].tolist(),
-        "per_class_recall": state["recall"].tolist(),
-        "per_class_f1": state["f1"].tolist(),
+        "per_class_precision": scores["precision"].tolist(),
+        "per_class_recall": scores["recall"].tolist(),
+        "per_class_f1": scores["f1"].tolist(),
         "confusion_matrix": state["confusion"].tolist(),
         "confidence_matrix": confidence_matrix.tolist(),
         "reliability": {"count": calibration[:, 0].tolist(), "confidence_sum": calibration[:, 1].tolist(),

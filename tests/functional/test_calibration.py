@@ -2,9 +2,15 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
-from lightning_probes.callbacks.confidence import ConfidenceState, summarize
+from lightning_probes.callbacks.confidence import ConfidenceState, classification_scores, summarize
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     brier_score,
@@ -85,6 +91,20 @@ def test_brier_and_entropy_against_references():
     assert normalized_entropy(torch.tensor([9, 0, 0])).item() == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_classification_scores_agree_with_torchmetrics(seed):
+    probs, target = _random(seed, n=200, c=6)
+    target[target == 5] = 4  # class 5 never appears as target...
+    probs[:, 5] = 0  # ... nor as prediction: left out of the macro averages
+    pred = probs.argmax(1)
+    confusion = torch.zeros(6, 6, dtype=torch.long).index_put_((target, pred), torch.ones_like(target), accumulate=True)
+    scores = classification_scores(confusion)
+    assert scores["accuracy"] == pytest.approx(multiclass_accuracy(pred, target, 6, average="micro").item())
+    for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score)):
+        torch.testing.assert_close(scores[name].float(), fn(pred, target, 6, average=None), rtol=1e-6, atol=1e-6)
+        assert scores[f"macro_{name}"] == pytest.approx(fn(pred, target, 6, average="macro").item(), abs=1e-6)
+
+
 def test_streamed_state_equals_one_shot():
     probs_all, target_all = _random(4, n=700, c=6)
     logits_all = probs_all.log()
@@ -96,6 +116,16 @@ def test_streamed_state_equals_one_shot():
     one_shot.update(logits_all, target_all)
     for key, value in one_shot.compute().items():
         torch.testing.assert_close(streamed[key], value, rtol=1e-9, atol=1e-9)
+    p_all = logits_all.softmax(1)
+    counts, sums = confusion_confidence(p_all, target_all)
+    torch.testing.assert_close(streamed["confusion"], counts)
+    torch.testing.assert_close(streamed["confidence_sums"], sums, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(streamed["thresholded"], thresholded_confusion(p_all, target_all, [0.5, 0.9]))
+    conf, pred = p_all.max(1)
+    torch.testing.assert_close(streamed["fine"], calibration_sums(conf, pred == target_all, 1000), rtol=1e-6,
+                               atol=1e-4)
+    assert streamed["scalars"][0].item() / 700 == pytest.approx(brier_score(p_all, target_all).item(), rel=1e-5)
+    assert streamed["scalars"][2].item() / 700 == pytest.approx(predictive_entropy(p_all).mean().item(), rel=1e-5)
     p = logits_all.softmax(1)
     reference = multiclass_calibration_error(p, target_all, 6, 15, "l1").item()
     assert calibration_error_from_sums(streamed["calibration"]).item() == pytest.approx(reference, abs=1e-6)
@@ -107,10 +137,7 @@ def test_summarize_headline_numbers():
     probs, target = _random(5, n=400, c=3)
     state = ConfidenceState(3, 10, (0.5,), 1000)
     state.update(probs.log(), target)
-    computed = {**state.compute(), "accuracy": torch.tensor(0.5), "macro_precision": torch.tensor(0.5),
-                "macro_recall": torch.tensor(0.5), "macro_f1": torch.tensor(0.5), "precision": torch.zeros(3),
-                "recall": torch.zeros(3), "f1": torch.zeros(3)}
-    out = summarize(computed, (0.5,))
+    out = summarize(state.compute(), (0.5,))
     pred = probs.argmax(1)
     assert out["n"] == 400
     assert out["top_class_share"] == pytest.approx(np.bincount(pred.numpy(), minlength=3).max() / 400)
