@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -41,15 +40,9 @@ class LayerCorrelationMonitor(RepresentationProbe):
     ``corr_means.png``. The cost of one pass is a ``(features x features)`` product per batch.
 
     Args:
-        layers: Module names to analyse; default every leaf module with parameters plus activation modules.
-        num_samples: Size of the probe set.
-        max_features: Features kept per layer (adaptive average pooling for wider conv outputs).
-        every_n_epochs: Analyse after every n-th epoch.
-        cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"``.
-        batch_size: Probe samples per forward pass (and per CKA minibatch).
-        seed: Seed of the probe-set choice.
-        search_batches: Validation batches searched for the probe set.
-        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"`` (per ``batch_size`` minibatch).
+        **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``,
+            ``every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``, ``output_dir``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -58,24 +51,12 @@ class LayerCorrelationMonitor(RepresentationProbe):
 
     probe_name = "layer_correlation"
 
-    def __init__(
-        self,
-        layers: Optional[Sequence[str]] = None,
-        num_samples: int = 512,
-        max_features: int = 1024,
-        every_n_epochs: int = 1,
-        cka: Literal["linear", "minibatch_unbiased"] = "linear",
-        batch_size: int = 128,
-        seed: int = 0,
-        search_batches: int = 100,
-        output_dir: Optional[str] = None,
-    ) -> None:
-        super().__init__(layers, num_samples, max_features, every_n_epochs, batch_size, seed, search_batches,
-                         output_dir)
+    def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if cka not in ("linear", "minibatch_unbiased"):
             raise ValueError(f"Expected `cka` to be one of ('linear', 'minibatch_unbiased'), but got {cka!r}")
-        if cka == "minibatch_unbiased" and batch_size <= 3:
-            raise ValueError(f"The unbiased minibatch CKA needs `batch_size` > 3, but got {batch_size}")
+        if cka == "minibatch_unbiased" and self.batch_size <= 3:
+            raise ValueError(f"The unbiased minibatch CKA needs `batch_size` > 3, but got {self.batch_size}")
         self.cka = cka
         self.history: dict[str, Any] = {"epochs": [], "pairs": {}}
 
