@@ -28,6 +28,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _dumps(record: Mapping[str, Any]) -> str:
+    """One JSON line; the slow conversion runs only for records holding NaN/inf or NumPy/torch values."""
+    try:
+        return json.dumps(record, allow_nan=False)
+    except (ValueError, TypeError):
+        return json.dumps(_jsonable(record))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -140,7 +148,7 @@ class JsonlWriter:
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Append records (one JSON object per line) and flush."""
-        lines = [json.dumps(_jsonable(r)) + "\n" for r in records]
+        lines = [_dumps(r) + "\n" for r in records]
         if not lines:
             return
         if self._handle is None:

@@ -110,18 +110,18 @@ class ProbeCallback(Callback):
         if trainer.is_global_zero and self._writer is not None:
             self._writer.write(records)
 
-    def log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, Optional[float]], step: int,
-                    throttle: bool = False) -> None:
-        """Send finite scalars to every attached logger (loggers are rank-zero only by themselves).
+    def logger_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether per-step scalars of ``step`` go to the loggers: at most once per ``trainer.log_every_n_steps``
+        optimiser steps (Lightning's own logging cadence); the JSONL still gets every logged step."""
+        last = self._last_logger_step
+        if last is not None and 0 <= step - last < max(1, trainer.log_every_n_steps):
+            return False
+        self._last_logger_step = step
+        return True
 
-        With ``throttle``, per-step scalars reach the loggers at most once per ``trainer.log_every_n_steps``
-        optimiser steps (Lightning's own logging cadence); the JSONL still gets every logged step.
-        """
-        if throttle:
-            last = self._last_logger_step
-            if last is not None and 0 <= step - last < max(1, trainer.log_every_n_steps):
-                return
-            self._last_logger_step = step
+    @staticmethod
+    def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Optional[float]], step: int) -> None:
+        """Send finite scalars to every attached logger (loggers are rank-zero only by themselves)."""
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
         if not metrics:
             return

@@ -308,9 +308,10 @@ class GradientDynamicsMonitor(ParameterProbe):
             records.append(record)
         self._accumulate_epoch(records[-1])
         self.write_records(trainer, records)
-        self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer']}": r[key]
-                                   for r in records for key in (*keys, "grad_norm_ema", "weight_norm_ema")},
-                         pending["step"], throttle=True)
+        if self.logger_due(trainer, pending["step"]):
+            self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer']}": r[key]
+                                       for r in records for key in (*keys, "grad_norm_ema", "weight_norm_ema")},
+                             pending["step"])
 
     def _update_ema(self, name: str, record: dict[str, Any]) -> None:
         ema = self._ema.setdefault(name, {})

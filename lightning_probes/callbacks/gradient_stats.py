@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -164,17 +165,20 @@ class GradientStatsMonitor(ParameterProbe):
                                f"({int(counts.sum())} entries); they are counted in `nonfinite` (warned once).")
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = self._base_record(trainer, opt_index)
-        records, scalars = [], {}
-        for row, name in enumerate(names):
+        keys = list(stats)
+        columns = np.stack([stats[k].numpy() for k in keys], axis=1)  # (P + 1, stats)
+        columns = np.where(np.isfinite(columns), columns, np.nan).tolist()
+        counts = nonfinite.tolist()
+        records = []
+        for name, row, count in zip(names, columns, counts):
             record = {**base, "layer": name}
-            for key, values in stats.items():
-                record[key] = float(values[row])
-                scalars[f"{self.probe_name}/{key}/{name}"] = record[key]
-            record["nonfinite"] = int(nonfinite[row])
-            scalars[f"{self.probe_name}/nonfinite/{name}"] = record["nonfinite"]
+            record.update((k, None if v != v else v) for k, v in zip(keys, row))
+            record["nonfinite"] = count
             records.append(record)
         self.write_records(trainer, records)
-        self.log_scalars(trainer, scalars, trainer.global_step, throttle=True)
+        if self.logger_due(trainer, trainer.global_step):
+            self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records
+                                       for k in (*keys, "nonfinite")}, trainer.global_step)
 
     def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor]) -> None:
         for logger in trainer.loggers:
