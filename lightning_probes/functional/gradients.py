@@ -13,8 +13,9 @@ SUMMARY_COLUMNS = ("abs_sum", "l2", "abs_max")
 def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``[sum |g|, ||g||_2, max |g|]`` of each tensor into a ``(len(tensors), 3)`` float32 tensor.
 
-    Uses ``torch._foreach_norm`` (fused on CUDA, one C++ loop on CPU) and stays on the tensors' device:
-    no host synchronisation.
+    Three reductions per tensor, in float32 (low-precision gradients are upcast first), all on the tensors'
+    device: no host synchronisation. (On CPU this loop is ~3x faster than three ``torch._foreach_norm`` calls,
+    whose infinity norm is slow there.)
 
     Args:
         tensors: Gradient tensors of any shape and floating dtype, all on one device.
@@ -24,9 +25,14 @@ def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(tensors) == 0:
         raise ValueError("Expected at least one tensor, but got none")
-    columns = [torch.stack(torch._foreach_norm(list(tensors), order, dtype=torch.float32))
-               for order in (1, 2, float("inf"))]
-    return torch.stack(columns, dim=1)
+    rows = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        magnitude = flat.abs()
+        rows.append(torch.stack([magnitude.sum(), torch.dot(flat, flat).sqrt(), magnitude.amax()]))
+    return torch.stack(rows)
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
