@@ -107,7 +107,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         if self._images is None:
             self._images = self._view_makers(trainer)
-        torch.manual_seed(self.seed + epoch)  # torchvision transforms draw from the global generator
+        torch.manual_seed(self.seed + epoch)  # torchvision transforms draw from the (forked) global generator
         names = list(self._modules)
         ends = [names[0], names[-1]] if len(names) > 1 else names
         per_image: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {n: [] for n in names}

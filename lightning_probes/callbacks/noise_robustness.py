@@ -89,12 +89,14 @@ class NoiseRobustnessMonitor(ProbeCallback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
             return
-        if self._inputs is None:
-            self._collect(trainer)
         was_training = pl_module.training
         pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            results = self._analyse(pl_module)
+            with torch.random.fork_rng(devices=devices):  # iterating the val loader draws a seed
+                if self._inputs is None:
+                    self._collect(trainer)
+                results = self._analyse(pl_module)
         finally:
             pl_module.train(was_training)
         self._report(trainer, results)

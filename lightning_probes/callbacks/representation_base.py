@@ -14,6 +14,10 @@ from lightning_probes.capture import ActivationCapture, select_modules
 from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set
 
 
+def _rng_devices(pl_module: pl.LightningModule) -> list[torch.device]:
+    return [pl_module.device] if pl_module.device.type == "cuda" else []
+
+
 class RepresentationProbe(ProbeCallback):
     """Base of probes that analyse layer outputs on a fixed, seeded set of validation samples.
 
@@ -99,7 +103,8 @@ class RepresentationProbe(ProbeCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            # A forked random state: drawing the probe set or augmentations leaves training's stream alone.
+            with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(pl_module)):
                 self.analyse(trainer, pl_module, epoch)
         except MissingValidationDataError as err:
             self._skipped = True

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_probes import ActivationStatsMonitor, AugmentationInvarianceMonitor, LayerCorrelationMonitor
@@ -94,6 +95,22 @@ def test_augmentation_invariance(tmp_path):
     for name in ("augmentation_invariance.png", "augmentation_invariance_correlations.png",
                  "augmentation_invariance_views.png"):
         assert (tmp_path / name).exists()
+
+
+def test_analysis_leaves_the_training_random_stream_alone(tmp_path):
+    seen = []
+
+    class Draw(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(torch.rand(1).item())
+
+    from lightning_probes import NoiseRobustnessMonitor
+
+    for probes in ([], [AugmentationInvarianceMonitor(num_images=2, num_views=4, output_dir=str(tmp_path))],
+                   [NoiseRobustnessMonitor(num_samples=8, num_draws=2, output_dir=str(tmp_path))]):
+        torch.manual_seed(0)
+        trainer(tmp_path, [*probes, Draw()], max_epochs=2).fit(small_mlp(), RandomDataModule())
+    assert seen[:2] == seen[2:4] == seen[4:6]
 
 
 def test_identity_augmentation_is_perfectly_invariant(tmp_path):
