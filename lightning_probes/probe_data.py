@@ -12,6 +12,13 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def forked_rng(pl_module: pl.LightningModule):
+    """A forked global random state (CPU, and the module's CUDA device): drawing probe sets, noise or
+    augmentations inside it leaves training's random stream as it was."""
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 class MissingValidationDataError(ValueError):
     """The Trainer has no validation data to draw a probe set from."""
 

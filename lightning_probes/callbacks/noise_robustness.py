@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
 from lightning_probes.functional.robustness import kl_from_clean, noisy_logits, stability_ratio
 from lightning_probes.io import atomic_save_npz
-from lightning_probes.probe_data import collect_probe_set
+from lightning_probes.probe_data import collect_probe_set, forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,8 @@ class NoiseRobustnessMonitor(ProbeCallback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):  # iterating the val loader draws a seed
+            with forked_rng(pl_module):  # iterating the val loader draws a seed from the global generator
                 if self._inputs is None:
                     self._collect(trainer)
                 results = self._analyse(pl_module)

@@ -11,11 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
 from lightning_probes.capture import ActivationCapture, select_modules
-from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set
-
-
-def _rng_devices(pl_module: pl.LightningModule) -> list[torch.device]:
-    return [pl_module.device] if pl_module.device.type == "cuda" else []
+from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set, forked_rng
 
 
 class RepresentationProbe(ProbeCallback):
@@ -103,8 +99,7 @@ class RepresentationProbe(ProbeCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            # A forked random state: drawing the probe set or augmentations leaves training's stream alone.
-            with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(pl_module)):
+            with torch.no_grad(), forked_rng(pl_module):
                 self.analyse(trainer, pl_module, epoch)
         except MissingValidationDataError as err:
             self._skipped = True
