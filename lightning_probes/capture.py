@@ -24,6 +24,27 @@ BOUNDED = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: (-1.0, 1.0
            nn.Softmax: (0.0, 1.0)}
 
 
+@contextmanager
+def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """Swap ``torch.compile``d submodules for their originals for the duration of the block.
+
+    Compiled graphs do not call forward hooks registered after compilation; the eager originals do. The
+    parameters are shared, so the outputs are the same.
+    """
+    swapped = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                original = getattr(child, "_orig_mod", None)
+                if isinstance(original, nn.Module):
+                    setattr(parent, name, original)
+                    swapped.append((parent, name, child))
+        yield model
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
+
+
 def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[str, nn.Module]:
     """Modules to capture, by clean name (``_orig_mod.`` and leading ``module.`` removed).
 

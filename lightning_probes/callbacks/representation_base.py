@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
-from lightning_probes.capture import ActivationCapture, select_modules
+from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
 from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set, forked_rng
 
 
@@ -114,7 +114,7 @@ class RepresentationProbe(ProbeCallback):
         The hooks exist only inside this call and are removed on the way out, exceptions included.
         """
         capture = ActivationCapture(self._modules, max_features)
-        with capture.capturing():
+        with capture.capturing(), uncompiled(pl_module):
             for chunk in inputs.split(self.batch_size):
                 pl_module(chunk.to(pl_module.device))
                 consume(capture.pop())

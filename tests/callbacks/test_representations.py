@@ -196,3 +196,14 @@ def test_no_validation_data_skips_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="ActivationStatsMonitor is skipped for this run: it needs validation data"):
         trainer(tmp_path, [probe], max_epochs=2, limit_val_batches=0).fit(small_mlp(), RandomDataModule())
     assert not (tmp_path / "activation_stats.jsonl").exists()
+
+
+def test_compiled_network_is_captured_by_clean_names(tmp_path):
+    model = small_mlp()
+    model.net = torch.compile(model.net, backend="eager")
+    probe = ActivationStatsMonitor(layers=["net.fc1", "net.relu1"], num_samples=16, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(model, RandomDataModule())
+    records = read(tmp_path / "activation_stats.jsonl")
+    assert {r["layer"] for r in records} == {"net.fc1", "net.relu1"}
+    assert all(r["sparsity"] == 0 for r in records if r["layer"] == "net.fc1")
+    assert hasattr(model.net, "_orig_mod")  # the compiled module is back in place
