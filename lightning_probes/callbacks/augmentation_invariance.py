@@ -183,7 +183,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                     ax=axes[row, 1])
         fig.suptitle(f"Correlations under augmentation, epoch {epoch}")
         self.save_figure(trainer, fig, f"{self.probe_name}_correlations.png", f"{self.probe_name}/correlations", step)
-        if epoch == 0 or not self._drew_views:
+        if not self._drew_views:  # the example views look alike every epoch: drawn once
             self._drew_views = True
             self.save_figure(trainer, _view_grid(examples), f"{self.probe_name}_views.png", f"{self.probe_name}/views",
                              step)
