@@ -74,11 +74,6 @@ def decode_png(png: bytes) -> Any:
         return np.asarray(image.convert("RGB"))
 
 
-def atomic_save_figure(fig: Any, path: str, dpi: int = 90) -> None:
-    """Save a matplotlib figure as PNG, atomically."""
-    atomic_write_bytes(path, render_png(fig, dpi))
-
-
 def atomic_save_npz(path: str, **arrays: Any) -> None:
     """Save NumPy arrays to an ``.npz`` file, atomically."""
     import numpy as np

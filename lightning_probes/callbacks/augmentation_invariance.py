@@ -15,6 +15,7 @@ from lightning_probes.callbacks.base import check_positive_int
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
 from lightning_probes.plotting import heatmap
+from lightning_probes.probe_data import select_balanced
 
 
 def _generic_augmentation() -> v2.Transform:
@@ -97,11 +98,11 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
             transform = default() if callable(default) else _generic_augmentation()
         if val_set is not None and hasattr(val_set, "images") and hasattr(val_set, "normalize"):
             labels = val_set.targets
-            chosen = _distinct_classes(labels, self.num_images, self.seed)
+            chosen = select_balanced(labels.cpu(), self.num_images, self.seed).tolist()
             raw = [val_set.images[i] for i in chosen]
             return [lambda img=img: val_set.normalize(transform(img)) for img in raw]
         inputs, labels = self.probe_set(trainer)
-        chosen = _distinct_classes(labels, self.num_images, self.seed)
+        chosen = select_balanced(labels.cpu(), self.num_images, self.seed).tolist()
         return [lambda img=inputs[i]: transform(img) for i in chosen]
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
@@ -187,13 +188,6 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
             self._drew_views = True
             self.save_figure(trainer, _view_grid(examples), f"{self.probe_name}_views.png", f"{self.probe_name}/views",
                              step)
-
-
-def _distinct_classes(labels: torch.Tensor, count: int, seed: int) -> list[int]:
-    """Indices of ``count`` samples, from as many different classes as possible (seeded)."""
-    from lightning_probes.probe_data import select_balanced
-
-    return select_balanced(labels.cpu(), count, seed).tolist()
 
 
 def _view_grid(examples: list[torch.Tensor]) -> Figure:

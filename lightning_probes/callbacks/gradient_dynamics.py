@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Optional
 
@@ -156,7 +157,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._remove_hooks()
         if trainer.is_global_zero:
             for optimizer in trainer.optimizers:
-                self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+                self._hooks.append(optimizer.register_step_post_hook(functools.partial(self._after_step, trainer)))
         self._previous, self._pending = {}, {}
 
     def _remove_hooks(self) -> None:
@@ -211,10 +212,9 @@ class GradientDynamicsMonitor(ParameterProbe):
             pending["flat"] = flat  # needed with the update to encode the state; freed after the step
         self._pending[opt_index] = pending
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer post-step hook: the step happened (a GradScaler-skipped step never calls it)."""
-        trainer = self._trainer
-        opt_index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
+        opt_index, _ = self._tracked_for(trainer, optimizer)
         pending = self._pending.pop(opt_index, None)
         if pending is None:
             return
@@ -245,13 +245,6 @@ class GradientDynamicsMonitor(ParameterProbe):
                            batch_idx: int) -> None:
         if trainer.is_global_zero:
             self._resolve_skipped(trainer)
-
-    @property
-    def _trainer(self) -> pl.Trainer:
-        return self._trainer_ref
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer_ref = trainer
 
     # -- records ------------------------------------------------------------------------------------
     def _write(self, trainer: pl.Trainer, opt_index: int, pending: dict[str, Any], skipped: bool) -> None:
