@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -17,6 +21,24 @@ def quiet() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_probes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """``--output DIR``: keep what the runs write there; by default it goes to a temporary directory."""
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="keep the runs' files (probe JSONL, figures, logs) in DIR; default: a temporary "
+                             "directory, deleted at the end")
+
+
+@contextmanager
+def output_dir(path: Optional[str]) -> Iterator[str]:
+    """Yield ``path`` (created if needed) or, when it is ``None``, a temporary directory removed afterwards."""
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lp_bench_") as tmp:
+        yield tmp
 
 
 def random_loader(n: int, shape: tuple[int, ...], batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

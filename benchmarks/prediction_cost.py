@@ -13,14 +13,14 @@ import statistics
 import time
 
 import torch
-from _common import Stopwatch, bare_trainer, quiet, random_loader, timed_method
+from _common import Stopwatch, add_output_argument, bare_trainer, output_dir, quiet, random_loader, timed_method
 
 from lightning_probes import ConfidenceMonitor, NoiseRobustnessMonitor
-from models import MLP
+from lightning_probes.models import MLP
 
 
-def validate(model, loader, probe) -> float:
-    trainer = bare_trainer(callbacks=[] if probe is None else [probe], default_root_dir="/tmp/lp_bench")
+def validate(model, loader, probe, root: str) -> float:
+    trainer = bare_trainer(callbacks=[] if probe is None else [probe], default_root_dir=root)
     start = time.perf_counter()
     trainer.validate(model, loader, verbose=False)
     return time.perf_counter() - start
@@ -30,11 +30,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--repeats", type=int, default=7)
+    add_output_argument(parser)
     args = parser.parse_args()
     quiet()
+    with output_dir(args.output) as root:
+        measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: str) -> None:
     model = MLP()
     loader = random_loader(args.samples, (1, 28, 28), 128)
-    validate(model, loader, None)  # warm-up
+    validate(model, loader, None, root)  # warm-up
     times: dict[str, list[float]] = {"bare": [], "accumulate": [], "with figures": []}
     for _ in range(args.repeats):
         order = list(times)
@@ -42,10 +48,10 @@ def main() -> None:
         for kind in order:
             probe = None
             if kind != "bare":
-                probe = ConfidenceMonitor(output_dir="/tmp/lp_bench/confidence")
+                probe = ConfidenceMonitor(output_dir=f"{root}/confidence")
                 if kind == "accumulate":
                     probe._plot = lambda *a, **k: None
-            times[kind].append(validate(model, loader, probe))
+            times[kind].append(validate(model, loader, probe, root))
     bare = times["bare"]
     print(f"{torch.get_num_threads()} threads; validation of the MLP on {args.samples} MNIST-shaped samples: "
           f"bare median {statistics.median(bare):.3f} s")
@@ -57,16 +63,16 @@ def main() -> None:
 
     seconds, drawing = [], []
     for _ in range(3):
-        probe = NoiseRobustnessMonitor(output_dir="/tmp/lp_bench/noise")
+        probe = NoiseRobustnessMonitor(output_dir=f"{root}/noise")
         analysis, figures = Stopwatch(), Stopwatch()
-        timed_method(probe, "_analyse", analysis)
+        timed_method(probe, "analyse", analysis)
         timed_method(probe, "save_figure", figures)
-        trainer = bare_trainer(max_epochs=1, limit_train_batches=1, callbacks=[probe], default_root_dir="/tmp/lp_bench")
+        trainer = bare_trainer(max_epochs=1, limit_train_batches=1, callbacks=[probe], default_root_dir=root)
         trainer.fit(MLP(), random_loader(64, (1, 28, 28), 64), random_loader(1000, (1, 28, 28), 128))
         seconds.append(analysis.seconds)
         drawing.append(figures.seconds)
     print(f"NoiseRobustnessMonitor at defaults (200 samples x 50 draws, MLP): {statistics.median(seconds):.3f} s "
-          f"per analysis, plus {statistics.median(drawing):.3f} s for its figure")
+          f"per analysis, of which {statistics.median(drawing):.3f} s drawing its figure")
 
 
 if __name__ == "__main__":

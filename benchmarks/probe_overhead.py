@@ -15,16 +15,16 @@ import argparse
 import logging
 import random
 import statistics
-import tempfile
 import time
 import warnings
 
 import pytorch_lightning as pl
 import torch
+from _common import add_output_argument, output_dir
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_probes import GradientDynamicsMonitor, GradientStatsMonitor
-from models import MLP
+from lightning_probes.models import MLP
 
 
 class StepTimer(pl.Callback):
@@ -43,7 +43,7 @@ class StepTimer(pl.Callback):
         held = 0
         for cb in trainer.callbacks:
             for prev in getattr(cb, "_previous", {}).values():
-                held += prev["state"].numel() * prev["state"].element_size()
+                held += prev.state.numel() * prev.state.element_size()
             for key in ("_first_window", "_last_window"):
                 t = getattr(cb, key, None)
                 held += 0 if t is None else t.numel() * t.element_size()
@@ -75,7 +75,8 @@ def _time_hooks(probe, timer: StepTimer) -> None:
         setattr(probe, name, wrapper)
 
 
-def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data: TensorDataset, tb: bool) -> StepTimer:
+def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data: TensorDataset, tb: bool,
+        root: str) -> StepTimer:
     probes = []
     if config in ("stats", "both"):
         probes.append(GradientStatsMonitor(every_n_steps=every))
@@ -94,13 +95,12 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
                 timer.epoch_end_seconds += time.perf_counter() - start
 
         probe.on_train_epoch_end = epoch_end
-    with tempfile.TemporaryDirectory() as tmp:
-        logger = pl.loggers.TensorBoardLogger(tmp, name="bench") if tb else False
-        trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp,
-                             callbacks=[timer, *probes], accelerator="cpu", log_every_n_steps=50)
-        torch.manual_seed(0)
-        trainer.fit(MLP(), DataLoader(data, batch_size=batch_size, shuffle=True))
+    logger = pl.loggers.TensorBoardLogger(root, name=f"{config}_every{every}") if tb else False
+    trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                         callbacks=[timer, *probes], accelerator="cpu", log_every_n_steps=50)
+    torch.manual_seed(0)
+    trainer.fit(MLP(), DataLoader(data, batch_size=batch_size, shuffle=True))
     return timer
 
 
@@ -112,9 +112,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--every", type=int, nargs="+", default=[1, 4, 16, 50])
     parser.add_argument("--no-tensorboard", action="store_true", help="run without a logger")
+    add_output_argument(parser)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    with output_dir(args.output) as root:
+        measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: str) -> None:
 
     n = args.batch_size * args.steps
     data = TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
@@ -128,7 +134,7 @@ def main() -> None:
         order = configs[:]
         rng.shuffle(order)
         for config in order:
-            timer = run(*config, args.steps, args.warmup, args.batch_size, data, not args.no_tensorboard)
+            timer = run(*config, args.steps, args.warmup, args.batch_size, data, not args.no_tensorboard, root)
             times[config].append((timer.end - timer.start) / (args.steps - args.warmup))
             hooks[config].append(timer.hook_seconds / (args.steps - args.warmup))
             epoch_ends[config].append(timer.epoch_end_seconds)

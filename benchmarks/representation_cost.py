@@ -13,10 +13,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from _common import Stopwatch, bare_trainer, quiet, random_loader, timed_method
+from _common import Stopwatch, add_output_argument, bare_trainer, output_dir, quiet, random_loader, timed_method
 
 from lightning_probes import LayerCorrelationMonitor
-from models import MLP, BaselineNet
+from lightning_probes.models import MLP, BaselineNet
 
 
 class EpochTimer(pl.Callback):
@@ -27,7 +27,7 @@ class EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def one_pass(model_cls, shape, samples: int, repeats: int) -> dict:
+def one_pass(model_cls, shape, samples: int, repeats: int, root: str) -> dict:
     passes, figures, rss = [], [], []
     for _ in range(repeats):
         probe = LayerCorrelationMonitor(num_samples=samples, every_n_epochs=1000)
@@ -36,7 +36,7 @@ def one_pass(model_cls, shape, samples: int, repeats: int) -> dict:
         timed_method(probe, "save_figure", drawing)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         trainer = bare_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[probe],
-                               default_root_dir="/tmp/lp_bench")
+                               default_root_dir=root)
         trainer.fit(model_cls(), random_loader(64, shape, 64), random_loader(samples, shape, 128))
         passes.append(analysis.seconds - drawing.seconds)
         figures.append(drawing.seconds)
@@ -50,10 +50,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epoch-samples", type=int, default=54000, help="MNIST training split size")
+    add_output_argument(parser)
     args = parser.parse_args()
     quiet()
+    with output_dir(args.output) as root:
+        measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: str) -> None:
     timer = EpochTimer()
-    trainer = bare_trainer(max_epochs=1, limit_val_batches=0, callbacks=[timer], default_root_dir="/tmp/lp_bench")
+    trainer = bare_trainer(max_epochs=1, limit_val_batches=0, callbacks=[timer], default_root_dir=root)
     trainer.fit(MLP(), random_loader(args.epoch_samples, (1, 28, 28), 128, shuffle=True))
     epoch = timer.seconds
     print(f"{torch.get_num_threads()} threads; MLP training epoch on {args.epoch_samples} MNIST-shaped samples "
@@ -62,7 +68,7 @@ def main() -> None:
           "| peak RSS growth MB |")
     print("|---|---|---|---|---|---|")
     for name, cls, shape in (("MLP", MLP, (1, 28, 28)), ("BaselineNet", BaselineNet, (3, 32, 32))):
-        r = one_pass(cls, shape, args.samples, args.repeats)
+        r = one_pass(cls, shape, args.samples, args.repeats, root)
         share = f"{r['pass_s'] / epoch:.1%} / {(r['pass_s'] + r['figures_s']) / epoch:.1%}"
         print(f"| {name} | {r['layers']} | {r['pass_s']:.3f} | {r['figures_s']:.3f} | {share} | "
               f"{r['rss_growth_mb']:.0f} |")

@@ -9,6 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_probes.errors import DataFilesError, DownloadError
+
 
 class TensorImageDataset(Dataset):
     """Images held in memory as a ``uint8`` tensor ``(N, C, H, W)``, normalised per item.
@@ -162,15 +164,15 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-def missing_files_error(name: str, directory: str, expected: list[str], hint: str) -> FileNotFoundError:
+def missing_files_error(name: str, directory: str, expected: list[str], hint: str) -> DataFilesError:
     """One clear error naming the directory searched and the files expected there."""
     files = ", ".join(expected)
-    return FileNotFoundError(f"{name} data not found: searched {directory!r} for {files}. {hint}")
+    return DataFilesError(f"{name} data not found: searched {directory!r} for {files}. {hint}")
 
 
-def download_failed_error(name: str, directory: str, err: Exception) -> ConnectionError:
+def download_failed_error(name: str, directory: str, err: Exception) -> DownloadError:
     """A download that could not reach its server, said plainly."""
-    return ConnectionError(
+    return DownloadError(
         f"Could not download {name} into {directory!r} ({type(err).__name__}: {err}). "
         "Without a network, copy the files there by hand and set `download: false`."
     )

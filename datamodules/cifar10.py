@@ -9,7 +9,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, download_failed_error, missing_files_error
+from lightning_probes.datamodules.base import ImageDataModule, download_failed_error, missing_files_error
 
 _NPZ = {True: "cifar10_train.npz", False: "cifar10_test.npz"}
 

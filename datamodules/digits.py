@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule
+from lightning_probes.datamodules.base import ImageDataModule
 
 _TEST_FRACTION = 0.2
 _TEST_SEED = 0

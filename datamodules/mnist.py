@@ -8,7 +8,7 @@ import torch
 from torchvision.datasets import MNIST
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, download_failed_error, missing_files_error
+from lightning_probes.datamodules.base import ImageDataModule, download_failed_error, missing_files_error
 
 _FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from models.base import ImageClassifier
-from models.components import ConvNet, LeNet5Net, MLPNet
+from lightning_probes.models.base import ImageClassifier
+from lightning_probes.models.components import ConvNet, LeNet5Net, MLPNet
 
 
 class BaselineNet(ImageClassifier):

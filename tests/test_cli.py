@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from pytorch_lightning import Callback
 
 from lightning_probes.cli import main
+from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.models import MLP
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -83,7 +89,7 @@ def test_missing_data(capsys, tmp_path, monkeypatch):
 
 
 def test_failed_download_is_one_message(capsys, tmp_path, monkeypatch):
-    import datamodules.mnist as mnist
+    import lightning_probes.datamodules.mnist as mnist
 
     def offline(*args, **kwargs):
         raise OSError("Name or service not known")
@@ -93,3 +99,56 @@ def test_failed_download_is_one_message(capsys, tmp_path, monkeypatch):
     err = _error(capsys, ["fit", "--model", "LeNet5", "--data", "MNISTDataModule", "--data.download", "true",
                           "--data.data_dir", str(tmp_path), "--trainer.fast_dev_run", "1"])
     assert "Could not download MNIST" in err and "Traceback" not in err
+
+
+def test_bad_config_value_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["fit", "--config", str(CONFIGS[0].parent / "quickstart.yaml"),
+                          "--data.init_args.batch_size", "0"])
+    assert err == "error: Expected `batch_size` to be a positive integer, but got 0\n"
+
+
+class MisconfiguredProbe(Callback):
+    """Stands for a probe that finds, in ``setup``, that it does not fit the Trainer."""
+
+    def setup(self, trainer, pl_module, stage):
+        raise ProbeConfigurationError("MisconfiguredProbe needs a logger")
+
+
+def test_probe_configuration_error_in_setup_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["fit", "--model", "MLP", "--data", "DigitsDataModule", "--trainer.fast_dev_run", "1",
+                          "--trainer.callbacks", "tests.test_cli.MisconfiguredProbe"])
+    assert err == "error: MisconfiguredProbe needs a logger\n"
+
+
+class BrokenMLP(MLP):
+    """A user's model with a bug in ``training_step``."""
+
+    def training_step(self, batch, batch_idx):
+        raise ValueError("bug in the user's training_step")
+
+
+def test_error_in_training_step_propagates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="bug in the user's training_step"):
+        main(["fit", "--model", "tests.test_cli.BrokenMLP", "--data", "DigitsDataModule",
+              "--trainer.fast_dev_run", "1"])
+
+
+def test_error_in_training_step_keeps_its_traceback(tmp_path):
+    (tmp_path / "user_model.py").write_text(
+        "from lightning_probes.models import MLP\n\n\n"
+        "class Broken(MLP):\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        raise ValueError('bug in the user model')\n")
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_PROBES_DEBUG"}
+    out = subprocess.run([sys.executable, "-m", "lightning_probes.cli", "fit", "--model", "user_model.Broken",
+                          "--data", "DigitsDataModule", "--trainer.fast_dev_run", "1",
+                          "--trainer.enable_progress_bar", "false"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr
+    assert 'user_model.py", line 6, in training_step' in out.stderr
+    assert "ValueError: bug in the user model" in out.stderr
+    assert "error: " not in out.stderr

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
+from lightning_probes.datamodules import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 
 
 @pytest.mark.parametrize(("cls", "shape"), [(MNISTDataModule, (1, 28, 28)), (CIFAR10DataModule, (3, 32, 32))])
@@ -63,7 +63,7 @@ def test_missing_files_error_names_directory_and_files(cls, tmp_path):
 
 
 def test_download_failure_is_clear(tmp_path, monkeypatch):
-    import datamodules.mnist as mnist
+    import lightning_probes.datamodules.mnist as mnist
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import MLP, BaselineNet, BatchNormNet, DropoutNet, LeNet5
+from lightning_probes.models import MLP, BaselineNet, BatchNormNet, DropoutNet, LeNet5
 
 SHAPES = {"digits/mnist": (1, 28), "cifar": (3, 32)}
 MODELS = [BaselineNet, DropoutNet, BatchNormNet, MLP, LeNet5]
