@@ -9,6 +9,7 @@ from lightning_probes.callbacks import (
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
 )
+from lightning_probes.reading import read_probes
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
     "__version__",
+    "read_probes",
 ]

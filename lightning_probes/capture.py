@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_probes.naming import clean_name, close_matches
+from lightning_probes.probe_data import LayerOutputError
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,19 @@ class ActivationCapture:
 
     A module called several times in one forward pass contributes its first call (a warning says so once);
     a tuple or list output contributes its first tensor; a module whose output holds no tensor raises a
-    clear error.
+    clear error (`lightning_probes.probe_data.LayerOutputError`, a ``TypeError``).
 
     Args:
         modules: ``{name: module}`` to capture, e.g. from `select_modules`.
         max_features: Feature cap per layer (see `reduce_features`); ``None`` keeps the raw output shape.
+        inputs: Capture each module's first positional input instead of its output (e.g. the inputs of
+            ``Linear``/``Conv2d`` layers, for per-unit alignment).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int], inputs: bool = False) -> None:
         self.modules = modules
         self.max_features = max_features
+        self.inputs = inputs
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._warned_repeat = False
@@ -118,12 +122,14 @@ class ActivationCapture:
                     log.warning("Layer %r was called more than once in one forward pass; its first call is used",
                                 name)
                 return
-            tensor = output
-            if isinstance(output, (tuple, list)):
-                tensor = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            value = args if self.inputs else output
+            tensor = value
+            if isinstance(value, (tuple, list)):
+                tensor = next((o for o in value if isinstance(o, torch.Tensor)), None)
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"Layer {name!r} ({type(module).__name__}) produced {type(output).__name__}, "
-                                "which holds no tensor; choose other `layers`")
+                what = "received" if self.inputs else "produced"
+                raise LayerOutputError(f"Layer {name!r} ({type(module).__name__}) {what} {type(value).__name__}, "
+                                       "which holds no tensor; choose other `layers`")
             # Clone: an in-place op later in the network (ReLU(inplace=True)) must not change what we saw.
             tensor = tensor.detach()
             reduced = tensor if self.max_features is None else reduce_features(tensor, self.max_features)
@@ -143,10 +149,14 @@ class ActivationCapture:
                 handle.remove()
             self._handles = []
 
-    def pop(self) -> dict[str, torch.Tensor]:
-        """The outputs of the last forward pass, in module order; clears them."""
+    def pop(self, allow_missing: bool = False) -> dict[str, torch.Tensor]:
+        """The outputs of the last forward pass, in module order; clears them.
+
+        Args:
+            allow_missing: Leave out modules that were not called, instead of raising ``ValueError``.
+        """
         outputs, self.outputs = self.outputs, {}
         missing = [n for n in self.modules if n not in outputs]
-        if missing:
+        if missing and not allow_missing:
             raise ValueError(f"Layer(s) {missing} produced no output in the forward pass; are they used?")
-        return {n: outputs[n] for n in self.modules}
+        return {n: outputs[n] for n in self.modules if n in outputs}

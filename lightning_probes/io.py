@@ -36,8 +36,19 @@ def _dumps(record: Mapping[str, Any]) -> str:
         return json.dumps(_jsonable(record))
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: ``0o666`` less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename.
+
+    The file gets the permissions a normal write would give it (``0o666`` less the umask), not the ``0o600``
+    of ``tempfile.mkstemp``, so a TensorBoard server or a colleague can read it.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -46,6 +57,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -83,29 +95,36 @@ def atomic_save_npz(path: str, **arrays: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Read the complete records of a JSON Lines file (a torn last line, from a crash, is skipped)."""
-    records = []
+def _complete_lines(path: str) -> list[str]:
+    """The complete, valid JSON lines of a file, in order (a torn last line, from a crash, ends the list)."""
+    lines: list[str] = []
     if not os.path.exists(path):
-        return records
+        return lines
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if not line.endswith("\n"):
                 break
             try:
-                records.append(json.loads(line))
+                json.loads(line)
             except json.JSONDecodeError:
                 break
-    return records
+            lines.append(line)
+    return lines
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Read the complete records of a JSON Lines file (a torn last line, from a crash, is skipped)."""
+    return [json.loads(line) for line in _complete_lines(path)]
 
 
 class JsonlWriter:
     """Append-only JSON Lines file; every ``write`` ends in a flush, so a crash loses no finished record.
 
-    The file opens lazily on the first write. On a fresh start an existing non-empty file is renamed aside
+    The file opens lazily on the first write. On a fresh start an existing non-empty file is moved aside
     (``name.<timestamp>.jsonl``), never overwritten; a writer closed and reopened (fit, then test) appends. On
-    resume, ``keep_first(n)`` cuts the file back to the ``n`` records that existed when the checkpoint was
-    taken, so replayed steps are not duplicated.
+    resume, ``restore(n)`` makes the file hold exactly the first ``n`` records that existed when the checkpoint
+    was taken (of itself, or of the file of the run being resumed), at once, so replayed steps are not
+    duplicated and a checkpoint taken before the next write stores ``n`` again.
 
     Args:
         path: Path of the ``.jsonl`` file.
@@ -115,29 +134,39 @@ class JsonlWriter:
         self.path = path
         self._handle: Optional[io.TextIOWrapper] = None
         self.records_written = 0
-        self._resume_count: Optional[int] = None
-        self._started = False  # after the first open, reopening (a later stage) appends
+        self._started = False  # after the first open or a restore, reopening appends
 
-    def keep_first(self, count: int) -> None:
-        """On the next open, keep only the first ``count`` records of the existing file (resume)."""
-        self._resume_count = int(count)
-
-    def _open(self) -> io.TextIOWrapper:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if self._resume_count is not None:
-            records = read_jsonl(self.path)
-            if len(records) < self._resume_count:
-                log.warning("%s holds %d records, fewer than the %d the checkpoint expects; appending after them",
-                            self.path, len(records), self._resume_count)
-            kept = records[: self._resume_count]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-            self.records_written = self._resume_count
-            self._resume_count = None
-        elif not self._started and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+    def _move_aside(self) -> None:
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             root, ext = os.path.splitext(self.path)
             aside = f"{root}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
             os.replace(self.path, aside)
             log.warning("%s existed from an earlier run; moved it to %s", self.path, aside)
+
+    def restore(self, count: int, source: Optional[str] = None) -> int:
+        """Make the file hold the first ``count`` complete records of ``source`` (default: the file itself).
+
+        Written atomically; returns the number of records kept (fewer than ``count``, with a warning, when
+        the source holds fewer). Later writes append after them.
+        """
+        self.close()
+        source = self.path if source is None else source
+        lines = _complete_lines(source)
+        if len(lines) < count:
+            log.warning("%s holds %d records, fewer than the %d the checkpoint expects; continuing after them",
+                        source, len(lines), count)
+        kept = lines[:count]
+        if os.path.abspath(source) != os.path.abspath(self.path) and not self._started:
+            self._move_aside()
+        atomic_write_bytes(self.path, "".join(kept).encode())
+        self.records_written = len(kept)
+        self._started = True
+        return len(kept)
+
+    def _open(self) -> io.TextIOWrapper:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if not self._started:
+            self._move_aside()
         self._started = True
         return open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
 
@@ -152,9 +181,13 @@ class JsonlWriter:
         self._handle.flush()
         self.records_written += len(lines)
 
+    def flush(self) -> None:
+        """Flush (every write already does; kept for readers that want to be sure)."""
+        if self._handle is not None:
+            self._handle.flush()
+
     def close(self) -> None:
         """Close the file; a later ``write`` reopens it in append mode."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-            self._resume_count = None

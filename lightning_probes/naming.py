@@ -9,6 +9,9 @@ from typing import Optional, Union
 
 Patterns = Optional[Union[str, Sequence[str]]]
 
+#: Layer name of the records that cover every tracked parameter together.
+TOTAL = "__total__"
+
 
 def clean_name(name: str) -> str:
     """Strip wrapper prefixes: ``_orig_mod.`` (``torch.compile``) anywhere and a leading ``module.`` (DDP).

@@ -6,6 +6,7 @@ Lightning's DDP launcher re-executes ``sys.argv``, so tests start this file in a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -36,6 +37,9 @@ def main() -> None:
         callbacks=[PROBES[name](out) for name in names], num_sanity_val_steps=0,
     )
     trainer.fit(small_mlp(), RandomDataModule(n=96, batch_size=16))
+    # Headline scalars every rank holds (the analysis probes broadcast rank 0's values).
+    with open(os.path.join(out, f"callback_metrics_rank{trainer.global_rank}.json"), "w") as f:
+        json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, f)
 
 
 if __name__ == "__main__":

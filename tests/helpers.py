@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_probes.models import MLP
 from lightning_probes.naming import clean_name
-from models import MLP
 
 
 class RandomDataModule(pl.LightningDataModule):

@@ -32,8 +32,9 @@ class ActivationStatsMonitor(RepresentationProbe):
       and ``s`` the singular values of the centred activations (reduced to at most ``max_features`` features,
       as in `lightning_probes.capture.reduce_features`); computed from the streamed covariance.
 
-    Records per (epoch, layer) go to ``activation_stats.jsonl`` and ``activation_stats/<stat>/<layer>``; an
-    overview figure of every statistic across layers to ``activation_stats.png``.
+    Records per (epoch, layer) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<layer>``; an overview
+    figure of every statistic across layers to ``<name>/overview.png``. The headline ``<name>/dead_fraction``
+    (mean over layers of the share of dead units) goes to the loggers and to ``trainer.callback_metrics``.
 
     Args:
         layers: Module names to analyse; default every leaf module with parameters plus activation modules.
@@ -43,7 +44,12 @@ class ActivationStatsMonitor(RepresentationProbe):
         batch_size: Probe samples per forward pass.
         seed: Seed of the probe-set choice.
         search_batches: Validation batches searched for the probe set.
+        forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one probe batch (several inputs, dict
+            batches); default ``pl_module(inputs)``. See `AnalysisProbe`.
+        input_key: For dict batches: the key of the input tensor.
+        target_key: For dict batches: the key of the class labels that balance the probe set.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``activation_stats``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -51,9 +57,10 @@ class ActivationStatsMonitor(RepresentationProbe):
     """
 
     probe_name = "activation_stats"
+    layout_stats = _STATS
 
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        inputs, _ = self.probe_set(trainer)
+    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
+        probe = self.probe_set(trainer)
         stats = {name: ActivationAccumulator(next((b for t, b in BOUNDED.items() if isinstance(m, t)), None))
                  for name, m in self._modules.items()}
         moments: dict[str, MomentAccumulator] = {}
@@ -66,7 +73,7 @@ class ActivationStatsMonitor(RepresentationProbe):
                     moments[name] = MomentAccumulator(features.shape[1], device=features.device)
                 moments[name].update(features)
 
-        self.for_each_batch(pl_module, inputs, None, consume)
+        self.for_each_batch(pl_module, probe.chunks(self.batch_size), None, consume)
         records = []
         for name in self._modules:
             values = stats[name].compute()
@@ -74,9 +81,9 @@ class ActivationStatsMonitor(RepresentationProbe):
             records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, **values})
         self.write_records(trainer, records)
         step = trainer.global_step
-        self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records for k in _STATS}, step)
-        self.save_figure(trainer, _overview(records, epoch), "activation_stats.png", f"{self.probe_name}/overview",
-                         step)
+        self.log_scalars(trainer, self.scalars(records, _STATS), step)
+        self.save_figure(trainer, _overview(records, epoch), "overview.png", "overview", step)
+        return {f"{self.name}/dead_fraction": float(np.mean([r["dead_fraction"] for r in records]))}
 
 
 def _overview(records: list[dict[str, Any]], epoch: int) -> Figure:

@@ -11,11 +11,11 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.transforms import v2
 
-from lightning_probes.callbacks.base import check_positive_int
 from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.checks import check_positive_int
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
 from lightning_probes.plotting import heatmap
-from lightning_probes.probe_data import select_balanced
+from lightning_probes.probe_data import ProbeSet, replace_inputs, select_balanced
 
 
 def _generic_augmentation() -> v2.Transform:
@@ -34,15 +34,18 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     - ``invariance = across / (within + across)``: 1 when views of an image are indistinguishable, near 0 when
       augmentation moves features as much as changing the image; ``within_across_ratio = within / across``.
 
-    For the first and last analysed layers it also draws the feature x feature correlation matrix over all
-    views, and the view x view (sample x sample) correlation matrix of up to ``matrix_views`` views per image,
-    plus a grid of example views (``augmentation_invariance*.png``). Records per (epoch, layer) go to
-    ``augmentation_invariance.jsonl`` and ``augmentation_invariance/<stat>/<layer>``.
+    Records per (epoch, layer) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<layer>``; the headline
+    ``<name>/invariance_mean`` (mean over layers) to the loggers and ``trainer.callback_metrics``. Figures in
+    ``<name>/``: ``invariance.png`` (per layer), ``correlations.png`` (for the first and last analysed layers,
+    the feature x feature correlation matrix over all views, and the view x view (sample x sample) correlation
+    matrix of up to ``matrix_views`` views per image) and ``views.png`` (example views, drawn once).
 
     Augmentation: ``transform`` (a torchvision v2 transform), applied to the DataModule's raw ``uint8``
     validation images and normalised by it when it provides them (``val_set.images`` and
     ``val_set.normalize``, as the project's DataModules do), else to the normalised probe tensors. Default:
-    the DataModule's ``default_augmentation()`` if it has one, else a mild ``RandomAffine``.
+    the DataModule's ``default_augmentation()`` if it has one, else a mild ``RandomAffine``. The views go to
+    the model as the input tensor of a probe batch (its first element, or ``batch[input_key]``); its other
+    entries are those of the image's probe sample, repeated (``forward_fn`` sees them).
 
     Args:
         transform: Augmentation to apply; default as above.
@@ -54,10 +57,16 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         every_n_epochs: Analyse after every n-th epoch.
         batch_size: Views per forward pass.
         seed: Seed of the image choice and of the augmentation.
+        forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one batch of views (several inputs, dict
+            batches); default ``pl_module(views)``. See `AnalysisProbe`.
+        input_key: For dict batches: the key of the input (image) tensor.
+        target_key: For dict batches: the key of the class labels that spread the images over classes.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``augmentation_invariance``.
     """
 
     probe_name = "augmentation_invariance"
+    layout_stats = ("invariance", "within_across_ratio")
 
     def __init__(
         self,
@@ -70,11 +79,17 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         every_n_epochs: int = 1,
         batch_size: int = 128,
         seed: int = 0,
+        forward_fn: Optional[Callable[[Any, Any], Any]] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(layers, max(2, num_images) * 20, max_features, every_n_epochs, batch_size, seed, 100,
-                         output_dir)
         check_positive_int("num_images", num_images)
+        super().__init__(layers=layers, num_samples=max(2, num_images) * 20, max_features=max_features,
+                         every_n_epochs=every_n_epochs, batch_size=batch_size, seed=seed, search_batches=100,
+                         forward_fn=forward_fn, input_key=input_key, target_key=target_key, output_dir=output_dir,
+                         name=name)
         check_positive_int("num_views", num_views)
         check_positive_int("matrix_views", matrix_views)
         if num_images < 2:
@@ -86,26 +101,43 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         self.transform = transform
         self.num_images, self.num_views, self.matrix_views = num_images, num_views, matrix_views
         self._images: Optional[list[Callable[[], torch.Tensor]]] = None
+        self._templates: list[Any] = []
         self._drew_views = False
 
+    def minimum_samples(self) -> int:
+        return 2
+
     def _view_makers(self, trainer: pl.Trainer) -> list[Callable[[], torch.Tensor]]:
-        """One function per probe image that returns a fresh augmented, normalised view ``(C, H, W)``."""
+        """One function per probe image that returns a fresh augmented, normalised view ``(C, H, W)``; sets
+        ``self._templates``: per image, the one-sample probe batch whose input tensor the views replace."""
         datamodule = getattr(trainer, "datamodule", None)
         val_set = getattr(datamodule, "val_set", None)
         transform = self.transform
         if transform is None:
             default = getattr(datamodule, "default_augmentation", None)
             transform = default() if callable(default) else _generic_augmentation()
+        probe = self.probe_set(trainer)
+        chosen = (select_balanced(probe.labels, self.num_images, self.seed) if probe.labels is not None
+                  else torch.arange(min(self.num_images, len(probe)))).tolist()
+        self._templates = [probe.select([i]).batch for i in chosen]
         if val_set is not None and hasattr(val_set, "images") and hasattr(val_set, "normalize"):
-            labels = val_set.targets
-            chosen = select_balanced(labels.cpu(), self.num_images, self.seed).tolist()
-            raw = [val_set.images[i] for i in chosen]
+            labels = torch.as_tensor(val_set.targets)
+            raw_chosen = select_balanced(labels.cpu(), self.num_images, self.seed).tolist()
+            raw = [val_set.images[i] for i in raw_chosen]
+            self._templates = [self._templates[k % len(self._templates)] for k in range(len(raw))]
             return [lambda img=img: val_set.normalize(transform(img)) for img in raw]
-        inputs, labels = self.probe_set(trainer)
-        chosen = select_balanced(labels.cpu(), self.num_images, self.seed).tolist()
+        inputs = probe.inputs(self.input_key)
         return [lambda img=inputs[i]: transform(img) for i in chosen]
 
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+    def _view_batches(self, template: Any, views: torch.Tensor) -> list[Any]:
+        """Batches of at most ``batch_size`` views: the template sample repeated, its input tensor replaced."""
+        batches = []
+        for part in views.split(self.batch_size):
+            repeated = ProbeSet(template, None, torch.zeros(1, dtype=torch.long)).select([0] * len(part)).batch
+            batches.append(replace_inputs(repeated, part, self.input_key))
+        return batches
+
+    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         if self._images is None:
             self._images = self._view_makers(trainer)
         torch.manual_seed(self.seed + epoch)  # torchvision transforms draw from the (forked) global generator
@@ -115,7 +147,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         moments: dict[str, Optional[MomentAccumulator]] = {n: None for n in ends}
         kept: dict[str, list[torch.Tensor]] = {n: [] for n in ends}
         examples = []
-        for make_view in self._images:
+        for make_view, template in zip(self._images, self._templates):
             views = torch.stack([make_view() for _ in range(self.num_views)])  # (V, C, H, W)
             examples.append(views[:6])
             sums: dict[str, list[Any]] = {}
@@ -139,7 +171,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                     acc[1] += f.square().sum(0)
                     acc[2] += f.shape[0]
 
-            self.for_each_batch(pl_module, views, self.max_features, consume)
+            self.for_each_batch(pl_module, self._view_batches(template, views), self.max_features, consume)
             for name in names:
                 total, squares, count = sums[name]
                 per_image[name].append((total / count, squares / count, count))
@@ -156,19 +188,20 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                             "within_across_ratio": float(within / across) if across > 0 else None,
                             "invariance": float(across / total) if total > 0 else None})
         self._report(trainer, epoch, records, ends, moments, kept, examples)
+        values = [r["invariance"] for r in records if r["invariance"] is not None]
+        return {f"{self.name}/invariance_mean": float(np.mean(values)) if values else None}
 
     def _report(self, trainer: pl.Trainer, epoch: int, records: list[dict[str, Any]], ends: list[str],
                 moments: dict[str, Any], kept: dict[str, list[torch.Tensor]], examples: list[torch.Tensor]) -> None:
         step = trainer.global_step
         self.write_records(trainer, records)
-        self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records
-                                   for k in ("invariance", "within_across_ratio")}, step)
+        self.log_scalars(trainer, self.scalars(records, ("invariance", "within_across_ratio")), step)
         fig = Figure(figsize=(max(6.0, 0.5 * len(records) + 3), 4), layout="constrained")
         ax = fig.subplots()
         ax.bar(range(len(records)), [np.nan if r["invariance"] is None else r["invariance"] for r in records])
         ax.set_xticks(range(len(records)), [r["layer"] for r in records], rotation=60, ha="right", fontsize=7)
         ax.set(ylim=(0, 1), ylabel="across / (within + across)", title=f"Augmentation invariance, epoch {epoch}")
-        self.save_figure(trainer, fig, f"{self.probe_name}.png", f"{self.probe_name}/invariance", step)
+        self.save_figure(trainer, fig, "invariance.png", "invariance", step)
 
         fig = Figure(figsize=(11, 10))
         fig.subplots_adjust(left=0.05, right=0.97, bottom=0.05, top=0.93, hspace=0.3, wspace=0.2)
@@ -183,10 +216,10 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
             heatmap(sample_corr, f"{name}: view x view ({self.num_images} images)", vmin=-1, vmax=1, cmap="RdBu_r",
                     ax=axes[row, 1])
         fig.suptitle(f"Correlations under augmentation, epoch {epoch}")
-        self.save_figure(trainer, fig, f"{self.probe_name}_correlations.png", f"{self.probe_name}/correlations", step)
+        self.save_figure(trainer, fig, "correlations.png", "correlations", step)
         if not self._drew_views:  # the example views look alike every epoch: drawn once
             self._drew_views = True
-            self.save_figure(trainer, _view_grid(examples), f"{self.probe_name}_views.png", f"{self.probe_name}/views",
+            self.save_figure(trainer, _view_grid(examples), "views.png", "views",
                              step)
 
 

@@ -1,81 +1,115 @@
-"""`ProbeCallback`: the output plumbing every probe shares (JSONL, loggers, figures, resume)."""
+"""`ProbeCallback`: the output plumbing every probe shares (JSONL, loggers, figures, headline metrics, resume)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_probes.io import JsonlWriter, atomic_write_bytes, atomic_write_json, decode_png, render_png
+from lightning_probes.checks import check_fraction, check_positive_int
+from lightning_probes.io import (
+    JsonlWriter,
+    atomic_save_npz,
+    atomic_write_bytes,
+    atomic_write_json,
+    decode_png,
+    render_png,
+)
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ParameterProbe", "ProbeCallback", "check_fraction", "check_positive_int"]
 
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive ``int`` (or ``None`` when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
-
-
-def check_fraction(name: str, value: Any, low_open: bool = True, high_open: bool = True) -> None:
-    """Raise ``ValueError`` unless ``value`` lies in the interval (0, 1) with the given openness."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"Expected `{name}` to be in {interval}, but got {value!r}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HPARAM_TYPES = (bool, int, float, str, type(None))
 
 
 class ProbeCallback(Callback):
-    """Base class of every probe: owns ``<output_dir>/<probe_name>.jsonl`` and the logging helpers.
+    """Base class of every probe: owns ``<output_dir>/<name>.jsonl``, ``<output_dir>/<name>/`` and the loggers.
 
-    Only global rank 0 writes files. Scalars go to every attached logger through ``log_metrics``; figures go
-    to loggers whose ``experiment`` has ``add_figure`` (TensorBoard) and to PNG files.
+    Files: the JSON Lines history is ``<output_dir>/<name>.jsonl`` (one record per line, flushed per write);
+    every other file of the probe (summary JSON, PNG figures, NPZ arrays) lies in ``<output_dir>/<name>/``.
+    Scalars are named ``<name>/<stat>[/<layer>]`` and go to every attached logger; figures go to every logger
+    that takes images (TensorBoard ``add_image``, W&B ``log_image``, MLflow ``log_figure``). Only global rank 0
+    writes files.
+
+    Resume: ``state_dict`` holds the output directory and the number of records written. When a run resumes
+    from a checkpoint, the probe's history up to the checkpoint (the first ``records_written`` records, and
+    the files in ``<name>/``) is copied into the new output directory if it differs (the default
+    auto-versioned logger's ``version_N``), or the file is cut back to those records in place; records written
+    after the checkpoint by the crashed run are dropped, as the resumed run writes them again. The old
+    directory is never modified when the directories differ.
 
     Args:
-        output_dir: Directory for JSONL, JSON and PNG outputs. Default: ``<trainer.log_dir>/probes``, or
+        output_dir: Directory for the outputs. Default: ``<trainer.log_dir>/probes``, or
             ``<trainer.default_root_dir>/probes`` without a logger.
+        name: Names the probe's files and its scalar prefix, and enters its ``state_key``; two instances of one
+            probe in one Trainer need distinct names. Default: the probe's file stem (e.g. ``gradient_stats``).
     """
 
     probe_name: str = "probe"
+    #: Statistics logged per layer, for the TensorBoard custom-scalars layout (one chart per statistic).
+    layout_stats: Sequence[str] = ()
 
-    def __init__(self, output_dir: Optional[str] = None) -> None:
+    def __init__(self, output_dir: Optional[str] = None, name: Optional[str] = None) -> None:
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
             raise ValueError(f"Expected `output_dir` to be a path or None, but got {output_dir!r}")
+        if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+            raise ValueError(f"Expected `name` to be None or a file-name-safe string (letters, digits, '_', '-', "
+                             f"'.'; not starting with '.', '_' or '-'), but got {name!r}")
+        self.name = self.probe_name if name is None else name
         self._output_dir_arg = None if output_dir is None else os.fspath(output_dir)
         self._output_dir: Optional[str] = None
         self._writer: Optional[JsonlWriter] = None
-        self._resume_records: Optional[int] = None
+        self._resume: Optional[tuple[Optional[str], int]] = None
         self._last_logger_step: Optional[int] = None
 
     # -- identity and state -------------------------------------------------------------------------
-    def _state_config(self) -> Mapping[str, Any]:
-        """Constructor arguments that distinguish two instances of the same probe (for ``state_key``)."""
-        return {"output_dir": self._output_dir_arg}
-
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_config())
+        return self._generate_state_key(name=self.name, output_dir=self._output_dir_arg)
 
     def state_dict(self) -> dict[str, Any]:
-        records = self._writer.records_written if self._writer is not None else 0
-        return {"records_written": records}
+        if self._writer is not None:
+            records = self._writer.records_written
+        else:
+            records = self._resume[1] if self._resume is not None else 0
+        return {"name": self.name, "output_dir": self._output_dir, "records_written": records}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_records = state_dict.get("records_written")
-        if self._writer is not None and self._resume_records is not None:
-            self._writer.close()
-            self._writer.keep_first(self._resume_records)
+        records = state_dict.get("records_written")
+        if records is None:
+            return
+        self._resume = (state_dict.get("output_dir"), int(records))
+        if self._writer is not None:  # Lightning restores callbacks after `setup`: restore the history now
+            self._restore_history()
+
+    def _restore_history(self) -> None:
+        """Make ``<name>.jsonl`` hold exactly the history up to the checkpoint (global rank 0 only)."""
+        source_dir, count = self._resume
+        self._resume = None
+        target = self._writer.path
+        source = os.path.join(source_dir, f"{self.name}.jsonl") if source_dir else target
+        if os.path.abspath(source) == os.path.abspath(target):
+            self._writer.restore(count)
+            return
+        kept = self._writer.restore(count, source=source)
+        artifacts = os.path.join(source_dir, self.name)
+        if os.path.isdir(artifacts):
+            shutil.copytree(artifacts, os.path.join(self.output_dir, self.name), dirs_exist_ok=True)
+        rank_zero_info(f"{type(self).__name__} {self.name!r}: resumed history of {kept} records copied from "
+                       f"{source_dir} to {self.output_dir}")
 
     # -- output -------------------------------------------------------------------------------------
     @property
@@ -85,30 +119,63 @@ class ProbeCallback(Callback):
             raise RuntimeError(f"{type(self).__name__}.output_dir is known only after `setup`")
         return self._output_dir
 
+    @property
+    def jsonl_path(self) -> str:
+        """Path of the probe's JSON Lines history."""
+        return os.path.join(self.output_dir, f"{self.name}.jsonl")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._output_dir_arg is not None:
-            self._output_dir = self._output_dir_arg
+            directory = self._output_dir_arg
         else:
             base = trainer.log_dir if trainer.loggers and trainer.log_dir else trainer.default_root_dir
-            self._output_dir = os.path.join(base, "probes")
-        path = os.path.join(self._output_dir, f"{self.probe_name}.jsonl")
-        if trainer.is_global_zero and (self._writer is None or self._writer.path != path):
-            self._writer = JsonlWriter(path)
-            if self._resume_records is not None:
-                self._writer.keep_first(self._resume_records)
+            directory = os.path.join(base, "probes")
+        self._output_dir = os.path.abspath(directory)
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, ProbeCallback) and other._output_dir is not None \
+                    and other.jsonl_path == self.jsonl_path:
+                raise ValueError(f"Two probes ({type(other).__name__} and {type(self).__name__}) would both write "
+                                 f"{self.jsonl_path}; give them distinct `name` arguments")
+        if trainer.is_global_zero and (self._writer is None or self._writer.path != self.jsonl_path):
+            self._writer = JsonlWriter(self.jsonl_path)
+            if self._resume is not None:
+                self._restore_history()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._writer is not None:
             self._writer.close()
 
     def path(self, filename: str) -> str:
-        """Path of a file in the output directory."""
-        return os.path.join(self.output_dir, filename)
+        """Path of one of the probe's files: ``<output_dir>/<name>/<filename>``."""
+        return os.path.join(self.output_dir, self.name, filename)
 
     def write_records(self, trainer: pl.Trainer, records: Iterable[Mapping[str, Any]]) -> None:
         """Append records to the probe's JSONL (global rank 0 only)."""
         if trainer.is_global_zero and self._writer is not None:
             self._writer.write(records)
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """Every record of this run's history so far (global rank 0; the resumed history included)."""
+        from lightning_probes.io import read_jsonl
+
+        if self._writer is None:
+            return []
+        self._writer.flush()
+        return read_jsonl(self._writer.path)
+
+    # -- scalars ------------------------------------------------------------------------------------
+    def scalars(self, records: Iterable[Mapping[str, Any]], keys: Iterable[str], *, layer_key: str = "layer",
+                prefix: str = "") -> dict[str, Any]:
+        """``{"<name>/<prefix><key>/<record[layer_key]>": value}`` for every record and key (the scalar names
+        every probe uses); a record without ``layer_key`` gives ``<name>/<prefix><key>``."""
+        keys = tuple(keys)
+        out = {}
+        for record in records:
+            layer = record.get(layer_key)
+            suffix = "" if layer is None else f"/{layer}"
+            for key in keys:
+                out[f"{self.name}/{prefix}{key}{suffix}"] = record.get(key)
+        return out
 
     def logger_due(self, trainer: pl.Trainer, step: int) -> bool:
         """Whether per-step scalars of ``step`` go to the loggers: at most once per ``trainer.log_every_n_steps``
@@ -122,31 +189,115 @@ class ProbeCallback(Callback):
     @staticmethod
     def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, Optional[float]], step: int) -> None:
         """Send finite scalars to every attached logger (loggers are rank-zero only by themselves)."""
-        metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        metrics = {k: float(v) for k, v in metrics.items()
+                   if v is not None and not isinstance(v, bool) and math.isfinite(v)}
         if not metrics:
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    def publish(self, trainer: pl.Trainer, metrics: Optional[Mapping[str, Optional[float]]],
+                from_rank_zero: bool = False) -> None:
+        """Put headline scalars into ``trainer.callback_metrics``, where ``EarlyStopping`` and
+        ``ModelCheckpoint`` find them.
+
+        Args:
+            trainer: The Trainer.
+            metrics: ``{name: value}``; ``None`` values are left out.
+            from_rank_zero: The values exist on global rank 0 only (the analysis probes): every rank must call
+                this, and rank 0's values are broadcast so that every process monitors the same numbers.
+        """
+        if from_rank_zero and trainer.world_size > 1:
+            metrics = trainer.strategy.broadcast(dict(metrics) if metrics is not None else None, src=0)
+        for key, value in (metrics or {}).items():
+            if value is not None and not isinstance(value, bool) and math.isfinite(value):
+                trainer.callback_metrics[key] = torch.tensor(float(value))
+
+    # -- figures and files --------------------------------------------------------------------------
     def save_figure(self, trainer: pl.Trainer, fig: Any, filename: str, tag: str, step: int) -> None:
-        """Render a ``matplotlib.figure.Figure`` once; write it to ``<output_dir>/<filename>`` and to loggers
-        whose ``experiment`` has ``add_image`` (TensorBoard). Global rank 0 only."""
+        """Render a ``matplotlib.figure.Figure`` once; write it to ``<output_dir>/<name>/<filename>`` and send it to
+        every logger that takes images. Global rank 0 only.
+
+        ``tag`` is relative to the probe: the loggers see ``<name>/<tag>``. Loggers are recognised by what they
+        can do: an ``experiment`` with ``add_image`` (TensorBoard), a ``log_image(key, images, step)`` method
+        (Weights & Biases), an ``experiment`` with ``log_figure`` and a ``run_id`` (MLflow).
+        """
         if not trainer.is_global_zero:
             return
         png = render_png(fig)
         atomic_write_bytes(self.path(filename), png)
+        tag = f"{self.name}/{tag}"
         image = None
         for logger in trainer.loggers:
-            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            experiment = getattr(logger, "experiment", None)
+            add_image = getattr(experiment, "add_image", None)
+            log_image = getattr(logger, "log_image", None)
+            log_figure = getattr(experiment, "log_figure", None)
             if callable(add_image):
-                if image is None:
-                    image = decode_png(png)
+                image = decode_png(png) if image is None else image
                 add_image(tag, image, global_step=step, dataformats="HWC")
+            elif callable(log_image):
+                image = decode_png(png) if image is None else image
+                log_image(key=tag, images=[image], step=step)
+            elif callable(log_figure) and getattr(logger, "run_id", None):
+                log_figure(logger.run_id, fig, f"{tag}/step_{step:08d}.png")
 
     def save_json(self, trainer: pl.Trainer, obj: Any, filename: str) -> None:
-        """Write a JSON summary atomically (global rank 0 only)."""
+        """Write a JSON summary to ``<output_dir>/<name>/<filename>`` atomically (global rank 0 only)."""
         if trainer.is_global_zero:
             atomic_write_json(self.path(filename), obj)
+
+    def save_npz(self, trainer: pl.Trainer, filename: str, **arrays: Any) -> None:
+        """Write NumPy arrays to ``<output_dir>/<name>/<filename>`` atomically (global rank 0 only)."""
+        if trainer.is_global_zero:
+            atomic_save_npz(self.path(filename), **arrays)
+
+    # -- TensorBoard layout and hyper-parameters ----------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        """The probe's settings: every constructor argument (of the class and its bases) kept under its own
+        name as a plain value."""
+        out: dict[str, Any] = {}
+        for cls in type(self).__mro__:
+            if not (isinstance(cls, type) and issubclass(cls, ProbeCallback)):
+                continue
+            for param in inspect.signature(cls.__init__).parameters:
+                if param in out or param == "self" or not hasattr(self, param):
+                    continue
+                value = getattr(self, param)
+                if isinstance(value, (list, tuple)) and all(isinstance(v, _HPARAM_TYPES) for v in value):
+                    value = str(list(value))
+                if isinstance(value, _HPARAM_TYPES):
+                    out[param] = value
+        out["output_dir"] = self._output_dir_arg
+        return out
+
+    def layout(self) -> dict[str, list[Any]]:
+        """This probe's charts in TensorBoard's custom-scalars layout: one multi-line chart per statistic, all
+        layers as lines."""
+        return {stat: ["Multiline", [f"^{re.escape(self.name)}/{re.escape(stat)}/"]] for stat in self.layout_stats}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probes = [cb for cb in trainer.callbacks if isinstance(cb, ProbeCallback)]
+        if not trainer.is_global_zero or not probes or probes[0] is not self:
+            return  # the first probe of the Trainer writes for all of them, once
+        _log_probe_settings(trainer, probes)
+
+
+def _log_probe_settings(trainer: pl.Trainer, probes: Sequence[ProbeCallback]) -> None:
+    """One custom-scalars layout for every probe (TensorBoard) and the probes' settings as hparams (every logger,
+    merged with what the logger already holds, since TensorBoard shows only the latest hparams record)."""
+    layout = {p.name: p.layout() for p in probes if p.layout()}
+    settings = {f"probes/{p.name}/{k}": v for p in probes for k, v in p.hparams().items()}
+    for logger in trainer.loggers:
+        add_custom_scalars = getattr(getattr(logger, "experiment", None), "add_custom_scalars", None)
+        if layout and callable(add_custom_scalars):
+            add_custom_scalars(layout)
+        existing = getattr(logger, "hparams", None)
+        merged = {**(dict(existing) if isinstance(existing, Mapping) else {}), **settings}
+        try:
+            logger.log_hyperparams(merged)
+        except Exception as err:  # noqa: BLE001 (a logger that rejects a setting must not stop training)
+            log.warning("Could not log the probes' settings to %s: %s", type(logger).__name__, err)
 
 
 class ParameterProbe(ProbeCallback):
@@ -155,12 +306,15 @@ class ParameterProbe(ProbeCallback):
     It selects the trainable parameters whose cleaned names pass ``include``/``exclude``, maps each optimiser
     to the tracked parameters it steps, and counts each optimiser's steps so that a probe logs at every
     ``every_n_steps``-th step of each optimiser (one optimiser: every ``every_n_steps``-th global step).
+    Parameters are looked up again at the start of training, after the strategy has moved and converted the
+    module (device, dtype), so no state is tied to where the parameters were at ``setup``.
 
     Args:
         every_n_steps: Log at every n-th optimiser step.
         include: Regular expression(s); only parameters whose name matches one are tracked.
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the probe's files (see `ProbeCallback`).
+        name: Name of the probe's files and scalars (see `ProbeCallback`).
     """
 
     def __init__(
@@ -169,20 +323,17 @@ class ParameterProbe(ProbeCallback):
         include: Patterns = None,
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir)
+        super().__init__(output_dir, name)
         check_positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
-        self._include_arg, self._exclude_arg = include, exclude
+        self.include, self.exclude = include, exclude
         self._keep = name_filter(compile_patterns("include", include), compile_patterns("exclude", exclude))
         self._names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
         self._by_optimizer: dict[int, tuple[int, list[int]]] = {}
         self._optimizer_steps: dict[int, int] = {}
-
-    def _state_config(self) -> Mapping[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "include": self._include_arg, "exclude": self._exclude_arg,
-                "output_dir": self._output_dir_arg}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer_steps": dict(self._optimizer_steps)}
@@ -193,13 +344,20 @@ class ParameterProbe(ProbeCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._select(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._select(pl_module)  # the strategy may have replaced parameters since `setup` (dtype, device, wrap)
+
+    def _select(self, pl_module: pl.LightningModule) -> None:
         named = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         selected = [(n, p) for n, p in named if self._keep(n)]
         if not selected:
             available = ", ".join(n for n, _ in named) or "none"
             raise ValueError(
-                f"{type(self).__name__} found no trainable parameter matching include={self._include_arg!r}, "
-                f"exclude={self._exclude_arg!r}. Trainable parameters: {available}")
+                f"{type(self).__name__} found no trainable parameter matching include={self.include!r}, "
+                f"exclude={self.exclude!r}. Trainable parameters: {available}")
         self._names = [n for n, _ in selected]
         self._params = [p for _, p in selected]
         self._by_optimizer = {}

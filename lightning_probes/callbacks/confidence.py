@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -18,41 +19,67 @@ from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     calibration_bin_index,
     calibration_error_from_sums,
+    calibration_values,
+    classification_scores,
+    confusion_index,
+    flatten_class_dim,
     normalized_entropy,
+    one_hot_to_index,
+    prediction_terms,
+    threshold_level,
 )
 from lightning_probes.plotting import heatmap
+
+__all__ = ["HEADLINE_METRICS", "ConfidenceMonitor", "ConfidenceState", "classification_scores", "summarize"]
 
 log = logging.getLogger(__name__)
 
 _HIST_BINS = 20
+#: Put into ``trainer.callback_metrics`` as ``<name>/<stage>/<metric>``, for ``EarlyStopping``/``ModelCheckpoint``.
+HEADLINE_METRICS = ("ece", "accuracy", "prediction_entropy_normalized")
+#: TensorBoard custom-scalars charts: every stage (and data loader) of each listed metric as lines of one chart.
+_LAYOUT = {
+    "calibration": ("ece", "adaptive_ece", "mce"),
+    "accuracy": ("accuracy", "macro_f1", "macro_precision", "macro_recall"),
+    "collapse": ("prediction_entropy_normalized", "top_class_share"),
+    "proper scores": ("brier", "nll"),
+    "confidence": ("mean_confidence", "mean_entropy"),
+}
 
 
 class ConfidenceState(Metric):
     """Constant-memory running sums behind `ConfidenceMonitor`, summed across processes by torchmetrics.
 
-    Each batch costs two ``index_add_`` calls into packed float64 accumulators (speed matters: a validation
-    batch of a small model takes milliseconds):
+    The per-sample pieces come from `lightning_probes.functional.calibration` (`prediction_terms`,
+    `calibration_bin_index`, `calibration_values`, `confusion_index`, `threshold_level`), the same code the
+    one-shot functions there use; the state only packs them into two ``index_add_`` calls per batch, with no
+    host synchronisation (speed matters: a validation batch of a small model takes milliseconds):
 
     - ``cells``: per (true class, predicted class, number of ``thresholds`` the confidence reaches):
       ``[count, sum of confidence]``;
     - ``bins``: per calibration bin (``n_bins + 1``, torchmetrics' binning), fine bin
       (``adaptive_resolution + 1``) and histogram bin of correct and of wrong predictions (``21`` each):
       ``[count, sum of confidence, sum of correct]``;
-    - ``scalars``: sums of Brier score, NLL, predictive entropy and confidence.
+    - ``scalars``: sums of Brier score, NLL, predictive entropy and confidence;
+    - ``target_min``/``target_max``/``soft_targets``: the smallest and largest target seen (``ignore_index``
+      left out) and the number of soft-label rows, so that invalid targets are reported after the epoch
+      without a check per batch. Samples whose target is ``ignore_index`` or outside ``[0, C)`` add nothing.
 
     Args:
         num_classes: Number of classes.
         n_bins: Equal-width calibration bins.
-        thresholds: Confidence thresholds of the restricted confusion matrices.
+        thresholds: Confidence thresholds of the restricted confusion matrices (sorted here).
         adaptive_resolution: Fine equal-width bins from which the equal-count (adaptive) bins are formed.
+        ignore_index: Targets equal to it are left out, as torchmetrics' ``ignore_index`` does.
     """
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, n_bins: int, thresholds: Sequence[float], adaptive_resolution: int) -> None:
+    def __init__(self, num_classes: int, n_bins: int, thresholds: Sequence[float], adaptive_resolution: int,
+                 ignore_index: Optional[int] = None) -> None:
         super().__init__()
-        self.num_classes, self.n_bins, self.thresholds = num_classes, n_bins, tuple(thresholds)
-        self.adaptive_resolution = adaptive_resolution
+        self.num_classes, self.n_bins, self.thresholds = num_classes, n_bins, tuple(sorted(thresholds))
+        self.adaptive_resolution, self.ignore_index = adaptive_resolution, ignore_index
         levels = len(self.thresholds) + 1
         self._offsets = (0, n_bins + 1, n_bins + 1 + adaptive_resolution + 1,
                          n_bins + 1 + adaptive_resolution + 1 + 2 * (_HIST_BINS + 1))
@@ -60,32 +87,46 @@ class ConfidenceState(Metric):
                        dist_reduce_fx="sum")
         self.add_state("bins", torch.zeros(self._offsets[-1], 3, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("scalars", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")  # brier, nll, H, conf
+        self.add_state("target_min", torch.tensor(0, dtype=torch.long), dist_reduce_fx="min")
+        self.add_state("target_max", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
+        self.add_state("soft_targets", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.register_buffer("_threshold_values", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        log_probs = logits.detach().float().log_softmax(dim=1)  # (N, C)
-        probs = log_probs.exp()
-        confidence, predicted = probs.max(dim=1)
+        """Add one batch: ``logits`` ``(N, C)``; ``target`` ``(N,)`` class indices or ``(N, C)`` one-hot."""
+        if target.ndim == 2:
+            target, one_hot = one_hot_to_index(target)
+            self.soft_targets += (~one_hot).sum()
         target = target.long()
-        correct = (predicted == target).to(probs.dtype)
+        if target.numel() == 0:
+            return
+        counted = None if self.ignore_index is None else target != self.ignore_index
+        seen = target if counted is None else torch.where(counted, target, 0)
+        low, high = torch.aminmax(seen)
+        self.target_min = torch.minimum(self.target_min, low)
+        self.target_max = torch.maximum(self.target_max, high)
+        keep = (seen >= 0) & (seen < self.num_classes)
+        if counted is not None:
+            keep &= counted
+        safe = torch.where(keep, seen, 0)  # a valid index everywhere; `keep` zeroes what it adds
+        terms = prediction_terms(logits, safe)
+        confidence, correct = terms["confidence"], terms["correct"]
+        keep = keep.unsqueeze(1)  # (N, 1)
+        values = torch.where(keep, calibration_values(confidence, correct), 0.0)  # (N, 3): [1, conf, correct]
         levels = len(self.thresholds) + 1
-        reached = torch.bucketize(confidence, self._threshold_values, right=True)  # thresholds <= confidence
-        cell = (target * self.num_classes + predicted) * levels + reached
-        self.cells.index_add_(0, cell, torch.stack([torch.ones_like(confidence), confidence], dim=1).double())
-        main = calibration_bin_index(confidence, self.n_bins)
-        fine = (confidence * self.adaptive_resolution).long().clamp_(0, self.adaptive_resolution)
-        hist = (confidence * _HIST_BINS).long().clamp_(0, _HIST_BINS) + (1 - correct.long()) * (_HIST_BINS + 1)
-        index = torch.cat([main, fine + self._offsets[1], hist + self._offsets[2]])
-        values = torch.stack([torch.ones_like(confidence), confidence, correct], dim=1).double()
+        cell = confusion_index(safe, terms["predicted"], self.num_classes) * levels \
+            + threshold_level(confidence, self._threshold_values)
+        self.cells.index_add_(0, cell, values[:, :2])
+        hist = calibration_bin_index(confidence, _HIST_BINS) + (1 - correct.long()) * (_HIST_BINS + 1)
+        index = torch.cat([calibration_bin_index(confidence, self.n_bins),
+                           calibration_bin_index(confidence, self.adaptive_resolution) + self._offsets[1],
+                           hist + self._offsets[2]])
         self.bins.index_add_(0, index, values.repeat(3, 1))
-        picked = probs.gather(1, target.unsqueeze(1)).squeeze(1)
-        brier = probs.square().sum(dim=1) - 2 * picked + 1
-        nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-        entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=1)  # 0 log 0 = 0 (logits of -inf)
-        self.scalars.add_(torch.stack([brier, nll, entropy, confidence]).double().sum(dim=1))
+        per_sample = torch.stack([terms["brier"], terms["nll"], terms["entropy"], confidence], dim=1).double()
+        self.scalars.add_(torch.where(keep, per_sample, 0.0).sum(dim=0))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Unpack the sums into confusion, confidence, thresholded confusion, bins and scalars."""
+        """Unpack the sums into confusion, confidence, thresholded confusion, bins, scalars and target checks."""
         c, levels = self.num_classes, len(self.thresholds) + 1
         cells = self.cells.view(c, c, levels, 2)
         counts = cells[..., 0]  # (C, C, levels)
@@ -101,53 +142,73 @@ class ConfidenceState(Metric):
             "hist_correct": self.bins[h:h + _HIST_BINS + 1],
             "hist_wrong": self.bins[h + _HIST_BINS + 1:],
             "scalars": self.scalars,
+            "target_min": self.target_min,
+            "target_max": self.target_max,
+            "soft_targets": self.soft_targets,
         }
 
 
-def classification_scores(confusion: torch.Tensor) -> dict[str, Any]:
-    """Accuracy and per-class / macro precision, recall and F1 from a confusion matrix (rows: true).
-
-    Undefined ratios count as 0, and the macro average leaves out classes that appear neither as target nor as
-    prediction, as torchmetrics does (the tests check agreement with torchmetrics).
-    """
-    cm = confusion.double()
-    tp = cm.diagonal()
-    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
-    denominator = precision + recall
-    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-300), torch.zeros_like(tp))
-    present = (predicted + actual) > 0
-    weight = present.double() / present.sum().clamp_min(1)
-    return {"accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
-            "macro_precision": float((precision * weight).sum()), "macro_recall": float((recall * weight).sum()),
-            "macro_f1": float((f1 * weight).sum()), "precision": precision, "recall": recall, "f1": f1}
+def _target_problem(low: int, high: int, soft: int, num_classes: int) -> Optional[str]:
+    """What is wrong with the targets, from their range and soft-label count; ``None`` when nothing."""
+    if soft:
+        return (f"{soft} rows are soft labels, not one-hot; ConfidenceMonitor scores top-label predictions against "
+                "class indices: return class indices (or one-hot rows)")
+    bad = low if low < 0 else high if high >= num_classes else None
+    if bad is None:
+        return None
+    return (f"holds the value {bad}, outside the class range [0, {num_classes - 1}] of the logits ({num_classes} "
+            "classes); set `ignore_index` if it marks samples to leave out")
 
 
 class ConfidenceMonitor(ProbeCallback):
     """Confusion matrices with per-cell confidence, calibration and collapse indicators, per epoch.
 
-    Contract: ``validation_step`` and ``test_step`` return a dict holding the logits (``(N, C)``) and the
-    targets (``(N,)``) under ``logits_key`` and ``target_key``. The monitor accumulates constant-memory sums
-    (never the predictions themselves), reduced across DDP processes, and at the end of every validation and
-    test epoch computes:
+    Contract: ``validation_step`` and ``test_step`` return a dict holding the logits and the targets under
+    ``logits_key`` and ``target_key``:
+
+    - logits ``(N, C)`` with ``C >= 2``, and targets ``(N,)`` of class indices (an integer or bool dtype);
+    - targets may instead be one-hot, of the logits' shape: each row is turned into its class index (argmax).
+      Soft labels (rows that are not exactly one-hot) are an error: the statistics are top-label ones, and
+      silently taking the argmax of a soft label would report a made-up accuracy;
+    - logits ``(N, C, d1, ...)`` (segmentation-like) with targets ``(N, d1, ...)``: every position is a sample,
+      as in torchmetrics' multiclass metrics (``multidim_average="global"``);
+    - targets equal to ``ignore_index`` are left out (torchmetrics' ``ignore_index``); any other target outside
+      ``[0, C)`` is an error naming the value.
+
+    The contract is checked from the first batch on, also during Lightning's sanity check (so a wrong key,
+    shape or target fails within seconds; sanity batches are never counted). Shapes are checked on every batch
+    (no cost); target values on the host at the first batch of every epoch, and for the other batches through
+    the accumulated minimum/maximum after the epoch (no host synchronisation per batch).
+
+    The monitor accumulates constant-memory sums (never the predictions themselves), reduced across DDP
+    processes, and at the end of every validation and test epoch computes:
 
     - the confusion matrix (counts and row-normalised) and the mean top-label confidence of each cell (cells
       with fewer than ``min_count`` predictions masked), and confusion matrices restricted to predictions with
       confidence ``>=`` each of ``confidence_thresholds``;
     - accuracy, macro and per-class precision/recall/F1 (from the confusion matrix, as torchmetrics defines
-      them: tested against it), ECE (top-label, ``n_bins`` equal-width
-      bins, torchmetrics' binning), adaptive ECE (``n_bins`` equal-count bins formed from a fine histogram of
-      ``adaptive_resolution`` bins), MCE, Brier score, NLL, mean confidence, mean predictive entropy, a
-      reliability diagram and confidence histograms of correct and wrong predictions;
+      them: tested against it), ECE (top-label, ``n_bins`` equal-width bins, torchmetrics' binning), adaptive
+      ECE (``n_bins`` equal-count bins formed from a fine histogram of ``adaptive_resolution`` bins), MCE,
+      Brier score, NLL, mean confidence, mean predictive entropy, a reliability diagram and confidence
+      histograms of correct and wrong predictions;
     - collapse indicators: the predicted against the true class distribution, the normalised entropy of the
       predicted distribution, the share of the most-predicted class; a warning when the normalised entropy
       falls below ``collapse_entropy``.
 
-    Results go to ``confidence.jsonl`` (one record per epoch and stage; ``confusion_matrix`` and
-    ``confidence_matrix`` as lists of rows), to the loggers as ``confidence/<stage>/<metric>``, and as figures
-    (``<stage>_confusion.png``, ``<stage>_confusion_thresholds.png``, ``<stage>_calibration.png``). At the end
-    of a test epoch a plain-text table of the headline numbers is printed.
+    Outputs (``<name>`` is ``confidence`` by default, ``<stage>`` is ``val`` or ``test``):
+
+    - ``<name>.jsonl``: one record per epoch, stage and data loader (``stage``, ``dataloader_idx``,
+      ``confusion_matrix`` and ``confidence_matrix`` as lists of rows, ...);
+    - scalars ``<name>/<stage>/<metric>`` to every logger; the headline metrics (``ece``, ``accuracy``,
+      ``prediction_entropy_normalized``) also go to ``trainer.callback_metrics`` at the end of the epoch, so
+      ``EarlyStopping(monitor="confidence/val/ece", mode="min")`` and ``ModelCheckpoint`` can use them;
+    - figures ``<name>/<stage>_confusion.png``, ``<stage>_confusion_thresholds.png``, ``<stage>_calibration.png``
+      (TensorBoard tags ``<name>/<stage>/confusion``, ...); a plain-text table at the end of a test epoch.
+
+    Several validation (or test) data loaders are accumulated and reported separately, named as Lightning names
+    ``self.log`` metrics of several loaders: the scalars and headline metrics get the suffix
+    ``/dataloader_idx_<i>`` (``confidence/val/ece/dataloader_idx_1``), the figures ``<stage>_dataloader_idx_<i>_*.png``,
+    and every record carries its ``dataloader_idx`` (0 with a single loader, where no suffix is added).
 
     Args:
         logits_key: Key of the logits in the step output dict.
@@ -158,11 +219,20 @@ class ConfidenceMonitor(ProbeCallback):
         min_count: Cells with fewer predictions are masked in the confidence heatmap.
         collapse_entropy: Warn when the normalised entropy of the predicted classes falls below this.
         plot_every_n_epochs: Draw validation figures every n epochs (test figures are always drawn).
+        ignore_index: Targets equal to this value are left out (e.g. ``-100`` or ``255`` for unlabelled pixels).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``confidence``.
+
+    Raises:
+        KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found).
+        ValueError: For logits or targets of the wrong shape or dtype, soft-label targets, or targets outside
+            ``[0, C)`` that are not ``ignore_index``.
 
     Example:
         >>> from pytorch_lightning import Trainer
-        >>> trainer = Trainer(callbacks=[ConfidenceMonitor(n_bins=10)])
+        >>> from pytorch_lightning.callbacks import EarlyStopping
+        >>> trainer = Trainer(callbacks=[ConfidenceMonitor(n_bins=10),
+        ...                              EarlyStopping(monitor="confidence/val/ece", mode="min")])
     """
 
     probe_name = "confidence"
@@ -177,12 +247,14 @@ class ConfidenceMonitor(ProbeCallback):
         min_count: int = 5,
         collapse_entropy: float = 0.5,
         plot_every_n_epochs: int = 1,
+        ignore_index: Optional[int] = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir)
-        for name, value in (("logits_key", logits_key), ("target_key", target_key)):
+        super().__init__(output_dir, name)
+        for arg, value in (("logits_key", logits_key), ("target_key", target_key)):
             if not isinstance(value, str) or not value:
-                raise ValueError(f"Expected `{name}` to be a non-empty string, but got {value!r}")
+                raise ValueError(f"Expected `{arg}` to be a non-empty string, but got {value!r}")
         check_positive_int("n_bins", n_bins)
         check_positive_int("adaptive_resolution", adaptive_resolution)
         check_positive_int("min_count", min_count)
@@ -193,25 +265,27 @@ class ConfidenceMonitor(ProbeCallback):
         check_fraction("collapse_entropy", collapse_entropy, low_open=False, high_open=False)
         if adaptive_resolution < n_bins:
             raise ValueError(f"Expected `adaptive_resolution` >= `n_bins` ({n_bins}), but got {adaptive_resolution}")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"Expected `ignore_index` to be an integer or None, but got {ignore_index!r}")
         self.logits_key, self.target_key = logits_key, target_key
         self.n_bins, self.adaptive_resolution = n_bins, adaptive_resolution
-        self.confidence_thresholds = thresholds
+        self.confidence_thresholds = tuple(sorted(set(thresholds)))
         self.min_count, self.collapse_entropy = min_count, collapse_entropy
         self.plot_every_n_epochs = plot_every_n_epochs
-        self._states: dict[str, ConfidenceState] = {}
+        self.ignore_index = ignore_index
+        self._states: dict[tuple[str, int], ConfidenceState] = {}
+        #: The latest results per ``<stage>`` (or ``<stage>/dataloader_idx_<i>`` with several loaders).
         self.last_results: dict[str, dict[str, Any]] = {}
 
-    def _state_config(self) -> Mapping[str, Any]:
-        return {"logits_key": self.logits_key, "target_key": self.target_key, "output_dir": self._output_dir_arg}
+    def layout(self) -> dict[str, list[Any]]:
+        """Custom-scalars charts by theme (calibration, accuracy, collapse, ...), each with every stage, data
+        loader and metric of the theme as lines (the scalars are per stage, not per layer)."""
+        name = re.escape(self.name)
+        return {chart: ["Multiline", [rf"^{name}/[^/]+/({'|'.join(stats)})(/|$)"]] for chart, stats in _LAYOUT.items()}
 
-    # -- accumulation -------------------------------------------------------------------------------
-    def _new_state(self, num_classes: int, device: torch.device) -> ConfidenceState:
-        state = ConfidenceState(num_classes, self.n_bins, self.confidence_thresholds, self.adaptive_resolution)
-        return state.to(device)
-
-    def _update(self, trainer: pl.Trainer, stage: str, outputs: Any) -> None:
-        if trainer.sanity_checking:
-            return
+    # -- contract -----------------------------------------------------------------------------------
+    def _read(self, stage: str, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(M, C)`` and targets ``(M,)`` (or one-hot ``(M, C)``) of one step output; shape checks only."""
         if not isinstance(outputs, Mapping) or self.logits_key not in outputs or self.target_key not in outputs:
             found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
             raise KeyError(
@@ -219,54 +293,142 @@ class ConfidenceMonitor(ProbeCallback):
                 f"`{stage}_step`, but found {found}. Return them (see the class docstring) or set "
                 "`logits_key` / `target_key`.")
         logits, target = outputs[self.logits_key], outputs[self.target_key]
-        if stage not in self._states:
-            self._states[stage] = self._new_state(logits.shape[-1], logits.device)
-        self._states[stage].update(logits.detach(), target.detach())
+        for key, value in ((self.logits_key, logits), (self.target_key, target)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"ConfidenceMonitor expects `{key}` returned by `{stage}_step` to be a tensor, but "
+                                 f"got {type(value).__name__}")
+        if logits.ndim < 2 or logits.shape[1] < 2:
+            raise ValueError(
+                f"ConfidenceMonitor expects `{self.logits_key}` returned by `{stage}_step` of shape (N, C) with C >= 2 "
+                f"classes, or (N, C, d1, ...) to score every position (e.g. segmentation), but got shape "
+                f"{tuple(logits.shape)}")
+        index_shape = (logits.shape[0], *logits.shape[2:])
+        if target.shape != logits.shape:
+            if tuple(target.shape) != index_shape:
+                raise ValueError(
+                    f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` of shape {index_shape} "
+                    f"(class indices) or {tuple(logits.shape)} (one-hot) to match `{self.logits_key}` of shape "
+                    f"{tuple(logits.shape)}, but got shape {tuple(target.shape)}")
+            if target.is_floating_point() or target.is_complex():
+                raise ValueError(f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` to hold "
+                                 f"class indices of an integer dtype, but got {target.dtype}")
+        return flatten_class_dim(logits.detach(), target.detach())
+
+    def _check_values(self, stage: str, target: torch.Tensor, num_classes: int) -> None:
+        """Check the target values of one batch on the host (one synchronisation: first batches only)."""
+        soft = 0
+        if target.ndim == 2:
+            target, one_hot = one_hot_to_index(target)
+            soft = int((~one_hot).sum())
+        target = target.long()
+        if self.ignore_index is not None:
+            target = target[target != self.ignore_index]
+        low, high = (int(target.min()), int(target.max())) if target.numel() else (0, 0)
+        self._raise_for_targets(stage, low, high, soft, num_classes)
+
+    def _raise_for_targets(self, stage: str, low: int, high: int, soft: int, num_classes: int) -> None:
+        problem = _target_problem(low, high, soft, num_classes)
+        if problem is not None:
+            raise ValueError(f"ConfidenceMonitor: `{self.target_key}` returned by `{stage}_step` {problem}")
+
+    # -- accumulation -------------------------------------------------------------------------------
+    def _new_state(self, num_classes: int, device: torch.device) -> ConfidenceState:
+        state = ConfidenceState(num_classes, self.n_bins, self.confidence_thresholds, self.adaptive_resolution,
+                                self.ignore_index)
+        return state.to(device)
+
+    def _update(self, trainer: pl.Trainer, stage: str, outputs: Any, batch_idx: int, dataloader_idx: int) -> None:
+        logits, target = self._read(stage, outputs)  # (M, C), (M,) or (M, C)
+        num_classes = logits.shape[1]
+        key = (stage, dataloader_idx)
+        state = self._states.get(key)
+        if state is not None and state.num_classes != num_classes:
+            raise ValueError(f"ConfidenceMonitor: `{self.logits_key}` returned by `{stage}_step` has {num_classes} "
+                             f"classes in batch {batch_idx}, but {state.num_classes} in earlier batches")
+        if trainer.sanity_checking or batch_idx == 0:
+            self._check_values(stage, target, num_classes)
+        if trainer.sanity_checking:
+            return  # contract checked; sanity-check batches belong to no epoch
+        if state is None:
+            state = self._states[key] = self._new_state(num_classes, logits.device)
+        elif state.device != logits.device:
+            state.to(logits.device)
+        state.update(logits, target)
+
+    def _reset(self, stage: str) -> None:
+        for (state_stage, _), state in self._states.items():
+            if state_stage == stage:
+                state.reset()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset("val")  # an interrupted epoch leaves nothing behind
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset("test")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(trainer, "val", outputs)
+        self._update(trainer, "val", outputs, batch_idx, dataloader_idx)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(trainer, "test", outputs)
+        self._update(trainer, "test", outputs, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking:  # before `on_validation_end`, where EarlyStopping reads the metrics
             plot = trainer.current_epoch % self.plot_every_n_epochs == 0
             self._finish(trainer, "val", plot)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = self._finish(trainer, "test", plot=True)
-        if results is not None:
-            rank_zero_info(format_table(results))
+        for label, results in self._finish(trainer, "test", plot=True):
+            title = "ConfidenceMonitor" if self.name == self.probe_name else f"ConfidenceMonitor {self.name}"
+            rank_zero_info(format_table(results, f"{title} ({label})"))
 
     # -- results ------------------------------------------------------------------------------------
-    def _finish(self, trainer: pl.Trainer, stage: str, plot: bool) -> Optional[dict[str, Any]]:
-        collection = self._states.get(stage)
-        if collection is None:
-            return None
-        computed = collection.compute()  # every rank: torchmetrics sums the states across processes
-        collection.reset()
-        results = summarize({k: v.cpu() for k, v in computed.items()}, self.confidence_thresholds)
-        self.last_results[stage] = results
-        if results["prediction_entropy_normalized"] < self.collapse_entropy:
-            rank_zero_warn(f"ConfidenceMonitor: predictions collapsed in {stage} epoch {trainer.current_epoch}: "
-                           f"normalised entropy {results['prediction_entropy_normalized']:.3f} < "
-                           f"{self.collapse_entropy}, most-predicted class holds {results['top_class_share']:.1%}.")
-        if not trainer.is_global_zero:
-            return results
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "stage": stage, **results}
-        self.write_records(trainer, [record])
-        scalars = {f"{self.probe_name}/{stage}/{k}": v for k, v in results.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.log_scalars(trainer, scalars, trainer.global_step)
-        if plot:
-            self._plot(trainer, stage, results)
-        return results
+    @staticmethod
+    def _num_loaders(trainer: pl.Trainer, stage: str) -> int:
+        try:
+            return len(trainer.num_test_batches if stage == "test" else trainer.num_val_batches)
+        except (AttributeError, TypeError):  # a Trainer that is not running this stage
+            return 1
 
-    def _plot(self, trainer: pl.Trainer, stage: str, results: dict[str, Any]) -> None:
+    def _finish(self, trainer: pl.Trainer, stage: str, plot: bool) -> list[tuple[str, dict[str, Any]]]:
+        """Compute, report and reset every data loader's sums of ``stage``; ``[(label, results), ...]``."""
+        keys = sorted(k for k in self._states if k[0] == stage)
+        several = len(keys) > 1 or self._num_loaders(trainer, stage) > 1
+        finished = []
+        for key in keys:
+            state = self._states[key]
+            computed = {k: v.cpu() for k, v in state.compute().items()}  # every rank: torchmetrics sums the states
+            state.reset()
+            self._raise_for_targets(stage, int(computed["target_min"]), int(computed["target_max"]),
+                                    int(computed["soft_targets"]), state.num_classes)
+            results = summarize(computed, self.confidence_thresholds)
+            suffix = f"/dataloader_idx_{key[1]}" if several else ""
+            label = f"{stage}{suffix}"
+            self.last_results[label] = results
+            finished.append((label, results))
+            if results["prediction_entropy_normalized"] < self.collapse_entropy:
+                rank_zero_warn(f"ConfidenceMonitor: predictions collapsed in {label} epoch {trainer.current_epoch}: "
+                               f"normalised entropy {results['prediction_entropy_normalized']:.3f} < "
+                               f"{self.collapse_entropy}, most-predicted class holds {results['top_class_share']:.1%}.")
+            self.publish(trainer, {f"{self.name}/{stage}/{m}{suffix}": results[m] for m in HEADLINE_METRICS})
+            if not trainer.is_global_zero:
+                continue
+            record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "stage": stage,
+                      "dataloader_idx": key[1], **results}
+            self.write_records(trainer, [record])
+            keys_logged = [k for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            loader = {"loader": suffix[1:] or None}
+            self.log_scalars(trainer, self.scalars([{**results, **loader}], keys_logged, layer_key="loader",
+                                                   prefix=f"{stage}/"), trainer.global_step)
+            if plot:
+                self._plot(trainer, stage, results, suffix)
+        return finished
+
+    def _plot(self, trainer: pl.Trainer, stage: str, results: dict[str, Any], suffix: str = "") -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
+        label, file_prefix = f"{stage}{suffix}", f"{stage}{suffix.replace('/', '_')}"
         counts = np.asarray(results["confusion_matrix"], dtype=float)
         confidence = np.asarray(results["confidence_matrix"], dtype=float)
         confidence[counts < self.min_count] = np.nan
@@ -280,8 +442,8 @@ class ConfidenceMonitor(ProbeCallback):
         heatmap(normalised, "row-normalised", labels, labels, vmin=0, vmax=1, ax=axes[1])
         heatmap(confidence, f"mean confidence (cells with < {self.min_count} masked)", labels, labels, 0, 1,
                 cmap="magma", annotate=True, ax=axes[2])
-        fig.suptitle(f"{stage} confusion, epoch {epoch}")
-        self.save_figure(trainer, fig, f"{stage}_confusion.png", f"{self.probe_name}/{stage}/confusion", step)
+        fig.suptitle(f"{label} confusion, epoch {epoch}")
+        self.save_figure(trainer, fig, f"{file_prefix}_confusion.png", f"{stage}/confusion{suffix}", step)
 
         fig = Figure(figsize=(5.5 * len(self.confidence_thresholds), 5))
         fig.subplots_adjust(left=0.05, right=0.98, bottom=0.1, top=0.9, wspace=0.25)
@@ -289,11 +451,11 @@ class ConfidenceMonitor(ProbeCallback):
         for ax, (t, entry) in zip(axes, results["thresholded"].items()):
             heatmap(np.asarray(entry["confusion_matrix"]), f"confidence >= {t}: coverage {entry['coverage']:.1%}",
                     labels, labels, ax=ax)
-        self.save_figure(trainer, fig, f"{stage}_confusion_thresholds.png",
-                         f"{self.probe_name}/{stage}/confusion_thresholds", step)
+        self.save_figure(trainer, fig, f"{file_prefix}_confusion_thresholds.png",
+                         f"{stage}/confusion_thresholds{suffix}", step)
 
-        self.save_figure(trainer, calibration_figure(results, f"{stage}, epoch {epoch}"), f"{stage}_calibration.png",
-                         f"{self.probe_name}/{stage}/calibration", step)
+        self.save_figure(trainer, calibration_figure(results, f"{label}, epoch {epoch}"),
+                         f"{file_prefix}_calibration.png", f"{stage}/calibration{suffix}", step)
 
 
 def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) -> dict[str, Any]:
@@ -375,7 +537,7 @@ def calibration_figure(results: Mapping[str, Any], title: str) -> Figure:
     return fig
 
 
-def format_table(results: Mapping[str, Any]) -> str:
+def format_table(results: Mapping[str, Any], title: str = "ConfidenceMonitor (test)") -> str:
     """Plain-text table of the headline numbers."""
     rows = [("samples", f"{results['n']}"), ("accuracy", f"{results['accuracy']:.4f}"),
             ("macro F1", f"{results['macro_f1']:.4f}"), ("ECE", f"{results['ece']:.4f}"),
@@ -389,6 +551,6 @@ def format_table(results: Mapping[str, Any]) -> str:
         acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
         rows.append((f"conf >= {t}", f"coverage {entry['coverage']:.3f}, accuracy {acc}"))
     width = max(len(name) for name, _ in rows)
-    lines = ["ConfidenceMonitor (test)", "-" * (width + 40)]
+    lines = [title, "-" * (width + 40)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks.base import ParameterProbe, check_positive_int
+from lightning_probes.callbacks.base import ParameterProbe
+from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional.dynamics import (
     COUNT_NAMES,
     NUM_BINS,
@@ -20,15 +22,74 @@ from lightning_probes.functional.dynamics import (
     transition_histogram,
     zero_threshold_for,
 )
-from lightning_probes.io import read_jsonl
-from lightning_probes.naming import Patterns
+from lightning_probes.functional.gradients import l2_norms
+from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.plotting import line_panels, sign_map
 
 log = logging.getLogger(__name__)
 
-TOTAL = "__total__"
 _INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings")
 _FRACTIONS = ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction")
+_EPOCH_MEANS = (*_FRACTIONS, "update_norm")
+
+
+@dataclass
+class _Previous:
+    """What a step leaves for the comparison at the next (logged) step of the same optimiser.
+
+    Attributes:
+        state: ``int8`` code per tracked entry (`encode_previous`): gradient sign, update direction, below the
+            release threshold. One byte per entry: the only per-entry state kept between steps.
+        finite: 0-d bool tensor (on the device): whether every gradient of the step was finite.
+        count: The optimiser's step count of the step.
+        tracked: Indices (into the probe's parameters) of the tensors the state covers, in order.
+    """
+
+    state: torch.Tensor
+    finite: torch.Tensor
+    count: int
+    tracked: list[int]
+
+
+@dataclass
+class _Pending:
+    """A step between ``on_before_optimizer_step`` and the optimiser's post-step hook (device tensors only).
+
+    Attributes:
+        count: The optimiser's step count of this step.
+        tracked: Indices of the tracked tensors that have a gradient, in order.
+        log: The step is logged (a record is written).
+        snapshot: The next step is logged: this step leaves a `_Previous`.
+        step: ``trainer.global_step`` of the step.
+        epoch: ``trainer.current_epoch`` of the step.
+        finite: 0-d bool tensor: every gradient finite.
+        grad_norm: ``(P,)`` gradient norm per tracked tensor.
+        weights: Copies of the weights before the step (freed after the step).
+        flat: ``(N,)`` the gradients of the step, flat (only on a snapshot step; freed after the step).
+        histogram: ``(P, NUM_BINS)`` transition histogram (logged steps).
+        has_previous: A `_Previous` of the step before existed for the same tensors (logged steps).
+        previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
+        sample: The sign-map columns of this step's gradients (logged steps).
+        update_norm: ``(P,)`` ``||w_after - w_before||`` (set after the step).
+        weight_norm: ``(P,)`` ``||w_after||`` (set after the step).
+    """
+
+    count: int
+    tracked: list[int]
+    log: bool
+    snapshot: bool
+    step: int
+    epoch: int
+    finite: torch.Tensor
+    grad_norm: torch.Tensor
+    weights: Optional[list[torch.Tensor]] = None
+    flat: Optional[torch.Tensor] = None
+    histogram: Optional[torch.Tensor] = None
+    has_previous: bool = False
+    previous_finite: Optional[torch.Tensor] = None
+    sample: Optional[torch.Tensor] = None
+    update_norm: Optional[torch.Tensor] = None
+    weight_norm: Optional[torch.Tensor] = None
 
 
 class GradientDynamicsMonitor(ParameterProbe):
@@ -55,12 +116,20 @@ class GradientDynamicsMonitor(ParameterProbe):
     a logged one;
     a weight copy exists only during the steps it compares. A logged step costs one device-to-host transfer.
 
+    Headline metrics for ``EarlyStopping``/``ModelCheckpoint`` (``trainer.callback_metrics``, at every train
+    epoch end, on every rank): the epoch means over the logged steps of the ``__total__`` fractions and update
+    norm, ``<name>/epoch_mean_<stat>/__total__`` for ``zero_fraction``, ``released_fraction``,
+    ``retained_fraction``, ``sign_flip_fraction`` and ``update_norm`` (the same values are logged).
+
     At every epoch end it adds a row to a gradient-sign map (columns: gradient entries from the first to the
     last layer, deterministically subsampled to ``max_columns``): white where ``|g| > release_threshold``, red
     for small negative, green for small positive, black for exact zeros. It is drawn whole and zoomed on
-    ``zoom_columns`` to ``gradient_sign_map.png`` / ``gradient_sign_map_zoom.png`` and TensorBoard. At the end
-    of fit it plots zero counts, released fraction, flip fraction and update norm over training
-    (``gradient_dynamics.png``).
+    ``zoom_columns`` to ``<name>/gradient_sign_map.png`` / ``<name>/gradient_sign_map_zoom.png`` and TensorBoard;
+    its rows are kept in ``state_dict``. At the end of fit it plots zero counts, released fraction, flip
+    fraction and update norm over the whole history (a resumed run's included) to ``<name>/gradient_dynamics.png``.
+
+    No state is tied to where the parameters were at ``setup``: the index tensors of the sign-map columns
+    follow the gradients' device, and norms are taken in float32 (float64 for float64 gradients).
 
     Args:
         every_n_steps: Log at every n-th optimiser step (of each optimiser).
@@ -73,6 +142,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         include: Regular expression(s); only parameters whose name matches one are tracked.
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``gradient_dynamics``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -80,6 +150,9 @@ class GradientDynamicsMonitor(ParameterProbe):
     """
 
     probe_name = "gradient_dynamics"
+    layout_stats = ("zero_count", "zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction",
+                    "minima_crossings", "maxima_crossings", "grad_norm", "update_norm", "weight_norm",
+                    "grad_norm_ema", "weight_norm_ema")
 
     def __init__(
         self,
@@ -92,16 +165,15 @@ class GradientDynamicsMonitor(ParameterProbe):
         include: Patterns = None,
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(every_n_steps, include, exclude, output_dir)
-        for name, value in (("zero_threshold", zero_threshold), ("release_threshold", release_threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"Expected `{name}` to be a positive float, but got {value!r}")
+        super().__init__(every_n_steps, include, exclude, output_dir, name)
+        check_float("zero_threshold", zero_threshold, low=0.0, low_open=True)
+        check_float("release_threshold", release_threshold, low=0.0, low_open=True)
         if zero_threshold > release_threshold:
             raise ValueError(f"Expected `zero_threshold` <= `release_threshold`, but got {zero_threshold!r} > "
                              f"{release_threshold!r}")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
-            raise ValueError(f"Expected `ema_decay` to be in [0, 1), but got {ema_decay!r}")
+        check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
         check_positive_int("max_columns", max_columns)
         if (len(tuple(zoom_columns)) != 2 or not all(isinstance(c, int) for c in zoom_columns)
                 or not 0 <= zoom_columns[0] < zoom_columns[1]):
@@ -112,48 +184,68 @@ class GradientDynamicsMonitor(ParameterProbe):
         self.ema_decay = float(ema_decay)
         self.max_columns = max_columns
         self.zoom_columns = tuple(zoom_columns)
-        self._previous: dict[int, dict[str, Any]] = {}
-        self._pending: dict[int, dict[str, Any]] = {}
+        self._previous: dict[int, _Previous] = {}
+        self._pending: dict[int, _Pending] = {}
         self._hooks: list[Any] = []
         self._ema: dict[str, dict[str, float]] = {}
         self._epoch_sums: dict[str, list[float]] = {}
         self._sign_rows: list[np.ndarray] = []
         self._sign_epochs: list[int] = []
         self._latest_row: Optional[np.ndarray] = None
+        # Sign-map columns: per tracked tensor, the picked entries (CPU) and where they start in a map row.
         self._columns: list[torch.Tensor] = []
         self._column_offsets: list[int] = []
+        self._n_columns = 0
+        # Per (tracked indices, device): the picked entries' positions in the flat gradient of those tensors (on
+        # the device) and their columns in a map row (NumPy).
+        self._sample_index: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, np.ndarray]] = {}
         self._warned_nonfinite = False
 
-    def _state_config(self) -> dict[str, Any]:
-        return {**super()._state_config(), "zero_threshold": self.zero_threshold,
-                "release_threshold": self.release_threshold}
-
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ema": self._ema, "sign_rows": [r.tolist() for r in self._sign_rows],
-                "sign_epochs": list(self._sign_epochs)}
+        latest = None if self._latest_row is None else self._latest_row.tolist()
+        return {**super().state_dict(), "ema": {k: dict(v) for k, v in self._ema.items()},
+                "sign_rows": [r.tolist() for r in self._sign_rows], "sign_epochs": list(self._sign_epochs),
+                "latest_row": latest, "epoch_sums": {k: list(v) for k, v in self._epoch_sums.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._ema = state_dict.get("ema", {})
+        self._ema = {k: dict(v) for k, v in state_dict.get("ema", {}).items()}
         self._sign_rows = [np.asarray(r, dtype=np.int8) for r in state_dict.get("sign_rows", [])]
         self._sign_epochs = list(state_dict.get("sign_epochs", []))
+        latest = state_dict.get("latest_row")
+        self._latest_row = None if latest is None else np.asarray(latest, dtype=float)
+        self._epoch_sums = {k: [float(v[0]), int(v[1])] for k, v in state_dict.get("epoch_sums", {}).items()}
         self._previous = {}  # the first step after a restore has no previous gradient
 
     # -- setup and teardown -------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        super()._select(pl_module)
         sizes = [p.numel() for p in self._params]
         total = sum(sizes)
         picks = torch.unique(torch.linspace(0, total - 1, min(self.max_columns, total)).round().long())
         offsets = np.cumsum([0, *sizes])
         self._columns, self._column_offsets = [], []
-        for i, param in enumerate(self._params):
-            inside = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - int(offsets[i])
-            self._columns.append(inside.to(param.device))
+        for i in range(len(self._params)):
+            self._columns.append(picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - int(offsets[i]))
             self._column_offsets.append(int(np.searchsorted(picks.numpy(), offsets[i])))
+        if self._latest_row is not None and len(self._latest_row) != len(picks):
+            self._latest_row = None
         self._n_columns = len(picks)
+        self._sample_index = {}
+
+    def _sample_index_for(self, tracked: list[int], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+        """The sign-map columns of the ``tracked`` tensors: their positions in ``cat(grads of tracked)`` (on
+        ``device``, created at the first step that meets it) and in a map row; built once per key."""
+        key = (tuple(tracked), device)
+        if key not in self._sample_index:
+            starts = np.cumsum([0] + [self._params[i].numel() for i in tracked[:-1]])
+            index = torch.cat([self._columns[i] + int(start) for i, start in zip(tracked, starts)]).to(device)
+            row = np.concatenate([self._column_offsets[i] + np.arange(len(self._columns[i])) for i in tracked])
+            self._sample_index[key] = (index, row)
+        return self._sample_index[key]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # re-selects the parameters the strategy may have replaced
         self._remove_hooks()
         if trainer.is_global_zero:
             for optimizer in trainer.optimizers:
@@ -194,22 +286,23 @@ class GradientDynamicsMonitor(ParameterProbe):
         grads = [p.grad.detach() for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) every tracked entry of this optimiser
         zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
-        flat = flat.float()
-        grad_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # (P,)
-        pending: dict[str, Any] = {"count": count, "tracked": tracked, "log": log_now, "snapshot": snapshot,
-                                   "weights": [p.detach().clone() for p in params],
-                                   "step": trainer.global_step, "epoch": trainer.current_epoch,
-                                   "finite": torch.isfinite(grad_norm).all(), "grad_norm": grad_norm}
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        grad_norm = l2_norms(grads)  # (P,)
+        pending = _Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
+                           step=trainer.global_step, epoch=trainer.current_epoch,
+                           finite=torch.isfinite(grad_norm).all(), grad_norm=grad_norm,
+                           weights=[p.detach().clone() for p in params])
         if log_now:
-            has_previous = previous is not None and previous["count"] == count - 1 and previous["tracked"] == tracked
-            state = previous["state"] if has_previous else torch.zeros_like(flat, dtype=torch.int8)
-            pending["histogram"] = transition_histogram(state, flat, zero_threshold, self.release_threshold,
-                                                        [g.numel() for g in grads])  # (P, 126)
-            pending["has_previous"] = has_previous
-            pending["previous_finite"] = previous["finite"] if has_previous else pending["finite"]
-            pending["sample"] = torch.cat([g.reshape(-1)[self._columns[i]].float() for i, g in zip(tracked, grads)])
+            pending.has_previous = (previous is not None and previous.count == count - 1
+                                    and previous.tracked == tracked)
+            state = previous.state if pending.has_previous else torch.zeros_like(flat, dtype=torch.int8)
+            pending.histogram = transition_histogram(state, flat, zero_threshold, self.release_threshold,
+                                                     [g.numel() for g in grads])  # (P, 126)
+            pending.previous_finite = previous.finite if pending.has_previous else pending.finite
+            pending.sample = flat[self._sample_index_for(tracked, flat.device)[0]]
         if snapshot:
-            pending["flat"] = flat  # needed with the update to encode the state; freed after the step
+            pending.flat = flat  # needed with the update to encode the state; freed after the step
         self._pending[opt_index] = pending
 
     def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -218,17 +311,19 @@ class GradientDynamicsMonitor(ParameterProbe):
         pending = self._pending.pop(opt_index, None)
         if pending is None:
             return
-        params = [self._params[i].detach() for i in pending["tracked"]]
+        params = [self._params[i].detach() for i in pending.tracked]
         with torch.no_grad():
-            deltas = torch._foreach_sub(params, pending.pop("weights"))
-        if pending["snapshot"]:
+            deltas = torch._foreach_sub(params, pending.weights)
+        pending.weights = None
+        if pending.snapshot:
             update = torch.cat([d.reshape(-1) for d in deltas])
-            self._previous[opt_index] = {"state": encode_previous(pending.pop("flat"), update, self.release_threshold),
-                                         "finite": pending["finite"], "count": pending["count"],
-                                         "tracked": pending["tracked"]}
-        if pending["log"]:
-            pending["update_norm"] = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float32))
-            pending["weight_norm"] = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+            self._previous[opt_index] = _Previous(state=encode_previous(pending.flat, update, self.release_threshold),
+                                                  finite=pending.finite, count=pending.count,
+                                                  tracked=pending.tracked)
+            pending.flat = None
+        if pending.log:
+            pending.update_norm = l2_norms(deltas)
+            pending.weight_norm = l2_norms(params)
             self._write(trainer, opt_index, pending, skipped=False)
 
     def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
@@ -238,7 +333,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             if pending is None:
                 continue
             self._previous.pop(index, None)
-            if pending["log"]:
+            if pending.log:
                 self._write(trainer, index, pending, skipped=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -247,34 +342,34 @@ class GradientDynamicsMonitor(ParameterProbe):
             self._resolve_skipped(trainer)
 
     # -- records ------------------------------------------------------------------------------------
-    def _write(self, trainer: pl.Trainer, opt_index: int, pending: dict[str, Any], skipped: bool) -> None:
-        tracked = pending["tracked"]
+    def _write(self, trainer: pl.Trainer, opt_index: int, pending: _Pending, skipped: bool) -> None:
+        tracked = pending.tracked
         n_layers = len(tracked)
-        device = pending["histogram"].device
-        missing = torch.full((n_layers,), float("nan"), device=device)
-        flags = torch.stack([pending["finite"], pending["previous_finite"]])
+        device = pending.histogram.device
+        missing = torch.full((n_layers,), float("nan"), dtype=torch.float64, device=device)
+        flags = torch.stack([pending.finite, pending.previous_finite])
         packed = torch.cat([  # everything the records need, in one transfer
-            pending["histogram"].double().reshape(-1),
-            pending["grad_norm"].double(),
-            pending.get("update_norm", missing).double(),
-            pending.get("weight_norm", missing).double(),
+            pending.histogram.double().reshape(-1),
+            pending.grad_norm.double(),
+            (missing if pending.update_norm is None else pending.update_norm).double(),
+            (missing if pending.weight_norm is None else pending.weight_norm).double(),
             flags.double(),
-            pending["sample"].double(),
+            pending.sample.double(),
         ]).cpu().numpy()
         sections = np.cumsum([n_layers * NUM_BINS, n_layers, n_layers, n_layers, 2])
         histogram, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
         finite, previous_finite = bool(flags[0]), bool(flags[1])
         if not finite and not self._warned_nonfinite:
             self._warned_nonfinite = True
-            rank_zero_warn(f"GradientDynamicsMonitor: non-finite gradients at step {pending['step']}"
+            rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {pending.step}"
                            f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
-        self._store_sample(tracked, sample)
+        self._store_sample(tracked, sample, device)
         counts = counts_from_histogram(histogram.reshape(n_layers, NUM_BINS).round().astype(np.int64))
         counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
         c = dict(zip(COUNT_NAMES, counts.T))
         sizes = np.array([self._params[i].numel() for i in tracked] + [0], dtype=float)
         sizes[-1] = sizes[:-1].sum()
-        comparable = pending["has_previous"] and previous_finite and finite and not skipped
+        comparable = pending.has_previous and previous_finite and finite and not skipped
         with np.errstate(divide="ignore", invalid="ignore"):
             columns: dict[str, Any] = {"zero_count": c["zero"], "zero_fraction": c["zero"] / sizes}
             nan = np.full(n_layers + 1, np.nan)
@@ -289,7 +384,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = self._base_record(trainer, opt_index)
-        base.update(step=pending["step"], epoch=pending["epoch"], skipped=skipped, has_previous=comparable)
+        base.update(step=pending.step, epoch=pending.epoch, skipped=skipped, has_previous=comparable)
         keys = list(columns)
         rows = np.stack([np.asarray(columns[k], dtype=float) for k in keys], axis=1).tolist()
         records = []
@@ -301,10 +396,9 @@ class GradientDynamicsMonitor(ParameterProbe):
             records.append(record)
         self._accumulate_epoch(records[-1])
         self.write_records(trainer, records)
-        if self.logger_due(trainer, pending["step"]):
-            self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer']}": r[key]
-                                       for r in records for key in (*keys, "grad_norm_ema", "weight_norm_ema")},
-                             pending["step"])
+        if self.logger_due(trainer, pending.step):
+            self.log_scalars(trainer, self.scalars(records, (*keys, "grad_norm_ema", "weight_norm_ema")),
+                             pending.step)
 
     def _update_ema(self, name: str, record: dict[str, Any]) -> None:
         ema = self._ema.setdefault(name, {})
@@ -315,32 +409,34 @@ class GradientDynamicsMonitor(ParameterProbe):
             record[f"{key}_ema"] = ema.get(key)
 
     def _accumulate_epoch(self, total: dict[str, Any]) -> None:
-        for key in (*_FRACTIONS, "update_norm"):
+        for key in _EPOCH_MEANS:
             if total.get(key) is not None:
                 acc = self._epoch_sums.setdefault(key, [0.0, 0])
                 acc[0] += total[key]
                 acc[1] += 1
 
-    def _store_sample(self, tracked: list[int], sample: np.ndarray) -> None:
+    def _store_sample(self, tracked: list[int], sample: np.ndarray, device: torch.device) -> None:
+        """Put a logged step's sign-map columns into the latest row (the epoch's row at its end)."""
         if self._latest_row is None:
             self._latest_row = np.full(self._n_columns, np.nan)
-        position = 0
-        for i in tracked:
-            n = len(self._columns[i])
-            start = self._column_offsets[i]
-            self._latest_row[start:start + n] = sample[position:position + n]
-            position += n
+        self._latest_row[self._sample_index_for(tracked, device)[1]] = sample
 
     # -- epoch and fit end --------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_sums = {}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        self._resolve_skipped(trainer)
-        means = {f"{self.probe_name}/epoch_mean_{k}/{TOTAL}": s / n for k, (s, n) in self._epoch_sums.items() if n}
-        self.log_scalars(trainer, means, trainer.global_step)
+        means = None
+        if trainer.is_global_zero:
+            self._resolve_skipped(trainer)
+            means = self.scalars([{"layer": TOTAL, **{k: s / n for k, (s, n) in self._epoch_sums.items() if n}}],
+                                 _EPOCH_MEANS, prefix="epoch_mean_")
+            self.log_scalars(trainer, means, trainer.global_step)
+            self._add_sign_row(trainer)
+        # Every rank calls `publish` (rank 0's values are broadcast): only rank 0 computes the statistics.
+        self.publish(trainer, means, from_rank_zero=True)
+
+    def _add_sign_row(self, trainer: pl.Trainer) -> None:
         if self._latest_row is not None:
             row = self._latest_row
             categories = np.where(np.abs(row) > self.release_threshold, 0,
@@ -353,22 +449,21 @@ class GradientDynamicsMonitor(ParameterProbe):
         rows = np.stack(self._sign_rows)
         title = f"Gradient-sign map, threshold {self.release_threshold:g}"
         self.save_figure(trainer, sign_map(rows, self._sign_epochs, title), "gradient_sign_map.png",
-                         f"{self.probe_name}/sign_map", trainer.global_step)
+                         "sign_map", trainer.global_step)
         start, stop = self.zoom_columns
         stop = min(stop, rows.shape[1])
         if start < stop:
             fig = sign_map(rows, self._sign_epochs, title + f" (columns {start}-{stop})", (start, stop))
-            self.save_figure(trainer, fig, "gradient_sign_map_zoom.png", f"{self.probe_name}/sign_map_zoom",
+            self.save_figure(trainer, fig, "gradient_sign_map_zoom.png", "sign_map_zoom",
                              trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self._writer is None:
+        if not trainer.is_global_zero:
             return
-        self._writer.close()
-        totals = [r for r in read_jsonl(self._writer.path) if r.get("layer") == TOTAL]
+        totals = [r for r in self.read_history() if r.get("layer") == TOTAL]
         if not totals:
             return
         series = {key: [np.nan if r.get(key) is None else r[key] for r in totals]
                   for key in ("zero_count", "released_fraction", "sign_flip_fraction", "update_norm")}
         fig = line_panels([r["step"] for r in totals], series, "optimiser step", "Gradient dynamics (all layers)")
-        self.save_figure(trainer, fig, "gradient_dynamics.png", f"{self.probe_name}/over_training", trainer.global_step)
+        self.save_figure(trainer, fig, "gradient_dynamics.png", "over_training", trainer.global_step)

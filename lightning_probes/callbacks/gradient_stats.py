@@ -13,12 +13,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import ParameterProbe, check_positive_int
 from lightning_probes.functional.gradients import nonfinite_counts, norm_summary, stats_from_summary, total_summary
-from lightning_probes.naming import Patterns
+from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.plotting import grouped_bars
 
 log = logging.getLogger(__name__)
-
-TOTAL = "__total__"
 
 
 class GradientStatsMonitor(ParameterProbe):
@@ -32,16 +30,28 @@ class GradientStatsMonitor(ParameterProbe):
 
     It also accumulates the mean and std of ``|g|`` per layer, pooled over all entries of the first ``window``
     optimiser steps of training and of the last ``window`` steps of the final epoch, and at the end of fit
-    writes them to ``gradient_flow.json`` and draws them as ``gradient_flow.png`` (and a TensorBoard image).
+    writes them to ``<name>/gradient_flow.json`` and draws them as ``<name>/gradient_flow.png`` (and a
+    TensorBoard image ``<name>/gradient_flow``).
+
+    Headline metrics for ``EarlyStopping``/``ModelCheckpoint`` (``trainer.callback_metrics``, at every train
+    epoch end, on every rank): ``<name>/nonfinite_epoch``, the non-finite gradient entries seen on the logged
+    steps of the epoch (0 when none), and ``<name>/grad_norm/__total__``, the global gradient norm of the last
+    logged step (left out while it is non-finite).
+
+    State (window sums, the headline values) is allocated at the first step that needs it, on the device and
+    in the dtype of the gradients met there, so the strategy may move or convert the module after ``setup``;
+    restored (CPU) state moves to the gradients' device at its first use.
 
     Args:
         every_n_steps: Log at every n-th optimiser step (of each optimiser).
         window: Number of optimiser steps in the first and last gradient-flow windows.
-        histogram_every_n_steps: Also send gradient histograms to loggers that support them (TensorBoard)
-            every n steps; ``None`` disables them. Each histogram copies the gradient to the host.
+        histogram_every_n_steps: Also send gradient histograms (tags ``<name>/histogram/<layer>``) to loggers
+            that support them (TensorBoard) every n steps; ``None`` disables them. Each histogram copies the
+            gradient to the host.
         include: Regular expression(s); only parameters whose name matches one are tracked.
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``gradient_stats``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -49,6 +59,7 @@ class GradientStatsMonitor(ParameterProbe):
     """
 
     probe_name = "gradient_stats"
+    layout_stats = ("grad_abs_mean", "grad_abs_std", "grad_norm", "grad_abs_max", "nonfinite")
 
     def __init__(
         self,
@@ -58,8 +69,9 @@ class GradientStatsMonitor(ParameterProbe):
         include: Patterns = None,
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(every_n_steps, include, exclude, output_dir)
+        super().__init__(every_n_steps, include, exclude, output_dir, name)
         check_positive_int("window", window)
         check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         self.window = window
@@ -67,34 +79,50 @@ class GradientStatsMonitor(ParameterProbe):
         # Per tracked parameter: [sum |g|, sum g^2, entries] over the window's finite steps.
         self._first_window: Optional[torch.Tensor] = None
         self._last_window: Optional[torch.Tensor] = None
+        # Per (tracked indices, device): the index and entry-count tensors of `_accumulate_windows`.
+        self._window_index: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._batch_idx = 0
         self._warned_nonfinite = False
-
-    def _state_config(self) -> dict[str, Any]:
-        return {**super()._state_config(), "window": self.window}
+        # Headline metrics (global rank 0), see `on_train_epoch_end`: (epoch, non-finite entries counted in it).
+        self._nonfinite_count: tuple[int, int] = (-1, 0)
+        self._last_total_norm: Optional[float] = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         for key in ("_first_window", "_last_window"):
             value = getattr(self, key)
             state[key.lstrip("_")] = None if value is None else value.detach().cpu()
+        state["nonfinite_count"] = list(self._nonfinite_count)
+        state["last_total_norm"] = self._last_total_norm
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._first_window = state_dict.get("first_window")
+        self._first_window = state_dict.get("first_window")  # CPU tensors: moved at their first use
         self._last_window = state_dict.get("last_window")
+        epoch, count = state_dict.get("nonfinite_count", (-1, 0))
+        self._nonfinite_count = (int(epoch), int(count))
+        self._last_total_norm = state_dict.get("last_total_norm")
 
-    # -- hooks --------------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        device = self._params[0].device
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        super()._select(pl_module)
+        self._window_index = {}
+
+    def _windows_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first/last window sums, ``(P, 3)`` float64 on ``device``: allocated at the first use, restored
+        state moved there, state of another parameter selection discarded."""
         for key in ("_first_window", "_last_window"):
             value = getattr(self, key)
-            if value is None or value.shape[0] != len(self._params):
-                value = torch.zeros(len(self._params), 3, dtype=torch.float64)
-            setattr(self, key, value.to(device))
+            if value is None or value.shape != (len(self._params), 3):
+                value = torch.zeros(len(self._params), 3, dtype=torch.float64, device=device)
+            elif value.device != device or value.dtype != torch.float64:
+                value = value.to(device=device, dtype=torch.float64)
+            else:
+                continue
+            setattr(self, key, value)
+        return self._first_window, self._last_window
 
+    # -- hooks --------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_window is not None and self._steps_left_in_epoch(trainer, 0) >= self.window:
             self._last_window.zero_()  # a fresh epoch (not a mid-epoch resume) starts a fresh last window
@@ -140,15 +168,20 @@ class GradientStatsMonitor(ParameterProbe):
 
     def _accumulate_windows(self, tracked: list[int], grads: list[torch.Tensor], summary: torch.Tensor,
                             in_first: bool, in_last: bool) -> None:
-        numel = torch.tensor([g.numel() for g in grads], dtype=torch.float64, device=summary.device)
-        rows = torch.stack([summary[:, 0].double(), summary[:, 1].double().square(), numel], dim=1)
+        first, last = self._windows_on(summary.device)
+        key = (tuple(tracked), summary.device)
+        if key not in self._window_index:
+            self._window_index[key] = (torch.tensor(tracked, device=summary.device),
+                                       torch.tensor([g.numel() for g in grads], dtype=torch.float64,
+                                                    device=summary.device))
+        index, numel = self._window_index[key]
+        rows = torch.stack([summary[:, 0].double(), summary[:, 1].double().square(), numel], dim=1)  # (P', 3)
         finite = torch.isfinite(rows).all(dim=1, keepdim=True)  # a non-finite step is left out, without a sync
         rows = torch.where(finite, rows, torch.zeros_like(rows))
-        index = torch.tensor(tracked, device=summary.device)
         if in_first:
-            self._first_window.index_add_(0, index, rows)
+            first.index_add_(0, index, rows)
         if in_last:
-            self._last_window.index_add_(0, index, rows)
+            last.index_add_(0, index, rows)
 
     def _log_step(self, trainer: pl.Trainer, opt_index: int, tracked: list[int], grads: list[torch.Tensor],
                   summary: torch.Tensor) -> None:
@@ -159,10 +192,14 @@ class GradientStatsMonitor(ParameterProbe):
         if not torch.isfinite(summary).all():
             counts = nonfinite_counts(grads).cpu()
             nonfinite = torch.cat([counts, counts.sum().view(1)])
+            epoch, seen = self._nonfinite_count
+            seen = seen if epoch == trainer.current_epoch else 0
+            self._nonfinite_count = (trainer.current_epoch, seen + int(nonfinite[-1]))
             if not self._warned_nonfinite:
                 self._warned_nonfinite = True
-                rank_zero_warn(f"GradientStatsMonitor: non-finite gradients at step {trainer.global_step} "
-                               f"({int(counts.sum())} entries); they are counted in `nonfinite` (warned once).")
+                rank_zero_warn(f"GradientStatsMonitor {self.name!r}: non-finite gradients at step "
+                               f"{trainer.global_step} ({int(counts.sum())} entries); they are counted in "
+                               f"`nonfinite` (warned once).")
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = self._base_record(trainer, opt_index)
         keys = list(stats)
@@ -175,18 +212,25 @@ class GradientStatsMonitor(ParameterProbe):
             record.update((k, None if v != v else v) for k, v in zip(keys, row))
             record["nonfinite"] = count
             records.append(record)
+        self._last_total_norm = records[-1]["grad_norm"]
         self.write_records(trainer, records)
         if self.logger_due(trainer, trainer.global_step):
-            self.log_scalars(trainer, {f"{self.probe_name}/{k}/{r['layer']}": r[k] for r in records
-                                       for k in (*keys, "nonfinite")}, trainer.global_step)
+            self.log_scalars(trainer, self.scalars(records, (*keys, "nonfinite")), trainer.global_step)
 
     def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor]) -> None:
         for logger in trainer.loggers:
             add_histogram = getattr(getattr(logger, "experiment", None), "add_histogram", None)
             if callable(add_histogram):
                 for i, grad in zip(tracked, grads):
-                    add_histogram(f"{self.probe_name}/histogram/{self._names[i]}", grad.detach().float().cpu(),
+                    add_histogram(f"{self.name}/histogram/{self._names[i]}", grad.detach().float().cpu(),
                                   trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank calls `publish` (rank 0's values are broadcast): only rank 0 computes the statistics.
+        epoch, seen = self._nonfinite_count
+        metrics = {f"{self.name}/nonfinite_epoch": seen if epoch == trainer.current_epoch else 0,
+                   f"{self.name}/grad_norm/{TOTAL}": self._last_total_norm}
+        self.publish(trainer, metrics, from_rank_zero=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._first_window is None:
@@ -207,4 +251,4 @@ class GradientStatsMonitor(ParameterProbe):
                                                for w in ("first", "last")}
                   for stat in ("mean", "std")}
         fig = grouped_bars(self._names, panels, title=f"Gradient flow: first vs last {self.window} optimiser steps")
-        self.save_figure(trainer, fig, "gradient_flow.png", f"{self.probe_name}/gradient_flow", trainer.global_step)
+        self.save_figure(trainer, fig, "gradient_flow.png", "gradient_flow", trainer.global_step)

@@ -10,6 +10,8 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.checks import check_choice, check_float
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.representations import (
     MomentAccumulator,
     cka_from_covariances,
@@ -28,21 +30,30 @@ class LayerCorrelationMonitor(RepresentationProbe):
     covariance matrix over all their features, from which it derives, for every pair of layers ``i <= j``:
 
     - the Pearson cross-correlation matrix between their features, drawn together as a "matrix of
-      correlation matrices" (``layer_correlation.png``), and its mean absolute value
+      correlation matrices" (``<name>/correlation.png``), and its mean absolute value
       (``mean_abs_correlation``; features with zero variance are left out);
     - linear CKA (Kornblith et al. 2019), a similarity in [0, 1], from the covariance blocks; or, with
       ``cka="minibatch_unbiased"``, the unbiased minibatch estimator of Nguyen et al. (2021) averaged over
       batches of ``batch_size`` probe samples (needs ``batch_size > 3``). Drawn as a layer x layer heatmap
-      (``cka.png``).
+      (``<name>/cka.png``).
 
-    Records per (epoch, pair) go to ``layer_correlation.jsonl`` and ``layer_correlation/<stat>/<a>__<b>``;
+    Records per (epoch, pair) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<a>__<b>``; the headline
+    ``<name>/cka_adjacent_mean`` (mean CKA of adjacent layers in the selection's order) goes to the loggers and
+    to ``trainer.callback_metrics`` (``EarlyStopping``/``ModelCheckpoint`` can monitor it). In ``<name>/``:
     ``corr_means.json`` holds the pair summaries of every analysed epoch, plotted over epochs in
     ``corr_means.png``. The cost of one pass is a ``(features x features)`` product per batch.
 
+    Memory: the float64 ``(F x F)`` covariance over all ``F`` kept features of all layers, with the
+    correlation derived from it, needs about ``4 * 8 * F**2`` bytes at its peak. At the first analysis, once
+    one forward has shown the layers' widths, a run above ``max_memory_gb`` stops with an error naming the
+    estimate; select fewer ``layers`` or lower ``max_features``.
+
     Args:
         cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"`` (per ``batch_size`` minibatch).
+        max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance pass (> 0).
         **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``,
-            ``every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``, ``output_dir``.
+            ``every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``, ``forward_fn``, ``input_key``,
+            ``target_key``, ``output_dir``, ``name``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -50,14 +61,17 @@ class LayerCorrelationMonitor(RepresentationProbe):
     """
 
     probe_name = "layer_correlation"
+    layout_stats = ("mean_abs_correlation", "cka")
 
-    def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear", **kwargs: Any) -> None:
+    def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear", max_memory_gb: float = 2.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if cka not in ("linear", "minibatch_unbiased"):
-            raise ValueError(f"Expected `cka` to be one of ('linear', 'minibatch_unbiased'), but got {cka!r}")
+        check_choice("cka", cka, ("linear", "minibatch_unbiased"))
+        check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         if cka == "minibatch_unbiased" and self.batch_size <= 3:
             raise ValueError(f"The unbiased minibatch CKA needs `batch_size` > 3, but got {self.batch_size}")
         self.cka = cka
+        self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "pairs": {}}
 
     def state_dict(self) -> dict[str, Any]:
@@ -70,8 +84,18 @@ class LayerCorrelationMonitor(RepresentationProbe):
     def minimum_samples(self) -> int:
         return 4 if self.cka == "minibatch_unbiased" else 2
 
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        inputs, _ = self.probe_set(trainer)
+    def check_widths(self, widths: dict[str, int]) -> None:
+        features = sum(widths.values())
+        estimate = estimated_bytes(features) / 1e9
+        if estimate > self.max_memory_gb:
+            raise ProbeConfigurationError(
+                f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 ({features} x {features}) "
+                f"covariance over the features of {len(widths)} layers, above `max_memory_gb`={self.max_memory_gb:g}. "
+                f"Select fewer `layers`, lower `max_features` (now {self.max_features}), or raise `max_memory_gb`. "
+                f"Widths: {dict(sorted(widths.items(), key=lambda kv: -kv[1])[:8])}")
+
+    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
+        probe = self.probe_set(trainer)
         state: dict[str, Any] = {"moments": None, "hsic": None, "widths": None}
 
         def consume(outputs: dict[str, torch.Tensor]) -> None:
@@ -85,7 +109,7 @@ class LayerCorrelationMonitor(RepresentationProbe):
                 hsic = minibatch_hsic_terms(grams)
                 state["hsic"] = hsic if state["hsic"] is None else state["hsic"] + hsic
 
-        self.for_each_batch(pl_module, inputs, self.max_features, consume)
+        self.for_each_batch(pl_module, probe.chunks(self.batch_size), self.max_features, consume)
         names = list(self._modules)
         cov = state["moments"].covariance()
         corr = correlation_from_covariance(cov).cpu()
@@ -107,13 +131,15 @@ class LayerCorrelationMonitor(RepresentationProbe):
                 records.append({"epoch": epoch, "step": trainer.global_step, "layer_a": names[i], "layer_b": names[j],
                                 "mean_abs_correlation": mean_abs, "cka": float(cka[i, j])})
         self._report(trainer, epoch, names, records, corr.numpy(), edges, cka.numpy())
+        adjacent = [float(cka[i, i + 1]) for i in range(len(names) - 1)]
+        return {f"{self.name}/cka_adjacent_mean": float(np.mean(adjacent)) if adjacent else None}
 
     def _report(self, trainer: pl.Trainer, epoch: int, names: list[str], records: list[dict[str, Any]],
                 corr: np.ndarray, edges: np.ndarray, cka: np.ndarray) -> None:
         self.write_records(trainer, records)
         step = trainer.global_step
-        self.log_scalars(trainer, {f"{self.probe_name}/{key}/{r['layer_a']}__{r['layer_b']}": r[key]
-                                   for r in records for key in ("mean_abs_correlation", "cka")}, step)
+        self.log_scalars(trainer, self.scalars([{**r, "pair": f"{r['layer_a']}__{r['layer_b']}"} for r in records],
+                                              ("mean_abs_correlation", "cka"), layer_key="pair"), step)
         self.history["layers"] = names
         self.history["epochs"].append(epoch)
         for r in records:
@@ -132,10 +158,10 @@ class LayerCorrelationMonitor(RepresentationProbe):
             ax.axvline(edge - 0.5, color="k", linewidth=0.5)
         ax.set_xticks(centers, names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(centers, names, fontsize=7)
-        self.save_figure(trainer, fig, "layer_correlation.png", f"{self.probe_name}/correlation", step)
+        self.save_figure(trainer, fig, "correlation.png", "correlation", step)
         fig = Figure(figsize=(1.5 + 0.5 * len(names), 1.0 + 0.45 * len(names)), layout="constrained")
         heatmap(cka, f"{self.cka} CKA, epoch {epoch}", names, names, vmin=0, vmax=1, annotate=True, ax=fig.subplots())
-        self.save_figure(trainer, fig, "cka.png", f"{self.probe_name}/cka", step)
+        self.save_figure(trainer, fig, "cka.png", "cka", step)
         if len(self.history["epochs"]) > 1:
             adjacent = [f"{a}|{b}" for a, b in zip(names[:-1], names[1:])]
             series = {}
@@ -143,4 +169,10 @@ class LayerCorrelationMonitor(RepresentationProbe):
                 for pair in adjacent[:6]:
                     series[f"{key}\n{pair}"] = [np.nan if v is None else v for v in self.history["pairs"][pair][key]]
             fig = line_panels(self.history["epochs"], series, "epoch", "Adjacent layers over training")
-            self.save_figure(trainer, fig, "corr_means.png", f"{self.probe_name}/over_training", step)
+            self.save_figure(trainer, fig, "corr_means.png", "over_training", step)
+
+
+def estimated_bytes(features: int) -> int:
+    """Peak bytes of the covariance pass over ``features`` features: about four float64 ``(F x F)`` matrices
+    (the streamed sums, the covariance, the correlation and a temporary)."""
+    return 4 * 8 * features * features

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -12,27 +11,42 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 
-from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
-from lightning_probes.functional.robustness import kl_from_clean, noisy_logits, stability_ratio
-from lightning_probes.io import atomic_save_npz
-from lightning_probes.probe_data import collect_probe_set, forked_rng
+from lightning_probes.callbacks.analysis_base import AnalysisProbe
+from lightning_probes.checks import check_float, check_positive_int
+from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
+from lightning_probes.probe_data import (
+    ProbeInputError,
+    batch_inputs,
+    module_device_dtype,
+    replace_inputs,
+    run_forward,
+    to_module,
+)
 
 log = logging.getLogger(__name__)
 
 
-class NoiseRobustnessMonitor(ProbeCallback):
+class NoiseRobustnessMonitor(AnalysisProbe):
     """Stability of predictions under Gaussian input noise, on a fixed, class-balanced validation subset.
 
-    At the end of every ``every_n_epochs``-th validation epoch (global rank 0, model in ``eval()`` and
-    ``no_grad``, previous mode restored), each of ``num_samples`` validation samples (chosen once, seeded,
-    balanced over classes where possible, from the first ``search_batches`` validation batches) is copied
-    ``num_draws`` times with ``sigma * N(0, 1)`` added (``sigma`` in the inputs' normalised units). Its
-    stability ratio is the share of noisy predictions equal to the clean prediction. Logged as
-    ``noise_robustness/stability_ratio_mean``, ``..._median``, ``..._mean_correct``, ``..._mean_wrong`` (split
-    by whether the clean prediction is right) and, with ``kl=True``, ``kl_mean`` (mean KL divergence of the
-    noisy from the clean softmax). Per-sample ratios are saved each epoch to
-    ``noise_robustness_epoch<E>.npz`` (``sample_index``, ``label``, ``clean_pred``, ``ratio``, ``kl``), the
-    label set for models that learn to predict confidence; a histogram goes to ``noise_robustness.png``.
+    At the end of every ``every_n_epochs``-th validation epoch (global rank 0, in
+    `lightning_probes.probe_data.analysis_mode`: ``eval()``, ``no_grad``, forked random state, modes restored),
+    each of ``num_samples`` validation samples (chosen once, seeded, balanced over classes where the batches
+    carry labels, from the first ``search_batches`` validation batches) is copied ``num_draws`` times with
+    ``sigma * N(0, 1)`` added to its input tensor (``sigma`` in the inputs' normalised units). Its stability
+    ratio is the share of noisy predictions (argmax of the logits) equal to the clean prediction. Logged as
+    ``<name>/stability_ratio_mean`` (the headline: also in ``trainer.callback_metrics``, on every rank, for
+    ``EarlyStopping``/``ModelCheckpoint``), ``..._median``, ``..._mean_correct``, ``..._mean_wrong`` (split
+    by whether the clean prediction is right; needs labels) and, with ``kl=True``, ``kl_mean`` (mean KL
+    divergence of the noisy from the clean softmax). Records go to ``<name>.jsonl``; per-sample ratios are
+    saved each epoch to ``<name>/epoch<E>.npz`` (``sample_index``, ``label`` (-1 without labels),
+    ``clean_pred``, ``ratio``, ``kl``), the label set for models that learn to predict confidence; a histogram
+    goes to ``<name>/histogram.png``.
+
+    Logits: ``pl_module(x)`` by default, which must be a floating ``(N, num_classes)`` tensor; ``logits_fn``
+    gets them from models that return tuples or dicts; ``forward_fn`` runs the model on the whole (noisy) batch
+    (several inputs) and must return the logits. The noise goes to the input tensor: the batch's first element,
+    or ``batch[input_key]``; it must be floating point (token ids cannot be perturbed this way).
 
     Args:
         num_samples: Validation samples to probe.
@@ -43,7 +57,15 @@ class NoiseRobustnessMonitor(ProbeCallback):
         seed: Seed of the sample choice and of the noise.
         chunk_size: Most noisy inputs per forward pass.
         search_batches: Validation batches searched for the subset (bounds the one-off cost).
+        logits_fn: ``logits_fn(pl_module, x) -> (N, num_classes)`` logits of an input tensor, e.g.
+            ``lambda module, x: module(x)[0]``; default ``pl_module(x)``. Not together with ``forward_fn``.
+        forward_fn: ``forward_fn(pl_module, batch) -> (N, num_classes)`` logits of a whole probe batch whose
+            input tensor holds the noisy copies (models with several inputs). Not together with ``logits_fn``.
+        input_key: For dict batches: the key of the input tensor to perturb.
+        target_key: For dict batches: the key of the class labels.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``noise_robustness``. Two monitors (say, two
+            ``sigma``) need two names.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -51,6 +73,7 @@ class NoiseRobustnessMonitor(ProbeCallback):
     """
 
     probe_name = "noise_robustness"
+    layout_stats = ()
 
     def __init__(
         self,
@@ -62,80 +85,107 @@ class NoiseRobustnessMonitor(ProbeCallback):
         seed: int = 0,
         chunk_size: int = 2048,
         search_batches: int = 50,
+        logits_fn: Optional[Callable[[Any, Any], Any]] = None,
+        forward_fn: Optional[Callable[[Any, Any], Any]] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir)
-        check_positive_int("num_samples", num_samples)
+        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
         check_positive_int("num_draws", num_draws)
         check_positive_int("every_n_epochs", every_n_epochs)
         check_positive_int("chunk_size", chunk_size)
-        check_positive_int("search_batches", search_batches)
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma >= 0 and math.isfinite(sigma)):
-            raise ValueError(f"Expected `sigma` to be a finite float >= 0, but got {sigma!r}")
-        self.num_samples, self.num_draws, self.sigma, self.kl = num_samples, num_draws, float(sigma), bool(kl)
-        self.every_n_epochs, self.seed, self.chunk_size = every_n_epochs, seed, chunk_size
-        self.search_batches = search_batches
-        self._inputs: Optional[torch.Tensor] = None
-        self._labels: Optional[torch.Tensor] = None
-        self._indices: Optional[torch.Tensor] = None
-
-    def _state_config(self) -> Mapping[str, Any]:
-        return {"sigma": self.sigma, "num_samples": self.num_samples, "output_dir": self._output_dir_arg}
-
-    def _collect(self, trainer: pl.Trainer) -> None:
-        self._inputs, self._labels, self._indices = collect_probe_set(trainer, self.num_samples, self.seed,
-                                                                      self.search_batches)
+        check_float("sigma", sigma, low=0.0)
+        if logits_fn is not None and not callable(logits_fn):
+            raise ValueError(f"Expected `logits_fn` to be None or a callable `logits_fn(pl_module, x)`, but got "
+                             f"{logits_fn!r}")
+        if logits_fn is not None and forward_fn is not None:
+            raise ValueError("Pass either `logits_fn` (logits of the input tensor) or `forward_fn` (logits of the "
+                             "whole batch), not both")
+        self.num_draws, self.sigma, self.kl = num_draws, float(sigma), bool(kl)
+        self.every_n_epochs, self.chunk_size = every_n_epochs, chunk_size
+        self.logits_fn = logits_fn
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with forked_rng(pl_module):  # iterating the val loader draws a seed from the global generator
-                if self._inputs is None:
-                    self._collect(trainer)
-                results = self._analyse(pl_module)
-        finally:
-            pl_module.train(was_training)
-        self._report(trainer, results)
+        self.run_analysis(trainer, pl_module, trainer.current_epoch)
 
-    @torch.no_grad()
-    def _analyse(self, pl_module: pl.LightningModule) -> dict[str, np.ndarray]:
-        device = pl_module.device
-        x = self._inputs.to(device)
+    def _logits(self, batch: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+        """``fn(module, x)``: the checked ``(n, C)`` logits of ``batch`` with its input tensor replaced by ``x``."""
+        if self.logits_fn is not None:
+            return lambda module, x: _checked(self.logits_fn(module, x), len(x), "logits_fn")
+        if self.forward_fn is not None:
+            return lambda module, x: _checked(self.forward_fn(module, replace_inputs(batch, x, self.input_key)),
+                                              len(x), "forward_fn")
+        return lambda module, x: _checked(run_forward(module, replace_inputs(batch, x, self.input_key), None,
+                                                      self.input_key), len(x), "logits_fn")
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
+        probe = self.probe_set(trainer)
+        inputs = probe.inputs(self.input_key, "forward_fn")
+        if not inputs.is_floating_point():
+            where = f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
+            raise ProbeInputError(f"{type(self).__name__} adds Gaussian noise to the input tensor ({where}), but it "
+                                  f"holds {inputs.dtype} values (token ids?); choose a floating-point input with "
+                                  "`input_key`, or leave this probe out for this model")
+        device, _ = module_device_dtype(pl_module)
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        clean = torch.cat([pl_module(part) for part in x.split(self.chunk_size)])  # (N, C)
-        noisy = noisy_logits(pl_module, x, self.sigma, self.num_draws, generator, self.chunk_size)  # (D, N, C)
-        clean_pred = clean.argmax(dim=1)
-        ratio = stability_ratio(clean_pred, noisy.argmax(dim=2))
-        out = {"sample_index": self._indices.numpy(), "label": self._labels.numpy(),
-               "clean_pred": clean_pred.cpu().numpy(), "ratio": ratio.cpu().numpy()}
-        out["kl"] = kl_from_clean(clean, noisy).cpu().numpy() if self.kl else np.full(len(ratio), np.nan)
-        return out
+        clean, noisy = [], []
+        for batch in probe.chunks(self.chunk_size):
+            batch = to_module(batch, pl_module)
+            x = batch_inputs(batch, self.input_key)
+            fn = self._logits(batch)
+            clean.append(fn(pl_module, x).double())  # (n, C)
+            noisy.append(noisy_logits(pl_module, x, self.sigma, self.num_draws, generator, len(x), fn).double())
+        clean_logits, noisy_all = torch.cat(clean), torch.cat(noisy, dim=1)  # (N, C), (D, N, C)
+        clean_pred = clean_logits.argmax(dim=1)
+        ratio = stability_ratio(clean_pred, noisy_all.argmax(dim=2))
+        labels = probe.labels.numpy() if probe.labels is not None else np.full(len(ratio), -1)
+        results = {"sample_index": probe.indices.numpy(), "label": labels,
+                   "clean_pred": clean_pred.cpu().numpy(), "ratio": ratio.cpu().numpy()}
+        results["kl"] = kl_from_clean(clean_logits, noisy_all).cpu().numpy() if self.kl \
+            else np.full(len(ratio), np.nan)
+        summary = self._report(trainer, epoch, results, has_labels=probe.labels is not None)
+        return {f"{self.name}/stability_ratio_mean": summary["stability_ratio_mean"]}
 
-    def _report(self, trainer: pl.Trainer, results: dict[str, np.ndarray]) -> None:
+    def _report(self, trainer: pl.Trainer, epoch: int, results: dict[str, np.ndarray],
+                has_labels: bool) -> dict[str, Any]:
         ratio = results["ratio"]
         correct = results["clean_pred"] == results["label"]
         summary = {
             "stability_ratio_mean": float(ratio.mean()),
             "stability_ratio_median": float(np.median(ratio)),
             "stability_ratio_mean_correct": float(ratio[correct].mean()) if correct.any() else None,
-            "stability_ratio_mean_wrong": float(ratio[~correct].mean()) if (~correct).any() else None,
-            "clean_accuracy": float(correct.mean()),
+            "stability_ratio_mean_wrong": float(ratio[~correct].mean()) if has_labels and (~correct).any() else None,
+            "clean_accuracy": float(correct.mean()) if has_labels else None,
             "kl_mean": float(np.nanmean(results["kl"])) if self.kl else None,
         }
-        epoch, step = trainer.current_epoch, trainer.global_step
+        step = trainer.global_step
         record = {"epoch": epoch, "step": step, "sigma": self.sigma, "num_samples": len(ratio),
                   "num_draws": self.num_draws, **summary}
         self.write_records(trainer, [record])
-        self.log_scalars(trainer, {f"{self.probe_name}/{k}": v for k, v in summary.items()}, step)
-        atomic_save_npz(self.path(f"{self.probe_name}_epoch{epoch}.npz"), **results)
+        others = [k for k in summary if k != "stability_ratio_mean"]  # the headline is logged by `run_analysis`
+        self.log_scalars(trainer, self.scalars([summary], others), step)
+        self.save_npz(trainer, f"epoch{epoch}.npz", **results)
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.subplots()
         bins = np.linspace(0, 1, 21)
-        ax.hist([ratio[correct], ratio[~correct]], bins=bins, stacked=True, label=["clean correct", "clean wrong"])
+        if has_labels:
+            ax.hist([ratio[correct], ratio[~correct]], bins=bins, stacked=True, label=["clean correct", "clean wrong"])
+            ax.legend(fontsize=7)
+        else:
+            ax.hist(ratio, bins=bins)
         ax.set(xlabel="stability ratio", ylabel="samples",
                title=f"sigma {self.sigma:g}, epoch {epoch}: mean {summary['stability_ratio_mean']:.3f}")
-        ax.legend(fontsize=7)
-        self.save_figure(trainer, fig, f"{self.probe_name}.png", f"{self.probe_name}/histogram", step)
+        self.save_figure(trainer, fig, "histogram.png", "histogram", step)
+        return summary
+
+
+def _checked(logits: Any, rows: int, source: str) -> torch.Tensor:
+    """`check_logits`, its ``TypeError`` raised as a `ProbeInputError` (a configuration error for the CLI)."""
+    try:
+        return check_logits(logits, rows, source)
+    except TypeError as err:
+        raise ProbeInputError(str(err)) from None

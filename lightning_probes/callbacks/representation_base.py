@@ -1,4 +1,4 @@
-"""`RepresentationProbe`: the schedule, probe set and capture pass shared by the representation probes."""
+"""`RepresentationProbe`: the schedule, layer selection and capture pass shared by the representation probes."""
 
 from __future__ import annotations
 
@@ -7,31 +7,45 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_probes.callbacks.base import ProbeCallback, check_positive_int
+from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
-from lightning_probes.probe_data import MissingValidationDataError, collect_probe_set, forked_rng
+from lightning_probes.checks import check_positive_int
+from lightning_probes.errors import ProbeConfigurationError
 
 
-class RepresentationProbe(ProbeCallback):
+class RepresentationProbe(AnalysisProbe):
     """Base of probes that analyse layer outputs on a fixed, seeded set of validation samples.
 
     The analysis runs at the start of training (labelled epoch 0: the untrained network) and after every
     ``every_n_epochs``-th training epoch (labelled with the number of epochs completed), on global rank 0 only,
-    with the model in ``eval()`` and ``no_grad`` (the previous mode is restored). Forward hooks exist only
-    during that pass and are always removed.
+    in `lightning_probes.probe_data.analysis_mode` (``eval()``, ``no_grad``, forked random state, modes
+    restored); every rank then publishes the probe's headline scalar (see `AnalysisProbe`). Forward hooks
+    exist only during that pass and are always removed.
+
+    Layers are selected at ``on_fit_start`` (after ``configure_model`` and after the strategy has moved and
+    converted the module), and checked at the first analysis by one forward of the first probe batch: with the
+    default selection, modules that are never called in the forward pass (e.g. the ``out_proj`` of
+    ``nn.MultiheadAttention``, used through its weight) are left out with a message; named ``layers`` must all
+    produce an output. A subclass may check the layers' feature widths then (`check_widths`).
 
     Args:
         layers: Module names to analyse (as in ``named_modules``); default: every leaf module with parameters
             plus activation modules.
-        num_samples: Size of the probe set (class-balanced, seeded, from the first validation batches).
+        num_samples: Size of the probe set (class-balanced where the batches carry labels, seeded, from the first
+            validation batches).
         max_features: Features kept per layer; wider outputs are reduced by adaptive average pooling.
         every_n_epochs: Analyse after every n-th epoch.
         batch_size: Probe samples per forward pass.
         seed: Seed of the probe-set choice.
         search_batches: Validation batches searched for the probe set.
+        forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one probe batch (several inputs, dict
+            batches); default ``pl_module(inputs)``. See `AnalysisProbe`.
+        input_key: For dict batches: the key of the input tensor.
+        target_key: For dict batches: the key of the class labels that balance the probe set.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default the probe's file stem.
     """
 
     def __init__(
@@ -43,81 +57,91 @@ class RepresentationProbe(ProbeCallback):
         batch_size: int = 128,
         seed: int = 0,
         search_batches: int = 100,
+        forward_fn: Optional[Callable[[Any, Any], Any]] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir)
+        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)
                                    or len(layers) == 0):
             raise ValueError(f"Expected `layers` to be None or a non-empty list of module names, but got {layers!r}")
-        for name, value in (("num_samples", num_samples), ("max_features", max_features),
-                            ("every_n_epochs", every_n_epochs), ("batch_size", batch_size),
-                            ("search_batches", search_batches)):
-            check_positive_int(name, value)
+        for argument, value in (("max_features", max_features), ("every_n_epochs", every_n_epochs),
+                                ("batch_size", batch_size)):
+            check_positive_int(argument, value)
         self.layers = None if layers is None else list(layers)
-        self.num_samples, self.max_features = num_samples, max_features
-        self.every_n_epochs, self.batch_size, self.seed = every_n_epochs, batch_size, seed
-        self.search_batches = search_batches
+        self.max_features, self.every_n_epochs, self.batch_size = max_features, every_n_epochs, batch_size
         self._modules: dict[str, torch.nn.Module] = {}
-        self._inputs: Optional[torch.Tensor] = None
-        self._labels: Optional[torch.Tensor] = None
-        self._skipped = False
+        self._widths: Optional[dict[str, int]] = None
 
-    def _state_config(self) -> dict[str, Any]:
-        return {"layers": self.layers, "output_dir": self._output_dir_arg}
+    # -- layers -------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._select(pl_module)  # every rank: a bad layer name stops every process alike
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._modules = select_modules(pl_module, self.layers)
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        try:
+            self._modules = select_modules(pl_module, self.layers)
+        except ValueError as err:
+            raise ProbeConfigurationError(f"{type(self).__name__}: {err}") from None
+        self._widths = None
 
-    def probe_set(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe inputs and labels (collected once)."""
-        if self._inputs is None:
-            self._inputs, self._labels, _ = collect_probe_set(trainer, self.num_samples, self.seed,
-                                                              self.search_batches)
-            minimum = self.minimum_samples()
-            if len(self._inputs) < minimum:
-                raise ValueError(f"{type(self).__name__} needs at least {minimum} probe samples, but the validation "
-                                 f"data gave {len(self._inputs)}")
-        return self._inputs, self._labels
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the layers (if ``on_fit_start`` did not) and check them with one forward of the first batch."""
+        if not self._modules:
+            self._select(pl_module)
+        if self._widths is not None:
+            return
+        first = next(self.probe_set(trainer).chunks(self.batch_size))
+        capture = ActivationCapture(self._modules, self.max_features)
+        with capture.capturing(), uncompiled(pl_module):
+            self.forward(pl_module, first)
+            outputs = capture.pop(allow_missing=True)
+        missing = [n for n in self._modules if n not in outputs]
+        if missing and (self.layers is not None or not outputs):
+            raise ProbeConfigurationError(f"{type(self).__name__}: layer(s) {missing} produced no output in the "
+                                          f"forward pass of {type(pl_module).__name__}; choose `layers` that it calls")
+        if missing:
+            rank_zero_info(f"{type(self).__name__}: {len(missing)} module(s) not called in the forward pass are left "
+                           f"out: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            self._modules = {n: m for n, m in self._modules.items() if n in outputs}
+        widths = {n: int(o[0].numel()) for n, o in outputs.items()}
+        self.check_widths(widths)
+        self._widths = widths
 
-    def minimum_samples(self) -> int:
-        return 2
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Called once with ``{layer: features kept}`` before the first analysis; raise to refuse them."""
 
     # -- schedule -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if trainer.current_epoch == 0:
-            self._run(trainer, pl_module, epoch=0)
+            self.run_analysis(trainer, pl_module, epoch=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if done % self.every_n_epochs == 0:
-            self._run(trainer, pl_module, epoch=done)
+            self.run_analysis(trainer, pl_module, epoch=done)
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        if not trainer.is_global_zero or self._skipped:
-            return
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), forked_rng(pl_module):
-                self.analyse(trainer, pl_module, epoch)
-        except MissingValidationDataError as err:
-            self._skipped = True
-            rank_zero_warn(f"{type(self).__name__} is skipped for this run: {err}.")
-        finally:
-            pl_module.train(was_training)
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> Optional[dict[str, Any]]:
+        self._prepare(trainer, pl_module)
+        return self.analyse_layers(trainer, pl_module, epoch)
 
-    def for_each_batch(self, pl_module: pl.LightningModule, inputs: torch.Tensor, max_features: Optional[int],
+    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                       epoch: int) -> Optional[dict[str, Any]]:
+        """One analysis of the selected layers (``self._modules``); returns the headline scalars."""
+        raise NotImplementedError
+
+    # -- the capture pass ---------------------------------------------------------------------------
+    def for_each_batch(self, pl_module: pl.LightningModule, batches: Any, max_features: Optional[int],
                        consume: Callable[[dict[str, torch.Tensor]], None]) -> None:
-        """Run ``inputs`` through the model in chunks; call ``consume({layer: features})`` after each chunk.
+        """Run probe batches (e.g. ``probe_set.chunks(batch_size)``) through the model with `forward`; call
+        ``consume({layer: features})`` after each.
 
         The hooks exist only inside this call and are removed on the way out, exceptions included.
         """
         capture = ActivationCapture(self._modules, max_features)
         with capture.capturing(), uncompiled(pl_module):
-            for chunk in inputs.split(self.batch_size):
-                pl_module(chunk.to(pl_module.device))
+            for batch in batches:
+                self.forward(pl_module, batch)
                 consume(capture.pop())
-
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        raise NotImplementedError

@@ -1,13 +1,17 @@
 """Prediction quality: confusion with per-cell confidence, calibration error, Brier score, entropy.
 
 Every function works on one batch; the ``*_sums`` helpers return additive sums so that a stream of batches can
-be accumulated in constant memory and reduced across processes by summation.
+be accumulated in constant memory and reduced across processes by summation. The ``*_index``,
+`calibration_values` and `prediction_terms` helpers are the per-sample pieces of those sums: a streaming metric
+(``ConfidenceState``) adds them into its own packed accumulators with one ``index_add_``, so the one-shot
+functions here and the streaming state share one implementation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +23,80 @@ def _check_inputs(probs: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"Expected `probs` of shape (N, C), but got shape {tuple(probs.shape)}")
     if target.shape != probs.shape[:1]:
         raise ValueError(f"Expected `target` of shape ({probs.shape[0]},), but got shape {tuple(target.shape)}")
+
+
+def flatten_class_dim(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Treat every position of ``(N, C, ...)`` predictions as a sample, as torchmetrics' multiclass metrics do.
+
+    Args:
+        logits: ``(N, C)`` or ``(N, C, d1, ...)`` scores (logits or probabilities).
+        target: ``(N,)`` / ``(N, d1, ...)`` class indices, or a one-hot tensor of the shape of ``logits``.
+
+    Returns:
+        ``(M, C)`` scores and ``(M,)`` indices or ``(M, C)`` one-hot targets, ``M = N * d1 * ...``.
+
+    Raises:
+        ValueError: If the shapes do not fit together.
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"Expected `logits` of shape (N, C, ...), but got shape {tuple(logits.shape)}")
+    index_shape = logits.shape[:1] + logits.shape[2:]
+    if target.shape not in (index_shape, logits.shape):
+        raise ValueError(f"Expected `target` of shape {tuple(index_shape)} (class indices) or {tuple(logits.shape)} "
+                         f"(one-hot), but got shape {tuple(target.shape)}")
+    num_classes, one_hot = logits.shape[1], target.shape == logits.shape
+    if logits.ndim > 2:
+        logits = logits.movedim(1, -1).reshape(-1, num_classes)  # (N * d1 * ..., C)
+        target = target.movedim(1, -1).reshape(-1, num_classes) if one_hot else target.reshape(-1)
+    return logits, target
+
+
+def one_hot_to_index(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class indices of ``(N, C)`` one-hot targets, and which rows are exactly one-hot.
+
+    Returns:
+        ``index`` ``(N,)`` int64 (the argmax of each row) and ``is_one_hot`` ``(N,)`` bool: ``False`` for rows
+        that are soft labels (values other than 0 and 1, or not exactly one 1).
+    """
+    if target.ndim != 2:
+        raise ValueError(f"Expected one-hot `target` of shape (N, C), but got shape {tuple(target.shape)}")
+    if target.dtype == torch.bool:
+        target = target.to(torch.uint8)
+    is_one_hot = ((target == 0) | (target == 1)).all(dim=1) & (target.sum(dim=1) == 1)
+    return target.argmax(dim=1), is_one_hot
+
+
+def confusion_index(target: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flat index ``target * C + predicted`` of each sample's confusion cell (rows: true, columns: predicted)."""
+    return target.long() * num_classes + predicted.long()
+
+
+def threshold_level(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """How many of the (ascending) ``thresholds`` each confidence reaches (``threshold <= confidence``)."""
+    return torch.bucketize(confidence, thresholds.to(confidence), right=True)
+
+
+def prediction_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample top-label terms of ``(N, C)`` logits against ``(N,)`` class indices, in one pass.
+
+    Returns:
+        ``(N,)`` float32 tensors: ``confidence`` (top-label probability), ``predicted`` (int64), ``correct``
+        (0/1), ``brier`` (``sum_c (p_c - [c == y])^2``), ``nll`` (``-log p_y``) and ``entropy`` (nats, ``0 log 0
+        = 0``, so logits of ``-inf`` are fine).
+    """
+    log_probs = logits.detach().float().log_softmax(dim=1)  # (N, C)
+    probs = log_probs.exp()
+    confidence, predicted = probs.max(dim=1)
+    target = target.long().unsqueeze(1)  # (N, 1)
+    picked = probs.gather(1, target).squeeze(1)
+    return {
+        "confidence": confidence,
+        "predicted": predicted,
+        "correct": (predicted == target.squeeze(1)).to(probs.dtype),
+        "brier": probs.square().sum(dim=1) - 2 * picked + 1,
+        "nll": -log_probs.gather(1, target).squeeze(1),
+        "entropy": -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=1),
+    }
 
 
 def confusion_confidence(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +113,16 @@ def confusion_confidence(probs: torch.Tensor, target: torch.Tensor) -> tuple[tor
     _check_inputs(probs, target)
     num_classes = probs.shape[1]
     confidence, predicted = probs.max(dim=1)
-    cell = target.long() * num_classes + predicted  # (N,) flat cell index
+    cell = confusion_index(target, predicted, num_classes)  # (N,)
     cells = num_classes**2
     counts = torch.zeros(cells, dtype=torch.int64, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
     sums = torch.zeros(cells, dtype=torch.float64, device=probs.device).index_add_(0, cell, confidence.double())
     return counts.view(num_classes, num_classes), sums.view(num_classes, num_classes)
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_boundaries(n_bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.linspace(0, 1, n_bins + 1, dtype=dtype, device=device)
 
 
 def calibration_bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -48,14 +131,20 @@ def calibration_bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor
     This is torchmetrics' binning (``bucketize(..., right=True) - 1`` over ``linspace(0, 1, n + 1)``), so there
     are ``n_bins + 1`` bins, the last holding only confidences of exactly 1.
     """
-    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
+    boundaries = _bin_boundaries(n_bins, confidence.dtype, confidence.device)  # cached: called per batch
     return torch.bucketize(confidence, boundaries, right=True) - 1
+
+
+def calibration_values(confidence: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Per-sample rows ``[1, confidence, correct]`` (``(N, 3)`` float64): summed per bin, they give the bin's
+    count, confidence sum and correct sum."""
+    return torch.stack([torch.ones_like(confidence), confidence, correct.to(confidence.dtype)], dim=1).double()
 
 
 def calibration_sums(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Per-bin ``[count, sum of confidence, sum of correct]`` (``(n_bins + 1, 3)`` float64), additive over batches."""
     index = calibration_bin_index(confidence, n_bins)
-    values = torch.stack([torch.ones_like(confidence), confidence, correct.to(confidence.dtype)], dim=1).double()
+    values = calibration_values(confidence, correct)
     return torch.zeros(n_bins + 1, 3, dtype=torch.float64, device=confidence.device).index_add_(0, index, values)
 
 
@@ -125,7 +214,7 @@ def calibration_error(
         return calibration_error_from_sums(calibration_sums(confidence, correct, n_bins), norm)
     order = confidence.argsort()
     group = torch.arange(len(order), device=probs.device) * n_bins // max(1, len(order))
-    values = torch.stack([torch.ones_like(confidence), confidence, correct.to(confidence.dtype)], dim=1).double()
+    values = calibration_values(confidence, correct)
     sums = torch.zeros(n_bins, 3, dtype=torch.float64, device=probs.device).index_add_(0, group, values[order])
     return calibration_error_from_sums(sums, norm)
 
@@ -154,9 +243,33 @@ def thresholded_confusion(probs: torch.Tensor, target: torch.Tensor, thresholds:
     _check_inputs(probs, target)
     num_classes = probs.shape[1]
     confidence, predicted = probs.max(dim=1)
-    cell = target.long() * num_classes + predicted
+    cell = confusion_index(target, predicted, num_classes)
     out = torch.zeros(len(thresholds), num_classes**2, dtype=torch.int64, device=probs.device)
     for i, threshold in enumerate(thresholds):
         keep = confidence >= threshold
         out[i].index_add_(0, cell, keep.long())
     return out.view(len(thresholds), num_classes, num_classes)
+
+
+def classification_scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """Accuracy and per-class / macro precision, recall and F1 from a confusion matrix (rows: true).
+
+    Undefined ratios count as 0, and the macro average leaves out classes that appear neither as target nor as
+    prediction, as torchmetrics does (the tests check agreement with torchmetrics).
+
+    Returns:
+        ``accuracy``, ``macro_precision``, ``macro_recall``, ``macro_f1`` as floats; ``precision``, ``recall``,
+        ``f1`` as ``(C,)`` float64 tensors.
+    """
+    cm = confusion.double()
+    tp = cm.diagonal()
+    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-300), torch.zeros_like(tp))
+    present = (predicted + actual) > 0
+    weight = present.double() / present.sum().clamp_min(1)
+    return {"accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
+            "macro_precision": float((precision * weight).sum()), "macro_recall": float((recall * weight).sum()),
+            "macro_f1": float((f1 * weight).sum()), "precision": precision, "recall": recall, "f1": f1}

@@ -31,23 +31,63 @@ def kl_from_clean(clean_logits: torch.Tensor, noisy_logits: torch.Tensor) -> tor
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=0)
 
 
+def check_logits(logits: object, rows: int, source: str = "logits_fn") -> torch.Tensor:
+    """``logits`` if it is a floating ``(rows, C)`` tensor, else a ``TypeError`` naming ``source``."""
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.ndim == 2 \
+            and logits.shape[0] == rows:
+        return logits
+    got = f"a {logits.dtype} tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) \
+        else f"a {type(logits).__name__}"
+    raise TypeError(f"Expected `{source}` to give floating logits of shape ({rows}, num_classes), but got {got}; pass "
+                    f"a `{source}` that returns them, e.g. `lambda module, x: module(x)[0]` for a model that returns "
+                    "a tuple")
+
+
+def _call(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
 @torch.no_grad()
 def noisy_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    module: Callable[..., object],
     inputs: torch.Tensor,
     sigma: float,
     num_draws: int,
     generator: Optional[torch.Generator] = None,
     chunk_size: int = 1024,
+    logits_fn: Optional[Callable[[object, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Logits of ``num_draws`` Gaussian-noise copies of every input: ``(D, N, C)``.
 
     Noise is ``sigma * N(0, 1)`` in the inputs' units (normalised units for normalised images), drawn from
-    ``generator`` for reproducibility; copies go through ``forward`` in chunks of at most ``chunk_size`` rows.
+    ``generator`` for reproducibility; copies go through ``logits_fn(module, x)`` (default ``module(x)``) in
+    chunks of at most ``chunk_size`` rows.
+
+    Args:
+        module: The model (any callable when ``logits_fn`` is not given).
+        inputs: ``(N, ...)`` floating-point inputs.
+        sigma: Standard deviation of the noise.
+        num_draws: Noisy copies of each input.
+        generator: Random generator on the inputs' device.
+        chunk_size: Most rows per call.
+        logits_fn: ``logits_fn(module, x) -> (n, C)`` logits, for models that return tuples or dicts.
+
+    Raises:
+        TypeError: ``inputs`` are not floating point (e.g. token ids), or the logits are not a floating
+            ``(n, C)`` tensor.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> noisy_logits(model, torch.zeros(5, 3), sigma=0.1, num_draws=4).shape
+        torch.Size([4, 5, 2])
     """
+    if not inputs.is_floating_point():
+        raise TypeError(f"Gaussian noise needs floating-point inputs, but got {inputs.dtype} inputs (token ids or "
+                        "labels?)")
+    fn = _call if logits_fn is None else logits_fn
     outputs = []
     for _ in range(num_draws):
         noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
         noisy = inputs + sigma * noise
-        outputs.append(torch.cat([forward(part) for part in noisy.split(chunk_size)]))
+        outputs.append(torch.cat([check_logits(fn(module, part), len(part)) for part in noisy.split(chunk_size)]))
     return torch.stack(outputs)

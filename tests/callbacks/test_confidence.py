@@ -1,10 +1,18 @@
 import logging
+import re
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
 
 from lightning_probes import ConfidenceMonitor
 from tests.conftest import CaptureLogger
@@ -28,7 +36,7 @@ def test_record_matches_independent_computation(tmp_path):
     probe = ConfidenceMonitor(n_bins=10, output_dir=str(tmp_path))
     trainer(tmp_path, [recorder, probe], logger=logger, max_epochs=2).fit(small_mlp(), RandomDataModule())
     records = read(tmp_path / "confidence.jsonl")
-    assert [(r["epoch"], r["stage"]) for r in records] == [(0, "val"), (1, "val")]
+    assert [(r["epoch"], r["stage"], r["dataloader_idx"]) for r in records] == [(0, "val", 0), (1, "val", 0)]
     last = records[-1]
     logits, target = torch.cat(recorder.logits), torch.cat(recorder.targets)
     probs = logits.softmax(1)
@@ -48,8 +56,9 @@ def test_record_matches_independent_computation(tmp_path):
     assert last["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-5)
     assert "confidence/val/ece" in logger.keys()
     for name in ("val_confusion.png", "val_confusion_thresholds.png", "val_calibration.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        assert (tmp_path / "confidence" / name).stat().st_size > 1000
     assert "confidence/val/calibration" in logger.figures
+    assert probe.last_results["val"]["ece"] == last["ece"]
 
 
 class _Collect(logging.Handler):
@@ -77,7 +86,9 @@ def test_test_stage_prints_a_table(tmp_path):
     assert "ConfidenceMonitor (test)" in printed and "adaptive ECE" in printed
     assert [r["stage"] for r in read(tmp_path / "confidence.jsonl")] == ["val", "test"]  # one file, appended
     assert len(list(tmp_path.glob("confidence*.jsonl"))) == 1
-    assert (tmp_path / "test_confusion.png").exists()
+    assert (tmp_path / "confidence" / "test_confusion.png").exists()
+    test_ece = read(tmp_path / "confidence.jsonl")[-1]["ece"]
+    assert t.callback_metrics["confidence/test/ece"].item() == pytest.approx(test_ece)
 
 
 class _LossOnly(pl.LightningModule):
@@ -101,6 +112,203 @@ class _LossOnly(pl.LightningModule):
 def test_missing_keys_error_lists_the_keys_found(tmp_path):
     with pytest.raises(KeyError, match=r"`logits` and `target`.*found \['loss', 'preds'\]"):
         trainer(tmp_path, [ConfidenceMonitor()], max_epochs=1).fit(_LossOnly(), RandomDataModule())
+
+
+class _TrainingCounter(pl.Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, *args):
+        self.batches += 1
+
+
+def test_wrong_contract_fails_in_the_sanity_check(tmp_path):
+    counter = _TrainingCounter()
+    t = trainer(tmp_path, [ConfidenceMonitor(), counter], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(KeyError, match=r"found \['loss', 'preds'\]"):
+        t.fit(_LossOnly(), RandomDataModule())
+    assert counter.batches == 0  # it failed in the sanity check, before any training step
+
+
+def test_sanity_check_batches_are_not_counted(tmp_path):
+    probe = ConfidenceMonitor(output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1, num_sanity_val_steps=2).fit(small_mlp(), RandomDataModule())
+    records = read(tmp_path / "confidence.jsonl")
+    assert [r["n"] for r in records] == [32]  # the 32 validation samples once, not + 2 sanity batches
+
+
+class _Returns(pl.LightningModule):
+    """A linear classifier whose ``validation_step`` returns ``make(logits, target, batch_idx)``; optional
+    several validation loaders (``loaders``: list of ``(x, y)``)."""
+
+    def __init__(self, make=None, loaders=None, num_classes=10):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, num_classes)
+        self.make = make or (lambda logits, target, batch_idx: {"logits": logits, "target": target})
+        self.loaders = loaders
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.layer(batch[0].flatten(1)), batch[1])
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return self.make(self.layer(batch[0].flatten(1)), batch[1], batch_idx)
+
+    def val_dataloader(self):
+        return [DataLoader(TensorDataset(x, y), batch_size=8) for x, y in self.loaders]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _out_of_range(logits, target, batch_idx):
+    return {"logits": logits, "target": torch.where(torch.arange(len(target)) == 1, 12, target)}
+
+
+def _soft(logits, target, batch_idx):
+    return {"logits": logits, "target": torch.full_like(logits, 0.1)}
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda lg, t, i: {"logits": lg[:, 0], "target": t}, r"`logits`.*\(N, C\).*got shape \(16,\)"),
+    (lambda lg, t, i: {"logits": lg[:, :1], "target": t}, r"`logits`.*C >= 2.*got shape \(16, 1\)"),
+    (lambda lg, t, i: {"logits": lg, "target": t[:8]}, r"`target`.*shape \(16,\).*\(16, 10\).*got shape \(8,\)"),
+    (lambda lg, t, i: {"logits": lg, "target": t.float()}, r"`target`.*integer dtype, but got torch.float32"),
+    (lambda lg, t, i: {"logits": lg, "target": "cat"}, r"`target`.*a tensor, but got str"),
+    (_out_of_range, r"`target`.*value 12, outside the class range \[0, 9\]"),
+    (_soft, r"`target`.*16 rows are soft labels"),
+])
+def test_bad_outputs_fail_in_the_sanity_check_with_a_clear_error(tmp_path, make, match):
+    counter = _TrainingCounter()
+    t = trainer(tmp_path, [ConfidenceMonitor(), counter], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(ValueError, match=match):
+        t.fit(_Returns(make), RandomDataModule())
+    assert counter.batches == 0
+
+
+def test_a_bad_target_after_the_first_batch_is_reported_after_the_epoch(tmp_path):
+    def make(logits, target, batch_idx):  # valid in batch 0 (checked on the host), bad in batch 1
+        return {"logits": logits, "target": target - 3 * (batch_idx == 1)}
+
+    with pytest.raises(ValueError, match=r"value -3, outside the class range \[0, 9\].*`ignore_index`"):
+        trainer(tmp_path, [ConfidenceMonitor(output_dir=str(tmp_path))], max_epochs=1).fit(
+            _Returns(make), RandomDataModule())
+    assert not (tmp_path / "confidence.jsonl").exists() or read(tmp_path / "confidence.jsonl") == []
+
+
+class _Segmenter(pl.LightningModule):
+    """1x1 convolution over 3x4x4 images: logits (N, 3, 4, 4), target (N, 4, 4) with 255 = unlabelled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.conv(batch[0]), batch[1], ignore_index=255)
+
+    def validation_step(self, batch, batch_idx):
+        return {"logits": self.conv(batch[0]), "target": batch[1]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_segmentation_logits_with_ignore_index_agree_with_torchmetrics(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 4, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 0] > 1).long()  # (40, 4, 4) in {0, 1, 2}
+    y[torch.rand(y.shape, generator=g) < 0.2] = 255
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    recorder = OutputRecorder()
+    probe = ConfidenceMonitor(n_bins=10, ignore_index=255, output_dir=str(tmp_path))
+    trainer(tmp_path, [recorder, probe], max_epochs=1, num_sanity_val_steps=1).fit(_Segmenter(), loader, loader)
+    record = read(tmp_path / "confidence.jsonl")[0]
+    probs, target = torch.cat(recorder.logits).softmax(1), torch.cat(recorder.targets)  # (40, 3, 4, 4), (40, 4, 4)
+    assert record["n"] == int((target != 255).sum())
+    kwargs = {"ignore_index": 255}
+    assert record["ece"] == pytest.approx(multiclass_calibration_error(probs, target, 3, 10, **kwargs).item(), abs=1e-6)
+    assert record["accuracy"] == pytest.approx(
+        multiclass_accuracy(probs, target, 3, average="micro", **kwargs).item(), abs=1e-6)
+    assert record["confusion_matrix"] == multiclass_confusion_matrix(probs, target, 3, **kwargs).tolist()
+
+
+def test_one_hot_targets_give_the_record_of_index_targets(tmp_path):
+    def one_hot(logits, target, batch_idx):
+        return {"logits": logits, "target": torch.nn.functional.one_hot(target, 10).float()}
+
+    records = []
+    for i, module in enumerate((_Returns(), _Returns(one_hot))):
+        torch.manual_seed(0)
+        module.layer.reset_parameters()
+        out = tmp_path / str(i)
+        trainer(out, [ConfidenceMonitor(output_dir=str(out))]).validate(
+            module, RandomDataModule().val_dataloader(), verbose=False)
+        records.append({k: v for k, v in read(out / "confidence.jsonl")[0].items() if k not in ("step", "epoch")})
+    assert records[0]["n"] == 32 and records[0] == records[1]
+
+
+def test_several_validation_loaders_are_reported_separately(tmp_path):
+    data = RandomDataModule()
+    loaders = [(data.x[:32], data.y[:32]), (data.x[32:56], data.y[32:56])]
+    logger = CaptureLogger()
+    probe = ConfidenceMonitor(n_bins=10, output_dir=str(tmp_path))
+    module = _Returns(loaders=loaders)
+    t = trainer(tmp_path, [probe], max_epochs=1, logger=logger)
+    t.fit(module, train_dataloaders=data.train_dataloader())
+    records = read(tmp_path / "confidence.jsonl")
+    assert [(r["stage"], r["dataloader_idx"], r["n"]) for r in records] == [("val", 0, 32), ("val", 1, 24)]
+    for (x, y), record in zip(loaders, records):
+        probs = module.layer(x.flatten(1)).detach().softmax(1)
+        assert record["ece"] == pytest.approx(multiclass_calibration_error(probs, y, 10, 10).item(), abs=1e-6)
+        assert record["confusion_matrix"] == multiclass_confusion_matrix(probs, y, 10).tolist()
+    assert {"confidence/val/ece/dataloader_idx_0", "confidence/val/ece/dataloader_idx_1"} <= logger.keys()
+    assert not any(k == "confidence/val/ece" for k in logger.keys())
+    assert t.callback_metrics["confidence/val/ece/dataloader_idx_1"].item() == pytest.approx(records[1]["ece"])
+    assert set(probe.last_results) == {"val/dataloader_idx_0", "val/dataloader_idx_1"}
+    assert (tmp_path / "confidence" / "val_dataloader_idx_1_calibration.png").exists()
+    assert "confidence/val/calibration/dataloader_idx_1" in logger.figures
+
+
+def test_headline_metrics_drive_early_stopping_and_checkpoints(tmp_path):
+    probe = ConfidenceMonitor(output_dir=str(tmp_path / "probes"))
+    stopper = EarlyStopping(monitor="confidence/val/ece", mode="min", patience=5)  # strict: errors if not found
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="confidence/val/ece", mode="min")
+    t = trainer(tmp_path, [probe, stopper, checkpoint], max_epochs=2, enable_checkpointing=True)
+    t.fit(small_mlp(), RandomDataModule())
+    records = read(tmp_path / "probes" / "confidence.jsonl")
+    assert checkpoint.best_model_score.item() == pytest.approx(min(r["ece"] for r in records), rel=1e-6)
+    for metric in ("ece", "accuracy", "prediction_entropy_normalized"):
+        assert t.callback_metrics[f"confidence/val/{metric}"].item() == pytest.approx(records[-1][metric], rel=1e-6)
+
+
+def test_two_named_monitors_write_separate_files_and_scalars(tmp_path):
+    recorder = OutputRecorder()
+    logger = CaptureLogger()
+    coarse = ConfidenceMonitor(n_bins=5, name="coarse", output_dir=str(tmp_path))
+    fine = ConfidenceMonitor(n_bins=20, name="fine", output_dir=str(tmp_path))
+    trainer(tmp_path, [recorder, coarse, fine], max_epochs=1, logger=logger).fit(small_mlp(), RandomDataModule())
+    probs, target = torch.cat(recorder.logits).softmax(1), torch.cat(recorder.targets)
+    for probe, n_bins in ((coarse, 5), (fine, 20)):
+        record = read(tmp_path / f"{probe.name}.jsonl")[0]
+        assert len(record["reliability"]["count"]) == n_bins + 1
+        reference = multiclass_calibration_error(probs, target, 10, n_bins).item()
+        assert record["ece"] == pytest.approx(reference, abs=1e-6)
+        assert (tmp_path / probe.name / "val_calibration.png").exists()
+        assert f"{probe.name}/val/ece" in logger.keys() and f"{probe.name}/val/calibration" in logger.figures
+    assert not (tmp_path / "confidence.jsonl").exists()
+    assert coarse.state_key != fine.state_key
+    # The custom-scalars layout: every chart finds its probe's scalars, and every headline scalar is charted.
+    for probe in (coarse, fine):
+        charts = probe.layout()
+        assert {"calibration", "accuracy", "collapse"} <= set(charts)
+        own = {k for k in logger.keys() if k.startswith(f"{probe.name}/")}
+        for kind, patterns in charts.values():
+            assert kind == "Multiline"
+            matched = {k for k in logger.keys() if any(re.search(p, k) for p in patterns)}
+            assert matched and matched <= own
+        charted = {k for k in own if any(re.search(p, k) for _, ps in charts.values() for p in ps)}
+        assert {f"{probe.name}/val/{m}" for m in ("ece", "adaptive_ece", "mce", "accuracy", "macro_f1",
+                                                    "prediction_entropy_normalized", "top_class_share")} <= charted
+        assert f"{probe.name}/val/ece" in charted and f"{probe.name}/val/mce" in charted
 
 
 class _TorchvisionClassifier(pl.LightningModule):
@@ -144,7 +352,8 @@ def test_collapse_is_detected(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"n_bins": 0}, "`n_bins`"),
-    ({"confidence_thresholds": (0.5, 1.5)}, r"`confidence_thresholds` to be in \(0, 1\]"),
+    ({"confidence_thresholds": (0.5, 1.5)}, r"`confidence_thresholds`.* in \(0, 1\], but got 1.5"),
+    ({"ignore_index": 1.5}, "`ignore_index` to be an integer or None"),
     ({"collapse_entropy": 2}, "`collapse_entropy`"),
     ({"logits_key": ""}, "`logits_key`"),
     ({"adaptive_resolution": 5, "n_bins": 15}, "`adaptive_resolution`"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_prediction_probes_under_ddp(tmp_path):
         # Each rank sees 16 of the 32 validation samples; the reduced matrix counts each exactly once.
         assert sum(map(sum, r["confusion_matrix"])) == 32 == r["n"]
     assert [r["epoch"] for r in read(out / "noise_robustness.jsonl")] == [0, 1]
+    _assert_same_headline(out, ["noise_robustness/stability_ratio_mean"])
 
 
 def test_representation_probes_under_ddp(tmp_path):
@@ -51,3 +53,12 @@ def test_representation_probes_under_ddp(tmp_path):
         key = "layer_b" if name == "layer_correlation" else "layer"
         rows = [(r["epoch"], r.get("layer_a"), r[key]) for r in records]
         assert len(rows) == len(set(rows)), name
+    _assert_same_headline(out, ["layer_correlation/cka_adjacent_mean", "activation_stats/dead_fraction",
+                                "augmentation_invariance/invariance_mean"])
+
+
+def _assert_same_headline(out: Path, keys: list[str]) -> None:
+    """Rank 0's headline scalars reached rank 1 (broadcast), without a deadlock."""
+    ranks = [json.loads((out / f"callback_metrics_rank{r}.json").read_text()) for r in (0, 1)]
+    for key in keys:
+        assert key in ranks[0] and ranks[0][key] == ranks[1][key], key

@@ -71,7 +71,9 @@ def test_records_match_an_independent_recorder(tmp_path):
     assert "gradient_dynamics/sign_flip_fraction/__total__" in logger.keys()
     assert "gradient_dynamics/epoch_mean_sign_flip_fraction/__total__" in logger.keys()
     for name in ("gradient_sign_map.png", "gradient_sign_map_zoom.png", "gradient_dynamics.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        assert (tmp_path / "gradient_dynamics" / name).stat().st_size > 1000
+    assert {"gradient_dynamics/sign_map", "gradient_dynamics/sign_map_zoom",
+            "gradient_dynamics/over_training"} <= set(logger.figures)
     assert len(probe._sign_rows) == 2  # one row per epoch
 
 
@@ -92,7 +94,7 @@ def test_state_between_steps_is_one_byte_per_entry(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             probe = trainer.callbacks[0]
             assert probe._pending == {}  # no weight copy survives a step
-            state = [prev["state"] for prev in probe._previous.values()]
+            state = [prev.state for prev in probe._previous.values()]
             seen[batch_idx] = sum(t.numel() * t.element_size() for t in state)
             assert all(t.dtype == torch.int8 for t in state)
 
@@ -123,7 +125,17 @@ def test_amp_skipped_step(tmp_path):
     assert totals[2]["has_previous"] is True
 
 
-def test_resume_marks_first_step_without_previous(tmp_path):
+def test_resume_marks_first_step_without_previous(tmp_path, monkeypatch):
+    from lightning_probes.callbacks import gradient_dynamics
+
+    drawn = []
+    original = gradient_dynamics.line_panels
+
+    def spy(x, *args, **kwargs):
+        drawn.append(list(x))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(gradient_dynamics, "line_panels", spy)
     out = tmp_path / "out"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
     trainer(tmp_path, [GradientDynamicsMonitor(every_n_steps=1, output_dir=str(out)), ckpt], max_epochs=3,
@@ -135,6 +147,7 @@ def test_resume_marks_first_step_without_previous(tmp_path):
     assert [r["step"] for r in totals] == list(range(18))
     assert [r["step"] for r in totals if not r["has_previous"]] == [0, 12]
     assert len(probe._sign_rows) == 3  # two rows restored from the checkpoint, one new
+    assert drawn[-1] == list(range(18))  # the resumed run's figure covers the run from step 0
 
 
 def test_hooks_removed_after_fit_and_on_exception(tmp_path):
@@ -153,7 +166,8 @@ def test_hooks_removed_after_fit_and_on_exception(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"zero_threshold": 0}, "`zero_threshold`"),
     ({"release_threshold": -1.0}, "`release_threshold`"),
-    ({"ema_decay": 1.0}, r"`ema_decay` to be in \[0, 1\)"),
+    ({"ema_decay": 1.0}, r"`ema_decay` to be a finite number in \[0, 1\), but got 1.0"),
+    ({"zero_threshold": float("nan")}, "`zero_threshold` to be a finite number in \\(0, inf\\)"),
     ({"max_columns": 0}, "`max_columns`"),
     ({"zoom_columns": (5, 2)}, "`zoom_columns`"),
     ({"every_n_steps": 1.5}, "`every_n_steps`"),
@@ -162,3 +176,84 @@ def test_hooks_removed_after_fit_and_on_exception(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientDynamicsMonitor(**kwargs)
+
+
+def test_float64_training_matches_the_recorder(tmp_path):
+    # "64-true" converts the parameters after the callbacks' `setup`, as a device move does: index tensors and
+    # norms must follow the float64 gradients met at the step (a float32 norm of float64 tensors is an error).
+    recorder = GradRecorder()
+    probe = GradientDynamicsMonitor(every_n_steps=2, release_threshold=1e-3, output_dir=str(tmp_path))
+    t = trainer(tmp_path, [recorder, probe], max_epochs=1, precision="64-true")
+    t.fit(small_mlp(momentum=0.9, lr=0.2), RandomDataModule())
+    stepped = [p for group in t.optimizers[0].param_groups for p in group["params"]]
+    assert {id(p) for p in probe._params} == {id(p) for p in stepped}
+    records = read(tmp_path / "gradient_dynamics.jsonl")
+    steps = recorder.by_step()
+    assert sorted({r["step"] for r in records}) == [0, 2, 4]
+    compared = [r for r in records if r["step"] > 0]
+    assert len(compared) == 2 * 12 and all(r["has_previous"] for r in compared)
+    for r in compared:
+        ref = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
+        for key in ("zero_count", "minima_crossings", "maxima_crossings"):
+            assert r[key] == ref[key], (r["step"], r["layer"], key)
+        for key in ("sign_flip_fraction", "update_norm", "weight_norm", "grad_norm"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), (r["step"], r["layer"], key)
+    assert len(probe._sign_rows) == 1 and probe._sign_rows[0].shape == (probe._n_columns,)
+
+
+def test_epoch_means_are_published_on_every_epoch(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if "epoch_mean" in k})
+
+    monitor = "gradient_dynamics/epoch_mean_sign_flip_fraction/__total__"
+    early = EarlyStopping(monitor=monitor, mode="min", check_on_train_epoch_end=True)
+    probe = GradientDynamicsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    trainer(tmp_path, [early, probe, Spy()], max_epochs=2).fit(small_mlp(), RandomDataModule())
+    totals = [r for r in read(tmp_path / "gradient_dynamics.jsonl") if r["layer"] == "__total__"]
+    assert len(seen) == 2
+    for epoch, published in enumerate(seen):
+        mine = [r for r in totals if r["epoch"] == epoch]
+        for stat in ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction", "update_norm"):
+            values = [r[stat] for r in mine if r[stat] is not None]
+            key = f"gradient_dynamics/epoch_mean_{stat}/__total__"
+            if values:  # released/retained are undefined at a step with no entry under the release threshold
+                assert published[key] == pytest.approx(np.mean(values))
+    assert early.best_score is not None
+
+
+def test_state_round_trip(tmp_path):
+    probe = GradientDynamicsMonitor(every_n_steps=2, ema_decay=0.5, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_steps=9).fit(small_mlp(), RandomDataModule())  # stops 3 steps into epoch 1
+    path = tmp_path / "state.pt"
+    torch.save(probe.state_dict(), path)
+    fresh = GradientDynamicsMonitor(every_n_steps=2, ema_decay=0.5)
+    fresh.load_state_dict(torch.load(path, weights_only=True))  # what Lightning's checkpoint loading accepts
+    assert len(fresh._sign_rows) == 2 and fresh._sign_epochs == probe._sign_epochs == [0, 1]
+    assert all(np.array_equal(a, b) and a.dtype == np.int8 for a, b in zip(fresh._sign_rows, probe._sign_rows))
+    assert fresh._ema == probe._ema and set(fresh._ema) == set(probe._names) | {"__total__"}
+    np.testing.assert_array_equal(fresh._latest_row, probe._latest_row)
+    assert fresh._epoch_sums == probe._epoch_sums and fresh._epoch_sums["update_norm"][1] == 2  # steps 6, 8
+    assert fresh._optimizer_steps == {0: 9} and fresh._previous == {}
+
+
+def test_layout_has_one_chart_per_logged_statistic(tmp_path):
+    import re
+
+    pl.seed_everything(0)
+    logger = CaptureLogger()
+    probe = GradientDynamicsMonitor(every_n_steps=1, release_threshold=1e-2, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], logger=logger, max_steps=2, log_every_n_steps=1).fit(small_mlp(), RandomDataModule())
+    layout = probe.layout()
+    assert len(layout) == 12
+    charted = set()
+    for stat, (_, [pattern]) in layout.items():
+        matched = {k for k in logger.keys() if re.search(pattern, k)}
+        assert f"gradient_dynamics/{stat}/__total__" in matched, stat  # per-layer fractions may be undefined
+        charted |= matched
+    per_layer = {k for k in logger.keys() if k.startswith("gradient_dynamics/") and "epoch_mean" not in k}
+    assert charted == per_layer  # every per-layer scalar has a chart

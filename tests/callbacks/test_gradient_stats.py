@@ -44,7 +44,7 @@ def test_statistics_match_an_independent_recorder(tmp_path):
     assert "gradient_stats/grad_norm/net.fc1.weight" in logger.keys()
     assert "gradient_stats/grad_abs_std/__total__" in logger.keys()
 
-    flow = json.loads((tmp_path / "out" / "gradient_flow.json").read_text())
+    flow = json.loads((tmp_path / "out" / "gradient_stats" / "gradient_flow.json").read_text())
     assert flow["layers"] == layers
     by_step = recorder.by_step()
     for label, window_steps in (("first", [0, 1]), ("last", [10, 11])):
@@ -52,7 +52,7 @@ def test_statistics_match_an_independent_recorder(tmp_path):
             pooled = np.concatenate([np.abs(by_step[s]["grads"][layer].numpy().ravel()) for s in window_steps])
             assert flow[label]["mean"][i] == pytest.approx(pooled.mean(), rel=1e-5)
             assert flow[label]["std"][i] == pytest.approx(pooled.std(), rel=1e-4, abs=1e-10)
-    assert (tmp_path / "out" / "gradient_flow.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "gradient_stats" / "gradient_flow.png").stat().st_size > 1000
     assert "gradient_stats/gradient_flow" in logger.figures
 
 
@@ -204,3 +204,137 @@ def test_histograms_go_to_tensorboard(tmp_path):
     assert "gradient_stats/histogram/net.fc1.weight" in events.Tags()["histograms"]
     assert len(events.Histograms("gradient_stats/histogram/net.fc1.weight")) == 2
     assert (tmp_path / "tb" / "version_0" / "probes" / "gradient_stats.jsonl").exists()
+
+
+def test_float64_training_matches_the_recorder(tmp_path):
+    # "64-true" converts the parameters after the callbacks' `setup`, as a device move does: the probe must
+    # meet float64 gradients at the step, keep them float64, and read the parameters the optimiser steps.
+    recorder = GradRecorder()
+    probe = GradientStatsMonitor(every_n_steps=2, window=2, output_dir=str(tmp_path))
+    t = trainer(tmp_path, [recorder, probe], max_epochs=1, precision="64-true")
+    t.fit(small_mlp(), RandomDataModule())
+    stepped = [p for group in t.optimizers[0].param_groups for p in group["params"]]
+    assert all(p.dtype == torch.float64 for p in probe._params)
+    assert {id(p) for p in probe._params} == {id(p) for p in stepped}
+    records = read(tmp_path / "gradient_stats.jsonl")
+    assert sorted({r["step"] for r in records}) == [0, 2, 4]
+    assert _check_against_reference(records, recorder, rel=1e-9) == 3 * 12  # computed in float64
+    assert probe._first_window.dtype == torch.float64
+    flow = json.loads((tmp_path / "gradient_stats" / "gradient_flow.json").read_text())
+    pooled = np.concatenate([np.abs(recorder.by_step()[s]["grads"]["net.fc1.weight"].numpy().ravel())
+                             for s in (0, 1)])
+    assert flow["first"]["mean"][0] == pytest.approx(pooled.mean(), rel=1e-9)
+
+
+def test_parameters_replaced_after_setup_are_followed(tmp_path):
+    # With this switch, `module.double()` makes new Parameter objects after `setup`: the ones captured there are
+    # stale (no gradient), and the probe must track the ones the optimiser steps.
+    recorder = GradRecorder()
+    probe = GradientStatsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    before = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        trainer(tmp_path, [recorder, probe], max_steps=3, precision="64-true").fit(small_mlp(), RandomDataModule())
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(before)
+    totals = [r for r in read(tmp_path / "gradient_stats.jsonl") if r["layer"] == "__total__"]
+    assert [r["step"] for r in totals] == [0, 1, 2]
+    for r in totals:
+        grads = recorder.by_step()[r["step"]]["grads"]
+        expected = np.linalg.norm(np.concatenate([g.numpy().ravel() for g in grads.values()]))
+        assert r["grad_norm"] == pytest.approx(expected, rel=1e-9)
+
+
+class _RepairNaN(pl.Callback):
+    """After the probe has seen them, make injected NaN gradients finite again, so training stays finite."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0)
+
+
+def test_headline_metrics_for_early_stopping(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gradient_stats/")})
+
+    early = EarlyStopping(monitor="gradient_stats/nonfinite_epoch", mode="min", check_on_train_epoch_end=True)
+    probe = GradientStatsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    # EarlyStopping first: Lightning runs monitoring callbacks' epoch-end hooks after the others.
+    with pytest.warns(UserWarning, match="non-finite gradients at step 1"):
+        trainer(tmp_path, [early, _InjectNaN(), probe, _RepairNaN(), Spy()], max_epochs=2).fit(
+            small_mlp(), RandomDataModule())
+    totals = [r for r in read(tmp_path / "gradient_stats.jsonl") if r["layer"] == "__total__"]
+    assert [s["gradient_stats/nonfinite_epoch"] for s in seen] == [3, 0]  # step 1 in epoch 0 only
+    last_of_epoch = [max((r for r in totals if r["epoch"] == e), key=lambda r: r["step"]) for e in (0, 1)]
+    assert [s["gradient_stats/grad_norm/__total__"] for s in seen] == pytest.approx(
+        [r["grad_norm"] for r in last_of_epoch])
+    assert float(early.best_score) == 0
+
+
+def test_window_state_round_trip_and_device_follow(tmp_path):
+    probe = GradientStatsMonitor(every_n_steps=1, window=2, output_dir=str(tmp_path))
+    trainer(tmp_path, [_InjectNaN(), probe, _RepairNaN()], max_steps=3).fit(small_mlp(), RandomDataModule())
+    state = probe.state_dict()
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)  # what Lightning's checkpoint loading accepts
+    fresh = GradientStatsMonitor(every_n_steps=1, window=2)
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh._first_window, probe._first_window.cpu()) and fresh._first_window.device.type == "cpu"
+    assert fresh._nonfinite_count == (0, 3) and fresh._last_total_norm == probe._last_total_norm
+    # Restored state moves to the device of the gradients met at the first step that uses it.
+    fresh._params = probe._params
+    first, last = fresh._windows_on(torch.device("meta"))
+    assert first.device.type == "meta" and last.device.type == "meta" and first.shape == (11, 3)
+
+
+class _HistogramLogger(CaptureLogger):
+    def __init__(self):
+        super().__init__()
+        self.histograms: list[str] = []
+
+    def add_histogram(self, tag, values, global_step=None):
+        self.histograms.append(tag)
+
+
+def test_two_named_monitors_write_apart(tmp_path):
+    logger = _HistogramLogger()
+    weights = GradientStatsMonitor(every_n_steps=2, histogram_every_n_steps=4, include=r"weight$", name="weights",
+                                   output_dir=str(tmp_path))
+    biases = GradientStatsMonitor(every_n_steps=3, include=r"bias$", name="biases", output_dir=str(tmp_path))
+    assert weights.state_key != biases.state_key
+    t = trainer(tmp_path, [weights, biases], logger=logger, max_epochs=1, log_every_n_steps=1)
+    t.fit(small_mlp(), RandomDataModule())
+    w_records, b_records = read(tmp_path / "weights.jsonl"), read(tmp_path / "biases.jsonl")
+    assert {r["layer"] for r in w_records} - {"__total__"} == {n for n in weights._names if n.endswith("weight")}
+    assert all(r["layer"].endswith("bias") or r["layer"] == "__total__" for r in b_records)
+    assert sorted({r["step"] for r in w_records}) == [0, 2, 4] and sorted({r["step"] for r in b_records}) == [0, 3]
+    assert json.loads((tmp_path / "weights" / "gradient_flow.json").read_text())["layers"] == weights._names
+    assert json.loads((tmp_path / "biases" / "gradient_flow.json").read_text())["layers"] == biases._names
+    assert {"weights/grad_norm/net.fc1.weight", "biases/grad_norm/net.bn1.bias"} <= logger.keys()
+    assert not any(k.startswith("gradient_stats/") for k in logger.keys())
+    assert {"weights/gradient_flow", "biases/gradient_flow"} <= set(logger.figures)
+    assert "weights/histogram/net.fc1.weight" in logger.histograms and len(logger.histograms) == 2 * 7  # steps 0, 4
+    assert not any(tag.startswith("biases/") for tag in logger.histograms)
+    assert {"weights/nonfinite_epoch", "biases/nonfinite_epoch", "biases/grad_norm/__total__"} <= set(
+        t.callback_metrics)
+
+
+def test_layout_has_one_chart_per_logged_statistic(tmp_path):
+    import re
+
+    logger = CaptureLogger()
+    probe = GradientStatsMonitor(every_n_steps=1, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], logger=logger, max_steps=1).fit(small_mlp(), RandomDataModule())
+    layout = probe.layout()
+    assert set(layout) == {"grad_abs_mean", "grad_abs_std", "grad_norm", "grad_abs_max", "nonfinite"}
+    for stat, (kind, [pattern]) in layout.items():
+        assert kind == "Multiline"
+        matched = {k for k in logger.keys() if re.search(pattern, k)}
+        assert f"gradient_stats/{stat}/__total__" in matched and len(matched) == 12, stat

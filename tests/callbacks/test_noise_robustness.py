@@ -17,7 +17,7 @@ def test_writes_ratios_per_epoch(tmp_path):
     assert model.training  # mode restored
     records = read(tmp_path / "noise_robustness.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
-    data = np.load(tmp_path / "noise_robustness_epoch1.npz")
+    data = np.load(tmp_path / "noise_robustness" / "epoch1.npz")
     assert set(data.files) == {"sample_index", "label", "clean_pred", "ratio", "kl"}
     ratio = data["ratio"]
     assert ratio.shape == (20,) and ((ratio >= 0) & (ratio <= 1)).all()
@@ -29,9 +29,9 @@ def test_writes_ratios_per_epoch(tmp_path):
         assert records[1]["stability_ratio_mean_correct"] == pytest.approx(ratio[correct].mean())
     assert records[1]["kl_mean"] >= 0
     # The subset is fixed across epochs.
-    assert np.array_equal(np.load(tmp_path / "noise_robustness_epoch0.npz")["sample_index"], data["sample_index"])
+    assert np.array_equal(np.load(tmp_path / "noise_robustness" / "epoch0.npz")["sample_index"], data["sample_index"])
     assert "noise_robustness/stability_ratio_mean" in logger.keys()
-    assert (tmp_path / "noise_robustness.png").exists()
+    assert (tmp_path / "noise_robustness" / "histogram.png").exists()
 
 
 def test_sigma_zero_is_perfectly_stable(tmp_path):

@@ -34,17 +34,17 @@ def test_layer_correlation_matches_one_shot_cka(tmp_path):
     assert sorted({r["epoch"] for r in records}) == [0, 1, 2]  # 0: the untrained network
     last = {(r["layer_a"], r["layer_b"]): r for r in records if r["epoch"] == 2}
     assert len(last) == 10  # pairs i <= j of 4 layers
-    feats = _features(model, probe._inputs, layers)
+    feats = _features(model, probe._probe.inputs(), layers)
     for (a, b), r in last.items():
         assert r["cka"] == pytest.approx(linear_cka(feats[a], feats[b]).item(), abs=1e-5)
         corr = np.corrcoef(feats[a].numpy(), feats[b].numpy(), rowvar=False)[: feats[a].shape[1], feats[a].shape[1]:]
         assert r["mean_abs_correlation"] == pytest.approx(np.nanmean(np.abs(corr)), abs=1e-5)
         if a == b:
             assert r["cka"] == pytest.approx(1.0)
-    means = (tmp_path / "corr_means.json").read_text()
+    means = (tmp_path / "layer_correlation" / "corr_means.json").read_text()
     assert '"epochs": [\n    0,\n    1,\n    2\n  ]' in means
-    for name in ("layer_correlation.png", "cka.png", "corr_means.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+    for name in ("correlation.png", "cka.png", "corr_means.png"):
+        assert (tmp_path / "layer_correlation" / name).stat().st_size > 1000
     assert "layer_correlation/cka/net.fc1__net.fc2" in logger.keys()
 
 
@@ -64,7 +64,7 @@ def test_activation_stats_match_a_plain_forward(tmp_path):
     assert [r["layer"] for r in records] == [
         "net.fc1", "net.bn1", "net.relu1", "net.fc2", "net.bn2", "net.relu2", "net.fc3", "net.bn3", "net.relu3",
         "net.fc4"]
-    feats = _features(model, probe._inputs, [r["layer"] for r in records])
+    feats = _features(model, probe._probe.inputs(), [r["layer"] for r in records])
     for r in records:
         a = feats[r["layer"]].numpy()
         assert r["mean"] == pytest.approx(a.mean(), abs=1e-7) and r["std"] == pytest.approx(a.std(), rel=1e-6)
@@ -73,11 +73,11 @@ def test_activation_stats_match_a_plain_forward(tmp_path):
         s = np.linalg.svd(a - a.mean(0), compute_uv=False)
         p = s / s.sum()
         assert r["effective_rank"] == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-5)
-    assert (tmp_path / "activation_stats.png").exists()
+    assert (tmp_path / "activation_stats" / "overview.png").exists()
 
 
 def test_tanh_saturation_is_reported(tmp_path):
-    from models import LeNet5
+    from lightning_probes.models import LeNet5
 
     probe = ActivationStatsMonitor(layers=["net.act1", "net.fc1"], num_samples=16, output_dir=str(tmp_path))
     data = RandomDataModule(n=32, shape=(1, 28, 28))
@@ -92,9 +92,8 @@ def test_augmentation_invariance(tmp_path):
     records = read(tmp_path / "augmentation_invariance.jsonl")
     assert {r["epoch"] for r in records} == {0, 1}
     assert all(0 <= r["invariance"] <= 1 for r in records)
-    for name in ("augmentation_invariance.png", "augmentation_invariance_correlations.png",
-                 "augmentation_invariance_views.png"):
-        assert (tmp_path / name).exists()
+    for name in ("invariance.png", "correlations.png", "views.png"):
+        assert (tmp_path / "augmentation_invariance" / name).exists()
 
 
 def test_analysis_leaves_the_training_random_stream_alone(tmp_path):
@@ -180,8 +179,8 @@ def test_bad_arguments(cls, kwargs, match):
 
 
 def test_real_datamodule_augmentation_is_used(tmp_path, tiny_data):
-    from datamodules import MNISTDataModule
-    from models import LeNet5
+    from lightning_probes.datamodules import MNISTDataModule
+    from lightning_probes.models import LeNet5
 
     dm = MNISTDataModule(data_dir=str(tiny_data), batch_size=16)
     probe = AugmentationInvarianceMonitor(num_images=2, num_views=6, output_dir=str(tmp_path))

@@ -5,21 +5,27 @@ import torch
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
+    multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
 )
 
-from lightning_probes.callbacks.confidence import ConfidenceState, classification_scores, summarize
+from lightning_probes.callbacks.confidence import ConfidenceState, summarize
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     brier_score,
     calibration_error,
     calibration_error_from_sums,
     calibration_sums,
+    classification_scores,
     confusion_confidence,
+    flatten_class_dim,
     normalized_entropy,
+    one_hot_to_index,
+    prediction_terms,
     predictive_entropy,
+    threshold_level,
     thresholded_confusion,
 )
 from lightning_probes.functional.robustness import kl_from_clean, noisy_logits, stability_ratio
@@ -145,6 +151,93 @@ def test_summarize_headline_numbers():
     assert out["mean_confidence"] == pytest.approx(probs.max(1).values.mean().item(), rel=1e-6)
     kept = probs.max(1).values >= 0.5
     assert out["thresholded"]["0.5"]["coverage"] == pytest.approx(kept.float().mean().item())
+
+
+def test_prediction_terms_against_references():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(80, 5, generator=g) * 4
+    logits[0, 1:] = -float("inf")  # a certain prediction: entropy 0, no NaN
+    target = torch.randint(0, 5, (80,), generator=g)
+    terms = prediction_terms(logits, target)
+    probs = logits.softmax(1)
+    torch.testing.assert_close(terms["confidence"], probs.max(1).values)
+    torch.testing.assert_close(terms["predicted"], probs.argmax(1))
+    torch.testing.assert_close(terms["correct"], (probs.argmax(1) == target).float())
+    one_hot = np.eye(5)[target.numpy()]
+    np.testing.assert_allclose(terms["brier"].numpy(), ((probs.numpy() - one_hot) ** 2).sum(1), atol=1e-5)
+    np.testing.assert_allclose(terms["nll"].numpy(), torch.nn.functional.cross_entropy(
+        logits, target, reduction="none").numpy(), rtol=1e-5)
+    np.testing.assert_allclose(terms["entropy"].numpy(), scipy.stats.entropy(probs.numpy(), axis=1), atol=1e-5)
+    assert terms["entropy"][0].item() == 0.0
+
+
+def test_threshold_level_counts_reached_thresholds():
+    confidence = torch.tensor([0.2, 0.5, 0.7, 0.9, 1.0])
+    assert threshold_level(confidence, torch.tensor([0.5, 0.9])).tolist() == [0, 1, 1, 2, 2]
+
+
+def test_flatten_class_dim_scores_every_position():
+    logits, target = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    flat_logits, flat_target = flatten_class_dim(logits, target)
+    assert flat_logits.shape == (40, 3) and flat_target.shape == (40,)
+    # position (n, h, w) is row n * 20 + h * 5 + w
+    torch.testing.assert_close(flat_logits[1 * 20 + 2 * 5 + 3], logits[1, :, 2, 3])
+    assert flat_target[1 * 20 + 2 * 5 + 3] == target[1, 2, 3]
+    one_hot = torch.nn.functional.one_hot(target, 3).movedim(-1, 1)  # (2, 3, 4, 5)
+    _, flat_one_hot = flatten_class_dim(logits, one_hot)
+    torch.testing.assert_close(flat_one_hot.argmax(1), flat_target)
+    same = torch.randn(6, 3)
+    assert flatten_class_dim(same, target[0, 0, :1].expand(6))[0] is same  # (N, C) passes through
+    with pytest.raises(ValueError, match=r"`logits` of shape \(N, C, \.\.\.\), but got shape \(6,\)"):
+        flatten_class_dim(torch.randn(6), torch.zeros(6))
+    with pytest.raises(ValueError, match=r"`target` of shape \(2, 4, 5\).*got shape \(2, 4\)"):
+        flatten_class_dim(logits, target[:, :, 0])
+
+
+def test_one_hot_to_index_flags_soft_rows():
+    target = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.7, 0.1], [0.0, 1.0, 1.0]])
+    index, one_hot = one_hot_to_index(target)
+    assert index[:2].tolist() == [1, 0] and one_hot.tolist() == [True, True, False, False]
+    index, one_hot = one_hot_to_index(torch.tensor([[False, True], [True, False]]))
+    assert index.tolist() == [1, 0] and one_hot.all()
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100, 2])
+def test_state_ignore_index_agrees_with_torchmetrics(ignore_index):
+    probs, target = _random(7, n=500, c=5)
+    if ignore_index is not None:
+        target[::7] = ignore_index
+    state = ConfidenceState(5, 10, (0.5,), 1000, ignore_index=ignore_index)
+    for p, t in zip(probs.log().split(100), target.split(100)):
+        state.update(p, t)
+    out = state.compute()
+    kwargs = {"ignore_index": ignore_index}
+    reference = multiclass_calibration_error(probs, target, 5, 10, **kwargs).item()
+    assert calibration_error_from_sums(out["calibration"]).item() == pytest.approx(reference, abs=1e-6)
+    torch.testing.assert_close(out["confusion"], multiclass_confusion_matrix(probs, target, 5, **kwargs))
+    kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    nll = torch.nn.functional.cross_entropy(probs.log()[kept], target[kept], reduction="sum").item()
+    assert out["scalars"][1].item() == pytest.approx(nll, rel=1e-6)
+    assert int(out["target_min"]) >= 0 and int(out["target_max"]) <= 4
+
+
+def test_state_one_hot_targets_equal_index_targets_and_records_bad_targets():
+    probs, target = _random(8, n=300, c=4)
+    by_index, by_one_hot = ConfidenceState(4, 15, (0.9,), 1000), ConfidenceState(4, 15, (0.9,), 1000)
+    by_index.update(probs.log(), target)
+    by_one_hot.update(probs.log(), torch.nn.functional.one_hot(target, 4).float())
+    for key, value in by_index.compute().items():
+        torch.testing.assert_close(by_one_hot.compute()[key], value)
+    soft = ConfidenceState(4, 15, (0.9,), 1000)
+    soft.update(probs.log(), probs)  # probabilities as targets: every row is a soft label
+    assert int(soft.compute()["soft_targets"]) == 300
+    bad = ConfidenceState(4, 15, (0.9,), 1000)
+    target = target.clone()
+    target[3], target[5] = 7, -1
+    bad.update(probs.log(), target)  # no IndexError: the bad samples add nothing, the range is recorded
+    out = bad.compute()
+    assert (int(out["target_min"]), int(out["target_max"])) == (-1, 7)
+    assert int(out["confusion"].sum()) == 298
 
 
 def test_stability_ratio():

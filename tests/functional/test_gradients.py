@@ -4,6 +4,7 @@ import torch
 
 from lightning_probes.functional.gradients import (
     gradient_stats,
+    l2_norms,
     nonfinite_counts,
     norm_summary,
     stats_from_summary,
@@ -53,3 +54,24 @@ def test_nonfinite_counts():
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError, match="at least one tensor"):
         norm_summary([])
+
+
+def test_float64_input_stays_float64():
+    # A "64-true" run: no downcast (and no copy), float64 precision kept.
+    t = torch.tensor([1.0, 1e-12, -3.0], dtype=torch.float64)
+    summary = norm_summary([t, torch.ones(2)])  # mixed: every row in float64
+    assert summary.dtype == torch.float64
+    assert summary[0, 0].item() == 4.0 + 1e-12
+    assert norm_summary([torch.ones(2, dtype=torch.bfloat16)]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_l2_norms_match_numpy(dtype):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(4, 5, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)]
+    norms = l2_norms(tensors)
+    assert norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = [np.linalg.norm(t.double().numpy()) for t in tensors]
+    np.testing.assert_allclose(norms.double().numpy(), expected, rtol=1e-12 if dtype == torch.float64 else 1e-6)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        l2_norms([])

@@ -1,0 +1,116 @@
+"""`AnalysisProbe`: the base of every probe that runs the model itself on a fixed probe set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.checks import check_positive_int
+from lightning_probes.probe_data import MissingValidationDataError, ProbeSet, analysis_mode, run_forward
+
+
+class AnalysisProbe(ProbeCallback):
+    """Base of probes that run the model themselves (representation and robustness probes).
+
+    It owns the three things those probes share (see `lightning_probes.probe_data`):
+
+    - the probe set: ``num_samples`` validation samples kept as a batch, drawn once (seeded, class-balanced
+      where the batches carry labels, else the first ``num_samples``) from the first ``search_batches``
+      validation batches, by `probe_set`;
+    - the forward: `forward` feeds one probe batch to the model, on its device and in its dtype; by default
+      ``pl_module(inputs)`` with ``inputs`` the batch's first element or ``batch[input_key]``, else
+      ``forward_fn(pl_module, batch)``;
+    - the pass: `run_analysis` calls `analyse` on global rank 0 inside `analysis_mode` (``eval()``,
+      ``no_grad``, forked random state, every module's mode restored) and then publishes the headline scalars
+      that `analyse` returned on every rank (rank 0's values are broadcast), so ``EarlyStopping`` and
+      ``ModelCheckpoint`` can monitor them under DDP too. Without validation data the probe warns once and
+      skips the run.
+
+    A subclass sets the schedule (calls `run_analysis` from its hooks on every rank) and implements `analyse`.
+
+    Args:
+        num_samples: Size of the probe set.
+        seed: Seed of the probe-set choice.
+        search_batches: Validation batches searched for the probe set.
+        forward_fn: ``forward_fn(pl_module, batch)`` runs the model on one probe batch (moved to the module's
+            device, floating tensors in its dtype), for models with several inputs or dict batches; its return
+            value is ignored by the representation probes (they read layer outputs). Default
+            ``pl_module(inputs)``. From a config: the import path of a function, e.g. ``mypackage.probes.forward``.
+        input_key: For dict batches: the key of the input tensor (the default forward's input, the tensor that
+            is perturbed or augmented).
+        target_key: For dict batches: the key of the class labels used to balance the probe set (without it, a
+            dict batch's probe set is its first ``num_samples`` samples). Tuple batches: the second element when
+            it holds one integer label per sample.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default the probe's file stem.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 512,
+        seed: int = 0,
+        search_batches: int = 100,
+        forward_fn: Optional[Callable[[Any, Any], Any]] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(output_dir, name)
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("search_batches", search_batches)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Expected `seed` to be an integer, but got {seed!r}")
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError(f"Expected `forward_fn` to be None or a callable `forward_fn(pl_module, batch)`, but got "
+                             f"{forward_fn!r}")
+        for argument, value in (("input_key", input_key), ("target_key", target_key)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"Expected `{argument}` to be None or a string (a key of dict batches), but got "
+                                 f"{value!r}")
+        self.num_samples, self.seed, self.search_batches = num_samples, seed, search_batches
+        self.forward_fn, self.input_key, self.target_key = forward_fn, input_key, target_key
+        self._probe: Optional[ProbeSet] = None
+        self._skipped = False
+
+    def probe_set(self, trainer: pl.Trainer) -> ProbeSet:
+        """The probe set, collected at the first call."""
+        if self._probe is None:
+            probe = ProbeSet.collect(trainer, self.num_samples, self.seed, self.search_batches, self.target_key)
+            minimum = self.minimum_samples()
+            if len(probe) < minimum:
+                raise ValueError(f"{type(self).__name__} needs at least {minimum} probe samples, but the validation "
+                                 f"data gave {len(probe)}")
+            self._probe = probe
+        return self._probe
+
+    def minimum_samples(self) -> int:
+        """Fewest probe samples the analysis can work with."""
+        return 1
+
+    def forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """Run the model on one probe batch (see `lightning_probes.probe_data.run_forward`)."""
+        return run_forward(pl_module, batch, self.forward_fn, self.input_key)
+
+    def run_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Analyse on global rank 0, then publish the headline scalars on every rank (call it on every rank)."""
+        headline: Optional[Mapping[str, Optional[float]]] = None
+        if trainer.is_global_zero and not self._skipped:
+            try:
+                with analysis_mode(pl_module):
+                    headline = self.analyse(trainer, pl_module, epoch)
+            except MissingValidationDataError as err:
+                self._skipped = True
+                rank_zero_warn(f"{type(self).__name__} is skipped for this run: {err}.")
+        if headline:
+            self.log_scalars(trainer, headline, trainer.global_step)
+        self.publish(trainer, headline, from_rank_zero=True)
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                epoch: int) -> Optional[Mapping[str, Optional[float]]]:
+        """One analysis (global rank 0, in `analysis_mode`); returns the headline scalars ``{name: value}``."""
+        raise NotImplementedError

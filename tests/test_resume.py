@@ -1,0 +1,156 @@
+"""Crash and resume for real: ``kill -9`` a ``lightning fit`` subprocess twice, resume from its checkpoint, and
+check that every probe record of an uninterrupted run is there exactly once.
+
+Two layouts: the default auto-versioned TensorBoardLogger (each resume writes ``version_N+1``: the probes copy
+the history into it) and a fixed logger version (the probes cut their files back in place).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_FIELDS = ("stage", "epoch", "step", "layer", "layer_a", "layer_b", "optimizer", "dataloader_idx")
+PROBES = ("gradient_stats", "gradient_dynamics", "confidence", "noise_robustness", "layer_correlation",
+          "activation_stats", "augmentation_invariance")
+
+CONFIG = """
+seed_everything: 7
+trainer:
+  max_epochs: 5
+  accelerator: cpu
+  limit_train_batches: 6
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args: {{save_dir: "{save_dir}", name: "{name}"{version}}}
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{every_n_epochs: 1, save_last: true, save_top_k: -1}}
+    - class_path: tests.crash.PauseAt
+    - class_path: lightning_probes.GradientStatsMonitor
+      init_args: {{every_n_steps: 2}}
+    - class_path: lightning_probes.GradientDynamicsMonitor
+      init_args: {{every_n_steps: 3}}
+    - class_path: lightning_probes.ConfidenceMonitor
+      init_args: {{plot_every_n_epochs: 10}}
+    - class_path: lightning_probes.NoiseRobustnessMonitor
+      init_args: {{num_samples: 20, num_draws: 3, every_n_epochs: 2}}
+    - class_path: lightning_probes.LayerCorrelationMonitor
+      init_args: {{num_samples: 32, every_n_epochs: 2}}
+    - class_path: lightning_probes.ActivationStatsMonitor
+      init_args: {{num_samples: 32, every_n_epochs: 3}}
+    - class_path: lightning_probes.AugmentationInvarianceMonitor
+      init_args: {{num_views: 4, every_n_epochs: 5}}
+model:
+  class_path: MLP
+  init_args: {{hidden: [32, 16, 16], lr: 0.05}}
+data:
+  class_path: DigitsDataModule
+  init_args: {{batch_size: 32}}
+"""
+
+
+def _write_config(tmp_path: Path, name: str, fixed_version: bool) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    version = ", version: 0" if fixed_version else ""
+    path.write_text(CONFIG.format(save_dir=tmp_path / "runs", name=name, version=version))
+    return path
+
+
+def _env(pause_at: str | None, marker: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "LP_PAUSE_MARKER": str(marker), "PYTHONWARNINGS": "ignore"}
+    env.pop("LP_PAUSE_AT", None)
+    if pause_at:
+        env["LP_PAUSE_AT"] = pause_at
+    return env
+
+
+def _fit(config: Path, tmp_path: Path, ckpt: Path | None = None, kill_at: str | None = None) -> None:
+    """Run ``lightning fit``; with ``kill_at`` ("epoch:batch"), SIGKILL it when it reaches that batch."""
+    marker = tmp_path / "paused"
+    marker.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "lightning_probes.cli", "fit", "--config", str(config)]
+    if ckpt is not None:
+        args += ["--ckpt_path", str(ckpt)]
+    log = open(tmp_path / "fit.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(kill_at, marker), stdout=log, stderr=log)
+    try:
+        if kill_at is None:
+            assert proc.wait(timeout=400) == 0, (tmp_path / "fit.log").read_text()[-3000:]
+            return
+        deadline = time.monotonic() + 400
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "fit.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the pause point"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _keys(path: Path) -> collections.Counter:
+    keys = collections.Counter()
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        keys[tuple((k, record[k]) for k in KEY_FIELDS if k in record)] += 1
+    return keys
+
+
+@pytest.mark.parametrize("fixed_version", [False, True], ids=["auto_version", "fixed_version"])
+def test_kill_twice_and_resume_keeps_every_record_once(tmp_path, fixed_version, monkeypatch):
+    from lightning_probes.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the uninterrupted reference runs in this process (no second import cost)
+    main(["fit", "--config", str(_write_config(tmp_path, "reference", fixed_version))])
+    crash = _write_config(tmp_path, "crash", fixed_version)
+    runs = tmp_path / "runs" / "crash"
+    # First crash in epoch 2: the last checkpoint is from epoch 1; records of epoch 2 exist past it.
+    _fit(crash, tmp_path, kill_at="2:3")
+    first = runs / "version_0"
+    assert (first / "checkpoints" / "last.ckpt").exists()
+    # Second crash in epoch 4, before the rarely-writing probes (augmentation invariance) write again.
+    _fit(crash, tmp_path, ckpt=first / "checkpoints" / "last.ckpt", kill_at="4:2")
+    second = runs / ("version_0" if fixed_version else "version_1")
+    _fit(crash, tmp_path, ckpt=second / "checkpoints" / "last.ckpt")
+    final = runs / ("version_0" if fixed_version else "version_2")
+
+    expected_dir = tmp_path / "runs" / "reference" / "version_0" / "probes"
+    for probe in PROBES:
+        expected = _keys(expected_dir / f"{probe}.jsonl")
+        got = _keys(final / "probes" / f"{probe}.jsonl")
+        assert expected, probe
+        duplicated = [k for k, n in got.items() if n > 1]
+        assert not duplicated, f"{probe}: records written twice: {duplicated[:3]}"
+        assert got == expected, (f"{probe}: missing {sorted(set(expected) - set(got))[:3]}, "
+                                 f"extra {sorted(set(got) - set(expected))[:3]}")
+    # The history's artifacts came along, and the crashed runs' own files were not touched.
+    assert (final / "probes" / "noise_robustness").is_dir()
+    if not fixed_version:
+        assert sorted(p.name for p in (final / "probes").glob("*.jsonl")) == sorted(f"{p}.jsonl" for p in PROBES)
+        first_epochs = {json.loads(line)["epoch"] for line in
+                        (first / "probes" / "gradient_stats.jsonl").read_text().splitlines()}
+        assert max(first_epochs) == 2  # the crashed run's records past its checkpoint are still there
+
+    from lightning_probes import read_probes
+
+    table = read_probes(final)
+    assert set(table["probe"]) == set(PROBES)
+    assert table[table.probe == "gradient_stats"]["step"].min() == 0
