@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -14,29 +15,47 @@ from typing import Optional
 
 from pytorch_lightning.cli import LightningCLI
 
-import datamodules  # noqa: F401  (registers the DataModules for `--data NAME`)
 import lightning_probes.callbacks  # noqa: F401  (registers the probes for `--trainer.callbacks NAME`)
-import models  # noqa: F401  (registers the models for `--model NAME`)
-from datamodules.base import ImageDataModule
-from models.base import ImageClassifier
+import lightning_probes.datamodules  # noqa: F401  (registers the DataModules for `--data NAME`)
+import lightning_probes.models  # noqa: F401  (registers the models for `--model NAME`)
+from lightning_probes.commands import COMMANDS
+from lightning_probes.datamodules.base import ImageDataModule
+from lightning_probes.errors import DataFilesError, DownloadError, ProbeConfigurationError
+from lightning_probes.models.base import ImageClassifier
 
 log = logging.getLogger(__name__)
 
-# Errors our own code raises for bad input; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
+# Raised while parsing and instantiating, these can only come from the configuration: one line, exit 2.
+_CONFIG_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
+# Raised while the subcommand runs, only these mean "bad configuration"; anything else (a ValueError in a
+# model's `training_step`, say) is a bug in code and keeps its traceback.
+_RUN_CONFIG_ERRORS = (DataFilesError, DownloadError, ProbeConfigurationError)
 
 
-def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
-    """Build (and by default run) the LightningCLI.
+class ProbesCLI(LightningCLI):
+    """A ``LightningCLI`` that parses and instantiates in ``__init__`` but runs the subcommand only on ``run()``.
 
-    Args:
-        args: Command-line arguments; ``None`` reads ``sys.argv``.
-        run: Run the subcommand; ``False`` only parses and instantiates (then ``args`` has no subcommand).
+    The split lets ``main`` tell configuration errors (raised while instantiating) from errors raised by the
+    code being trained. Arguments are those of ``LightningCLI``.
 
-    Returns:
-        The ``LightningCLI`` object, with ``trainer``, ``model`` and ``datamodule``.
+    Example:
+        >>> cli = ProbesCLI(ImageClassifier, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        ...                 args=["fit", "--model", "MLP", "--data", "DigitsDataModule"])  # doctest: +SKIP
+        >>> cli.run()  # doctest: +SKIP
     """
-    return LightningCLI(
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Called at the end of `LightningCLI.__init__`: defer to `run()`.
+        pass
+
+    def run(self) -> None:
+        """Run the parsed subcommand (``fit``, ``validate``, ...); nothing when built with ``run=False``."""
+        if self.subcommand is not None:
+            LightningCLI._run_subcommand(self, self.subcommand)
+
+
+def _make_cli(args: Optional[list[str]], run: bool) -> ProbesCLI:
+    return ProbesCLI(
         ImageClassifier,
         ImageDataModule,
         subclass_mode_model=True,
@@ -48,19 +67,58 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LightningCL
     )
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point: run the CLI and turn bad input into one message and exit code 2.
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ProbesCLI:
+    """Build (and by default run) the LightningCLI.
 
-    Set ``LIGHTNING_PROBES_DEBUG=1`` to see the full traceback instead.
+    Args:
+        args: Command-line arguments; ``None`` reads ``sys.argv``.
+        run: Run the subcommand; ``False`` only parses and instantiates (then ``args`` has no subcommand).
+
+    Returns:
+        The ``LightningCLI`` object, with ``trainer``, ``model`` and ``datamodule``.
     """
+    cli = _make_cli(args, run)
+    cli.run()
+    return cli
+
+
+def _exit_with_message(err: Exception) -> None:
+    if os.environ.get("LIGHTNING_PROBES_DEBUG"):
+        raise err
+    # jsonargparse wraps a constructor's ValueError in a long "Does not validate against any of the Union
+    # subtypes" report; the constructor's own message is the one that says what is wrong.
+    while isinstance(err.__cause__, _CONFIG_ERRORS):
+        err = err.__cause__
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2) from None
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point: LightningCLI's subcommands, and the project's commands (``study``, ...).
+
+    ``lightning-probes study ...`` (any word in ``lightning_probes.commands.COMMANDS``) runs that command's
+    ``main``; everything else goes to the LightningCLI. Bad configuration gives one ``error:`` line and exit
+    status 2.
+
+    Errors raised while parsing and instantiating (jsonargparse, the constructors' ``ValueError``) and, while
+    the subcommand runs, missing data files, failed downloads and misconfigured probes
+    (``lightning_probes.errors``) are reported in one line. Anything else raised during training, by the
+    model's own code for instance, keeps its full traceback. Set ``LIGHTNING_PROBES_DEBUG=1`` to see the
+    traceback of every error.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        return
     try:
-        build_cli(args)
-    except _USER_ERRORS as err:
-        if os.environ.get("LIGHTNING_PROBES_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2) from None
+        cli = _make_cli(argv, run=True)
+    except _CONFIG_ERRORS as err:
+        _exit_with_message(err)
+    try:
+        cli.run()
+    except _RUN_CONFIG_ERRORS as err:
+        _exit_with_message(err)
 
 
 if __name__ == "__main__":

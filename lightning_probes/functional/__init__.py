@@ -1,5 +1,115 @@
-"""Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer."""
+"""Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
-from lightning_probes.functional.gradients import gradient_stats, nonfinite_counts, norm_summary, stats_from_summary
+Every public function and class of the submodules (`activations`, `calibration`, `dynamics`, `gradients`,
+`representations`, `robustness`, `statistics`) is importable from here; `tests/functional/test_exports.py` keeps it
+so.
+"""
 
-__all__ = ["gradient_stats", "nonfinite_counts", "norm_summary", "stats_from_summary"]
+from lightning_probes.functional.activations import ActivationAccumulator
+from lightning_probes.functional.calibration import (
+    adaptive_bins_from_histogram,
+    brier_score,
+    calibration_bin_index,
+    calibration_error,
+    calibration_error_from_sums,
+    calibration_sums,
+    calibration_values,
+    classification_scores,
+    confusion_confidence,
+    confusion_index,
+    flatten_class_dim,
+    normalized_entropy,
+    one_hot_to_index,
+    prediction_terms,
+    predictive_entropy,
+    threshold_level,
+    thresholded_confusion,
+)
+from lightning_probes.functional.dynamics import (
+    counts_from_histogram,
+    encode_previous,
+    transition_bins,
+    transition_counts,
+    transition_histogram,
+    zero_threshold_for,
+)
+from lightning_probes.functional.gradients import (
+    gradient_stats,
+    l2_norms,
+    nonfinite_counts,
+    norm_summary,
+    stats_from_summary,
+    summary_dtype,
+    total_summary,
+)
+from lightning_probes.functional.representations import (
+    MomentAccumulator,
+    cka_from_covariances,
+    cka_from_hsic,
+    correlation_from_covariance,
+    cross_correlation,
+    effective_rank,
+    effective_rank_from_covariance,
+    linear_cka,
+    minibatch_hsic_terms,
+)
+from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
+from lightning_probes.functional.statistics import (
+    moving_average,
+    per_epoch_mean_std,
+    seed_mean_std,
+    student_t_interval,
+    welch_t_test,
+)
+
+__all__ = [
+    "ActivationAccumulator",
+    "MomentAccumulator",
+    "adaptive_bins_from_histogram",
+    "brier_score",
+    "calibration_bin_index",
+    "calibration_error",
+    "calibration_error_from_sums",
+    "calibration_sums",
+    "calibration_values",
+    "check_logits",
+    "cka_from_covariances",
+    "cka_from_hsic",
+    "classification_scores",
+    "confusion_confidence",
+    "confusion_index",
+    "correlation_from_covariance",
+    "counts_from_histogram",
+    "cross_correlation",
+    "effective_rank",
+    "effective_rank_from_covariance",
+    "encode_previous",
+    "flatten_class_dim",
+    "gradient_stats",
+    "kl_from_clean",
+    "l2_norms",
+    "linear_cka",
+    "minibatch_hsic_terms",
+    "moving_average",
+    "noisy_logits",
+    "nonfinite_counts",
+    "norm_summary",
+    "normalized_entropy",
+    "one_hot_to_index",
+    "per_epoch_mean_std",
+    "prediction_terms",
+    "predictive_entropy",
+    "seed_mean_std",
+    "stability_ratio",
+    "stats_from_summary",
+    "student_t_interval",
+    "summary_dtype",
+    "threshold_level",
+    "thresholded_confusion",
+    "total_summary",
+    "transition_bins",
+    "transition_counts",
+    "transition_histogram",
+    "welch_t_test",
+    "zero_threshold_for",
+]

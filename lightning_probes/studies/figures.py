@@ -1,0 +1,163 @@
+"""A study's figures (matplotlib), drawn from ``summary.json`` and the trials' epoch metrics.
+
+- ``curves.png``: one row per setting, loss and accuracy: every seed's train and val curve faint, their mean bold;
+- ``smoothed.png``: every setting's smoothed (moving average, ``smoothing`` epochs) mean of the validation loss
+  and of the monitor in one panel each;
+- ``test.png``: every setting's mean of each compared metric with its sample std as error bars, seeds as dots.
+
+``write_figures`` saves them atomically as PNG in ``<output>/figures/`` and adds them to the TensorBoard run
+``<output>/summary/`` (``SummaryWriter.add_figure``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lightning_probes.functional.statistics import moving_average
+from lightning_probes.io import atomic_write_bytes, render_png
+
+log = logging.getLogger(__name__)
+
+__all__ = ["curves_figure", "smoothed_figure", "test_figure", "write_figures"]
+
+
+def _key(params: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def curves_figure(summary: Mapping[str, Any], results: Sequence[Any]) -> Any:
+    """Per setting (rows) loss and accuracy (columns): seeds faint, mean bold, train and val."""
+    import matplotlib.pyplot as plt
+
+    from lightning_probes.studies.aggregate import setting_label
+
+    settings = summary["settings"]
+    kinds = ("loss", "acc")
+    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 2.6 * len(settings) + 0.6), squeeze=False,
+                             sharex=True)
+    by_setting: dict[str, list[Any]] = {}
+    for r in results:
+        if r.status == "finished":
+            by_setting.setdefault(_key(r.params), []).append(r)
+    for row, setting in enumerate(settings):
+        trials = by_setting.get(_key(setting["params"]), [])
+        for col, kind in enumerate(kinds):
+            ax = axes[row][col]
+            for stage, color in (("train", "tab:blue"), ("val", "tab:orange")):
+                metric = f"{stage}/{kind}"
+                for r in trials:
+                    if metric in r.epochs:
+                        series = r.epochs[metric].dropna()
+                        ax.plot(series.index, series.to_numpy(), color=color, alpha=0.25, linewidth=0.8)
+                mean = setting["epochs"].get(metric, {}).get("mean")
+                if mean:
+                    ax.plot(np.arange(len(mean)), mean, color=color, linewidth=2.0, label=f"{metric} (mean)")
+            ax.set_title(f"{setting_label(setting['params'])}: {kind}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7)
+            if row == len(settings) - 1:
+                ax.set_xlabel("epoch")
+    fig.suptitle(f"{summary.get('name', '')}: seeds (faint) and their mean (bold)")
+    fig.tight_layout()
+    return fig
+
+
+def smoothed_figure(summary: Mapping[str, Any], smoothing: int) -> Any:
+    """Every setting's smoothed mean of ``val/loss`` and of the monitor, one panel each."""
+    import matplotlib.pyplot as plt
+
+    from lightning_probes.studies.aggregate import setting_label
+
+    metrics = ["val/loss"] + ([summary["monitor"]] if summary["monitor"] != "val/loss" else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for setting in summary["settings"]:
+            mean = setting["epochs"].get(metric, {}).get("mean")
+            if not mean:
+                continue
+            smooth = moving_average(mean, smoothing)
+            style = {"linewidth": 2.5} if setting.get("best") else {"linewidth": 1.2}
+            ax.plot(np.arange(len(smooth)), smooth, label=setting_label(setting["params"]), **style)
+        ax.set_title(f"{metric}: mean over seeds, moving average of {smoothing}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def test_figure(summary: Mapping[str, Any]) -> Any:
+    """Mean and sample std (error bars) of every test metric (or final monitor value) per setting; seeds as dots."""
+    import matplotlib.pyplot as plt
+
+    from lightning_probes.studies.aggregate import setting_label
+
+    settings = summary["settings"]
+    table = "test" if summary["compare"]["source"] == "test" else "final"
+    metrics = sorted({m for s in settings for m in s[table]}) if table == "test" else [summary["monitor"]]
+    metrics = metrics or [summary["monitor"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.2 * len(settings) + 2) * len(metrics) / 1.5, 4),
+                             squeeze=False)
+    labels = [setting_label(s["params"]) for s in settings]
+    x = np.arange(len(settings))
+    for ax, metric in zip(axes[0], metrics):
+        means = np.array([s[table].get(metric, {}).get("mean", np.nan) for s in settings], dtype=float)
+        stds = np.array([s[table].get(metric, {}).get("std", np.nan) for s in settings], dtype=float)
+        colors = ["tab:green" if s.get("best") else "tab:gray" for s in settings]
+        ax.bar(x, means, yerr=np.nan_to_num(stds), color=colors, alpha=0.6, capsize=4)
+        for i, s in enumerate(settings):
+            values = s[table].get(metric, {}).get("values", [])
+            ax.scatter(np.full(len(values), i), values, color="black", s=10, zorder=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{metric} ({table}): mean ± std over seeds", fontsize=9)
+        finite = means[np.isfinite(means)]
+        if finite.size and metric.endswith(("acc", "f1")):
+            ax.set_ylim(max(0.0, float(np.nanmin(finite - np.nan_to_num(stds[np.isfinite(means)]))) - 0.05), None)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any], smoothing: int) -> list[str]:
+    """Draw the figures, save them as PNG in ``<output>/figures/`` and add them to TensorBoard ``<output>/summary/``.
+
+    Returns:
+        The PNG paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not summary["settings"] or summary["n_finished"] == 0:
+        return []
+    figures = {
+        "curves": lambda: curves_figure(summary, results),
+        "smoothed": lambda: smoothed_figure(summary, smoothing),
+        "test": lambda: test_figure(summary),
+    }
+    paths = []
+    writer = SummaryWriter(log_dir=os.path.join(output, "summary"))
+    try:
+        for name, draw in figures.items():
+            fig = draw()
+            try:
+                path = os.path.join(output, "figures", f"{name}.png")
+                atomic_write_bytes(path, render_png(fig))
+                paths.append(path)
+                writer.add_figure(f"study/{name}", fig, global_step=summary["n_finished"], close=False)
+            finally:
+                plt.close(fig)
+    finally:
+        writer.close()
+    return paths

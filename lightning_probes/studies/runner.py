@@ -1,0 +1,264 @@
+"""Running the trials of a study: one trial (``lightning fit`` and ``test`` in a subprocess), and the two engines.
+
+Every trial is an ordinary LightningCLI run in its own process, whichever engine starts it, so both engines
+write the same files into ``<output>/trials/<trial_id>/``:
+
+- ``config.yaml``: the resolved config (written before the trial starts);
+- TensorBoard events, ``metrics.csv`` (``CSVLogger``), ``probes/``, ``checkpoints/last.ckpt``;
+- ``test/metrics.csv`` when the study tests;
+- ``fit.log`` / ``test.log``: the subprocesses' output;
+- ``status.json``, written atomically when the trial ends: ``finished`` or ``failed`` (with the error).
+
+A trial whose ``status.json`` says ``finished`` is skipped; any other restarts, from ``checkpoints/last.ckpt`` if
+there is one (the previous ``metrics.csv`` is kept as ``metrics.part<k>.csv``, which
+``lightning_probes.studies.aggregate`` reads back in order).
+
+Engines: ``sequential`` runs the trials one after another; ``ray`` runs them as Ray Tune trials
+(``tune.Tuner`` over a function trainable that calls ``run_trial``), ``max_concurrent`` at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lightning_probes.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrialJob", "read_status", "run_sequential", "run_ray", "run_trial"]
+
+STATUS_FILE = "status.json"
+FINISHED, FAILED = "finished", "failed"
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """Everything a worker needs to run one trial (plain data: it is sent to Ray workers).
+
+    Args:
+        trial_id: The trial's name.
+        trial_dir: Its directory (absolute), holding ``config.yaml``.
+        params: Grid key -> value.
+        seed: Its seed.
+        test: Also run ``test`` on the last checkpoint.
+        cwd: Working directory of the subprocesses (where the study was started: relative data paths).
+        python: The Python interpreter to run ``lightning_probes.cli`` with.
+        config_digest: Hash of the resolved config, kept in ``status.json``.
+    """
+
+    trial_id: str
+    trial_dir: str
+    params: dict
+    seed: int
+    test: bool
+    cwd: str
+    python: str = sys.executable
+    config_digest: str = ""
+
+
+def read_status(trial_dir: str) -> Optional[dict[str, Any]]:
+    """The trial's ``status.json``, or ``None`` if it never ended (or the file is unreadable)."""
+    try:
+        with open(os.path.join(trial_dir, STATUS_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(trial_dir: str) -> bool:
+    """Whether the trial's ``status.json`` says ``finished``."""
+    status = read_status(trial_dir)
+    return bool(status) and status.get("status") == FINISHED
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:]).strip()
+    except OSError:
+        return ""
+
+
+def _error_line(log_path: str) -> str:
+    """The most telling line of a failed run's log: the last ``...Error: ...`` / ``error: ...`` line."""
+    tail = _tail(log_path, 60).splitlines()
+    for line in reversed(tail):
+        stripped = line.strip()
+        if stripped.startswith("error:") or (":" in stripped and stripped.split(":", 1)[0].endswith(("Error",
+                                                                                                     "Exception"))):
+            return stripped
+    return tail[-1].strip() if tail else "no output"
+
+
+def _run(job: TrialJob, args: list[str], log_name: str) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("LIGHTNING_PROBES_DEBUG", None)
+    log_path = os.path.join(job.trial_dir, log_name)
+    with open(log_path, "a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(args)}\n")
+        out.flush()
+        return subprocess.run(args, cwd=job.cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def _rotate_metrics(trial_dir: str) -> None:
+    """Keep a crashed run's ``metrics.csv`` as ``metrics.part<k>.csv``: ``CSVLogger`` deletes it on restart."""
+    current = os.path.join(trial_dir, "metrics.csv")
+    if os.path.isfile(current):
+        k = len(glob.glob(os.path.join(trial_dir, "metrics.part*.csv")))
+        os.replace(current, os.path.join(trial_dir, f"metrics.part{k}.csv"))
+
+
+def run_trial(job: TrialJob) -> dict[str, Any]:
+    """Run one trial to its end (skipped if already finished) and write its ``status.json``.
+
+    ``fit`` runs as ``python -m lightning_probes.cli fit --config <trial_dir>/config.yaml`` (with ``--ckpt_path
+    last.ckpt`` when a previous attempt left one); ``test`` (if asked) on the last checkpoint, logging into
+    ``test/``. A non-zero exit of either marks the trial ``failed``; the error line of its log is kept.
+
+    Args:
+        job: The trial.
+
+    Returns:
+        The trial's status (as written to ``status.json``).
+    """
+    from lightning_probes.studies.aggregate import log_trial_hparams
+    from lightning_probes.studies.spec import trial_loggers
+
+    previous = read_status(job.trial_dir)
+    if previous and previous.get("status") == FINISHED:
+        return {**previous, "skipped": True}
+    started = time.time()
+    config = os.path.join(job.trial_dir, "config.yaml")
+    last = os.path.join(job.trial_dir, "checkpoints", "last.ckpt")
+    cli = [job.python, "-m", "lightning_probes.cli"]
+    fit = [*cli, "fit", "--config", config]
+    resumed = os.path.isfile(last)
+    if resumed:
+        _rotate_metrics(job.trial_dir)
+        fit += ["--ckpt_path", last]
+    status: dict[str, Any] = {"trial_id": job.trial_id, "params": job.params, "seed": job.seed,
+                              "config_digest": job.config_digest, "resumed": resumed}
+    code = _run(job, fit, "fit.log")
+    if code == 0 and job.test:
+        if not os.path.isfile(last):
+            code, status["error"] = -1, f"no {last} to test"
+        else:
+            test_dir = os.path.join(job.trial_dir, "test")
+            _rotate_metrics(test_dir)
+            test = [*cli, "test", "--config", config, "--ckpt_path", last,
+                    "--trainer.logger", json.dumps(trial_loggers(job.trial_dir, csv_dir=test_dir))]
+            code = _run(job, test, "test.log")
+            if code != 0:
+                status["error"] = _error_line(os.path.join(job.trial_dir, "test.log"))
+    elif code != 0:
+        status["error"] = _error_line(os.path.join(job.trial_dir, "fit.log"))
+    status.update(status=FINISHED if code == 0 else FAILED, returncode=code, wall_s=round(time.time() - started, 2),
+                  ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if code == 0:
+        try:
+            log_trial_hparams(job.trial_dir, job.params, job.seed)
+        except Exception as err:  # the hparams view is a convenience: never fail a finished trial for it
+            log.warning("could not write the hparams of %s: %s", job.trial_id, err)
+    atomic_write_json(os.path.join(job.trial_dir, STATUS_FILE), status)
+    return status
+
+
+def run_sequential(jobs: Sequence[TrialJob], progress: bool = True) -> list[dict[str, Any]]:
+    """Run the trials one after another, each in its own processes.
+
+    A failed trial does not stop the others. ``KeyboardInterrupt`` stops at once: the running trial's
+    subprocess is killed and gets no ``status.json`` (it restarts from its last checkpoint next time);
+    finished trials are untouched.
+
+    Args:
+        jobs: The trials.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The status of every trial, in order.
+    """
+    from tqdm.auto import tqdm
+
+    statuses = []
+    bar = tqdm(jobs, desc="trials", unit="trial", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.trial_id)
+        status = run_trial(job)
+        if status.get("status") == FAILED:
+            log.warning("trial %s failed: %s", job.trial_id, status.get("error"))
+        statuses.append(status)
+    return statuses
+
+
+def _ray_trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
+    from ray import tune
+
+    status = run_trial(jobs[config["trial_id"]])
+    tune.report({"finished": status.get("status") == FINISHED, "returncode": status.get("returncode", 0)})
+
+
+def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int] = None, cpus_per_trial: float = 1,
+            address: Optional[str] = None, num_cpus: Optional[int] = None) -> list[dict[str, Any]]:
+    """Run the trials as Ray Tune trials: ``tune.Tuner`` over a function trainable that calls ``run_trial``.
+
+    Each trial still runs ``lightning fit`` in its own subprocess, so both engines write the same files; Tune
+    schedules them (``max_concurrent_trials``, ``tune.with_resources``) locally or on a cluster.
+
+    Args:
+        jobs: The trials (finished ones are skipped by ``run_trial`` itself).
+        storage: Directory for Tune's own bookkeeping (``<output>/ray``).
+        max_concurrent: Trials at a time (default: as many as the resources allow).
+        cpus_per_trial: CPUs Tune reserves per trial.
+        address: ``"auto"`` to join a running cluster; ``None`` starts Ray locally.
+        num_cpus: CPUs of the local Ray instance (default: all).
+
+    Returns:
+        The status of every trial, in order, read back from the trials' ``status.json``.
+
+    Raises:
+        ImportError: If Ray Tune is not installed, saying how to install it.
+    """
+    try:
+        import ray
+        from ray import tune
+    except ImportError as err:
+        raise ImportError("`--engine ray` needs Ray Tune: pip install 'lightning-probes[ray]' "
+                          "(or pip install 'ray[tune]')") from err
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    pending = [job for job in jobs if not is_finished(job.trial_dir)]
+    if pending:
+        started_here = not ray.is_initialized()
+        if started_here:
+            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        try:
+            trainable = tune.with_resources(tune.with_parameters(_ray_trainable, jobs={j.trial_id: j for j in pending}),
+                                            {"cpu": cpus_per_trial})
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial_id": tune.grid_search([j.trial_id for j in pending])},
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(storage), verbose=0),
+            )
+            tuner.fit()
+        finally:
+            if started_here:
+                ray.shutdown()
+    statuses = []
+    for job in jobs:
+        status = read_status(job.trial_dir)
+        if status is None:  # the worker died before writing it
+            status = {"trial_id": job.trial_id, "params": job.params, "seed": job.seed, "status": FAILED,
+                      "error": "the Ray worker ended before the trial did"}
+        statuses.append(status)
+    return statuses

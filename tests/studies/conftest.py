@@ -1,0 +1,59 @@
+"""One finished tiny study (digits, 2 learning rates x 2 seeds, 2 short epochs, tested), shared by the study tests.
+
+It is built once per test session, even under pytest-xdist: the first worker builds it in the session's shared
+temporary directory under a file lock, the others find it finished (each trial is a subprocess costing ~10 s of
+imports, so it is the expensive part of these tests).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+BASE = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+OVERRIDES = {
+    "trainer.max_epochs": 2,
+    "trainer.limit_train_batches": 3,
+    "trainer.limit_val_batches": 2,
+    "trainer.limit_test_batches": 2,
+    "trainer.callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}}],
+}
+
+
+def write_study(path: Path, **fields) -> Path:
+    """A study file over ``configs/quickstart.yaml`` with the tiny overrides; ``fields`` replace the defaults."""
+    study = {"name": "tiny", "base": str(BASE), "overrides": dict(OVERRIDES),
+             "grid": {"model.init_args.lr": [0.05, 0.2]}, "seeds": [1, 2], "monitor": "val/acc", "smoothing": 2,
+             "test": True}
+    study.update(fields)
+    study = {k: v for k, v in study.items() if v is not None}
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory) -> Path:
+    """The output directory of the shared tiny study, run to the end with the sequential engine."""
+    from filelock import FileLock
+
+    from lightning_probes.commands.study import study
+
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist every worker has its own basetemp inside the session's one; without xdist `parent` would be
+    # shared with earlier sessions.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_study"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "lock")):
+        output = root / "out"
+        if not (output / "summary.json").exists():
+            config = write_study(root / "tiny.yaml")
+            cwd = os.getcwd()
+            os.chdir(root)
+            try:
+                study(str(config), output=str(output), progress=False)
+            finally:
+                os.chdir(cwd)
+    return output

@@ -1,0 +1,165 @@
+"""`lightning-probes study` end to end on tiny digits runs: the summary's statistics against NumPy/SciPy computed
+from the trials' own `metrics.csv`, rerun and resume, failed trials, dry runs and bad study files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from lightning_probes.commands.study import main, study
+from lightning_probes.studies import runner
+from tests.studies.conftest import write_study
+
+IDS = ["lr=0.05-seed=1", "lr=0.05-seed=2", "lr=0.2-seed=1", "lr=0.2-seed=2"]
+
+
+def _final(trial_dir, metric):
+    frame = pd.read_csv(trial_dir / "metrics.csv")
+    return float(frame[metric].dropna().iloc[-1])
+
+
+def _test(trial_dir, metric):
+    frame = pd.read_csv(trial_dir / "test" / "metrics.csv")
+    return float(frame[metric].dropna().iloc[-1])
+
+
+def test_trials_and_files(finished_study):
+    trials = finished_study / "trials"
+    assert sorted(p.name for p in trials.iterdir()) == sorted(IDS)
+    for trial_id in IDS:
+        trial = trials / trial_id
+        assert json.loads((trial / "status.json").read_text())["status"] == "finished"
+        assert (trial / "config.yaml").exists() and (trial / "checkpoints" / "last.ckpt").exists()
+        assert list(trial.glob("events.out.tfevents.*")), "no TensorBoard events"
+        assert list(trial.glob("*.hparams")), "no hparams session"
+    for name in ("trials.csv", "summary.json", "summary.md", "figures/curves.png", "figures/smoothed.png",
+                 "figures/test.png"):
+        assert (finished_study / name).stat().st_size > 0, name
+    assert list((finished_study / "summary").glob("events.out.tfevents.*"))
+    table = pd.read_csv(finished_study / "trials.csv")
+    assert list(table.columns[:4]) == ["trial_id", "seed", "model.init_args.lr", "status"]
+    assert set(table["status"]) == {"finished"}
+    assert {"train/loss", "val/acc", "val/loss", "test/acc", "test/loss"} <= set(table.columns)
+    row = table.set_index("trial_id").loc["lr=0.2-seed=2"]
+    assert row["val/acc"] == pytest.approx(_final(trials / "lr=0.2-seed=2", "val/acc"))
+    assert row["test/acc"] == pytest.approx(_test(trials / "lr=0.2-seed=2", "test/acc"))
+
+
+def test_summary_statistics_match_numpy_scipy(finished_study):
+    summary = json.loads((finished_study / "summary.json").read_text())
+    trials = finished_study / "trials"
+    assert summary["monitor"] == "val/acc" and summary["mode"] == "max"
+    by_lr = {s["params"]["model.init_args.lr"]: s for s in summary["settings"]}
+    assert set(by_lr) == {0.05, 0.2}
+    finals, tests = {}, {}
+    for lr, setting in by_lr.items():
+        assert setting["n"] == 2
+        dirs = [trials / f"lr={lr}-seed={seed}" for seed in (1, 2)]
+        for metric in ("val/acc", "val/loss", "train/loss"):
+            values = [_final(d, metric) for d in dirs]
+            got = setting["final"][metric]
+            assert got["mean"] == pytest.approx(np.mean(values))
+            assert got["std"] == pytest.approx(np.std(values, ddof=1))
+            ci = stats.t.interval(0.95, 1, loc=np.mean(values), scale=stats.sem(values))
+            assert got["ci95"] == pytest.approx(list(ci))
+        finals[lr] = [_final(d, "val/acc") for d in dirs]
+        for metric in ("test/acc", "test/loss"):
+            values = [_test(d, metric) for d in dirs]
+            got = setting["test"][metric]
+            assert got["mean"] == pytest.approx(np.mean(values))
+            assert got["std"] == pytest.approx(np.std(values, ddof=1))
+            assert got["ci95"] == pytest.approx(list(stats.t.interval(0.95, 1, loc=np.mean(values),
+                                                                      scale=stats.sem(values))))
+        tests[lr] = [_test(d, "test/acc") for d in dirs]
+        # per-epoch curves: one value per epoch and seed, from the epoch rows of metrics.csv
+        curves = [pd.read_csv(d / "metrics.csv").dropna(subset=["val/loss"])["val/loss"].to_numpy() for d in dirs]
+        assert setting["epochs"]["val/loss"]["mean"] == pytest.approx(np.mean(curves, axis=0).tolist())
+        assert setting["epochs"]["val/loss"]["std"] == pytest.approx(np.std(curves, axis=0, ddof=1).tolist())
+    best = max(finals, key=lambda lr: np.mean(finals[lr]))
+    assert summary["best"] == {"model.init_args.lr": best}
+    other = next(lr for lr in finals if lr != best)
+    assert by_lr[best]["best"] and by_lr[best]["welch"]["p_value"] is None  # NaN -> null
+    ref = stats.ttest_ind(tests[best], tests[other], equal_var=False)
+    welch = by_lr[other]["welch"]
+    assert welch["metric"] == "test/acc"
+    if math.isnan(ref.pvalue):
+        assert welch["p_value"] is None
+    else:
+        assert welch["p_value"] == pytest.approx(ref.pvalue)
+    markdown = (finished_study / "summary.md").read_text()
+    assert f"lr={best} | 2 |" in markdown and "| best |" in markdown
+
+
+def test_rerun_skips_finished_trials(finished_study, monkeypatch):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"a finished trial ran again: {args}")
+
+    before = {p: p.stat().st_mtime_ns for p in (finished_study / "trials").glob("*/metrics.csv")}
+    monkeypatch.setattr(runner.subprocess, "run", no_subprocess)
+    config = finished_study.parent / "tiny.yaml"
+    monkeypatch.chdir(finished_study.parent)
+    assert study(str(config), output=str(finished_study), progress=False) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads((finished_study / "summary.json").read_text())["n_finished"] == 4
+
+
+def test_failed_trial_and_resume_from_last_checkpoint(finished_study, tmp_path, monkeypatch, capsys):
+    # lr=0.05-seed=1 stopped before writing status.json (say Ctrl-C): it restarts from its last.ckpt;
+    # lr=-1 is rejected by the model's constructor: that trial fails, the other still finishes.
+    output = tmp_path / "out"
+    shutil.copytree(finished_study / "trials" / "lr=0.05-seed=1", output / "trials" / "lr=0.05-seed=1")
+    (output / "trials" / "lr=0.05-seed=1" / "status.json").unlink()
+    config = write_study(tmp_path / "fail.yaml", grid={"model.init_args.lr": [0.05, -1]}, seeds=[1], test=False)
+    monkeypatch.chdir(tmp_path)
+    assert study(str(config), output=str(output), progress=False) == 1
+    resumed = json.loads((output / "trials" / "lr=0.05-seed=1" / "status.json").read_text())
+    assert resumed["status"] == "finished" and resumed["resumed"]
+    assert (output / "trials" / "lr=0.05-seed=1" / "metrics.part0.csv").exists()
+    failed = json.loads((output / "trials" / "lr=-1-seed=1" / "status.json").read_text())
+    assert failed["status"] == "failed"
+    assert "Expected `lr` to be a positive float" in failed["error"]
+    table = pd.read_csv(output / "trials.csv").set_index("trial_id")
+    assert table.loc["lr=-1-seed=1", "status"] == "failed"
+    assert table.loc["lr=0.05-seed=1", "epochs"] == 2  # the epochs of both attempts, each once
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and summary["best"] == {"model.init_args.lr": 0.05}
+
+
+def test_dry_run_lists_trials(tmp_path, capsys):
+    config = write_study(tmp_path / "tiny.yaml")
+    main(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
+    out = capsys.readouterr().out
+    assert all(trial_id in out for trial_id in IDS)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"grid": {"model.init_args.lrr": [0.1]}},
+     r"unknown key `model.init_args.lrr` in `grid`; did you mean `model.init_args.lr`"),
+    ({"overrides": {"trainer.max_epoch": 2}}, r"unknown key `trainer.max_epoch` in `overrides`; did you mean "
+                                              r"`trainer.max_epochs`"),
+    ({"grid": {}}, r"`grid` is empty"),
+    ({"grid": {"model.init_args.lr": []}}, r"`grid` key `model.init_args.lr` needs a non-empty list"),
+    ({"base": "missing.yaml"}, r"`base` 'missing.yaml' does not exist"),
+    ({"base": None}, r"missing `base`"),
+    ({"seed": [1]}, r"unknown key `seed` \(did you mean `seeds`\?\)"),
+    ({"overrides": {"trainer.logger": False}}, r"may not set 'trainer.logger'"),
+    ({"mode": "maximum"}, r"expected `mode` to be 'max' or 'min'"),
+])
+def test_bad_study_file_gives_one_message(tmp_path, capsys, fields, message):
+    config = write_study(tmp_path / "bad.yaml", **fields)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(config), "--output", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("error: study file ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
