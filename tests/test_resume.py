@@ -143,6 +143,11 @@ def test_kill_twice_and_resume_keeps_every_record_once(tmp_path, fixed_version, 
                                  f"extra {sorted(set(got) - set(expected))[:3]}")
     # The history's artifacts came along, and the crashed runs' own files were not touched.
     assert (final / "probes" / "noise_robustness").is_dir()
+    # Figures and summaries drawn from the history cover the run from its first epoch.
+    corr = json.loads((final / "probes" / "layer_correlation" / "corr_means.json").read_text())
+    reference = json.loads((expected_dir / "layer_correlation" / "corr_means.json").read_text())
+    assert corr["epochs"] == reference["epochs"] and corr["epochs"][0] == 0
+    assert (final / "probes" / "gradient_dynamics" / "gradient_dynamics.png").is_file()
     if not fixed_version:
         assert sorted(p.name for p in (final / "probes").glob("*.jsonl")) == sorted(f"{p}.jsonl" for p in PROBES)
         first_epochs = {json.loads(line)["epoch"] for line in

@@ -104,11 +104,15 @@ def prepare_study(path: str, output: Optional[str] = None, write: bool = True,
 def write_study_summary(study: PreparedStudy, figures: bool = True) -> dict[str, Any]:
     """Rebuild ``trials.csv``, ``summary.json``, ``summary.md`` and the figures from every finished trial.
 
+    Trials that ran a ``GradientStatsMonitor`` add a ``gradient_flow`` section to ``summary.json`` and the figure
+    ``figures/gradient_flow.png``.
+
     Returns:
         The summary (as in ``summary.json``).
     """
     spec = study.spec
-    results = collect_results(study.trials, study.trials_root)
+    cwd = study.jobs[0].cwd if study.jobs else None
+    results = collect_results(study.trials, study.trials_root, cwd=cwd)
     grid_keys = list(spec.grid)
     table = trials_table(results, grid_keys)
     atomic_write_bytes(os.path.join(spec.output, "trials.csv"), table.to_csv(index=False).encode())

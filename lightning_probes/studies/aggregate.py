@@ -5,6 +5,10 @@ Metrics come from each trial's ``CSVLogger`` files, read with pandas: ``metrics.
 ``metrics.part<k>.csv`` of earlier, interrupted attempts, in order, a later attempt's value of an epoch winning)
 for the epoch metrics (``train/*`` and ``val/*``, one value per epoch), ``test/metrics.csv`` for ``test/*``.
 The statistics are those of ``lightning_probes.functional.statistics``.
+
+Trials that ran a ``GradientStatsMonitor`` also left ``<probes dir>/<probe name>/gradient_flow.json`` (default
+``trials/<trial_id>/probes/gradient_stats/gradient_flow.json``); ``summary.json`` then gets a ``gradient_flow``
+section with those files averaged over each setting's seeds (``mean_gradient_flow``).
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ from lightning_probes.functional.statistics import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialResult", "build_summary", "collect_results", "read_epoch_metrics", "read_test_metrics",
-           "summary_markdown", "trials_table"]
+__all__ = ["TrialResult", "build_summary", "collect_results", "find_gradient_flow", "gradient_flow_summary",
+           "mean_gradient_flow", "read_epoch_metrics", "read_gradient_flow", "read_test_metrics", "summary_markdown",
+           "trials_table"]
 
 EPOCH_PREFIXES = ("train/", "val/")
 TEST_PREFIX = "test/"
+GRADIENT_FLOW_FILE = "gradient_flow.json"
+GRADIENT_FLOW_WINDOWS = ("first", "last")
+GRADIENT_FLOW_STATS = ("mean", "std")
 
 
 def _read_csvs(paths: Sequence[str]) -> pd.DataFrame:
@@ -101,6 +109,113 @@ def final_values(epochs: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def find_gradient_flow(trial_dir: str, cwd: Optional[str] = None) -> Optional[str]:
+    """The ``gradient_flow.json`` a trial's ``GradientStatsMonitor`` wrote, or ``None`` if there is none.
+
+    The trial's ``config.yaml`` gives each ``GradientStatsMonitor``'s ``output_dir`` (default
+    ``<trial_dir>/probes``, as ``trainer.log_dir`` is the trial directory; a relative one is relative to ``cwd``,
+    the trials' working directory) and ``name`` (default ``gradient_stats``); the first of them whose file exists
+    wins. Failing that (no such entry, no readable config), the first ``<trial_dir>/probes/*/gradient_flow.json``
+    by name.
+
+    Args:
+        trial_dir: The trial directory.
+        cwd: Working directory the trial ran in (default: the current one).
+    """
+    import yaml
+
+    candidates = []
+    try:
+        with open(os.path.join(trial_dir, "config.yaml"), encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        config = None
+    trainer = config.get("trainer") if isinstance(config, Mapping) else None
+    callbacks = trainer.get("callbacks") if isinstance(trainer, Mapping) else None
+    callbacks = [callbacks] if isinstance(callbacks, Mapping) else callbacks or []
+    for entry in callbacks:
+        if not isinstance(entry, Mapping) or str(entry.get("class_path", "")).rsplit(".", 1)[-1] \
+                != "GradientStatsMonitor":
+            continue
+        init_args = entry.get("init_args") or {}
+        directory = init_args.get("output_dir") or os.path.join(trial_dir, "probes")
+        directory = os.path.join(cwd or os.getcwd(), os.fspath(directory))  # an absolute one stays
+        candidates.append(os.path.join(directory, init_args.get("name") or "gradient_stats", GRADIENT_FLOW_FILE))
+    candidates += sorted(glob.glob(os.path.join(glob.escape(trial_dir), "probes", "*", GRADIENT_FLOW_FILE)))
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def read_gradient_flow(path: str) -> Optional[dict[str, Any]]:
+    """A ``gradient_flow.json`` checked for its shape, or ``None`` (with a warning) if it is unreadable.
+
+    Returns:
+        ``{"window": int, "layers": [...], "first": {"mean": [...], "std": [...]}, "last": {...}}``, one value
+        per layer (``None`` for a layer without gradients in that window), as ``GradientStatsMonitor`` wrote it.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            flow = json.load(handle)
+        layers = flow["layers"]
+        if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
+            raise ValueError("`layers` is not a list of names")
+        for window in GRADIENT_FLOW_WINDOWS:
+            for stat in GRADIENT_FLOW_STATS:
+                values = flow[window][stat]
+                if not isinstance(values, list) or len(values) != len(layers):
+                    raise ValueError(f"`{window}.{stat}` does not hold one value per layer")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring the unreadable gradient flow %s: %s", path, err)
+        return None
+    return flow
+
+
+def _as_float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def mean_gradient_flow(flows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Average ``gradient_flow.json`` contents (one per seed) layer by layer.
+
+    For each layer, window (``first``/``last``) and statistic (``mean``/``std`` of ``|grad|``), the mean over the
+    seeds that have a value (a missing layer or a ``None`` value is left out; ``NaN`` when no seed has one). So
+    ``std`` is the seeds' average of the within-window standard deviation of ``|grad|``, not a spread over seeds.
+
+    Args:
+        flows: Contents of ``gradient_flow.json`` files (``read_gradient_flow``), at least one.
+
+    Returns:
+        ``{"window", "layers", "first": {"mean", "std"}, "last": {"mean", "std"}}``: the layers in the order of
+        the first file, then any layer only later files have; ``window`` is the first file's.
+
+    Example:
+        >>> a = {"window": 5, "layers": ["w"], "first": {"mean": [1.0], "std": [0.5]},
+        ...      "last": {"mean": [2.0], "std": [None]}}
+        >>> b = {"window": 5, "layers": ["w"], "first": {"mean": [3.0], "std": [1.5]},
+        ...      "last": {"mean": [4.0], "std": [1.0]}}
+        >>> mean_gradient_flow([a, b])["first"], mean_gradient_flow([a, b])["last"]
+        ({'mean': [2.0], 'std': [1.0]}, {'mean': [3.0], 'std': [1.0]})
+    """
+    if not flows:
+        raise ValueError("Expected at least one gradient flow to average, but got none")
+    layers: list[str] = []
+    for flow in flows:
+        layers += [name for name in flow["layers"] if name not in layers]
+    out: dict[str, Any] = {"window": flows[0].get("window"), "layers": layers}
+    for window in GRADIENT_FLOW_WINDOWS:
+        out[window] = {}
+        for stat in GRADIENT_FLOW_STATS:
+            table = np.full((len(flows), len(layers)), np.nan)  # (seeds, layers)
+            for row, flow in enumerate(flows):
+                for name, value in zip(flow["layers"], flow[window][stat]):
+                    table[row, layers.index(name)] = _as_float(value)
+            seen = np.isfinite(table)
+            sums = np.where(seen, table, 0.0).sum(axis=0)
+            counts = seen.sum(axis=0)
+            means = np.divide(sums, counts, out=np.full(len(layers), np.nan), where=counts > 0)
+            out[window][stat] = [float(v) for v in means]
+    return out
+
+
 @dataclass
 class TrialResult:
     """One trial read back.
@@ -113,6 +228,7 @@ class TrialResult:
         epochs: Epoch metrics (``read_epoch_metrics``).
         test: ``test/*`` metrics.
         error: The failure's error line, if any.
+        gradient_flow: Its ``GradientStatsMonitor``'s ``gradient_flow.json`` (``read_gradient_flow``), if any.
     """
 
     trial_id: str
@@ -122,6 +238,7 @@ class TrialResult:
     epochs: pd.DataFrame = field(default_factory=pd.DataFrame)
     test: dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
+    gradient_flow: Optional[dict[str, Any]] = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -129,12 +246,14 @@ class TrialResult:
         return final_values(self.epochs)
 
 
-def collect_results(trials: Sequence[Any], trials_root: str) -> list[TrialResult]:
-    """Read every trial of the study back (status from ``status.json``, metrics from the CSV logs).
+def collect_results(trials: Sequence[Any], trials_root: str, cwd: Optional[str] = None) -> list[TrialResult]:
+    """Read every trial of the study back (status from ``status.json``, metrics from the CSV logs, the gradient
+    flow from ``GradientStatsMonitor``'s ``gradient_flow.json`` where there is one).
 
     Args:
         trials: The study's ``Trial`` objects (``trial_id``, ``params``, ``seed``).
         trials_root: ``<output>/trials``.
+        cwd: Working directory the trials ran in (for a probe's relative ``output_dir``; default: the current one).
     """
     from lightning_probes.studies.runner import read_status
 
@@ -147,6 +266,8 @@ def collect_results(trials: Sequence[Any], trials_root: str) -> list[TrialResult
         if state == "finished":
             result.epochs = read_epoch_metrics(trial_dir)
             result.test = read_test_metrics(trial_dir)
+            path = find_gradient_flow(trial_dir, cwd)
+            result.gradient_flow = read_gradient_flow(path) if path else None
         results.append(result)
     return results
 
@@ -183,6 +304,35 @@ def _setting_key(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def gradient_flow_summary(results: Sequence[TrialResult]) -> Optional[dict[str, Any]]:
+    """The ``gradient_flow`` section of ``summary.json``: per setting, its finished seeds' gradient flows averaged.
+
+    Args:
+        results: Every trial (only ``finished`` ones with a ``gradient_flow`` count).
+
+    Returns:
+        ``None`` if no finished trial has a gradient flow; else ``{"source": ..., "settings": [...]}`` with, per
+        setting that has one (in the order of the trials), ``params``, ``n`` (seeds averaged), ``seeds`` and
+        ``mean_gradient_flow``'s ``window``, ``layers``, ``first`` and ``last`` (``mean``/``std`` per layer).
+    """
+    settings: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r.status == "finished" and r.gradient_flow is not None:
+            entry = settings.setdefault(_setting_key(r.params), {"params": dict(r.params), "trials": []})
+            entry["trials"].append(r)
+    if not settings:
+        return None
+    out = []
+    for entry in settings.values():
+        trials = entry["trials"]
+        out.append({"params": entry["params"], "n": len(trials), "seeds": [r.seed for r in trials],
+                    **mean_gradient_flow([r.gradient_flow for r in trials])})
+    return {"source": f"GradientStatsMonitor {GRADIENT_FLOW_FILE}: per parameter tensor, mean and std of |grad| "
+                      f"pooled over the first and the last `window` optimiser steps; each averaged over the "
+                      f"setting's seeds",
+            "settings": out}
+
+
 def comparison_metric(monitor: str, results: Sequence[TrialResult]) -> tuple[str, str]:
     """The metric the settings are compared on: the test counterpart of ``monitor`` (``val/acc`` -> ``test/acc``)
     when the trials were tested, else the monitor's final-epoch value.
@@ -206,6 +356,8 @@ def build_summary(results: Sequence[TrialResult], grid_keys: Sequence[str], moni
     ``final`` and ``test`` (mean, sample std ``ddof=1``, Student-t 95% interval and the per-seed values of every
     final epoch metric and test metric), and ``welch`` (t statistic and p-value of the comparison metric, best
     against this setting). The best setting has the best mean over seeds of the monitor's final-epoch value.
+    When finished trials left a ``GradientStatsMonitor`` gradient flow, a ``gradient_flow`` section
+    (``gradient_flow_summary``) is added.
 
     Args:
         results: Every trial (only ``finished`` ones count).
@@ -261,7 +413,7 @@ def build_summary(results: Sequence[TrialResult], grid_keys: Sequence[str], moni
         values = setting[table].get(compare, {}).get("values", [])
         t, p = welch_t_test(best_values, values) if i != best_index else (math.nan, math.nan)
         setting["welch"] = {"metric": compare, "t": t, "p_value": p}
-    return {
+    summary: dict[str, Any] = {
         "name": name,
         "monitor": monitor,
         "mode": mode,
@@ -274,6 +426,10 @@ def build_summary(results: Sequence[TrialResult], grid_keys: Sequence[str], moni
         "n_failed": sum(r.status == "failed" for r in results),
         "settings": out_settings,
     }
+    flow = gradient_flow_summary(results)
+    if flow is not None:
+        summary["gradient_flow"] = flow
+    return summary
 
 
 def _fmt(stats: Optional[Mapping[str, Any]], digits: int = 4) -> str:

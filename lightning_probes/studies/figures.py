@@ -3,7 +3,10 @@
 - ``curves.png``: one row per setting, loss and accuracy: every seed's train and val curve faint, their mean bold;
 - ``smoothed.png``: every setting's smoothed (moving average, ``smoothing`` epochs) mean of the validation loss
   and of the monitor in one panel each;
-- ``test.png``: every setting's mean of each compared metric with its sample std as error bars, seeds as dots.
+- ``test.png``: every setting's mean of each compared metric with its sample std as error bars, seeds as dots;
+- ``gradient_flow.png`` (only when the trials ran a ``GradientStatsMonitor``): per setting, the mean ``|grad|`` of
+  each weight tensor in network order with its std as error bars, first window vs last window, log scale; drawn
+  from ``summary.json``'s ``gradient_flow`` section (the seeds' average of every trial's ``gradient_flow.json``).
 
 ``write_figures`` saves them atomically as PNG in ``<output>/figures/`` and adds them to the TensorBoard run
 ``<output>/summary/`` (``SummaryWriter.add_figure``).
@@ -23,7 +26,7 @@ from lightning_probes.io import atomic_write_bytes, render_png
 
 log = logging.getLogger(__name__)
 
-__all__ = ["curves_figure", "smoothed_figure", "test_figure", "write_figures"]
+__all__ = ["curves_figure", "gradient_flow_figure", "smoothed_figure", "test_figure", "write_figures"]
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -127,8 +130,89 @@ def test_figure(summary: Mapping[str, Any]) -> Any:
     return fig
 
 
+def _merged_order(orders: Sequence[Sequence[str]]) -> list[str]:
+    """One sequence holding every name, keeping each input's own order where they agree (a new name goes right
+    after the name before it in its own sequence): a shared layer axis for networks with different layers."""
+    merged: list[str] = []
+    for order in orders:
+        position = 0
+        for name in order:
+            if name in merged:
+                position = merged.index(name) + 1
+            else:
+                merged.insert(position, name)
+                position += 1
+    return merged
+
+
+def _plotted_layers(layers: Sequence[str]) -> list[int]:
+    """Indices of the weight tensors (names ending in ``weight``), or of every layer if there is none."""
+    weights = [i for i, name in enumerate(layers) if name.rsplit(".", 1)[-1].endswith("weight")]
+    return weights or list(range(len(layers)))
+
+
+def gradient_flow_figure(summary: Mapping[str, Any]) -> Any:
+    """First vs last gradient-flow window (two panels, shared log y axis): per setting, one line over its weight
+    tensors in network order, mean ``|grad|`` (over the window's entries, then over seeds) with the std of
+    ``|grad|`` as error bars.
+
+    Settings with different layers (batch norm) share the x axis: every layer of any setting, each setting's own
+    order kept; a setting's line joins only its own layers. A lower error bar that would reach zero or below ends
+    at the bottom of the axes.
+
+    Args:
+        summary: ``summary.json`` with its ``gradient_flow`` section.
+    """
+    import matplotlib.pyplot as plt
+
+    from lightning_probes.studies.aggregate import GRADIENT_FLOW_WINDOWS, setting_label
+
+    settings = summary["gradient_flow"]["settings"]
+    picked = [[s["layers"][i] for i in _plotted_layers(s["layers"])] for s in settings]
+    axis = _merged_order(picked)
+    values = []  # per setting: x, and per window (mean, std) over its plotted layers
+    for setting, layers in zip(settings, picked):
+        index = [setting["layers"].index(name) for name in layers]
+        x = np.array([axis.index(name) for name in layers], dtype=float)
+        stats = {w: (np.array([setting[w]["mean"][i] for i in index], dtype=float),
+                     np.array([setting[w]["std"][i] for i in index], dtype=float)) for w in GRADIENT_FLOW_WINDOWS}
+        values.append((x, stats))
+    positive = [v for _, stats in values for mean, std in stats.values()
+                for v in (*mean, *(mean - std), *(mean + std)) if np.isfinite(v) and v > 0]
+    bottom, top = (min(positive) / 2, max(positive) * 2) if positive else (1e-8, 1.0)
+    width = max(5.0, 0.45 * len(axis) + 2.5)
+    fig, axes = plt.subplots(1, len(GRADIENT_FLOW_WINDOWS), figsize=(2 * width, 4.6), sharey=True, squeeze=False)
+    offsets = (np.arange(len(settings)) - (len(settings) - 1) / 2) * min(0.12, 0.6 / max(1, len(settings)))
+    windows = {s.get("window") for s in settings}
+    size = f"{windows.pop()} " if len(windows) == 1 and None not in windows else ""
+    for ax, window in zip(axes[0], GRADIENT_FLOW_WINDOWS):
+        for k, (setting, (x, stats)) in enumerate(zip(settings, values)):
+            mean, std = stats[window]
+            finite = np.isfinite(mean)
+            std = np.where(np.isfinite(std), std, 0.0)
+            lower = np.clip(np.minimum(std, mean - bottom), 0.0, None)
+            ax.errorbar(x[finite] + offsets[k], mean[finite], yerr=[lower[finite], std[finite]], marker="o",
+                        markersize=4, capsize=3, linewidth=1.2, elinewidth=0.8,
+                        label=f"{setting_label(setting['params'])} (n={setting['n']})")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom, top)
+        ax.set_xticks(np.arange(len(axis)))
+        ax.set_xticklabels(axis, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{window} {size}optimiser steps", fontsize=9)
+        ax.grid(alpha=0.3, which="both", axis="y")
+        ax.set_xlabel("layer (network order)")
+    axes[0][0].set_ylabel("|grad|: mean ± std (mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{summary.get('name', '')}: gradient flow, first vs last window".lstrip(": "))
+    fig.tight_layout()
+    return fig
+
+
 def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any], smoothing: int) -> list[str]:
     """Draw the figures, save them as PNG in ``<output>/figures/`` and add them to TensorBoard ``<output>/summary/``.
+
+    ``gradient_flow`` is drawn only when ``summary`` has a ``gradient_flow`` section. TensorBoard tags are
+    ``study/<figure>``.
 
     Returns:
         The PNG paths written.
@@ -146,6 +230,8 @@ def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any
         "smoothed": lambda: smoothed_figure(summary, smoothing),
         "test": lambda: test_figure(summary),
     }
+    if summary.get("gradient_flow"):
+        figures["gradient_flow"] = lambda: gradient_flow_figure(summary)
     paths = []
     writer = SummaryWriter(log_dir=os.path.join(output, "summary"))
     try:

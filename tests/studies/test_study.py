@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 from scipy import stats
 
 from lightning_probes.commands.study import main, study
-from lightning_probes.studies import runner
+from lightning_probes.studies import prepare_study, runner
 from tests.studies.conftest import write_study
 
 IDS = ["lr=0.05-seed=1", "lr=0.05-seed=2", "lr=0.2-seed=1", "lr=0.2-seed=2"]
@@ -137,6 +138,19 @@ def test_dry_run_lists_trials(tmp_path, capsys):
     main(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
     out = capsys.readouterr().out
     assert all(trial_id in out for trial_id in IDS)
+    assert not (tmp_path / "out").exists()
+
+
+STUDIES = sorted(p.name for p in (Path(__file__).parents[2] / "configs" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_shipped_study_files_resolve(name, tmp_path):
+    """Every shipped study file loads, and every one of its trials resolves to a config the `fit` parser takes."""
+    path = Path(__file__).parents[2] / "configs" / "studies" / name
+    prepared = prepare_study(str(path), output=str(tmp_path / "out"), write=False)
+    assert len(prepared.trials) == len(prepared.jobs) > 1
+    assert len({job.trial_id for job in prepared.jobs}) == len(prepared.jobs)
     assert not (tmp_path / "out").exists()
 
 
