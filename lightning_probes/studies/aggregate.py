@@ -53,6 +53,7 @@ def _read_csvs(paths: Sequence[str]) -> pd.DataFrame:
             frame = pd.read_csv(path)
         except (OSError, pd.errors.EmptyDataError):
             continue
+        frame = frame.copy()  # consolidate: a wide CSV (every probe scalar) reads into many blocks
         frame["_attempt"] = order
         frames.append(frame)
     return pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
