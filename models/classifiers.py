@@ -1,7 +1,8 @@
 """The five LightningModules: thin subclasses of `ImageClassifier` that pick a network.
 
 Each takes its own arguments plus every `ImageClassifier` argument (``in_channels``, ``num_classes``,
-``input_size``, ``lr``, ``momentum``, ``weight_decay``, ``lr_schedule``, ``lr_decay``, ``step_size``, ``gamma``)
+``input_size``, ``lr``, ``momentum``, ``weight_decay``, ``lr_schedule``, ``lr_decay``, ``step_size``, ``gamma``,
+``init_from``, ``freeze``, ``reinit``)
 through ``**kwargs``; LightningCLI follows them to `ImageClassifier` and shows them in ``--help``.
 """
 

@@ -193,7 +193,8 @@ def _value_label(value: Any) -> str:
         return "+".join([_value_label(str(value["class_path"])), *(f"{k}={_value_label(v)}"
                                                                    for k, v in init_args.items())])
     if isinstance(value, str):
-        return value.rsplit(".", 1)[-1] if re.fullmatch(r"[\w]+(\.[\w]+)+", value) else value
+        # A class path names its class (`lightning_probes.models.MLP` -> `MLP`); a file name stays whole.
+        return value.rsplit(".", 1)[-1] if re.fullmatch(r"\w+(\.\w+)*\.[A-Z]\w*", value) else value
     if isinstance(value, float):
         return repr(value)
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
