@@ -2,6 +2,7 @@
 
 from lightning_probes.callbacks import (
     ActivationStatsMonitor,
+    AlignmentMonitor,
     AugmentationInvarianceMonitor,
     ConfidenceMonitor,
     GradientDynamicsMonitor,
@@ -14,6 +15,7 @@ from lightning_probes.reading import read_probes
 __version__ = "0.1.0"
 __all__ = [
     "ActivationStatsMonitor",
+    "AlignmentMonitor",
     "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",

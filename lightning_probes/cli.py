@@ -111,8 +111,12 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] in COMMANDS:
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         return
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(f"Project commands: {', '.join(COMMANDS)} (lightning-probes <command> --help).\n"
+                         "LightningCLI subcommands:\n")
     try:
-        cli = _make_cli(argv, run=True)
+        # `args=None` lets LightningCLI read sys.argv itself (passing it explicitly makes it warn).
+        cli = _make_cli(args, run=True)
     except _CONFIG_ERRORS as err:
         _exit_with_message(err)
     try:

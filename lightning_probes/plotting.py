@@ -80,9 +80,11 @@ def heatmap(
     if annotate and matrix.size <= 150:
         low, high = image.get_clim()
         middle = (low + high) / 2
+        finite = matrix[np.isfinite(matrix)]
+        counts = finite.size > 0 and bool(np.all(finite == np.round(finite)))  # counts: whole numbers, not 2.5e+02
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{value:.0f}" if counts else f"{value:.2g}", ha="center", va="center", fontsize=6,
                         color="k" if value > middle else "w")
     ax.set_title(title, fontsize=9)
     return fig

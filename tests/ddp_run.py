@@ -24,6 +24,7 @@ PROBES = {
     "noise_robustness": lambda out: lp.NoiseRobustnessMonitor(num_samples=16, num_draws=4, output_dir=out),
     "layer_correlation": lambda out: lp.LayerCorrelationMonitor(num_samples=16, output_dir=out),
     "activation_stats": lambda out: lp.ActivationStatsMonitor(num_samples=16, output_dir=out),
+    "alignment": lambda out: lp.AlignmentMonitor(num_samples=16, output_dir=out),
     "augmentation_invariance": lambda out: lp.AugmentationInvarianceMonitor(num_images=2, num_views=4, output_dir=out),
 }
 

@@ -24,6 +24,7 @@ def main() -> None:
         lp.LayerCorrelationMonitor(num_samples=32, output_dir=out),
         lp.ActivationStatsMonitor(num_samples=32, output_dir=out),
         lp.AugmentationInvarianceMonitor(num_images=2, num_views=8, output_dir=out),
+        lp.AlignmentMonitor(num_samples=32, output_dir=out),
     ]
     trainer = pl.Trainer(max_epochs=epochs, default_root_dir=out, logger=pl.loggers.TensorBoardLogger(out),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

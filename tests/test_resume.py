@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 KEY_FIELDS = ("stage", "epoch", "step", "layer", "layer_a", "layer_b", "optimizer", "dataloader_idx")
 PROBES = ("gradient_stats", "gradient_dynamics", "confidence", "noise_robustness", "layer_correlation",
-          "activation_stats", "augmentation_invariance")
+          "activation_stats", "augmentation_invariance", "alignment")
 
 CONFIG = """
 seed_everything: 7
@@ -55,6 +55,8 @@ trainer:
       init_args: {{num_samples: 32, every_n_epochs: 3}}
     - class_path: lightning_probes.AugmentationInvarianceMonitor
       init_args: {{num_views: 4, every_n_epochs: 5}}
+    - class_path: lightning_probes.AlignmentMonitor
+      init_args: {{num_samples: 32, every_n_epochs: 2}}
 model:
   class_path: MLP
   init_args: {{hidden: [32, 16, 16], lr: 0.05}}

@@ -1,6 +1,7 @@
 """The probes: Lightning callbacks that make the inside of training visible."""
 
 from lightning_probes.callbacks.activation_stats import ActivationStatsMonitor
+from lightning_probes.callbacks.alignment import AlignmentMonitor
 from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
 from lightning_probes.callbacks.base import ParameterProbe, ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
@@ -11,6 +12,7 @@ from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
 
 __all__ = [
     "ActivationStatsMonitor",
+    "AlignmentMonitor",
     "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",

@@ -14,4 +14,7 @@ from __future__ import annotations
 
 __all__ = ["COMMANDS"]
 
-COMMANDS = {"study": "lightning_probes.commands.study"}
+COMMANDS = {
+    "study": "lightning_probes.commands.study",
+    "ablate": "lightning_probes.commands.ablate",
+}

@@ -1,11 +1,30 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
-Every public function and class of the submodules (`activations`, `calibration`, `dynamics`, `gradients`,
-`representations`, `robustness`, `statistics`) is importable from here; `tests/functional/test_exports.py` keeps it
-so.
+Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `calibration`,
+`dynamics`, `gradients`, `representations`, `robustness`, `statistics`) is importable from here;
+`tests/functional/test_exports.py` keeps it so.
 """
 
+from lightning_probes.functional.ablation import (
+    class_agreement,
+    collapse_indicators,
+    histogram_overlap,
+    masked_mean_confidence,
+    random_orders,
+    ranked_order,
+    unit_mask,
+    units_to_drop,
+)
 from lightning_probes.functional.activations import ActivationAccumulator
+from lightning_probes.functional.alignment import (
+    AlignmentAccumulator,
+    alignment,
+    alignment_from_covariance,
+    alignment_summary,
+    conv2d_alignment,
+    conv_patches,
+    layer_rows,
+)
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     brier_score,
@@ -64,8 +83,12 @@ from lightning_probes.functional.statistics import (
 
 __all__ = [
     "ActivationAccumulator",
+    "AlignmentAccumulator",
     "MomentAccumulator",
     "adaptive_bins_from_histogram",
+    "alignment",
+    "alignment_from_covariance",
+    "alignment_summary",
     "brier_score",
     "calibration_bin_index",
     "calibration_error",
@@ -75,9 +98,13 @@ __all__ = [
     "check_logits",
     "cka_from_covariances",
     "cka_from_hsic",
+    "class_agreement",
     "classification_scores",
+    "collapse_indicators",
     "confusion_confidence",
     "confusion_index",
+    "conv2d_alignment",
+    "conv_patches",
     "correlation_from_covariance",
     "counts_from_histogram",
     "cross_correlation",
@@ -86,9 +113,12 @@ __all__ = [
     "encode_previous",
     "flatten_class_dim",
     "gradient_stats",
+    "histogram_overlap",
     "kl_from_clean",
     "l2_norms",
+    "layer_rows",
     "linear_cka",
+    "masked_mean_confidence",
     "minibatch_hsic_terms",
     "moving_average",
     "noisy_logits",
@@ -99,6 +129,8 @@ __all__ = [
     "per_epoch_mean_std",
     "prediction_terms",
     "predictive_entropy",
+    "random_orders",
+    "ranked_order",
     "seed_mean_std",
     "stability_ratio",
     "stats_from_summary",
@@ -110,6 +142,8 @@ __all__ = [
     "transition_bins",
     "transition_counts",
     "transition_histogram",
+    "unit_mask",
+    "units_to_drop",
     "welch_t_test",
     "zero_threshold_for",
 ]

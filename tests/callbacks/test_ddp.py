@@ -46,15 +46,15 @@ def test_prediction_probes_under_ddp(tmp_path):
 
 
 def test_representation_probes_under_ddp(tmp_path):
-    out = run_ddp(tmp_path, ["layer_correlation", "activation_stats", "augmentation_invariance"])
-    for name in ("layer_correlation", "activation_stats", "augmentation_invariance"):
+    out = run_ddp(tmp_path, ["layer_correlation", "activation_stats", "augmentation_invariance", "alignment"])
+    for name in ("layer_correlation", "activation_stats", "augmentation_invariance", "alignment"):
         records = read(out / f"{name}.jsonl")
         assert sorted({r["epoch"] for r in records}) == [0, 1, 2], name  # rank 0 only: no duplicates
         key = "layer_b" if name == "layer_correlation" else "layer"
         rows = [(r["epoch"], r.get("layer_a"), r[key]) for r in records]
         assert len(rows) == len(set(rows)), name
     _assert_same_headline(out, ["layer_correlation/cka_adjacent_mean", "activation_stats/dead_fraction",
-                                "augmentation_invariance/invariance_mean"])
+                                "augmentation_invariance/invariance_mean", "alignment/mean"])
 
 
 def _assert_same_headline(out: Path, keys: list[str]) -> None:

@@ -21,7 +21,8 @@ def _public(module) -> list[str]:
 
 
 def test_the_expected_submodules_are_found():
-    assert {"activations", "calibration", "dynamics", "gradients", "representations", "robustness"} <= set(SUBMODULES)
+    assert {"ablation", "activations", "alignment", "calibration", "dynamics", "gradients", "representations",
+            "robustness"} <= set(SUBMODULES)
 
 
 @pytest.mark.parametrize("submodule", SUBMODULES)

@@ -1,0 +1,229 @@
+"""`AlignmentMonitor`: how much of each layer's input variance its units' weight vectors point along."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+from matplotlib.figure import Figure
+from torch import nn
+
+from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.capture import ActivationCapture, uncompiled
+from lightning_probes.checks import check_float
+from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.functional.alignment import QUANTILES, AlignmentAccumulator, alignment_summary
+
+#: Layers the alignment is defined for.
+LAYER_TYPES = (nn.Linear, nn.Conv2d)
+_STATS = ("mean", "std")
+
+
+class AlignmentMonitor(RepresentationProbe):
+    """Per-unit alignment of every ``nn.Linear`` and ``nn.Conv2d`` with the variance of its inputs, over training.
+
+    A unit's alignment is ``w^T C w / (w^T w * trace(C))``: the share of the variance of the layer's inputs
+    (covariance ``C`` on the probe set) that lies along its weight vector ``w``, in [0, 1] (see
+    `lightning_probes.functional.alignment`). A ``Conv2d`` filter's inputs are its receptive-field patches, one
+    per sample and output position (with ``groups > 1``, those of its group's channels). A random direction
+    scores ``1 / D`` on average (``D`` input features, recorded as ``chance``): units well above it have turned
+    towards the directions in which their inputs vary most.
+
+    On the probe set (see `RepresentationProbe`: at the start of training, labelled epoch 0, and after every
+    ``every_n_epochs``-th epoch; global rank 0; ``eval()``, ``no_grad``, forked random state) each selected
+    layer's inputs are captured with forward hooks and streamed batch by batch into a float64 covariance
+    (`lightning_probes.functional.AlignmentAccumulator`); inputs are never kept beyond one batch.
+
+    Outputs: records per (epoch, layer) in ``<name>.jsonl`` with ``type``, ``units``, ``features`` (``D`` per
+    group), ``groups``, ``chance``, ``mean``, ``std`` (population), ``q05`` ... ``q95``, ``nan_units`` (units
+    with an all-zero weight vector, left out of the statistics) and ``alignment``, the per-unit list (``null``
+    for those units); the scalars ``<name>/mean/<layer>`` and ``<name>/std/<layer>``; the figure
+    ``<name>/distributions.png``, one panel per layer with a box per analysed epoch (box: quartiles, whiskers:
+    5% and 95% quantiles, triangle: mean, dashed line: chance). The headline ``<name>/mean`` (mean over layers of
+    the mean alignment) goes to the loggers and to ``trainer.callback_metrics``.
+
+    Cost and memory: one forward of the probe set; per layer at most a float64 ``(D, D)`` sum and a float32
+    buffer of ``D`` input rows (``D`` = ``in_features`` of a ``Linear``, ``in_channels * kh * kw`` of a
+    ``Conv2d``; ``D / groups`` per group), about ``12 * D**2`` bytes, on the model's device, all layers at once.
+    Layers that see no more than ``D`` rows in all (e.g. wide ``Linear`` layers on 512 samples) never form the
+    ``(D, D)`` sum. At the first analysis a selection whose estimate exceeds ``max_memory_gb`` stops with an
+    error naming the largest layers.
+
+    Args:
+        layers: Names of ``nn.Linear``/``nn.Conv2d`` modules to analyse (as in ``named_modules``); default every
+            ``nn.Linear`` and ``nn.Conv2d`` that the forward pass calls, the classifier included.
+        num_samples: Size of the probe set (class-balanced where the batches carry labels, seeded, from the first
+            validation batches).
+        every_n_epochs: Analyse after every n-th epoch.
+        batch_size: Probe samples per forward pass.
+        max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance sums of all layers (> 0).
+        seed: Seed of the probe-set choice.
+        search_batches: Validation batches searched for the probe set.
+        forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one probe batch (several inputs, dict
+            batches); default ``pl_module(inputs)``. See `AnalysisProbe`.
+        input_key: For dict batches: the key of the input tensor.
+        target_key: For dict batches: the key of the class labels that balance the probe set.
+        output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
+        name: Name of the probe's files and scalar prefix; default ``alignment``.
+
+    Raises:
+        ValueError: On a bad argument; at the start of training (`ProbeConfigurationError`) for named ``layers``
+            that are not ``nn.Linear``/``nn.Conv2d`` or never called, a model without such layers, or a selection
+            above ``max_memory_gb``.
+
+    Example:
+        >>> from pytorch_lightning import Trainer
+        >>> trainer = Trainer(callbacks=[AlignmentMonitor(num_samples=256, every_n_epochs=5)])
+    """
+
+    probe_name = "alignment"
+    layout_stats = _STATS
+
+    def __init__(
+        self,
+        layers: Optional[Sequence[str]] = None,
+        num_samples: int = 512,
+        every_n_epochs: int = 1,
+        batch_size: int = 128,
+        max_memory_gb: float = 2.0,
+        seed: int = 0,
+        search_batches: int = 100,
+        forward_fn: Optional[Callable[[Any, Any], Any]] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        # max_features=1: the layer check's forward (`RepresentationProbe._prepare`) keeps one output feature.
+        super().__init__(layers=layers, num_samples=num_samples, max_features=1, every_n_epochs=every_n_epochs,
+                         batch_size=batch_size, seed=seed, search_batches=search_batches, forward_fn=forward_fn,
+                         input_key=input_key, target_key=target_key, output_dir=output_dir, name=name)
+        check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
+        self.max_memory_gb = float(max_memory_gb)
+        self.history: dict[str, Any] = {"epochs": [], "layers": {}}
+
+    def hparams(self) -> dict[str, Any]:
+        settings = super().hparams()
+        settings.pop("max_features", None)  # internal here, not an argument
+        return settings
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = state_dict.get("history", {"epochs": [], "layers": {}})
+
+    def minimum_samples(self) -> int:
+        return 2  # a covariance of a Linear's inputs needs two samples
+
+    # -- layers -------------------------------------------------------------------------------------
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        super()._select(pl_module)
+        kept = {n: m for n, m in self._modules.items() if isinstance(m, LAYER_TYPES)}
+        if self.layers is not None and len(kept) < len(self._modules):
+            other = {n: type(m).__name__ for n, m in self._modules.items() if n not in kept}
+            raise ProbeConfigurationError(f"{type(self).__name__}: alignment is defined for nn.Linear and nn.Conv2d "
+                                          f"layers, but `layers` names {other}")
+        if not kept:
+            raise ProbeConfigurationError(f"{type(self).__name__}: {type(pl_module).__name__} has no nn.Linear or "
+                                          "nn.Conv2d layer to analyse")
+        self._modules = kept
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        sizes = {n: _sum_bytes(m) for n, m in self._modules.items()}
+        estimate = estimated_bytes(sizes.values()) / 1e9
+        if estimate > self.max_memory_gb:
+            widest = {n: f"{b / 1e9:.2f} GB" for n, b in sorted(sizes.items(), key=lambda kv: -kv[1])[:8]}
+            raise ProbeConfigurationError(
+                f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 input covariances of "
+                f"{len(sizes)} layers, above `max_memory_gb`={self.max_memory_gb:g}. Select fewer `layers` or raise "
+                f"`max_memory_gb`. Largest: {widest}")
+
+    # -- analysis -----------------------------------------------------------------------------------
+    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
+        probe = self.probe_set(trainer)
+        accumulators = {name: AlignmentAccumulator.for_layer(m) for name, m in self._modules.items()}
+        capture = ActivationCapture(self._modules, None, inputs=True)
+        with capture.capturing(), uncompiled(pl_module):
+            for batch in probe.chunks(self.batch_size):
+                self.forward(pl_module, batch)
+                for name, inputs in capture.pop().items():
+                    accumulators[name].update_layer(self._modules[name], inputs)
+        records = []
+        for name, module in self._modules.items():
+            accumulator = accumulators.pop(name)  # free each covariance once used
+            values = accumulator.compute(module.weight).cpu()
+            width = accumulator.num_features // accumulator.groups
+            records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, "type": type(module).__name__,
+                            "units": int(values.numel()), "features": width, "groups": accumulator.groups,
+                            "chance": 1.0 / width, **alignment_summary(values), "alignment": values.tolist()})
+        self._report(trainer, epoch, records)
+        means = [r["mean"] for r in records if r["mean"] is not None]
+        return {f"{self.name}/mean": float(np.mean(means)) if means else None}
+
+    def _report(self, trainer: pl.Trainer, epoch: int, records: list[dict[str, Any]]) -> None:
+        self.write_records(trainer, records)
+        step = trainer.global_step
+        self.log_scalars(trainer, self.scalars(records, _STATS), step)
+        self.history["epochs"].append(epoch)
+        for r in records:
+            layer = self.history["layers"].setdefault(r["layer"], {"chance": r["chance"], "epochs": [], "boxes": []})
+            layer["epochs"].append(epoch)
+            layer["boxes"].append([r[k] for k in (*QUANTILES, "mean")])
+        self.save_figure(trainer, distributions_figure(self.history["layers"], [r["layer"] for r in records]),
+                         "distributions.png", "distributions", step)
+
+
+def _sum_bytes(module: nn.Module) -> int:
+    """Bytes one layer's accumulator holds at most: float64 ``(G, D/G, D/G)`` sums and a float32 row buffer of
+    up to ``D/G`` rows (see `AlignmentAccumulator`)."""
+    if isinstance(module, nn.Conv2d):
+        features, groups = module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.groups
+    else:
+        features, groups = module.in_features, 1
+    return 12 * features * features // groups + 8 * features
+
+
+def estimated_bytes(layer_bytes: Iterable[int]) -> int:
+    """Peak bytes of one analysis: every layer's accumulator at once, plus the temporaries of the largest (its
+    products or covariance, about as large again)."""
+    sizes = list(layer_bytes)
+    return sum(sizes) + max(sizes, default=0)
+
+
+def distributions_figure(layers: dict[str, dict[str, Any]], order: Sequence[str]) -> Figure:
+    """One panel per layer: a box per analysed epoch (quartiles, 5%-95% whiskers, mean), the chance level dashed;
+    a logarithmic y axis where a panel's values span more than a factor of 10.
+
+    Args:
+        layers: ``{layer: {"chance": float, "epochs": [...], "boxes": [[q05, q25, q50, q75, q95, mean], ...]}}``.
+        order: Layers to draw, in panel order.
+    """
+    columns = min(3, max(1, len(order)))
+    rows = math.ceil(len(order) / columns)
+    fig = Figure(figsize=(4.2 * columns, 2.6 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, name in zip(axes, order):
+        layer = layers[name]
+        stats = [{"whislo": b[0], "q1": b[1], "med": b[2], "q3": b[3], "whishi": b[4], "mean": b[5],
+                  "label": str(e)} for e, b in zip(layer["epochs"], layer["boxes"]) if None not in b]
+        if stats:
+            ax.bxp(stats, showfliers=False, showmeans=True, widths=0.6,
+                   meanprops={"markersize": 4, "markerfacecolor": "tab:green", "markeredgecolor": "tab:green"})
+            step = max(1, math.ceil(len(stats) / 12))
+            ax.set_xticks(range(1, len(stats) + 1)[::step], [s["label"] for s in stats][::step], fontsize=7)
+        ax.axhline(layer["chance"], color="tab:gray", linestyle="--", linewidth=0.8)
+        span = [v for s in stats for v in (s["whislo"], s["whishi"]) if v > 0] + [layer["chance"]]
+        if max(span) > 10 * min(span):  # spread over decades: a log scale shows them all
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("epoch", fontsize=8)
+    for ax in axes[len(order):]:
+        ax.set_visible(False)
+    fig.suptitle("Alignment of units with their input variance (dashed: chance 1/D)")
+    return fig
