@@ -1,5 +1,6 @@
-"""Cost of one LayerCorrelationMonitor pass (512 probe samples) for the MLP and BaselineNet, and its share of
-an MNIST training epoch of the MLP. Random data of the real shapes; figures timed apart.
+"""Cost of one LayerCorrelationMonitor and one AlignmentMonitor pass (512 probe samples) for the MLP, LeNet5
+and BaselineNet, and its share of an MNIST training epoch of the MLP. Random data of the real shapes; figures
+timed apart.
 
     python benchmarks/representation_cost.py
 """
@@ -15,8 +16,8 @@ import pytorch_lightning as pl
 import torch
 from _common import Stopwatch, add_output_argument, bare_trainer, output_dir, quiet, random_loader, timed_method
 
-from lightning_probes import LayerCorrelationMonitor
-from lightning_probes.models import MLP, BaselineNet
+from lightning_probes import AlignmentMonitor, LayerCorrelationMonitor
+from lightning_probes.models import MLP, BaselineNet, LeNet5
 
 
 class EpochTimer(pl.Callback):
@@ -27,10 +28,10 @@ class EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def one_pass(model_cls, shape, samples: int, repeats: int, root: str) -> dict:
+def one_pass(probe_cls, model_cls, shape, samples: int, repeats: int, root: str) -> dict:
     passes, figures, rss = [], [], []
     for _ in range(repeats):
-        probe = LayerCorrelationMonitor(num_samples=samples, every_n_epochs=1000)
+        probe = probe_cls(num_samples=samples, every_n_epochs=1000)
         analysis, drawing = Stopwatch(), Stopwatch()
         timed_method(probe, "analyse", analysis)
         timed_method(probe, "save_figure", drawing)
@@ -64,14 +65,16 @@ def measure(args: argparse.Namespace, root: str) -> None:
     epoch = timer.seconds
     print(f"{torch.get_num_threads()} threads; MLP training epoch on {args.epoch_samples} MNIST-shaped samples "
           f"(batch 128): {epoch:.2f} s")
-    print("| model | layers | pass s (no figures) | figures s | share of MNIST MLP epoch (pass / pass+figures) "
+    print("| probe | model | layers | pass s (no figures) | figures s | share of MNIST MLP epoch (pass / pass+figures) "
           "| peak RSS growth MB |")
-    print("|---|---|---|---|---|---|")
-    for name, cls, shape in (("MLP", MLP, (1, 28, 28)), ("BaselineNet", BaselineNet, (3, 32, 32))):
-        r = one_pass(cls, shape, args.samples, args.repeats, root)
-        share = f"{r['pass_s'] / epoch:.1%} / {(r['pass_s'] + r['figures_s']) / epoch:.1%}"
-        print(f"| {name} | {r['layers']} | {r['pass_s']:.3f} | {r['figures_s']:.3f} | {share} | "
-              f"{r['rss_growth_mb']:.0f} |")
+    print("|---|---|---|---|---|---|---|")
+    models = (("MLP", MLP, (1, 28, 28)), ("LeNet5", LeNet5, (1, 28, 28)), ("BaselineNet", BaselineNet, (3, 32, 32)))
+    for probe_cls in (LayerCorrelationMonitor, AlignmentMonitor):
+        for name, cls, shape in models:
+            r = one_pass(probe_cls, cls, shape, args.samples, args.repeats, root)
+            share = f"{r['pass_s'] / epoch:.1%} / {(r['pass_s'] + r['figures_s']) / epoch:.1%}"
+            print(f"| {probe_cls.__name__} | {name} | {r['layers']} | {r['pass_s']:.3f} | {r['figures_s']:.3f} | "
+                  f"{share} | {r['rss_growth_mb']:.0f} |")
 
 
 if __name__ == "__main__":

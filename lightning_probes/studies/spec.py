@@ -353,13 +353,15 @@ def trial_loggers(trial_dir: str, csv_dir: Optional[str] = None) -> list[dict[st
     """A TensorBoardLogger and a CSVLogger writing straight into ``trial_dir`` (``csv_dir`` for the CSV).
 
     ``name`` and ``version`` are empty, so ``trainer.log_dir`` is the trial directory itself and a resumed run
-    keeps writing there.
+    keeps writing there. The CSV is written at every logging call (``flush_logs_every_n_steps=1``, appending
+    rows): with the default 100, a trial killed after a checkpoint lost the rows logged since the last flush
+    (an epoch's validation metrics included), and its resumed history lacked them.
     """
     return [
         {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
          "init_args": {"save_dir": trial_dir, "name": "", "version": "", "default_hp_metric": False}},
         {"class_path": "pytorch_lightning.loggers.CSVLogger",
-         "init_args": {"save_dir": csv_dir or trial_dir, "name": "", "version": ""}},
+         "init_args": {"save_dir": csv_dir or trial_dir, "name": "", "version": "", "flush_logs_every_n_steps": 1}},
     ]
 
 
