@@ -191,3 +191,31 @@ class JsonlWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def read_checkpoint(path: str, argument: str) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU (``torch.load(weights_only=True)``) and check it has a ``state_dict``.
+
+    Args:
+        path: The checkpoint file.
+        argument: The argument that named it, for the error messages (``init_from``, ``ckpt_path``).
+
+    Raises:
+        ValueError: Naming ``argument``, when the file cannot be read or holds no ``state_dict``.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read with "
+                         f"torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else None
+        found = (f"keys {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys is not None
+                 else f"a {type(checkpoint).__name__}")
+        raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint with a `state_dict`, but {path!r} "
+                         f"holds {found}")
+    return checkpoint

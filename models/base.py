@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
@@ -15,6 +14,8 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lightning_probes.io import read_checkpoint
 
 LRSchedule = Literal["none", "inverse_time", "step"]
 _SCHEDULES = ("none", "inverse_time", "step")
@@ -184,17 +185,7 @@ class ImageClassifier(pl.LightningModule):
 
     def _load_checkpoint_weights(self, path: str) -> None:
         """Load the ``state_dict`` of the Lightning checkpoint ``path`` into this model, strictly."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            raise ValueError(f"Expected `init_from` to be a Lightning checkpoint, but {path!r} could not be read "
-                             f"with torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
-        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            found = (f"keys {_listing(sorted(map(str, checkpoint)))}" if isinstance(checkpoint, dict)
-                     else f"a {type(checkpoint).__name__}")
-            raise ValueError(f"Expected `init_from` to be a Lightning checkpoint with a `state_dict`, but {path!r} "
-                             f"holds {found}")
+        state = read_checkpoint(path, "init_from")["state_dict"]
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]

@@ -33,7 +33,6 @@ import fnmatch
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,6 +58,7 @@ from lightning_probes.functional.ablation import (
 )
 from lightning_probes.functional.calibration import confusion_confidence, thresholded_confusion
 from lightning_probes.functional.statistics import seed_mean_std
+from lightning_probes.io import read_checkpoint
 from lightning_probes.naming import clean_name
 
 log = logging.getLogger(__name__)
@@ -542,16 +542,7 @@ def find_checkpoints(path: str, pattern: str = "*.ckpt") -> list[str]:
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"Expected `ckpt_path` to be a Lightning checkpoint, but {path!r} could not be read with "
-                         f"torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"Expected `ckpt_path` to be a Lightning checkpoint with a `state_dict`, but {path!r} has "
-                         f"none")
-    return checkpoint
+    return read_checkpoint(path, "ckpt_path")
 
 
 def check_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
