@@ -353,9 +353,9 @@ def trial_loggers(trial_dir: str, csv_dir: Optional[str] = None) -> list[dict[st
     """A TensorBoardLogger and a CSVLogger writing straight into ``trial_dir`` (``csv_dir`` for the CSV).
 
     ``name`` and ``version`` are empty, so ``trainer.log_dir`` is the trial directory itself and a resumed run
-    keeps writing there. The CSV is written at every logging call (``flush_logs_every_n_steps=1``, appending
-    rows): with the default 100, a trial killed after a checkpoint lost the rows logged since the last flush
-    (an epoch's validation metrics included), and its resumed history lacked them.
+    keeps writing there. Lightning saves the CSV after its own logging calls; the probes log their scalars straight
+    to the loggers, so ``flush_logs_every_n_steps=1`` writes those rows at once too (appending; the file is
+    rewritten only when new columns appear) instead of holding up to 100 steps of them in memory.
     """
     return [
         {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",

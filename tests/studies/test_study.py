@@ -177,3 +177,57 @@ def test_bad_study_file_gives_one_message(tmp_path, capsys, fields, message):
     assert err.startswith("error: study file ")
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_kill_9_mid_study_then_rerun_keeps_every_epoch_once(tmp_path):
+    """A real crash: `kill -9` the study and its running trial in epoch 2, rerun the command, and every epoch's
+    validation row is there once (the killed attempt's rows up to its checkpoint included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_probes.studies.aggregate import read_epoch_metrics
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = {**__import__("tests.studies.conftest", fromlist=["OVERRIDES"]).OVERRIDES,
+                 "trainer.max_epochs": 3,
+                 "trainer.callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}},
+                                       {"class_path": "tests.crash.PauseAt"}]}
+    config = write_study(tmp_path / "crash.yaml", grid={"model.init_args.lr": [0.05]}, seeds=[1], test=False,
+                         overrides=overrides)
+    output = tmp_path / "out"
+    marker = tmp_path / "paused"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "LP_PAUSE_AT": "2:1", "LP_PAUSE_MARKER": str(marker), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "lightning_probes.cli", "study", "--config", str(config), "--output", str(output),
+               "--no_progress"]
+    with open(tmp_path / "study.log", "wb") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert proc.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the trial never reached the pause point"
+                time.sleep(0.2)
+            trial_pid = int(marker.read_text())
+            os.kill(proc.pid, signal.SIGKILL)  # the study first, then its trial: as a machine crash would
+            os.kill(trial_pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    trial = output / "trials" / "lr=0.05-seed=1"
+    assert not (trial / "status.json").exists()
+    assert (trial / "checkpoints" / "last.ckpt").exists()
+    # The killed attempt wrote its epochs 0 and 1 (the checkpoint is from epoch 1) to its CSV before dying.
+    assert sorted(read_epoch_metrics(str(trial))["val/acc"].dropna().index) == [0, 1]
+
+    env.pop("LP_PAUSE_AT")
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, timeout=300, capture_output=True)
+    status = json.loads((trial / "status.json").read_text())
+    assert status["status"] == "finished" and status["resumed"]
+    epochs = read_epoch_metrics(str(trial))
+    assert list(epochs.index) == [0, 1, 2] and epochs["val/acc"].notna().all()
+    assert pd.read_csv(output / "trials.csv").set_index("trial_id").loc["lr=0.05-seed=1", "epochs"] == 3
