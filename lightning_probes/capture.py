@@ -46,21 +46,33 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, name, child)
 
 
-def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[str, nn.Module]:
+def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None,
+                   default: str = "blocks") -> dict[str, nn.Module]:
     """Modules to capture, by clean name (``_orig_mod.`` and leading ``module.`` removed).
 
-    Default: every leaf module that has parameters, plus activation modules. With ``names``, each must be a
+    Without ``names``, the ``default`` selection: ``"blocks"``, the signal as it leaves each block (every
+    activation module, plus the last leaf module with parameters, the classifier), or every leaf module with
+    parameters when the model has no activation module (it applies them functionally); ``"all"``, every leaf
+    module with parameters plus every activation module (the pre-activation, normalised and activated signal of
+    every block: about three times the features, many of them near-duplicates). With ``names``, each must be a
     module name; an unknown one raises ``ValueError`` listing close matches.
     """
+    if default not in ("blocks", "all"):
+        raise ValueError(f"Expected `default` to be 'blocks' or 'all', but got {default!r}")
     modules = {}
     for name, module in model.named_modules():
         name = clean_name(name)
         if name and name not in modules:
             modules[name] = module
     if names is None:
-        chosen = {n: m for n, m in modules.items()
-                  if (not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
-                  or isinstance(m, ACTIVATIONS)}
+        parametrised = [n for n, m in modules.items()
+                        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+        activations = [n for n, m in modules.items() if isinstance(m, ACTIVATIONS)]
+        if default == "blocks" and activations:
+            keep = set(activations) | set(parametrised[-1:])
+        else:
+            keep = set(parametrised) | set(activations)
+        chosen = {n: m for n, m in modules.items() if n in keep}
         if not chosen:
             raise ValueError(f"{type(model).__name__} has no leaf module with parameters and no activation module "
                              "to capture; pass `layers` explicitly")

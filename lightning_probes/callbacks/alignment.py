@@ -81,6 +81,7 @@ class AlignmentMonitor(RepresentationProbe):
 
     probe_name = "alignment"
     layout_stats = _STATS
+    default_layers = "all"  # every Linear/Conv2d is kept below; "blocks" would leave only the classifier
 
     def __init__(
         self,

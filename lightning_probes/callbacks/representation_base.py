@@ -31,8 +31,9 @@ class RepresentationProbe(AnalysisProbe):
     produce an output. A subclass may check the layers' feature widths then (`check_widths`).
 
     Args:
-        layers: Module names to analyse (as in ``named_modules``); default: every leaf module with parameters
-            plus activation modules.
+        layers: Module names to analyse (as in ``named_modules``); default: the signal as it leaves each block,
+            i.e. every activation module plus the last leaf module with parameters (the classifier); every leaf
+            module with parameters when the model has no activation module.
         num_samples: Size of the probe set (class-balanced where the batches carry labels, seeded, from the first
             validation batches).
         max_features: Features kept per layer; wider outputs are reduced by adaptive average pooling.
@@ -47,6 +48,9 @@ class RepresentationProbe(AnalysisProbe):
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default the probe's file stem.
     """
+
+    #: Selection without ``layers``: ``"blocks"`` or ``"all"`` (see `lightning_probes.capture.select_modules`).
+    default_layers = "blocks"
 
     def __init__(
         self,
@@ -81,7 +85,7 @@ class RepresentationProbe(AnalysisProbe):
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         try:
-            self._modules = select_modules(pl_module, self.layers)
+            self._modules = select_modules(pl_module, self.layers, self.default_layers)
         except ValueError as err:
             raise ProbeConfigurationError(f"{type(self).__name__}: {err}") from None
         self._widths = None

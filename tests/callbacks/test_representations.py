@@ -61,9 +61,8 @@ def test_activation_stats_match_a_plain_forward(tmp_path):
     model = small_mlp()
     trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
     records = [r for r in read(tmp_path / "activation_stats.jsonl") if r["epoch"] == 1]
-    assert [r["layer"] for r in records] == [
-        "net.fc1", "net.bn1", "net.relu1", "net.fc2", "net.bn2", "net.relu2", "net.fc3", "net.bn3", "net.relu3",
-        "net.fc4"]
+    # The default selection: the signal as it leaves each block, and the classifier.
+    assert [r["layer"] for r in records] == ["net.relu1", "net.relu2", "net.relu3", "net.fc4"]
     feats = _features(model, probe._probe.inputs(), [r["layer"] for r in records])
     for r in records:
         a = feats[r["layer"]].numpy()

@@ -110,7 +110,7 @@ def test_reduce_features_pools_conv_outputs():
 
 def test_capture_survives_inplace_relu_and_removes_hooks():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
-    modules = select_modules(model)
+    modules = select_modules(model, default="all")
     assert list(modules) == ["0", "1", "2"]
     capture = ActivationCapture(modules, 1024)
     with capture.capturing():
@@ -121,6 +121,16 @@ def test_capture_survives_inplace_relu_and_removes_hooks():
     with pytest.raises(RuntimeError, match="boom"), capture.capturing():
         raise RuntimeError("boom")
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_default_selection_is_the_signal_leaving_each_block():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert list(select_modules(model)) == ["2", "4", "5"]  # activations and the classifier
+    assert list(select_modules(model, default="all")) == ["0", "1", "2", "3", "4", "5"]
+    functional = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))  # no activation module: every parametrised leaf
+    assert list(select_modules(functional)) == ["0", "1"]
+    with pytest.raises(ValueError, match="`default`"):
+        select_modules(model, default="some")
 
 
 def test_unknown_layer_names_suggest_close_matches():
