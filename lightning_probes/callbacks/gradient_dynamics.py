@@ -18,7 +18,8 @@ from lightning_probes.functional.dynamics import (
     COUNT_NAMES,
     NUM_BINS,
     counts_from_histogram,
-    encode_previous,
+    encode_codes,
+    gradient_codes,
     transition_histogram,
     zero_threshold_for,
 )
@@ -65,7 +66,8 @@ class _Pending:
         finite: 0-d bool tensor: every gradient finite.
         grad_norm: ``(P,)`` gradient norm per tracked tensor.
         weights: Copies of the weights before the step (freed after the step).
-        flat: ``(N,)`` the gradients of the step, flat (only on a snapshot step; freed after the step).
+        codes: `gradient_codes` of the step's flat gradients: sign and below-threshold, ``int8`` each (only on a
+            snapshot step; freed after the step).
         histogram: ``(P, NUM_BINS)`` transition histogram (logged steps).
         has_previous: A `_Previous` of the step before existed for the same tensors (logged steps).
         previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
@@ -83,7 +85,7 @@ class _Pending:
     finite: torch.Tensor
     grad_norm: torch.Tensor
     weights: Optional[list[torch.Tensor]] = None
-    flat: Optional[torch.Tensor] = None
+    codes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     histogram: Optional[torch.Tensor] = None
     has_previous: bool = False
     previous_finite: Optional[torch.Tensor] = None
@@ -297,12 +299,13 @@ class GradientDynamicsMonitor(ParameterProbe):
             pending.has_previous = (previous is not None and previous.count == count - 1
                                     and previous.tracked == tracked)
             state = previous.state if pending.has_previous else torch.zeros_like(flat, dtype=torch.int8)
+            codes = gradient_codes(flat, self.release_threshold)  # shared with the state encoding below
             pending.histogram = transition_histogram(state, flat, zero_threshold, self.release_threshold,
-                                                     [g.numel() for g in grads])  # (P, 126)
+                                                     [g.numel() for g in grads], codes)  # (P, 126)
             pending.previous_finite = previous.finite if pending.has_previous else pending.finite
             pending.sample = flat[self._sample_index_for(tracked, flat.device)[0]]
-        if snapshot:
-            pending.flat = flat  # needed with the update to encode the state; freed after the step
+        if snapshot:  # with the update, they encode the state; freed after the step
+            pending.codes = codes if log_now else gradient_codes(flat, self.release_threshold)
         self._pending[opt_index] = pending
 
     def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -317,10 +320,9 @@ class GradientDynamicsMonitor(ParameterProbe):
         pending.weights = None
         if pending.snapshot:
             update = torch.cat([d.reshape(-1) for d in deltas])
-            self._previous[opt_index] = _Previous(state=encode_previous(pending.flat, update, self.release_threshold),
-                                                  finite=pending.finite, count=pending.count,
-                                                  tracked=pending.tracked)
-            pending.flat = None
+            self._previous[opt_index] = _Previous(state=encode_codes(*pending.codes, update), finite=pending.finite,
+                                                  count=pending.count, tracked=pending.tracked)
+            pending.codes = None
         if pending.log:
             pending.update_norm = l2_norms(deltas)
             pending.weight_norm = l2_norms(params)

@@ -46,7 +46,9 @@ from lightning_probes.functional.calibration import (
 )
 from lightning_probes.functional.dynamics import (
     counts_from_histogram,
+    encode_codes,
     encode_previous,
+    gradient_codes,
     transition_bins,
     transition_counts,
     transition_histogram,
@@ -110,7 +112,9 @@ __all__ = [
     "cross_correlation",
     "effective_rank",
     "effective_rank_from_covariance",
+    "encode_codes",
     "encode_previous",
+    "gradient_codes",
     "flatten_class_dim",
     "gradient_stats",
     "histogram_overlap",

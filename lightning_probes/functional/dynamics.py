@@ -37,6 +37,27 @@ def _below8(magnitude: torch.Tensor, threshold: float) -> torch.Tensor:
     return (magnitude < threshold).view(torch.int8)
 
 
+def gradient_codes(grad: torch.Tensor, release_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-entry facts of a gradient that both `transition_bins` and `encode_previous` need.
+
+    Computed once per step and shared, they save a pass over the gradient (``abs``, a comparison and ``sign``).
+
+    Args:
+        grad: The gradient (flat).
+        release_threshold: Magnitude below which the entry counts as near zero.
+
+    Returns:
+        ``(sign, below)``: ``int8`` ``sign(g)`` and ``int8`` ``[|g| < release_threshold]``.
+    """
+    return _sign8(grad), _below8(grad.abs(), release_threshold)
+
+
+def encode_codes(sign: torch.Tensor, below: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`encode_previous` from the `gradient_codes` of the gradient of step ``t-1`` and its update."""
+    code = sign * (2 + sign * _sign8(update))  # |code| = 1 descent, 2 no move, 3 ascent; 0 if g == 0
+    return code + 8 * below
+
+
 def encode_previous(grad: torch.Tensor, update: torch.Tensor, release_threshold: float) -> torch.Tensor:
     """One ``int8`` per entry holding the gradient's sign, the update's direction and "below threshold".
 
@@ -48,22 +69,24 @@ def encode_previous(grad: torch.Tensor, update: torch.Tensor, release_threshold:
     Returns:
         ``int8`` state in ``[-3, 11]`` (see the module docstring).
     """
-    g_sign = _sign8(grad)
-    code = g_sign * (2 + g_sign * _sign8(update))  # |code| = 1 descent, 2 no move, 3 ascent; 0 if g == 0
-    return code + 8 * _below8(grad.abs(), release_threshold)
+    return encode_codes(*gradient_codes(grad, release_threshold), update)
 
 
 def transition_bins(state: torch.Tensor, grad: torch.Tensor, zero_threshold: float,
-                    release_threshold: float) -> torch.Tensor:
-    """The bin (0..125) of every entry, from the previous state and the current gradient (``uint8``)."""
+                    release_threshold: float,
+                    codes: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """The bin (0..125) of every entry, from the previous state and the current gradient (``uint8``).
+
+    ``codes``: the `gradient_codes` of ``grad``, when the caller has them already (they are computed otherwise).
+    """
     if zero_threshold > release_threshold:
         raise ValueError(
             f"Expected `zero_threshold` <= `release_threshold`, but got {zero_threshold} > {release_threshold}")
     below_prev = (state + 3) >> 3  # 1 where state >= 5, i.e. the +8 flag is set
     code = state - 8 * below_prev
-    magnitude = grad.abs()
-    level = _below8(magnitude, release_threshold) + _below8(magnitude, zero_threshold)
-    bins = (code + 3) + 7 * below_prev + 14 * (_sign8(grad) + 1) + 42 * level
+    sign, below = codes if codes is not None else gradient_codes(grad, release_threshold)
+    level = below + _below8(grad.abs(), zero_threshold) if zero_threshold > 0 else below
+    bins = (code + 3) + 7 * below_prev + 14 * (sign + 1) + 42 * level
     return bins.view(torch.uint8)
 
 
@@ -75,9 +98,10 @@ def _histogram(bins: torch.Tensor) -> torch.Tensor:
 
 
 def transition_histogram(state: torch.Tensor, grad: torch.Tensor, zero_threshold: float, release_threshold: float,
-                         sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+                         sizes: Optional[Sequence[int]] = None,
+                         codes: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Histogram of `transition_bins` per segment: ``(len(sizes), 126)``, or ``(1, 126)`` without sizes."""
-    bins = transition_bins(state, grad, zero_threshold, release_threshold)
+    bins = transition_bins(state, grad, zero_threshold, release_threshold, codes)
     chunks = bins.split(list(sizes)) if sizes is not None else [bins]
     return torch.stack([_histogram(chunk) for chunk in chunks])
 

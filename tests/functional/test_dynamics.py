@@ -5,7 +5,10 @@ import torch
 from lightning_probes.functional.dynamics import (
     COUNT_NAMES,
     counts_from_histogram,
+    encode_codes,
     encode_previous,
+    gradient_codes,
+    transition_bins,
     transition_counts,
     transition_histogram,
     zero_threshold_for,
@@ -86,3 +89,19 @@ def test_zero_threshold_is_dtype_aware():
     assert zero_threshold_for(torch.float32, 1e-7) == 1e-7
     assert zero_threshold_for(torch.float16, 1e-7) == pytest.approx(6.1035e-05, rel=1e-3)
     assert zero_threshold_for(torch.bfloat16, 1e-7) == 1e-7  # bf16's tiny (~1.2e-38) is lower
+
+
+def test_shared_gradient_codes_give_the_same_bins_and_state():
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(5000, generator=gen) * 1e-3
+    grad[::7] = 0.0
+    prev = encode_previous(torch.randn(5000, generator=gen) * 1e-3, torch.randn(5000, generator=gen), 1e-3)
+    update = torch.randn(5000, generator=gen)
+    codes = gradient_codes(grad, 1e-3)
+    for zero_threshold in (0.0, 1e-8, 1e-4):
+        assert torch.equal(transition_bins(prev, grad, zero_threshold, 1e-3, codes),
+                           transition_bins(prev, grad, zero_threshold, 1e-3))
+    assert torch.equal(encode_codes(*codes, update), encode_previous(grad, update, 1e-3))
+    # by hand: zero_threshold 0 counts no entry as zero, even exact zeros (|g| < 0 never holds)
+    bins = transition_bins(prev, grad, 0.0, 1e-3).long()
+    assert int((bins // 42 == 2).sum()) == 0
