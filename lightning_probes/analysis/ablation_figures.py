@@ -32,6 +32,20 @@ def _array(values: Sequence[Any]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
+def _fraction_grid(rows: int) -> tuple[Figure, np.ndarray]:
+    """A figure with one row of two panels per target, sharing the fraction axis."""
+    fig = Figure(figsize=(9, 1.0 + 2.3 * rows), layout="constrained")
+    return fig, fig.subplots(rows, 2, squeeze=False, sharex=True)
+
+
+def _finish_fraction_grid(fig: Figure, axes: np.ndarray, title: str) -> Figure:
+    for ax in axes[-1]:
+        ax.set_xlabel("fraction of units dropped")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
 def deviation_figure(fractions: Sequence[float], targets: Mapping[str, Mapping[str, Any]], title: str) -> Figure:
     """Accuracy and loss deviation from the intact network vs the fraction dropped, one row per target.
 
@@ -40,8 +54,7 @@ def deviation_figure(fractions: Sequence[float], targets: Mapping[str, Mapping[s
         targets: ``{layer or "all_layers": section with "high", "low", "random"}``.
         title: Figure title.
     """
-    fig = Figure(figsize=(9, 1.0 + 2.3 * len(targets)), layout="constrained")
-    axes = fig.subplots(len(targets), 2, squeeze=False, sharex=True)
+    fig, axes = _fraction_grid(len(targets))
     x = np.asarray(fractions, dtype=float)
     for row, (target, section) in zip(axes, targets.items()):
         for ax, metric in zip(row, ("acc", "loss")):
@@ -55,11 +68,7 @@ def deviation_figure(fractions: Sequence[float], targets: Mapping[str, Mapping[s
             ax.axhline(0, color="k", linewidth=0.5)
             ax.set_ylabel(f"{metric} - intact", fontsize=8)
             ax.set_title(target, fontsize=9)
-    for ax in axes[-1]:
-        ax.set_xlabel("fraction of units dropped")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title)
-    return fig
+    return _finish_fraction_grid(fig, axes, title)
 
 
 def confusion_figure(
@@ -94,8 +103,7 @@ def confusion_figure(
 def collapse_figure(fractions: Sequence[float], targets: Mapping[str, Mapping[str, Any]], title: str) -> Figure:
     """Entropy of the predicted classes and share of the top class vs fraction; the top class is written at
     each point of the ``high`` and ``low`` curves."""
-    fig = Figure(figsize=(9, 1.0 + 2.3 * len(targets)), layout="constrained")
-    axes = fig.subplots(len(targets), 2, squeeze=False, sharex=True)
+    fig, axes = _fraction_grid(len(targets))
     x = np.asarray(fractions, dtype=float)
     for row, (target, section) in zip(axes, targets.items()):
         for ax, metric in zip(row, ("entropy", "top_share")):
@@ -112,11 +120,7 @@ def collapse_figure(fractions: Sequence[float], targets: Mapping[str, Mapping[st
             ax.set_ylim(0, 1.05)
             ax.set_ylabel("normalised entropy" if metric == "entropy" else "top-class share", fontsize=8)
             ax.set_title(target, fontsize=9)
-    for ax in axes[-1]:
-        ax.set_xlabel("fraction of units dropped")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title)
-    return fig
+    return _finish_fraction_grid(fig, axes, title)
 
 
 def checkpoint_collapse_figure(
