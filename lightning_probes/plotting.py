@@ -85,6 +85,7 @@ def heatmap(
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.0f}" if counts else f"{value:.2g}", ha="center", va="center", fontsize=6,
+                        in_layout=False,  # inside the axes: the layout engine need not measure them
                         color="k" if value > middle else "w")
     ax.set_title(title, fontsize=9)
     return fig
