@@ -35,9 +35,9 @@ from lightning_probes.functional.statistics import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialResult", "build_summary", "collect_results", "find_gradient_flow", "gradient_flow_summary",
-           "mean_gradient_flow", "read_epoch_metrics", "read_gradient_flow", "read_test_metrics", "summary_markdown",
-           "trials_table"]
+__all__ = ["TrialResult", "build_summary", "collect_results", "find_gradient_flow", "gradient_flow_markdown",
+           "gradient_flow_summary", "mean_gradient_flow", "read_epoch_metrics", "read_gradient_flow",
+           "read_test_metrics", "summary_markdown", "trials_table"]
 
 EPOCH_PREFIXES = ("train/", "val/")
 TEST_PREFIX = "test/"
@@ -473,7 +473,37 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"{summary['n_finished']} of {summary['n_trials']} trials finished, {summary['n_failed']} failed.")
+    if summary.get("gradient_flow"):
+        lines += ["", *gradient_flow_markdown(summary["gradient_flow"])]
     return "\n".join(lines) + "\n"
+
+
+def gradient_flow_markdown(flow: Mapping[str, Any]) -> list[str]:
+    """The gradient-flow table of ``summary.md``: one row per weight tensor (biases left out, as in the figure;
+    every tensor when no name ends in ``weight``), per setting the seeds' mean |grad| over the first and the last
+    window, ``first → last``.
+    """
+    from lightning_probes.studies.figures import plotted_layers
+
+    settings = flow["settings"]
+    layers: list[str] = []
+    for s in settings:
+        layers += [s["layers"][i] for i in plotted_layers(s["layers"]) if s["layers"][i] not in layers]
+    header = ["weight tensor", *[setting_label(s["params"]) for s in settings]]
+    window = settings[0]["window"]
+    lines = [f"## Gradient flow: mean |grad| over the first → last {window} optimiser steps (mean over seeds)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(setting: Mapping[str, Any], name: str) -> str:
+        if name not in setting["layers"]:
+            return "-"
+        i = setting["layers"].index(name)
+        first, last = setting["first"]["mean"][i], setting["last"]["mean"][i]
+        return "-" if first is None or last is None else f"{first:.2e} → {last:.2e}"
+
+    for name in layers:
+        lines.append("| " + " | ".join([name, *[cell(s, name) for s in settings]]) + " |")
+    return lines
 
 
 def log_trial_hparams(trial_dir: str, params: Mapping[str, Any], seed: int) -> None:

@@ -145,7 +145,7 @@ def _merged_order(orders: Sequence[Sequence[str]]) -> list[str]:
     return merged
 
 
-def _plotted_layers(layers: Sequence[str]) -> list[int]:
+def plotted_layers(layers: Sequence[str]) -> list[int]:
     """Indices of the weight tensors (names ending in ``weight``), or of every layer if there is none."""
     weights = [i for i, name in enumerate(layers) if name.rsplit(".", 1)[-1].endswith("weight")]
     return weights or list(range(len(layers)))
@@ -168,7 +168,7 @@ def gradient_flow_figure(summary: Mapping[str, Any]) -> Any:
     from lightning_probes.studies.aggregate import GRADIENT_FLOW_WINDOWS, setting_label
 
     settings = summary["gradient_flow"]["settings"]
-    picked = [[s["layers"][i] for i in _plotted_layers(s["layers"])] for s in settings]
+    picked = [[s["layers"][i] for i in plotted_layers(s["layers"])] for s in settings]
     axis = _merged_order(picked)
     values = []  # per setting: x, and per window (mean, std) over its plotted layers
     for setting, layers in zip(settings, picked):

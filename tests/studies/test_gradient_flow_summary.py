@@ -141,6 +141,20 @@ def test_summary_gradient_flow_matches_numpy_and_is_drawn(tmp_path):
     dropout = next(s for s in section if "DropoutNet" in s["params"]["model"]["class_path"])
     assert dropout["last"]["mean"][0] == pytest.approx(flows["DropoutNet"][1]["last"]["mean"][0])
 
+    # summary.md: one row per weight tensor (biases left out), "first -> last" per setting, from the numbers above
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Gradient flow" in markdown
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if ".weight |" in line}
+    weights = [name for model in LAYERS for name in LAYERS[model] if name.endswith("weight")]
+    assert set(rows) == set(weights) and not any(".bias |" in line for line in markdown.splitlines())
+    for setting in section:
+        column = section.index(setting) + 1
+        for name in setting["layers"]:
+            if name.endswith("weight"):
+                i = setting["layers"].index(name)
+                cell = rows[name].strip("| ").split(" | ")[column]
+                assert cell == f"{setting['first']['mean'][i]:.2e} → {setting['last']['mean'][i]:.2e}"
+
     _assert_png(tmp_path / "out" / "figures" / "gradient_flow.png")
     for name in ("curves", "smoothed", "test"):
         _assert_png(tmp_path / "out" / "figures" / f"{name}.png")
