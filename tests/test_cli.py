@@ -152,3 +152,11 @@ def test_error_in_training_step_keeps_its_traceback(tmp_path):
     assert 'user_model.py", line 6, in training_step' in out.stderr
     assert "ValueError: bug in the user model" in out.stderr
     assert "error: " not in out.stderr
+
+
+def test_help_names_the_project_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Project commands: study, ablate" in out and "{fit,validate,test,predict}" in out
