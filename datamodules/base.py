@@ -73,6 +73,8 @@ class ImageDataModule(pl.LightningDataModule):
             halves and trains on that half.
         swap_train_val: Train on the validation split and validate on the training split.
         download: Download missing files in ``prepare_data`` (needs a network).
+        train_size: ``None`` trains on the whole training split; a positive integer trains on a seeded subset of
+            that many of its samples (after ``train_half``), e.g. to train many weak-to-strong models fast.
     """
 
     mean: tuple[float, ...] = (0.5,)
@@ -90,6 +92,7 @@ class ImageDataModule(pl.LightningDataModule):
         train_half: Optional[Literal[0, 1]] = None,
         swap_train_val: bool = False,
         download: bool = False,
+        train_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -100,6 +103,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `val_fraction` to be in (0, 1), but got {val_fraction!r}")
         if train_half not in (None, 0, 1):
             raise ValueError(f"Expected `train_half` to be None, 0 or 1, but got {train_half!r}")
+        if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
+                                       or train_size < 1):
+            raise ValueError(f"Expected `train_size` to be None or a positive integer, but got {train_size!r}")
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.train_set: Optional[TensorImageDataset] = None
@@ -137,6 +143,12 @@ class ImageDataModule(pl.LightningDataModule):
                 half = len(train_idx) // 2
                 chosen = halves[:half] if self.hparams.train_half == 0 else halves[half:]
                 train_idx = train_idx[chosen]
+            if self.hparams.train_size is not None:
+                if self.hparams.train_size > len(train_idx):
+                    raise ValueError(f"Expected `train_size` to be at most the {len(train_idx)} samples of the "
+                                     f"training split, but got {self.hparams.train_size}")
+                subset = torch.randperm(len(train_idx), generator=generator)[: self.hparams.train_size]
+                train_idx = train_idx[subset.sort().values]
             augment = self.default_augmentation() if self.hparams.augment else None
             self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], self.mean, self.std, augment)
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], self.mean, self.std)

@@ -31,6 +31,7 @@ class CIFAR10DataModule(ImageDataModule):
         train_half: ``None``, ``0`` or ``1``: train on one seeded half of the training split.
         swap_train_val: Train on the validation split and validate on the training split.
         download: Download torchvision's archive in ``prepare_data`` (needs a network).
+        train_size: ``None`` (the whole training split) or the size of a seeded subset of it.
     """
 
     mean = (0.4914, 0.4822, 0.4465)

@@ -13,15 +13,14 @@ import os
 import sys
 from typing import Optional
 
+import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 import lightning_probes.callbacks  # noqa: F401  (registers the probes for `--trainer.callbacks NAME`)
 import lightning_probes.datamodules  # noqa: F401  (registers the DataModules for `--data NAME`)
 import lightning_probes.models  # noqa: F401  (registers the models for `--model NAME`)
 from lightning_probes.commands import COMMANDS
-from lightning_probes.datamodules.base import ImageDataModule
 from lightning_probes.errors import DataFilesError, DownloadError, ProbeConfigurationError
-from lightning_probes.models.base import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,8 @@ class ProbesCLI(LightningCLI):
     code being trained. Arguments are those of ``LightningCLI``.
 
     Example:
-        >>> cli = ProbesCLI(ImageClassifier, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        >>> cli = ProbesCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+        ...                 subclass_mode_data=True,
         ...                 args=["fit", "--model", "MLP", "--data", "DigitsDataModule"])  # doctest: +SKIP
         >>> cli.run()  # doctest: +SKIP
     """
@@ -55,9 +55,11 @@ class ProbesCLI(LightningCLI):
 
 
 def _make_cli(args: Optional[list[str]], run: bool) -> ProbesCLI:
+    # Any LightningModule and LightningDataModule: the image classifiers and the meta-networks alike (`--model
+    # LeNet5`, `--model MetaNet`: short names resolve among the imported subclasses).
     return ProbesCLI(
-        ImageClassifier,
-        ImageDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,

@@ -93,14 +93,17 @@ class LeNet5(ImageClassifier):
 
     Args:
         activation: ``"relu"`` or ``"tanh"``.
+        dropout: Dropout probability after ``fc1`` and ``fc2`` (modules ``drop1``, ``drop2``), in [0, 1).
         **kwargs: Further `ImageClassifier` arguments (defaults: 1x28x28 inputs, 10 classes, lr 0.05).
     """
 
-    def __init__(self, activation: Literal["relu", "tanh"] = "relu", **kwargs: Any) -> None:
+    def __init__(self, activation: Literal["relu", "tanh"] = "relu", dropout: float = 0.0, **kwargs: Any) -> None:
         if activation not in ("relu", "tanh"):
             raise ValueError(f"Expected `activation` to be one of ('relu', 'tanh'), but got {activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"Expected `dropout` to be in [0, 1), but got {dropout!r}")
         super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        return LeNet5Net(hp.in_channels, hp.num_classes, hp.input_size, hp.activation)
+        return LeNet5Net(hp.in_channels, hp.num_classes, hp.input_size, hp.activation, hp.get("dropout", 0.0))

@@ -17,4 +17,5 @@ __all__ = ["COMMANDS"]
 COMMANDS = {
     "study": "lightning_probes.commands.study",
     "ablate": "lightning_probes.commands.ablate",
+    "zoo-dataset": "lightning_probes.commands.zoo_dataset",
 }

@@ -2,7 +2,7 @@
 
 Usage:
     lightning-probes study --config configs/studies/quick.yaml [--engine sequential|ray] [--max_concurrent N]
-                           [--output DIR] [--dry_run]
+                           [--output DIR] [--dry_run] [--num_samples N]
     python -m lightning_probes.commands.study --config configs/studies/quick.yaml
 
 Writes ``<output>/trials/<trial_id>/`` (one ordinary Lightning run each), ``trials.csv``, ``summary.json``,
@@ -33,6 +33,7 @@ def study(
     num_cpus: Optional[int] = None,
     cpus_per_trial: float = 1.0,
     progress: bool = True,
+    num_samples: Optional[int] = None,
 ) -> int:
     """Run a study and write its summary.
 
@@ -47,6 +48,7 @@ def study(
         num_cpus: CPUs of a local Ray instance (default: all).
         cpus_per_trial: CPUs Ray reserves for each trial.
         progress: Show a progress bar (sequential engine).
+        num_samples: Draws of a study with ``sample:``, overriding the file's ``num_samples``.
 
     Returns:
         The exit status: 0 when every trial finished, 1 when some failed.
@@ -57,7 +59,7 @@ def study(
         raise ValueError(f"Expected `max_concurrent` to be a positive integer, but got {max_concurrent}")
     if not cpus_per_trial > 0:
         raise ValueError(f"Expected `cpus_per_trial` to be positive, but got {cpus_per_trial}")
-    prepared = prepare_study(config, output=output, write=not dry_run)
+    prepared = prepare_study(config, output=output, write=not dry_run, num_samples=num_samples)
     spec = prepared.spec
     if dry_run:
         from lightning_probes.studies.runner import is_finished
@@ -107,6 +109,8 @@ def build_parser():
     parser.add_argument("--num_cpus", type=Optional[int], default=None, help="CPUs of a local Ray instance.")
     parser.add_argument("--cpus_per_trial", type=float, default=1.0, help="CPUs Ray reserves for each trial.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
+    parser.add_argument("--num_samples", type=Optional[int], default=None,
+                        help="Draws of a study with `sample:` (overrides the file's num_samples).")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `calibration`,
-`dynamics`, `gradients`, `representations`, `robustness`, `statistics`) is importable from here;
+`dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `statistics`) is importable from here;
 `tests/functional/test_exports.py` keeps it so.
 """
 
@@ -63,6 +63,19 @@ from lightning_probes.functional.gradients import (
     summary_dtype,
     total_summary,
 )
+from lightning_probes.functional.metanet import (
+    ENCODINGS,
+    LAYER_STATS,
+    baseline_scores,
+    best_threshold,
+    encode_layer,
+    encoded_width,
+    error_detection_metrics,
+    fpr_at_tpr,
+    regression_metrics,
+    select_by_correctness,
+    stack_encoded,
+)
 from lightning_probes.functional.representations import (
     MomentAccumulator,
     cka_from_covariances,
@@ -86,11 +99,15 @@ from lightning_probes.functional.statistics import (
 __all__ = [
     "ActivationAccumulator",
     "AlignmentAccumulator",
+    "ENCODINGS",
+    "LAYER_STATS",
     "MomentAccumulator",
     "adaptive_bins_from_histogram",
     "alignment",
     "alignment_from_covariance",
     "alignment_summary",
+    "baseline_scores",
+    "best_threshold",
     "brier_score",
     "calibration_bin_index",
     "calibration_error",
@@ -113,9 +130,13 @@ __all__ = [
     "effective_rank",
     "effective_rank_from_covariance",
     "encode_codes",
+    "encode_layer",
     "encode_previous",
-    "gradient_codes",
+    "encoded_width",
+    "error_detection_metrics",
     "flatten_class_dim",
+    "fpr_at_tpr",
+    "gradient_codes",
     "gradient_stats",
     "histogram_overlap",
     "kl_from_clean",
@@ -135,8 +156,11 @@ __all__ = [
     "predictive_entropy",
     "random_orders",
     "ranked_order",
+    "regression_metrics",
     "seed_mean_std",
+    "select_by_correctness",
     "stability_ratio",
+    "stack_encoded",
     "stats_from_summary",
     "student_t_interval",
     "summary_dtype",

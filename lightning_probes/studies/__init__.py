@@ -31,12 +31,14 @@ from lightning_probes.studies.spec import (
     config_digest,
     expand_trials,
     load_study,
+    sampled_keys,
+    tune_search_space,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedStudy", "StudyError", "StudySpec", "Trial", "TrialJob", "expand_trials", "load_study",
-           "prepare_study", "run_ray", "run_sequential", "run_trial", "write_study_summary"]
+           "prepare_study", "run_ray", "run_sequential", "run_trial", "tune_search_space", "write_study_summary"]
 
 
 @dataclass
@@ -62,7 +64,7 @@ class PreparedStudy:
 
 
 def prepare_study(path: str, output: Optional[str] = None, write: bool = True,
-                  cwd: Optional[str] = None) -> PreparedStudy:
+                  cwd: Optional[str] = None, num_samples: Optional[int] = None) -> PreparedStudy:
     """Load and validate a study file and resolve every trial's config before any trial starts.
 
     Finished trials keep the ``config.yaml`` they ran with; the others get theirs (re)written when ``write``.
@@ -72,11 +74,12 @@ def prepare_study(path: str, output: Optional[str] = None, write: bool = True,
         output: Output directory overriding the study file's.
         write: Write ``trials/<trial_id>/config.yaml`` (``False`` for a dry run).
         cwd: Working directory of the trials' processes (default: the current one).
+        num_samples: Draws of a ``sample:`` study, overriding its file's ``num_samples``.
 
     Raises:
         StudyError: A bad study file, with one message.
     """
-    spec = load_study(path, output)
+    spec = load_study(path, output, num_samples=num_samples)
     trials = expand_trials(spec)
     resolver = TrialConfigResolver(spec)
     cwd = os.path.abspath(cwd or os.getcwd())
@@ -113,7 +116,7 @@ def write_study_summary(study: PreparedStudy, figures: bool = True) -> dict[str,
     spec = study.spec
     cwd = study.jobs[0].cwd if study.jobs else None
     results = collect_results(study.trials, study.trials_root, cwd=cwd)
-    grid_keys = list(spec.grid)
+    grid_keys = sampled_keys(spec)
     table = trials_table(results, grid_keys)
     atomic_write_bytes(os.path.join(spec.output, "trials.csv"), table.to_csv(index=False).encode())
     summary = build_summary(results, grid_keys, spec.monitor, spec.mode, name=spec.name)
@@ -124,7 +127,7 @@ def write_study_summary(study: PreparedStudy, figures: bool = True) -> dict[str,
         from lightning_probes.studies.figures import write_figures
 
         try:
-            write_figures(spec.output, summary, results, spec.smoothing)
+            write_figures(spec.output, summary, results, spec.smoothing, sampled=bool(spec.sample))
         except Exception as err:  # figures are a view of summary.json: never lose the tables for them
             log.warning("could not draw the study's figures: %s", err)
     return summary

@@ -208,11 +208,43 @@ def gradient_flow_figure(summary: Mapping[str, Any]) -> Any:
     return fig
 
 
-def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any], smoothing: int) -> list[str]:
+def sampled_figure(summary: Mapping[str, Any]) -> Any:
+    """A study with ``sample:``: the monitor's final value of every finished trial against each drawn value."""
+    import matplotlib.pyplot as plt
+
+    keys = list(summary["grid_keys"])
+    monitor = summary["monitor"]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3.0), squeeze=False)
+    finished = [s for s in summary["settings"] if s["n"]]
+    for ax, key in zip(axes[0], keys):
+        points = [(s["params"].get(key), s["final"].get(monitor, {}).get("mean", np.nan)) for s in finished]
+        xs = [p[0] for p in points]
+        ys = np.array([p[1] for p in points], dtype=float)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            positive = all(x > 0 for x in xs)
+            ax.scatter(xs, ys, s=8, alpha=0.6)
+            if positive and xs and max(xs) / min(xs) > 50:
+                ax.set_xscale("log")
+        else:  # categorical: one column per value, jittered
+            labels = sorted({str(x) for x in xs})
+            pos = np.array([labels.index(str(x)) for x in xs], dtype=float)
+            pos += np.random.default_rng(0).uniform(-0.15, 0.15, len(pos))
+            ax.scatter(pos, ys, s=8, alpha=0.6)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(key.rsplit(".", 1)[-1], fontsize=8)
+        ax.set_ylabel(f"final {monitor}", fontsize=8)
+    fig.suptitle(f"{summary.get('name', '')}: {len(finished)} sampled trials".lstrip(": "))
+    fig.tight_layout()
+    return fig
+
+
+def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any], smoothing: int,
+                  sampled: bool = False) -> list[str]:
     """Draw the figures, save them as PNG in ``<output>/figures/`` and add them to TensorBoard ``<output>/summary/``.
 
-    ``gradient_flow`` is drawn only when ``summary`` has a ``gradient_flow`` section. TensorBoard tags are
-    ``study/<figure>``.
+    ``gradient_flow`` is drawn only when ``summary`` has a ``gradient_flow`` section. A study with ``sample:``
+    (``sampled``), one setting per trial, gets ``sampled`` (the monitor against each drawn value) instead of the
+    per-setting ``curves``, ``smoothed`` and ``test``. TensorBoard tags are ``study/<figure>``.
 
     Returns:
         The PNG paths written.
@@ -230,7 +262,9 @@ def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any
         "smoothed": lambda: smoothed_figure(summary, smoothing),
         "test": lambda: test_figure(summary),
     }
-    if summary.get("gradient_flow"):
+    if sampled:
+        figures = {"sampled": lambda: sampled_figure(summary)}
+    elif summary.get("gradient_flow"):
         figures["gradient_flow"] = lambda: gradient_flow_figure(summary)
     paths = []
     writer = SummaryWriter(log_dir=os.path.join(output, "summary"))

@@ -31,10 +31,14 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StudyError", "StudySpec", "Trial", "TrialConfigResolver", "expand_trials", "load_study"]
+__all__ = ["StudyError", "StudySpec", "Trial", "TrialConfigResolver", "draw", "expand_trials", "load_study",
+           "sampled_keys", "tune_search_space"]
 
 # Keys of a study file, with their meaning (the error for an unknown key lists them).
-STUDY_KEYS = ("name", "base", "overrides", "grid", "seeds", "monitor", "mode", "smoothing", "test", "output")
+STUDY_KEYS = ("name", "base", "overrides", "grid", "sample", "num_samples", "sample_seed", "seeds", "monitor", "mode",
+              "smoothing", "test", "output")
+# Distributions of `sample:`, each named after the Ray Tune search space it is (`tune.<name>(*args)`).
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice")
 # Set by the study for every trial: a study file may not override them.
 RESERVED_KEYS = ("seed_everything", "trainer.logger", "trainer.default_root_dir", "ckpt_path")
 
@@ -53,7 +57,12 @@ class StudySpec:
         base: Absolute path of the base fit config.
         overrides: Dotted keys applied to every trial.
         grid: Dotted key -> list of values; the trials are their cartesian product times ``seeds``.
-        seeds: Seeds; every grid point runs with every seed (``seed_everything``).
+        seeds: Seeds; every grid point (or sample) runs with every seed (``seed_everything``).
+        sample: Instead of a grid, dotted key -> ``(distribution, arguments)`` (``("loguniform", [1e-3, 0.1])``);
+            ``num_samples`` seeded draws each give a trial. The key ``seed`` draws each trial's seed (``randint``).
+        num_samples: Number of draws of ``sample``.
+        sample_seed: Seed of the draws: draw ``i`` uses ``numpy.random.default_rng([sample_seed, i])``, so it is the
+            same whatever ``num_samples`` is (a larger study keeps the trials of a smaller one).
         monitor: Epoch metric that picks the best setting (mean over seeds of its final-epoch value).
         mode: ``"max"`` or ``"min"``: whether a larger ``monitor`` is better.
         smoothing: Moving-average window of the plotted curves.
@@ -67,6 +76,9 @@ class StudySpec:
     overrides: dict[str, Any]
     grid: dict[str, list[Any]]
     seeds: list[int]
+    sample: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)
+    num_samples: int = 0
+    sample_seed: int = 0
     monitor: str = "val/acc"
     mode: str = "max"
     smoothing: int = 5
@@ -89,6 +101,77 @@ class Trial:
     seed: int = 0
 
 
+def _check_distribution(spec_path: str, key: str, value: Any) -> tuple[str, list[Any]]:
+    """One ``sample:`` entry (``{loguniform: [1e-3, 0.1]}``) as ``(name, arguments)``, checked."""
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+        raise _fail(spec_path, f"`sample` key `{key}` needs one distribution, one of {', '.join(DISTRIBUTIONS)}, "
+                               f"e.g. `{{loguniform: [0.001, 0.1]}}` or `{{choice: [relu, tanh]}}`, but got {value!r}")
+    name, args = next(iter(value.items()))
+    if name == "choice":
+        if not isinstance(args, list) or not args:
+            raise _fail(spec_path, f"`sample` key `{key}`: `choice` needs a non-empty list of values, but got {args!r}")
+        return name, list(args)
+    numbers = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numbers or not args[0] < args[1]:
+        raise _fail(spec_path, f"`sample` key `{key}`: `{name}` needs [low, high] with low < high, but got {args!r}")
+    if name in ("randint", "lograndint") and not all(isinstance(a, int) for a in args):
+        raise _fail(spec_path, f"`sample` key `{key}`: `{name}` needs integer bounds [low, high) (high excluded, as "
+                               f"in Ray Tune), but got {args!r}")
+    if name in ("loguniform", "lograndint") and args[0] <= 0:
+        raise _fail(spec_path, f"`sample` key `{key}`: `{name}` needs a positive low bound, but got {args!r}")
+    if key == "seed" and name != "randint":
+        raise _fail(spec_path, f"`sample` key `seed` draws each trial's seed: use `{{randint: [low, high]}}`, but "
+                               f"got `{name}`")
+    return name, list(args)
+
+
+def draw(distribution: tuple[str, list[Any]], rng: Any) -> Any:
+    """One value of a ``sample:`` distribution, with the semantics of the Ray Tune search space of that name.
+
+    ``uniform``/``loguniform``: a float in ``[low, high)`` (uniform in ``log`` for ``loguniform``); ``randint``:
+    an integer in ``[low, high)``; ``lograndint``: an integer in ``[low, high)``, the floor of a log-uniform draw;
+    ``choice``: one of the values, each as likely.
+
+    Args:
+        distribution: ``(name, arguments)``.
+        rng: A ``numpy.random.Generator``.
+
+    Example:
+        >>> import numpy as np
+        >>> 1e-3 <= draw(("loguniform", [1e-3, 1e-1]), np.random.default_rng(0)) < 1e-1
+        True
+    """
+    import math
+
+    name, args = distribution
+    if name == "choice":
+        return args[int(rng.integers(len(args)))]
+    if name == "uniform":
+        return float(rng.uniform(args[0], args[1]))
+    if name == "loguniform":
+        return float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
+    if name == "randint":
+        return int(rng.integers(args[0], args[1]))
+    value = int(math.floor(math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))))  # lograndint
+    return min(max(value, args[0]), args[1] - 1)
+
+
+def tune_search_space(spec: StudySpec) -> dict[str, Any]:
+    """The study's ``sample:`` as Ray Tune search spaces (``tune.loguniform(...)``, ...), dotted key -> domain.
+
+    The study itself draws its trials once, seeded, before any runs (``expand_trials``), so both engines run the
+    same trials and a rerun resumes them; this is the same space for Tune's own search algorithms.
+
+    Raises:
+        ImportError: If Ray Tune is not installed.
+    """
+    from ray import tune
+
+    return {key: getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
+            for key, (name, args) in spec.sample.items()}
+
+
 def _fail(spec_path: str, message: str) -> StudyError:
     return StudyError(f"study file {spec_path}: {message}")
 
@@ -107,12 +190,13 @@ def _check_dotted(spec_path: str, where: str, mapping: Any) -> dict[str, Any]:
     return dict(mapping)
 
 
-def load_study(path: str, output: Optional[str] = None) -> StudySpec:
+def load_study(path: str, output: Optional[str] = None, num_samples: Optional[int] = None) -> StudySpec:
     """Read and validate a study file (its own keys; the dotted keys are checked by ``TrialConfigResolver``).
 
     Args:
         path: The study YAML file.
         output: Output directory overriding the file's ``output``.
+        num_samples: Number of draws overriding the file's ``num_samples`` (a study with ``sample:`` only).
 
     Returns:
         The ``StudySpec``.
@@ -146,9 +230,26 @@ def load_study(path: str, output: Optional[str] = None) -> StudySpec:
         raise _fail(path, f"`base` {raw['base']!r} does not exist (looked for {base})")
     overrides = _check_dotted(path, "overrides", raw.get("overrides"))
     grid = _check_dotted(path, "grid", raw.get("grid"))
-    if not grid:
+    sample_raw = _check_dotted(path, "sample", raw.get("sample"))
+    if grid and sample_raw:
+        raise _fail(path, "give either `grid` (every combination) or `sample` (random draws), not both")
+    if not grid and not sample_raw:
         raise _fail(path, "`grid` is empty: give at least one dotted key with a list of values, e.g. "
-                          "`grid: {model.init_args.lr: [0.1, 0.01]}`")
+                          "`grid: {model.init_args.lr: [0.1, 0.01]}` (or `sample:` with `num_samples:`)")
+    sample = {key: _check_distribution(path, key, value) for key, value in sample_raw.items()}
+    for key in sample:
+        if key in overrides:
+            raise _fail(path, f"`{key}` is both in `overrides` and in `sample`")
+    n_samples = num_samples if num_samples is not None else raw.get("num_samples", 0 if grid else None)
+    if sample and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+        where = "--num_samples" if num_samples is not None else "`num_samples`"
+        raise _fail(path, f"expected {where} to be a positive integer (the number of draws of `sample`), but got "
+                          f"{n_samples!r}")
+    if grid and (num_samples is not None or raw.get("num_samples") is not None):
+        raise _fail(path, "`num_samples` is for a study with `sample:`; this one has a `grid`")
+    sample_seed = raw.get("sample_seed", 0)
+    if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
+        raise _fail(path, f"expected `sample_seed` to be a non-negative integer, but got {sample_seed!r}")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise _fail(path, f"`grid` key `{key}` needs a non-empty list of values, but got {values!r}")
@@ -177,8 +278,11 @@ def load_study(path: str, output: Optional[str] = None) -> StudySpec:
     out = output or raw.get("output") or os.path.join("runs", "studies", name)
     if not isinstance(out, str):
         raise _fail(path, f"expected `output` to be a directory path, but got {out!r}")
+    if "seed" in sample and "seeds" in raw:
+        raise _fail(path, "`sample` draws `seed`; drop `seeds` (or drop `seed` from `sample`)")
     return StudySpec(name=name, path=path, base=base, overrides=overrides, grid=grid, seeds=list(seeds),
-                     monitor=monitor, mode=mode, smoothing=smoothing, test=test, output=os.path.abspath(out))
+                     sample=sample, num_samples=n_samples or 0, sample_seed=sample_seed, monitor=monitor, mode=mode,
+                     smoothing=smoothing, test=test, output=os.path.abspath(out))
 
 
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
@@ -225,11 +329,15 @@ def trial_id(params: Mapping[str, Any], seed: int, short: Optional[Mapping[str, 
 
 
 def expand_trials(spec: StudySpec) -> list[Trial]:
-    """The grid's cartesian product times the seeds, grid-point-major, in the order of the study file.
+    """The grid's cartesian product times the seeds, grid-point-major, in the order of the study file; or, for a
+    study with ``sample:``, its ``num_samples`` draws (times the seeds unless ``seed`` is drawn), ids
+    ``sample=<i>-seed=<seed>``.
 
     Raises:
         StudyError: If two trials get the same id (values that differ only in characters a path cannot hold).
     """
+    if spec.sample:
+        return _sampled_trials(spec)
     keys = list(spec.grid)
     short = _short_keys(keys)
     trials = []
@@ -242,6 +350,25 @@ def expand_trials(spec: StudySpec) -> list[Trial]:
     if duplicates:
         raise _fail(spec.path, f"grid values give the same trial id twice: {duplicates[0]!r}")
     return trials
+
+
+def _sampled_trials(spec: StudySpec) -> list[Trial]:
+    import numpy as np
+
+    width = max(4, len(str(spec.num_samples - 1)))
+    trials = []
+    for i in range(spec.num_samples):
+        rng = np.random.default_rng([spec.sample_seed, i])
+        params = {key: draw(dist, rng) for key, dist in spec.sample.items()}
+        seeds = [params.pop("seed")] if "seed" in params else spec.seeds
+        for seed in seeds:
+            trials.append(Trial(_sanitize(f"sample={i:0{width}d}-seed={seed}"), params, seed))
+    return trials
+
+
+def sampled_keys(spec: StudySpec) -> list[str]:
+    """The dotted keys that vary between trials: the grid's, or the drawn ones (``seed`` excepted)."""
+    return list(spec.grid) if spec.grid else [k for k in spec.sample if k != "seed"]
 
 
 def _key_paths(tree: Any, prefix: str = "") -> Iterator[str]:
@@ -320,7 +447,7 @@ class TrialConfigResolver:
             StudyError: For an unknown dotted key or a value the parser rejects.
         """
         settings = [("overrides", k, v) for k, v in self.spec.overrides.items()]
-        settings += [("grid", k, v) for k, v in trial.params.items()]
+        settings += [("sample" if self.spec.sample else "grid", k, v) for k, v in trial.params.items()]
         args: list[str] = []
         for _, key, value in settings:
             args += [f"--{key}", _cli_value(value)]
@@ -393,9 +520,9 @@ def _fit_parser(base: str, spec_path: str) -> Any:
     """The ``fit`` parser of the project's LightningCLI, built once, raising instead of exiting."""
     from argparse import ArgumentError
 
+    import pytorch_lightning as pl
+
     from lightning_probes.cli import ProbesCLI
-    from lightning_probes.datamodules.base import ImageDataModule
-    from lightning_probes.models.base import ImageClassifier
 
     class _ParseOnlyCLI(ProbesCLI):
         def _set_seed(self) -> None:
@@ -407,9 +534,9 @@ def _fit_parser(base: str, spec_path: str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            cli = _ParseOnlyCLI(ImageClassifier, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                                args=["fit", "--config", base], parser_kwargs={"default_env": False},
-                                save_config_kwargs={"overwrite": True})
+            cli = _ParseOnlyCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                                subclass_mode_data=True, args=["fit", "--config", base],
+                                parser_kwargs={"default_env": False}, save_config_kwargs={"overwrite": True})
         except (ArgumentError, SystemExit, ValueError) as err:
             raise _fail(spec_path, f"`base` {base} is not a valid fit config: {err}") from None
     parser = cli._subcommand_parsers["fit"]

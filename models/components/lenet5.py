@@ -20,6 +20,9 @@ class LeNet5Net(nn.Module):
         num_classes: Number of output logits.
         input_size: Side of the square input images.
         activation: ``"relu"`` or ``"tanh"``.
+        dropout: Probability of the ``nn.Dropout`` after ``fc1``'s and ``fc2``'s activations (``drop1``,
+            ``drop2``), in [0, 1); 0 (the default) is the classic network. Dropout has no weights, so checkpoints
+            load whatever its value.
     """
 
     def __init__(
@@ -28,10 +31,13 @@ class LeNet5Net(nn.Module):
         num_classes: int = 10,
         input_size: int = 28,
         activation: Literal["relu", "tanh"] = "relu",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"Expected `activation` to be one of {sorted(_ACTIVATIONS)}, but got {activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"Expected `dropout` to be in [0, 1), but got {dropout!r}")
         act = _ACTIVATIONS[activation]
         self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
         self.act1 = act()
@@ -45,13 +51,16 @@ class LeNet5Net(nn.Module):
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(16 * side * side, 120)
         self.act3 = act()
+        self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(120, 84)
         self.act4 = act()
+        self.drop2 = nn.Dropout(dropout)
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.act1(self.conv1(x)))  # (batch, 6, side/2, side/2)
         x = self.pool2(self.act2(self.conv2(x)))  # (batch, 16, s, s)
         x = self.flatten(x)
-        x = self.act4(self.fc2(self.act3(self.fc1(x))))
+        x = self.drop1(self.act3(self.fc1(x)))
+        x = self.drop2(self.act4(self.fc2(x)))
         return self.fc3(x)

@@ -57,3 +57,47 @@ def finished_study(tmp_path_factory) -> Path:
             finally:
                 os.chdir(cwd)
     return output
+
+
+ZOO_BASE = {
+    "seed_everything": 0,
+    "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "log_every_n_steps": 5},
+    "model": {"class_path": "lightning_probes.models.LeNet5", "init_args": {"lr": 0.05, "momentum": 0.9}},
+    "data": {"class_path": "lightning_probes.datamodules.DigitsDataModule", "init_args": {"batch_size": 32}},
+}
+
+
+def write_zoo_study(root: Path, num_samples: int = 3) -> Path:
+    """A sampled study of LeNet5s on the digits: lr, activation, dropout, train_size and the seed drawn."""
+    (root / "base.yaml").write_text(yaml.safe_dump(ZOO_BASE, sort_keys=False))
+    study = {
+        "name": "tiny_zoo", "base": "base.yaml",
+        "overrides": {"trainer.callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}}]},
+        "sample": {"model.init_args.lr": {"loguniform": [0.03, 0.1]},
+                   "model.init_args.activation": {"choice": ["relu", "tanh"]},
+                   "model.init_args.dropout": {"uniform": [0.0, 0.3]},
+                   "data.init_args.train_size": {"lograndint": [600, 1100]},
+                   "seed": {"randint": [0, 1000]}},
+        "num_samples": num_samples, "test": False,
+    }
+    path = root / "zoo.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The output directory of a finished 3-model sampled study of LeNet5s on the digits (built once per session)."""
+    from filelock import FileLock
+
+    from lightning_probes.commands.study import study
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_zoo"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "lock")):
+        output = root / "out"
+        if not (output / "summary.json").exists():
+            config = write_zoo_study(root)
+            assert study(str(config), output=str(output), progress=False) == 0
+    return output

@@ -1,0 +1,391 @@
+"""The meta-networks' data set: every kept model of a zoo (a study's trials), on chosen test samples.
+
+For every finished trial of the zoo (``<zoo>/trials/<trial_id>/`` with ``config.yaml`` and
+``checkpoints/last.ckpt``), ``build_zoo_dataset``:
+
+1. loads the model from its last checkpoint (the class named by the trial's ``config.yaml``) in eval mode;
+2. classifies the whole test set of the trial's DataModule (``data_dir`` replaced) and keeps the model when its
+   test accuracy is at least ``min_accuracy``;
+3. picks up to ``per_class`` correctly and ``per_class`` wrongly classified samples per true class
+   (``select_by_correctness``, seeded by ``seed`` and the model id);
+4. captures the outputs of ``layers`` on them (``ActivationCapture``, the probes' capture mechanism; eval mode, one
+   forward pass), the prediction and ``correct``;
+5. measures each sample's stability ratio: the share of ``num_draws`` Gaussian-noise copies (``sigma`` in the
+   inputs' normalised units) whose prediction equals the clean one (``noisy_logits`` + ``stability_ratio``, the
+   ``NoiseRobustnessMonitor`` maths), the noise drawn from a generator seeded by ``seed`` and the model id.
+
+Shards ``shard_<k>.npz`` hold ``models_per_shard`` models each: ``model_id``, ``sample_index`` (into the test set),
+``label``, ``pred``, ``correct`` (0/1), ``ratio`` and one flattened float32 array per layer. ``models.csv`` lists the
+kept models (``model_id``, ``trial_id``, ``checkpoint``, ``test_accuracy``, ``shard``, ``n_samples`` and the trial's
+sampled hyper-parameters and seed); ``excluded.csv`` the models below ``min_accuracy``. Both are rewritten
+atomically after every shard, and ``dataset.json`` records the settings. A rerun skips the models already in a
+shard or in ``excluded.csv`` and continues with the trials finished since: a model's id never changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from lightning_probes.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ZooDatasetSettings", "ZooModel", "build_zoo_dataset", "find_zoo_models", "load_model", "load_shards",
+           "load_test_set", "model_record", "seeded"]
+
+DEFAULT_LAYERS = ("pool2", "fc1", "fc2", "fc3")
+SCALAR_ARRAYS = ("model_id", "sample_index", "label", "pred", "correct", "ratio")
+
+
+@dataclass(frozen=True)
+class ZooDatasetSettings:
+    """How the data set is built (kept in ``dataset.json``; a rerun must use the same).
+
+    Args:
+        sigma: Standard deviation of the Gaussian input noise, in normalised input units.
+        num_draws: Noisy copies per sample.
+        per_class: Most correctly and most wrongly classified samples per true class and model.
+        min_accuracy: Models whose test accuracy is below this are left out.
+        layers: Modules whose outputs are stored (their names in the model's network, without ``net.``).
+        seed: Seed of the sample choice and of the noise (combined with each model id).
+        models_per_shard: Models per ``shard_<k>.npz``.
+    """
+
+    sigma: float = 1.0
+    num_draws: int = 50
+    per_class: int = 10
+    min_accuracy: float = 0.6
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    seed: int = 0
+    models_per_shard: int = 16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and self.sigma > 0):
+            raise ValueError(f"Expected `sigma` to be a positive number, but got {self.sigma!r}")
+        for name in ("num_draws", "per_class", "models_per_shard"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"Expected `min_accuracy` to be in [0, 1], but got {self.min_accuracy!r}")
+        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"Expected `layers` to be a non-empty list of module names, but got {self.layers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"Expected `seed` to be a non-negative integer, but got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One finished trial of a zoo.
+
+    Args:
+        trial_id: The trial's name.
+        trial_dir: Its directory.
+        checkpoint: Its ``checkpoints/last.ckpt``.
+        config: Its resolved ``config.yaml``.
+        params: Its sampled hyper-parameters (``status.json``) and ``seed``.
+    """
+
+    trial_id: str
+    trial_dir: str
+    checkpoint: str
+    config: dict[str, Any]
+    params: dict[str, Any]
+
+
+def find_zoo_models(zoo: str) -> list[ZooModel]:
+    """The finished trials of a zoo (a study output directory, or its ``trials/`` directory), sorted by id.
+
+    Raises:
+        FileNotFoundError: If ``zoo`` holds no trial directory.
+    """
+    root = os.path.join(zoo, "trials") if os.path.isdir(os.path.join(zoo, "trials")) else zoo
+    dirs = sorted(d for d in glob.glob(os.path.join(root, "*")) if os.path.isfile(os.path.join(d, "config.yaml")))
+    if not dirs:
+        raise FileNotFoundError(f"Expected `zoo` to be a study output with trials/<trial_id>/config.yaml, but "
+                                f"{zoo!r} has none")
+    models = []
+    for trial_dir in dirs:
+        status_path = os.path.join(trial_dir, "status.json")
+        checkpoint = os.path.join(trial_dir, "checkpoints", "last.ckpt")
+        try:
+            with open(status_path, encoding="utf-8") as handle:
+                status = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if status.get("status") != "finished" or not os.path.isfile(checkpoint):
+            continue
+        with open(os.path.join(trial_dir, "config.yaml"), encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+        params = {**status.get("params", {}), "seed": status.get("seed")}
+        models.append(ZooModel(os.path.basename(trial_dir), trial_dir, checkpoint, config, params))
+    return models
+
+
+def _import(class_path: str) -> Any:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(model: ZooModel) -> torch.nn.Module:
+    """The trial's LightningModule, rebuilt from its last checkpoint (class from ``config.yaml``), in eval mode."""
+    cls = _import(model.config["model"]["class_path"])
+    module = cls.load_from_checkpoint(model.checkpoint, map_location="cpu", weights_only=True)
+    return module.eval()
+
+
+def load_test_set(config: Mapping[str, Any], data_dir: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole test set of a trial's DataModule, normalised, as ``(inputs, labels)`` tensors."""
+    data = config["data"]
+    init_args = dict(data.get("init_args") or {})
+    if data_dir is not None:
+        init_args["data_dir"] = data_dir
+    datamodule = _import(data["class_path"])(**init_args)
+    datamodule.setup("test")
+    test_set = datamodule.test_set
+    inputs = test_set.normalize(test_set.images)
+    return inputs, test_set.targets.clone()
+
+
+def _batched(model: torch.nn.Module, inputs: torch.Tensor, size: int = 2048) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(part) for part in inputs.split(size)])
+
+
+def seeded(seed: int, model_id: int, purpose: str) -> torch.Generator:
+    """The CPU generator of one model's sample choice (``purpose="choice"``) or noise (``"noise"``).
+
+    Seeded with ``seed * 1_000_003 + model_id`` for the choice and that plus ``500_001`` for the noise, so either
+    can be replayed on its own.
+    """
+    offset = {"choice": 0, "noise": 500_001}[purpose]
+    return torch.Generator().manual_seed(seed * 1_000_003 + model_id + offset)
+
+
+def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, model_id: int,
+                 settings: ZooDatasetSettings, logits: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
+    """The data set's rows of one model: chosen samples, their layer outputs, prediction, correctness and ratio.
+
+    Args:
+        model: The classifier (a LightningModule whose network is ``model.net``, or a plain module), in eval mode.
+        inputs: ``(N, ...)`` normalised test inputs.
+        labels: ``(N,)`` their classes.
+        model_id: The model's id (seeds the choice and the noise with ``settings.seed``: `seeded`).
+        settings: The data set's settings.
+        logits: The model's logits on ``inputs`` when already computed.
+
+    Returns:
+        Array name -> array, one row per chosen sample (see the module's docstring).
+    """
+    from lightning_probes.capture import ActivationCapture, select_modules
+    from lightning_probes.functional import noisy_logits, select_by_correctness, stability_ratio
+
+    net = getattr(model, "net", model)
+    if logits is None:
+        logits = _batched(model, inputs)
+    preds = logits.argmax(dim=1)
+    chosen = select_by_correctness(labels, preds, settings.per_class, seeded(settings.seed, model_id, "choice"),
+                                   num_classes=int(logits.shape[1]))
+    x = inputs[chosen]
+    capture = ActivationCapture(select_modules(net, list(settings.layers)), max_features=None)
+    with torch.no_grad(), capture.capturing():
+        clean = model(x)
+    outputs = capture.pop()
+    clean_pred = clean.argmax(dim=1)
+    noisy = noisy_logits(model, x, settings.sigma, settings.num_draws,
+                         generator=seeded(settings.seed, model_id, "noise"))
+    ratio = stability_ratio(clean_pred, noisy.argmax(dim=-1))
+    record = {
+        "model_id": np.full(len(chosen), model_id, dtype=np.int64),
+        "sample_index": chosen.numpy().astype(np.int64),
+        "label": labels[chosen].numpy().astype(np.int64),
+        "pred": clean_pred.numpy().astype(np.int64),
+        "correct": (clean_pred == labels[chosen]).numpy().astype(np.int64),
+        "ratio": ratio.numpy().astype(np.float32),
+    }
+    for name in settings.layers:
+        record[name] = outputs[name].flatten(1).float().numpy()
+    return record
+
+
+def _read_csv(path: str) -> list[dict[str, str]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> None:
+    import io
+
+    columns = list(first) + sorted({k for r in rows for k in r} - set(first))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in columns})
+    atomic_write_bytes(path, out.getvalue().encode())
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+_MODEL_COLUMNS = ("model_id", "trial_id", "checkpoint", "test_accuracy", "shard", "n_samples")
+
+
+def _check_settings(output: str, settings: ZooDatasetSettings) -> None:
+    path = os.path.join(output, "dataset.json")
+    ours = {**asdict(settings), "layers": list(settings.layers)}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle).get("settings", {})
+        previous.pop("models_per_shard", None)
+        mine = {k: v for k, v in ours.items() if k != "models_per_shard"}
+        if previous and previous != mine:
+            changed = sorted(k for k in mine if previous.get(k) != mine[k])
+            raise ValueError(f"Expected the settings of the data set already in {output!r}, but "
+                             f"{', '.join(f'`{k}` is {mine[k]!r} (was {previous.get(k)!r})' for k in changed)}; "
+                             "use another `output` or the same settings")
+
+
+def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
+                      settings: Optional[ZooDatasetSettings] = None, progress: bool = True) -> dict[str, Any]:
+    """Build (or continue) the data set of a zoo. See the module's docstring for what is written.
+
+    Args:
+        zoo: The zoo's study output directory.
+        output: Directory of the shards, ``models.csv``, ``excluded.csv`` and ``dataset.json``.
+        data_dir: ``data_dir`` of the trials' DataModule (default: the one in their ``config.yaml``).
+        settings: How to build it.
+        progress: Show a progress bar.
+
+    Returns:
+        ``dataset.json``'s content: settings, counts of kept and excluded models and of samples.
+
+    Raises:
+        FileNotFoundError: If ``zoo`` has no trials.
+        ValueError: If ``output`` holds a data set built with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or ZooDatasetSettings()
+    models = find_zoo_models(zoo)
+    os.makedirs(output, exist_ok=True)
+    _check_settings(output, settings)
+    kept = _read_csv(os.path.join(output, "models.csv"))
+    excluded = _read_csv(os.path.join(output, "excluded.csv"))
+    shards = sorted(glob.glob(os.path.join(output, "shard_*.npz")),
+                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+    in_shards = set()
+    for path in shards:
+        with np.load(path) as data:
+            in_shards.update(int(i) for i in np.unique(data["model_id"]))
+    kept = [row for row in kept if int(row["model_id"]) in in_shards]  # a row whose shard never landed: redo it
+    ids = {row["trial_id"]: int(row["model_id"]) for row in [*kept, *excluded]}
+    done = {row["trial_id"] for row in [*kept, *excluded]}
+    next_id = max(ids.values(), default=-1) + 1
+    todo = [m for m in models if m.trial_id not in done]
+    next_shard = 1 + max((int(re.findall(r"\d+", os.path.basename(p))[0]) for p in shards), default=-1)
+    data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pending: list[dict[str, np.ndarray]] = []
+    pending_rows: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal next_shard
+        if pending:
+            arrays = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            name = f"shard_{next_shard:04d}.npz"
+            atomic_save_npz(os.path.join(output, name), **arrays)
+            for row in pending_rows:
+                row["shard"] = name
+            kept.extend(pending_rows)
+            next_shard += 1
+            pending.clear()
+            pending_rows.clear()
+        _write_csv(os.path.join(output, "models.csv"), kept, _MODEL_COLUMNS)
+        _write_csv(os.path.join(output, "excluded.csv"), excluded, _MODEL_COLUMNS[:4])
+
+    bar = tqdm(todo, desc="models", unit="model", disable=not progress)
+    for zoo_model in bar:
+        model_id = next_id
+        next_id += 1
+        key = json.dumps(zoo_model.config["data"], sort_keys=True)
+        if key not in data_cache:
+            data_cache[key] = load_test_set(zoo_model.config, data_dir)
+        inputs, labels = data_cache[key]
+        model = load_model(zoo_model)
+        logits = _batched(model, inputs)
+        accuracy = float((logits.argmax(1) == labels).double().mean())
+        row = {"model_id": model_id, "trial_id": zoo_model.trial_id, "checkpoint": zoo_model.checkpoint,
+               "test_accuracy": round(accuracy, 6), **{_short(k): v for k, v in zoo_model.params.items()}}
+        if accuracy < settings.min_accuracy:
+            excluded.append(row)
+            continue
+        record = model_record(model, inputs, labels, model_id, settings, logits=logits)
+        row["n_samples"] = len(record["model_id"])
+        pending.append(record)
+        pending_rows.append(row)
+        bar.set_postfix(kept=len(kept) + len(pending_rows), excluded=len(excluded))
+        if len(pending) >= settings.models_per_shard:
+            flush()
+    flush()
+    summary = {
+        "zoo": os.path.abspath(zoo),
+        "settings": {**asdict(settings), "layers": list(settings.layers)},
+        "n_trials_finished": len(models),
+        "n_kept": len(kept),
+        "n_excluded": len(excluded),
+        "n_samples": int(sum(int(r["n_samples"]) for r in kept)),
+        "n_correct_samples": None,
+        "shards": sorted(os.path.basename(p) for p in glob.glob(os.path.join(output, "shard_*.npz"))),
+    }
+    data = load_shards(output, layers=())
+    summary["n_correct_samples"] = int(data["correct"].sum()) if len(data["correct"]) else 0
+    atomic_write_json(os.path.join(output, "dataset.json"), summary)
+    return summary
+
+
+def iter_shards(directory: str) -> Iterator[str]:
+    """The shard files of a data set, in order."""
+    yield from sorted(glob.glob(os.path.join(directory, "shard_*.npz")),
+                      key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+
+
+def load_shards(directory: str, layers: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Every shard of a data set concatenated: the scalar arrays and the given ``layers`` (default: all).
+
+    Raises:
+        FileNotFoundError: If the directory holds no ``shard_*.npz``.
+    """
+    paths = list(iter_shards(directory))
+    if not paths:
+        if layers == ():
+            return {k: np.zeros(0) for k in SCALAR_ARRAYS}
+        raise FileNotFoundError(f"Expected `data_dir` to hold a zoo data set (shard_*.npz, from `lightning-probes "
+                                f"zoo-dataset`), but {directory!r} has none")
+    parts: dict[str, list[np.ndarray]] = {}
+    for path in paths:
+        with np.load(path) as data:
+            names = [*SCALAR_ARRAYS, *(n for n in data.files if n not in SCALAR_ARRAYS and
+                                       (layers is None or n in layers))]
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise ValueError(f"shard {path!r} lacks the arrays {missing}; found {sorted(data.files)}")
+            for name in names:
+                parts.setdefault(name, []).append(data[name])
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,0 +1,145 @@
+"""`lightning-probes zoo-dataset` on a tiny zoo built in the test: every stored value recomputed independently."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_probes.commands.zoo_dataset import main, zoo_dataset
+from lightning_probes.datamodules import DigitsDataModule
+from lightning_probes.models import LeNet5
+from lightning_probes.studies.zoo import load_shards
+
+PER_CLASS, DRAWS, SIGMA = 3, 6, 0.8
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_zoo, tmp_path_factory):
+    output = tmp_path_factory.mktemp("zoo_dataset")
+    summary = zoo_dataset(str(tiny_zoo), str(output), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS,
+                          min_accuracy=0.0, models_per_shard=2, progress=False)
+    return output, summary
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _digits_test():
+    dm = DigitsDataModule()
+    dm.setup("test")
+    return dm.test_set.normalize(dm.test_set.images), dm.test_set.targets
+
+
+def test_stored_values_equal_a_fresh_forward_of_each_checkpoint(dataset):
+    output, summary = dataset
+    data = load_shards(str(output))
+    models = _rows(output / "models.csv")
+    assert summary["n_kept"] == len(models) == 3 and summary["n_samples"] == len(data["model_id"])
+    assert sorted({int(m["model_id"]) for m in models}) == sorted(np.unique(data["model_id"]).tolist())
+    inputs, labels = _digits_test()
+    for row in models:
+        model = LeNet5.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+        with torch.no_grad():
+            logits = model(inputs)
+        assert float(row["test_accuracy"]) == pytest.approx(float((logits.argmax(1) == labels).float().mean()),
+                                                            abs=1e-6)
+        mine = data["model_id"] == int(row["model_id"])
+        idx = torch.as_tensor(data["sample_index"][mine])
+        np.testing.assert_allclose(data["fc3"][mine], logits[idx].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(data["label"][mine], labels[idx].numpy())
+        pred = logits[idx].argmax(1).numpy()
+        np.testing.assert_array_equal(data["pred"][mine], pred)
+        np.testing.assert_array_equal(data["correct"][mine], (pred == labels[idx].numpy()).astype(int))
+        # pool2 and fc1/fc2 are the modules' outputs: fc3 = fc3(act4(fc2)) must follow from the stored fc2.
+        net = model.net
+        with torch.no_grad():
+            fc3_from_fc2 = net.fc3(net.act4(torch.as_tensor(data["fc2"][mine])))
+            fc1_from_pool2 = net.fc1(torch.as_tensor(data["pool2"][mine]))
+        np.testing.assert_allclose(fc3_from_fc2.numpy(), data["fc3"][mine], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(fc1_from_pool2.numpy(), data["fc1"][mine], rtol=1e-4, atol=1e-4)
+        # At most PER_CLASS of each kind per digit, and all there are when fewer.
+        correct_all = (logits.argmax(1) == labels).numpy()
+        for digit in range(10):
+            for kind in (1, 0):
+                available = int(((labels.numpy() == digit) & (correct_all == kind)).sum())
+                taken = int(((data["label"][mine] == digit) & (data["correct"][mine] == kind)).sum())
+                assert taken == min(PER_CLASS, available)
+        # The stability ratio, recomputed with NumPy from the model's own noise stream.
+        from lightning_probes.studies.zoo import seeded
+
+        generator = seeded(0, int(row["model_id"]), "noise")
+        x = inputs[idx]
+        same = np.zeros(len(idx))
+        for _ in range(DRAWS):
+            noise = torch.randn(x.shape, generator=generator)
+            with torch.no_grad():
+                same += (model(x + SIGMA * noise).argmax(1).numpy() == pred)
+        np.testing.assert_allclose(data["ratio"][mine], same / DRAWS, atol=1e-6)
+        assert 0 < data["ratio"][mine].mean() <= 1
+
+
+def test_min_accuracy_and_resume_keep_model_ids(tiny_zoo, dataset, tmp_path):
+    output, _ = dataset
+    accuracies = sorted(float(r["test_accuracy"]) for r in _rows(output / "models.csv"))
+    cut = (accuracies[0] + accuracies[1]) / 2
+    # A zoo with only its first two trials, then the third one "finishes": the data set grows, ids stay.
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo / "trials", zoo / "trials")
+    last = sorted((zoo / "trials").iterdir())[-1]
+    (last / "status.json").rename(last / "status.later")
+    out = tmp_path / "ds"
+    first = zoo_dataset(str(zoo), str(out), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=cut,
+                        models_per_shard=1, progress=False)
+    assert first["n_trials_finished"] == 2
+    shards = sorted(p.name for p in out.glob("shard_*.npz"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.npz")}
+    (last / "status.later").rename(last / "status.json")
+    second = zoo_dataset(str(zoo), str(out), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=cut,
+                         models_per_shard=1, progress=False)
+    assert second["n_kept"] + second["n_excluded"] == 3 and second["n_excluded"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.npz") if p.name in shards} == stamps
+    kept = _rows(out / "models.csv")
+    excluded = _rows(out / "excluded.csv")
+    assert all(float(r["test_accuracy"]) >= cut for r in kept)
+    assert all(float(r["test_accuracy"]) < cut for r in excluded)
+    ids = sorted(int(r["model_id"]) for r in [*kept, *excluded])
+    assert ids == [0, 1, 2]
+    assert [r["trial_id"] for r in sorted([*kept, *excluded], key=lambda r: int(r["model_id"]))] == \
+        sorted(p.name for p in (zoo / "trials").iterdir())
+    for row in kept:  # hyper-parameters and seed of the trial
+        assert {"lr", "activation", "dropout", "train_size", "seed", "shard", "n_samples"} <= set(row)
+    third = zoo_dataset(str(zoo), str(out), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=cut,
+                        models_per_shard=1, progress=False)
+    assert third["n_samples"] == second["n_samples"]
+    data = load_shards(str(out))
+    assert len(np.unique(data["model_id"])) == second["n_kept"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--zoo", "/nonexistent", "--output", "x"], "`zoo`"),
+    (["--output", "x"], "zoo"),
+    (["--zoo", ".", "--output", "x", "--per_class", "0"], "`per_class`"),
+    (["--zoo", ".", "--output", "x", "--sigma", "-1"], "`sigma`"),
+    (["--zoo", ".", "--output", "x", "--data.data_dir", "/nonexistent"], "`data.data_dir`"),
+])
+def test_bad_arguments_give_one_error_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_other_settings_on_an_existing_data_set_are_refused(dataset, tiny_zoo):
+    output, _ = dataset
+    with pytest.raises(ValueError, match="`sigma` is 0.5"):
+        zoo_dataset(str(tiny_zoo), str(output), sigma=0.5, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=0.0,
+                    progress=False)
