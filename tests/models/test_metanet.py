@@ -1,0 +1,211 @@
+"""`ZooDataModule` and `MetaNet` on a small synthetic zoo data set written in the shards' real format."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
+
+from lightning_probes.datamodules import ZooDataModule
+from lightning_probes.io import atomic_save_npz
+from lightning_probes.models import MetaNet
+
+DIMS = [24, 12, 8, 10]
+LAYERS = ["pool2", "fc1", "fc2", "fc3"]
+ROOT = Path(__file__).parents[2]
+
+
+def write_zoo_dataset(directory: Path, models: int = 12, per_model: int = 40, seed: int = 0) -> Path:
+    """Shards whose `correct` and `ratio` follow the fc3 margin, so a meta-network has something to learn."""
+    rng = np.random.default_rng(seed)
+    for shard, ids in enumerate(np.array_split(np.arange(models), 3)):
+        n = len(ids) * per_model
+        logits = rng.normal(0, 2, (n, 10)).astype(np.float32)
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        top = np.sort(p, 1)
+        margin = top[:, -1] - top[:, -2]
+        correct = (rng.random(n) < 0.2 + 0.8 * margin).astype(np.int64)
+        ratio = np.clip(margin + rng.normal(0, 0.05, n), 0, 1).astype(np.float32)
+        arrays = {"model_id": np.repeat(ids, per_model).astype(np.int64), "sample_index": np.arange(n),
+                  "label": rng.integers(0, 10, n), "pred": logits.argmax(1), "correct": correct, "ratio": ratio,
+                  "fc3": logits}
+        for name, width in zip(LAYERS[:3], DIMS[:3]):
+            arrays[name] = (rng.normal(0, 1, (n, width)) * (1 + margin[:, None])).astype(np.float32)
+        atomic_save_npz(str(directory / f"shard_{shard:04d}.npz"), **arrays)
+    return directory
+
+
+@pytest.fixture
+def zoo_dir(tmp_path):
+    return write_zoo_dataset(tmp_path)
+
+
+def test_splits_are_model_disjoint_seeded_and_written(zoo_dir):
+    dm = ZooDataModule(str(zoo_dir), split_seed=3, val_fraction=0.25, test_fraction=0.25, batch_size=16)
+    dm.setup("fit")
+    split = json.loads((zoo_dir / "splits_3.json").read_text())
+    assert split == dm.splits and sorted(split) == ["test", "train", "val"]
+    ids = [i for k in ("train", "val", "test") for i in split[k]]
+    assert sorted(ids) == list(range(12)) and len(set(ids)) == 12
+    for name in ("train", "val", "test"):
+        assert set(np.unique(dm.arrays[name]["model_id"])) == set(split[name])
+    again = ZooDataModule(str(zoo_dir), split_seed=3, val_fraction=0.25, test_fraction=0.25)
+    again.setup("fit")
+    other = ZooDataModule(str(zoo_dir), split_seed=4, val_fraction=0.25, test_fraction=0.25)
+    other.setup("fit")
+    assert again.splits == dm.splits and other.splits != dm.splits
+    batch = next(iter(dm.train_dataloader()))
+    assert [x.shape[1] for x in batch["layers"]] == DIMS == dm.layer_dims
+    assert batch["target"].dtype == torch.float32 and batch["correct"].dtype == torch.int64
+    assert torch.equal(batch["target"], batch["correct"].float())
+    regression = ZooDataModule(str(zoo_dir), task="regression", split_seed=3, val_fraction=0.25, test_fraction=0.25)
+    regression.setup("fit")
+    assert torch.equal(next(iter(regression.val_dataloader()))["target"],
+                       torch.as_tensor(regression.arrays["val"]["ratio"][:256]))
+
+
+def test_sample_split_and_max_models(zoo_dir):
+    dm = ZooDataModule(str(zoo_dir), split_by="sample", max_models=6, val_fraction=0.2, test_fraction=0.2)
+    dm.setup("fit")
+    assert not (zoo_dir / "splits_0.json").exists()
+    sizes = {k: len(v["model_id"]) for k, v in dm.arrays.items()}
+    assert sum(sizes.values()) == 6 * 40 and sizes["test"] == 48
+    assert all(set(np.unique(dm.arrays[k]["model_id"])) <= set(range(6)) for k in dm.arrays)
+    assert set(dm.splits["test"]) & set(dm.splits["train"])  # the same models on both sides
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"task": "ranking"}, "`task`"), ({"val_fraction": 0}, "`val_fraction`"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "below 1"), ({"split_by": "class"}, "`split_by`"),
+    ({"max_models": 2}, "`max_models`"), ({"layers": "fc3"}, "`layers`")])
+def test_bad_datamodule_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZooDataModule("x", **kwargs)
+
+
+def test_missing_layer_and_missing_data_set_are_clear(zoo_dir, tmp_path):
+    with pytest.raises(ValueError, match="fc9"):
+        ZooDataModule(str(zoo_dir), layers=["fc9"]).setup("fit")
+    with pytest.raises(FileNotFoundError, match="zoo-dataset"):
+        ZooDataModule(str(tmp_path / "empty")).setup("fit")
+
+
+@pytest.mark.parametrize("encoder", ["rnn", "lstm", "transformer"])
+def test_sorted_encoding_makes_the_meta_network_blind_to_unit_order(encoder):
+    torch.manual_seed(0)
+    model = MetaNet(encoder=encoder, layer_dims=DIMS, d_model=16, nhead=4).eval()
+    layers = [torch.randn(5, d) for d in DIMS]
+    permuted = [x[:, torch.randperm(x.shape[1])] for x in layers]
+    with torch.no_grad():
+        out = model(layers)
+        assert out.shape == (5,)
+        torch.testing.assert_close(model(permuted), out)
+    raw = MetaNet(encoder=encoder, layer_dims=DIMS, d_model=16, encoding="raw").eval()
+    with torch.no_grad():
+        assert not torch.allclose(raw(permuted), raw(layers))
+    with pytest.raises(ValueError, match="layer_dims"):
+        model([torch.randn(5, d + 1) for d in DIMS])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"encoder": "gru"}, "`encoder`"), ({"task": "x"}, "`task`"), ({"encoding": "mean"}, "`encoding`"),
+    ({"d_model": 0}, "`d_model`"), ({"encoder": "transformer", "d_model": 10, "nhead": 4}, "`nhead`"),
+    ({"layer_dims": [1]}, "`layer_dims`"), ({"dropout": 1.0}, "`dropout`")])
+def test_bad_metanet_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaNet(**kwargs)
+
+
+def _fit_and_test(zoo_dir, task, encoder="lstm", epochs=4):
+    pl.seed_everything(0)
+    dm = ZooDataModule(str(zoo_dir), task=task, split_seed=1, val_fraction=0.25, test_fraction=0.25, batch_size=32)
+    model = MetaNet(encoder=encoder, task=task, layer_dims=DIMS, d_model=16, lr=3e-3)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, datamodule=dm)
+    results = trainer.test(model, datamodule=dm, verbose=False)[0]
+    model.eval()
+    test = dm.arrays["test"]
+    with torch.no_grad():
+        scores = model.predict_scores([torch.as_tensor(test[n]) for n in LAYERS]).double().numpy()
+    return dm, results, scores
+
+
+def test_classification_metrics_and_baselines_equal_scikit_learn(zoo_dir):
+    dm, results, scores = _fit_and_test(zoo_dir, "classification")
+    test, train = dm.arrays["test"], dm.arrays["train"]
+    correct = test["correct"]
+    assert results["test/auroc"] == pytest.approx(roc_auc_score(correct, scores), abs=1e-4)
+    assert results["test/aupr_err"] == pytest.approx(average_precision_score(1 - correct, 1 - scores), abs=1e-4)
+    assert results["test/accuracy"] == pytest.approx(((scores >= 0.5) == correct).mean(), abs=1e-4)
+    # The baselines, from NumPy on the same fc3 of the same test models.
+    def msp(logits):
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True)).max(1)
+    test_msp, train_msp = msp(test["fc3"].astype(np.float64)), msp(train["fc3"].astype(np.float64))
+    assert results["test/baseline/max_softmax/auroc"] == pytest.approx(roc_auc_score(correct, test_msp), abs=1e-4)
+    assert results["test/baseline/max_softmax/aupr_err"] == pytest.approx(
+        average_precision_score(1 - correct, 1 - test_msp), abs=1e-4)
+    candidates = [*np.unique(train_msp), np.inf]
+    threshold = max(candidates, key=lambda t: (((train_msp >= t) == train["correct"]).mean(), -t))
+    assert results["test/baseline/max_softmax/accuracy"] == pytest.approx(
+        ((test_msp >= threshold) == correct).mean(), abs=1e-4)
+    for name in ("entropy", "margin", "doctor"):
+        assert 0.5 < results[f"test/baseline/{name}/auroc"] <= 1
+    assert results["test/auroc"] > 0.6  # it learnt the margin's signal
+
+
+def test_regression_metrics_and_isotonic_baseline_equal_scikit_learn(zoo_dir):
+    dm, results, scores = _fit_and_test(zoo_dir, "regression", epochs=20)
+    test, train = dm.arrays["test"], dm.arrays["train"]
+    assert results["test/r2"] == pytest.approx(r2_score(test["ratio"], scores), abs=1e-4)
+    wrong = test["correct"] == 0
+    assert results["test/r2_wrong"] == pytest.approx(r2_score(test["ratio"][wrong], scores[wrong]), abs=1e-4)
+    def msp(logits):
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True)).max(1)
+    fit = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(msp(train["fc3"].astype(np.float64)),
+                                                                        train["ratio"].astype(np.float64))
+    iso = fit.predict(msp(test["fc3"].astype(np.float64)))
+    assert results["test/baseline/isotonic_max_softmax/r2"] == pytest.approx(r2_score(test["ratio"], iso), abs=1e-4)
+    assert results["test/r2"] > 0.3
+
+
+def test_configs_fit_and_test_from_the_command_line(zoo_dir, tmp_path):
+    """`lightning fit` / `lightning test` with a shipped config on a data set directory, then its checkpoint."""
+    config = ROOT / "configs" / "metanet" / "transformer_classification.yaml"
+    common = ["--config", str(config), "--data.data_dir", str(zoo_dir), "--model.init_args.layer_dims",
+              json.dumps(DIMS), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    fit = subprocess.run([sys.executable, "-m", "lightning_probes.cli", "fit", *common, "--trainer.max_epochs", "2",
+                          "--trainer.enable_progress_bar", "false"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    last = tmp_path / "runs" / "transformer_classification" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    test = subprocess.run([sys.executable, "-m", "lightning_probes.cli", "test", *common, "--ckpt_path", str(last),
+                           "--trainer.enable_progress_bar", "false"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert test.returncode == 0, test.stderr[-2000:]
+    assert "test/baseline/max_softmax/auroc" in test.stdout and "test/auroc" in test.stdout
+    probes = tmp_path / "runs" / "transformer_classification" / "version_0" / "probes"
+    assert (probes / "gradient_stats.jsonl").is_file() and (probes / "activation_stats.jsonl").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "metanet").glob("*.yaml")))
+def test_every_metanet_config_parses(name):
+    from lightning_probes.cli import build_cli
+
+    cli = build_cli(["--config", str(ROOT / "configs" / "metanet" / name), "--data.data_dir", "unused"], run=False)
+    encoder, task = name[:-5].split("_")
+    assert cli.model.hparams.encoder == encoder and cli.model.hparams.task == task
+    assert cli.datamodule.hparams.task == task
