@@ -50,6 +50,8 @@ class MetaNet(pl.LightningModule):
     thresholds are the ones that maximise accuracy on the train split); for regression ``isotonic_max_softmax``, an
     isotonic fit of the ratio on the max softmax probability (scikit-learn), fitted on the train split. The
     baselines need the ``ZooDataModule`` (they read its ``arrays``); with another DataModule they are skipped.
+    Under DDP the metrics are computed on every process's predictions, gathered (Lightning's ``DistributedSampler``
+    pads the last batch, so a few samples may count twice).
 
     Args:
         encoder: ``"rnn"``, ``"lstm"`` or ``"transformer"``.
@@ -196,6 +198,8 @@ class MetaNet(pl.LightningModule):
         if not outputs:
             return {}
         cat = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        if self.trainer.world_size > 1:  # every process's samples (DistributedSampler gives each as many)
+            cat = {k: self.all_gather(v.to(self.device)).flatten(0, 1).cpu() for k, v in cat.items()}
         values = self.metrics(cat["score"], cat["correct"], cat["ratio"])
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, rank_zero_only=True)

@@ -1,0 +1,142 @@
+"""Meta-networks against the baselines that need none: encoder x task x split seed, on a zoo data set.
+
+Each run is ``lightning fit`` + ``lightning test`` of a shipped ``configs/metanet/<encoder>_<task>.yaml``, in this
+process (LightningCLI, no logger, only a ``ModelCheckpoint`` on ``val/loss``: the probes are left out to keep 60+
+runs short), tested on the best-``val/loss`` checkpoint. Rows go to ``<output>/runs.csv`` as they finish (a rerun
+skips the rows already there); ``<output>/table.md`` holds mean +- sample std over split seeds of every metric,
+meta-net and baselines side by side.
+
+    python benchmarks/metanet_study.py --data_dir runs/zoo_dataset --output runs/metanet_study \
+        [--encoders rnn,lstm,transformer] [--tasks classification,regression] [--seeds 0,1,2,3,4] \
+        [--split_by model] [--max_models 0] [--epochs 20] [--encoding sorted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = {"classification": ["accuracy", "auroc", "aupr_err", "fpr_at_95tpr"],
+            "regression": ["r2", "spearman", "mse", "r2_correct", "r2_wrong"]}
+
+
+def run_one(config: str, data_dir: str, seed: int, split_by: str, max_models: int, epochs: int, encoding: str,
+            extra: list[str]) -> dict[str, float]:
+    from lightning_probes.cli import build_cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        callbacks = ('[{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": "'
+                     + tmp + '", "monitor": "val/loss", "mode": "min", "save_last": false}}]')
+        args = ["fit", "--config", config, "--data.data_dir", data_dir, "--data.split_seed", str(seed),
+                "--data.split_by", split_by, "--seed_everything", str(seed), "--trainer.logger", "false",
+                "--trainer.callbacks", callbacks, "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--trainer.max_epochs", str(epochs),
+                "--model.init_args.encoding", encoding, *extra]
+        if max_models:
+            args += ["--data.max_models", str(max_models)]
+        argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`, not this script's own arguments
+        try:
+            cli = build_cli(args, run=True)
+        finally:
+            sys.argv = argv
+        results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)[0]
+        results["n_train_models"] = len(cli.datamodule.splits["train"])
+        results["n_test_samples"] = len(cli.datamodule.arrays["test"]["model_id"])
+        results["epochs_run"] = cli.trainer.current_epoch
+    return {k: float(v) for k, v in results.items()}
+
+
+def _fmt(values: list[float]) -> str:
+    a = np.array(values, dtype=float)
+    if len(a) == 0 or np.all(np.isnan(a)):
+        return "n/a"
+    return f"{np.nanmean(a):.3f} ± {np.nanstd(a, ddof=1):.3f}" if len(a) > 1 else f"{a[0]:.3f}"
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    """Markdown: per (split_by, max_models, encoding, task) one table, rows = meta-net encoders then baselines."""
+    lines = []
+    groups = sorted({(r["split_by"], int(r["max_models"]), r["encoding"], r["task"]) for r in rows})
+    for split_by, max_models, encoding, task in groups:
+        chosen = [r for r in rows if (r["split_by"], int(r["max_models"]), r["encoding"], r["task"])
+                  == (split_by, max_models, encoding, task)]
+        metrics = HEADLINE[task]
+        seeds = sorted({int(r["seed"]) for r in chosen})
+        models = "all models" if not max_models else f"first {max_models} models"
+        lines += [f"### {task}, split by {split_by}, {models}, encoding {encoding} (seeds {seeds})", "",
+                  "| predictor | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for encoder in ("rnn", "lstm", "transformer"):
+            mine = [r for r in chosen if r["encoder"] == encoder]
+            if mine:
+                cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""]) for m in metrics]
+                lines.append(f"| MetaNet {encoder} (n={len(mine)}) | " + " | ".join(cells) + " |")
+        names = sorted({k.split("/")[2] for r in chosen for k in r if k.startswith("test/baseline/")})
+        # Baselines depend on the split only: one value per seed (the first run of that seed).
+        per_seed = {int(r["seed"]): r for r in chosen}
+        for name in names:
+            cells = [_fmt([float(r[f"test/baseline/{name}/{m}"]) for r in per_seed.values()
+                           if r.get(f"test/baseline/{name}/{m}", "") not in ("", None)]) for m in metrics]
+            lines.append(f"| baseline {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--encoders", default="rnn,lstm,transformer")
+    parser.add_argument("--tasks", default="classification,regression")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--split_by", default="model")
+    parser.add_argument("--max_models", default="0", help="Comma-separated; 0 = all models.")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--encoding", default="sorted")
+    parser.add_argument("--extra", default="", help="Further LightningCLI arguments, space-separated.")
+    args = parser.parse_args()
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    os.makedirs(args.output, exist_ok=True)
+    path = Path(args.output) / "runs.csv"
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    done = {(r["encoder"], r["task"], r["seed"], r["split_by"], r["max_models"], r["encoding"]) for r in rows}
+    for max_models in [int(m) for m in args.max_models.split(",")]:
+        for task in args.tasks.split(","):
+            for encoder in args.encoders.split(","):
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    key = (encoder, task, str(seed), args.split_by, str(max_models), args.encoding)
+                    if key in done:
+                        continue
+                    started = time.time()
+                    config = str(ROOT / "configs" / "metanet" / f"{encoder}_{task}.yaml")
+                    result = run_one(config, args.data_dir, seed, args.split_by, max_models, args.epochs,
+                                     args.encoding, args.extra.split())
+                    row = {"encoder": encoder, "task": task, "seed": seed, "split_by": args.split_by,
+                           "max_models": max_models, "encoding": args.encoding,
+                           "wall_s": round(time.time() - started, 1), **result}
+                    rows.append({k: str(v) for k, v in row.items()})
+                    columns = list(dict.fromkeys(k for r in rows for k in r))
+                    with path.open("w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=columns)
+                        writer.writeheader()
+                        writer.writerows(rows)
+                    main_metric = "test/auroc" if task == "classification" else "test/r2"
+                    sys.stdout.write(f"{encoder} {task} seed={seed} {args.split_by} max_models={max_models}: "
+                                     f"{main_metric}={result.get(main_metric, float('nan')):.4f} "
+                                     f"({row['wall_s']} s)\n")
+                    sys.stdout.flush()
+    (Path(args.output) / "table.md").write_text(table(rows))
+    sys.stdout.write(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
