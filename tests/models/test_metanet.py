@@ -209,3 +209,24 @@ def test_every_metanet_config_parses(name):
     encoder, task = name[:-5].split("_")
     assert cli.model.hparams.encoder == encoder and cli.model.hparams.task == task
     assert cli.datamodule.hparams.task == task
+
+
+def test_metrics_under_ddp_cover_every_process(tmp_path):
+    """Under DDP (2 processes, gloo) `test/auroc` is that of the whole test split, not of rank 0's half."""
+    data = write_zoo_dataset(tmp_path / "data", models=12, per_model=40)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "metanet_ddp_run.py"), str(data), str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    model = MetaNet.load_from_checkpoint(str(out / "model.ckpt"), map_location="cpu").eval()
+    dm = ZooDataModule(str(data), split_seed=1, val_fraction=0.25, test_fraction=0.25)
+    dm.setup("test")
+    test = dm.arrays["test"]
+    assert len(test["model_id"]) % 2 == 0  # no padding by the DistributedSampler: every sample counted once
+    with torch.no_grad():
+        scores = model.predict_scores([torch.as_tensor(test[n]) for n in LAYERS]).double().numpy()
+    assert results["test/auroc"] == pytest.approx(roc_auc_score(test["correct"], scores), abs=1e-4)
+    assert results["test/accuracy"] == pytest.approx(((scores >= 0.5) == test["correct"]).mean(), abs=1e-4)
+    assert json.loads((data / "splits_1.json").read_text()) == dm.splits
