@@ -8,6 +8,7 @@ imports, so it is the expensive part of these tests).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,29 +35,37 @@ def write_study(path: Path, **fields) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def finished_study(tmp_path_factory) -> Path:
-    """The output directory of the shared tiny study, run to the end with the sequential engine."""
+def _study_once(tmp_path_factory, name: str, write: Callable[[Path], Path]) -> Path:
+    """Run the study that ``write(root)`` writes once per test session, in ``<session tmp>/<name>/out``.
+
+    Under xdist every worker has its own basetemp inside the session's one, so the first worker runs the study
+    under a file lock and the others find it finished (without xdist ``parent`` would be shared with earlier
+    sessions). The study runs with ``root`` as its working directory.
+    """
     from filelock import FileLock
 
     from lightning_probes.commands.study import study
 
     base = tmp_path_factory.getbasetemp()
-    # Under xdist every worker has its own basetemp inside the session's one; without xdist `parent` would be
-    # shared with earlier sessions.
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_study"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     with FileLock(str(root / "lock")):
         output = root / "out"
         if not (output / "summary.json").exists():
-            config = write_study(root / "tiny.yaml")
+            config = write(root)
             cwd = os.getcwd()
             os.chdir(root)
             try:
-                study(str(config), output=str(output), progress=False)
+                assert study(str(config), output=str(output), progress=False) == 0
             finally:
                 os.chdir(cwd)
     return output
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory) -> Path:
+    """The output directory of the shared tiny study, run to the end with the sequential engine."""
+    return _study_once(tmp_path_factory, "shared_study", lambda root: write_study(root / "tiny.yaml"))
 
 
 ZOO_BASE = {
@@ -88,16 +97,4 @@ def write_zoo_study(root: Path, num_samples: int = 3) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
     """The output directory of a finished 3-model sampled study of LeNet5s on the digits (built once per session)."""
-    from filelock import FileLock
-
-    from lightning_probes.commands.study import study
-
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_zoo"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root / "lock")):
-        output = root / "out"
-        if not (output / "summary.json").exists():
-            config = write_zoo_study(root)
-            assert study(str(config), output=str(output), progress=False) == 0
-    return output
+    return _study_once(tmp_path_factory, "shared_zoo", write_zoo_study)
