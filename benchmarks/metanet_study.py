@@ -79,7 +79,8 @@ def table(rows: list[dict[str, str]]) -> str:
             if mine:
                 cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""]) for m in metrics]
                 lines.append(f"| MetaNet {encoder} (n={len(mine)}) | " + " | ".join(cells) + " |")
-        names = sorted({k.split("/")[2] for r in chosen for k in r if k.startswith("test/baseline/")})
+        names = sorted({k.split("/")[2] for r in chosen for k, v in r.items()
+                        if k.startswith("test/baseline/") and v not in ("", None)})
         # Baselines depend on the split only: one value per seed (the first run of that seed).
         per_seed = {int(r["seed"]): r for r in chosen}
         for name in names:
