@@ -289,8 +289,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     _check_settings(output, settings)
     kept = _read_csv(os.path.join(output, "models.csv"))
     excluded = _read_csv(os.path.join(output, "excluded.csv"))
-    shards = sorted(glob.glob(os.path.join(output, "shard_*.npz")),
-                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+    shards = list(iter_shards(output))
     in_shards = set()
     for path in shards:
         with np.load(path) as data:
@@ -300,7 +299,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     done = {row["trial_id"] for row in [*kept, *excluded]}
     next_id = max(ids.values(), default=-1) + 1
     todo = [m for m in models if m.trial_id not in done]
-    next_shard = 1 + max((int(re.findall(r"\d+", os.path.basename(p))[0]) for p in shards), default=-1)
+    next_shard = 1 + max((_shard_number(p) for p in shards), default=-1)
     data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pending: list[dict[str, np.ndarray]] = []
     pending_rows: list[dict[str, Any]] = []
@@ -351,19 +350,23 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         "n_kept": len(kept),
         "n_excluded": len(excluded),
         "n_samples": int(sum(int(r["n_samples"]) for r in kept)),
-        "n_correct_samples": None,
-        "shards": sorted(os.path.basename(p) for p in glob.glob(os.path.join(output, "shard_*.npz"))),
+        "n_correct_samples": 0,
+        "shards": [os.path.basename(p) for p in iter_shards(output)],
     }
-    data = load_shards(output, layers=())
-    summary["n_correct_samples"] = int(data["correct"].sum()) if len(data["correct"]) else 0
+    for path in iter_shards(output):
+        with np.load(path) as data:
+            summary["n_correct_samples"] += int(data["correct"].sum())
     atomic_write_json(os.path.join(output, "dataset.json"), summary)
     return summary
 
 
+def _shard_number(path: str) -> int:
+    return int(re.findall(r"\d+", os.path.basename(path))[0])
+
+
 def iter_shards(directory: str) -> Iterator[str]:
     """The shard files of a data set, in order."""
-    yield from sorted(glob.glob(os.path.join(directory, "shard_*.npz")),
-                      key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+    yield from sorted(glob.glob(os.path.join(directory, "shard_*.npz")), key=_shard_number)
 
 
 def load_shards(directory: str, layers: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
@@ -374,8 +377,6 @@ def load_shards(directory: str, layers: Optional[Sequence[str]] = None) -> dict[
     """
     paths = list(iter_shards(directory))
     if not paths:
-        if layers == ():
-            return {k: np.zeros(0) for k in SCALAR_ARRAYS}
         raise FileNotFoundError(f"Expected `data_dir` to hold a zoo data set (shard_*.npz, from `lightning-probes "
                                 f"zoo-dataset`), but {directory!r} has none")
     parts: dict[str, list[np.ndarray]] = {}
