@@ -1,8 +1,8 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `calibration`,
-`dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `statistics`) is importable from here;
-`tests/functional/test_exports.py` keeps it so.
+`dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is
+importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -34,6 +34,7 @@ from lightning_probes.functional.calibration import (
     calibration_sums,
     calibration_values,
     classification_scores,
+    classwise_calibration_error,
     confusion_confidence,
     confusion_index,
     flatten_class_dim,
@@ -88,6 +89,15 @@ from lightning_probes.functional.representations import (
     minibatch_hsic_terms,
 )
 from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
+from lightning_probes.functional.runs import (
+    cka_matrix,
+    convergence_epoch,
+    overfitting_start,
+    pareto_front,
+    pca_map,
+    stability_window,
+    training_dynamics,
+)
 from lightning_probes.functional.statistics import (
     moving_average,
     per_epoch_mean_std,
@@ -95,13 +105,24 @@ from lightning_probes.functional.statistics import (
     student_t_interval,
     welch_t_test,
 )
+from lightning_probes.functional.weights import (
+    HEALTH_FORMULA,
+    SPARSITY_TOLERANCE,
+    WEIGHT_STATISTICS,
+    health_score,
+    weight_matrix,
+    weight_statistics,
+)
 
 __all__ = [
     "ActivationAccumulator",
     "AlignmentAccumulator",
     "ENCODINGS",
+    "HEALTH_FORMULA",
     "LAYER_STATS",
     "MomentAccumulator",
+    "SPARSITY_TOLERANCE",
+    "WEIGHT_STATISTICS",
     "adaptive_bins_from_histogram",
     "alignment",
     "alignment_from_covariance",
@@ -117,13 +138,16 @@ __all__ = [
     "check_logits",
     "cka_from_covariances",
     "cka_from_hsic",
+    "cka_matrix",
     "class_agreement",
     "classification_scores",
+    "classwise_calibration_error",
     "collapse_indicators",
     "confusion_confidence",
     "confusion_index",
     "conv2d_alignment",
     "conv_patches",
+    "convergence_epoch",
     "correlation_from_covariance",
     "counts_from_histogram",
     "cross_correlation",
@@ -138,6 +162,7 @@ __all__ = [
     "fpr_at_tpr",
     "gradient_codes",
     "gradient_stats",
+    "health_score",
     "histogram_overlap",
     "kl_from_clean",
     "l2_norms",
@@ -151,6 +176,9 @@ __all__ = [
     "norm_summary",
     "normalized_entropy",
     "one_hot_to_index",
+    "overfitting_start",
+    "pareto_front",
+    "pca_map",
     "per_epoch_mean_std",
     "prediction_terms",
     "predictive_entropy",
@@ -160,6 +188,7 @@ __all__ = [
     "seed_mean_std",
     "select_by_correctness",
     "stability_ratio",
+    "stability_window",
     "stack_encoded",
     "stats_from_summary",
     "student_t_interval",
@@ -167,11 +196,14 @@ __all__ = [
     "threshold_level",
     "thresholded_confusion",
     "total_summary",
+    "training_dynamics",
     "transition_bins",
     "transition_counts",
     "transition_histogram",
     "unit_mask",
     "units_to_drop",
+    "weight_matrix",
+    "weight_statistics",
     "welch_t_test",
     "zero_threshold_for",
 ]

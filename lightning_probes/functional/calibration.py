@@ -273,3 +273,27 @@ def classification_scores(confusion: torch.Tensor) -> dict[str, Any]:
     return {"accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
             "macro_precision": float((precision * weight).sum()), "macro_recall": float((recall * weight).sum()),
             "macro_f1": float((f1 * weight).sum()), "precision": precision, "recall": recall, "f1": f1}
+
+
+def classwise_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Per-class calibration error (Kull et al. 2019's classwise ECE, one value per class).
+
+    For class ``c``, the probabilities ``p_c`` of every sample are put in ``n_bins`` equal-width bins (the binning of
+    `calibration_bin_index`) and compared with how often the sample's class is ``c``:
+    ``ECE_c = sum_b (n_b / N) |mean(p_c in b) - mean([y == c] in b)|``. The classwise ECE is their mean.
+
+    Args:
+        probs: ``(N, C)`` class probabilities.
+        target: ``(N,)`` true classes.
+        n_bins: Number of equal-width bins.
+
+    Returns:
+        ``(C,)`` float64 tensor.
+    """
+    _check_inputs(probs, target)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"Expected `n_bins` to be a positive integer, but got {n_bins!r}")
+    one_hot = torch.nn.functional.one_hot(target.long(), probs.shape[1])
+    return torch.stack([
+        calibration_error_from_sums(calibration_sums(probs[:, c].contiguous(), one_hot[:, c], n_bins), "l1")
+        for c in range(probs.shape[1])])
