@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 
+from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.capture import BOUNDED, reduce_features
 from lightning_probes.functional.activations import ActivationAccumulator
@@ -33,7 +35,8 @@ class ActivationStatsMonitor(RepresentationProbe):
       as in `lightning_probes.capture.reduce_features`); computed from the streamed covariance.
 
     Records per (epoch, layer) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<layer>``; an overview
-    figure of every statistic across layers to ``<name>/overview.png``. The headline ``<name>/dead_fraction``
+    figure of every statistic across layers to ``<name>/overview.png`` (every ``plot_every_n_epochs`` epochs and
+    at the end of the fit; ``lightning-probes plot`` redraws it from the JSONL). The headline ``<name>/dead_fraction``
     (mean over layers of the share of dead units) goes to the loggers and to ``trainer.callback_metrics``.
 
     Args:
@@ -41,6 +44,8 @@ class ActivationStatsMonitor(RepresentationProbe):
         num_samples: Size of the probe set.
         max_features: Features kept per layer for the effective rank.
         every_n_epochs: Analyse after every n-th epoch.
+        plot_every_n_epochs: Draw ``overview.png`` every n completed epochs and at the end of the fit; 0: never
+            during training.
         batch_size: Probe samples per forward pass.
         seed: Seed of the probe-set choice.
         search_batches: Validation batches searched for the probe set.
@@ -82,11 +87,21 @@ class ActivationStatsMonitor(RepresentationProbe):
         self.write_records(trainer, records)
         step = trainer.global_step
         self.log_scalars(trainer, self.scalars(records, _STATS), step)
-        self.save_figure(trainer, _overview(records, epoch), "overview.png", "overview", step)
+        self.figure(trainer, "overview.png", "overview", step, lambda: overview_figure(records, epoch), epoch)
         return {f"{self.name}/dead_fraction": float(np.mean([r["dead_fraction"] for r in records]))}
 
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """``overview.png`` of the last analysis in the JSONL."""
+        records = cls.records_of(directory, name)
+        if not records:
+            return []
+        last = [r for r in records if (r["epoch"], r["step"]) == (records[-1]["epoch"], records[-1]["step"])]
+        return [("overview.png", "overview", lambda: overview_figure(last, last[0]["epoch"]))]
 
-def _overview(records: list[dict[str, Any]], epoch: int) -> Figure:
+
+def overview_figure(records: list[dict[str, Any]], epoch: int) -> Figure:
+    """One bar panel per statistic, a bar per layer (the records of one analysis)."""
     names = [r["layer"] for r in records]
     fig = Figure(figsize=(max(8.0, 0.5 * len(names) + 4), 9))
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.93, hspace=0.5, wspace=0.25)

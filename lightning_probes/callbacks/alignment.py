@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from matplotlib.figure import Figure
 from torch import nn
 
+from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.capture import ActivationCapture, uncompiled
 from lightning_probes.checks import check_float
@@ -68,6 +69,8 @@ class AlignmentMonitor(RepresentationProbe):
         target_key: For dict batches: the key of the class labels that balance the probe set.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``alignment``.
+        plot_every_n_epochs: Draw ``distributions.png`` every n completed epochs and at the end of the fit; 0:
+            never during training (``lightning-probes plot`` redraws it from the JSONL).
 
     Raises:
         ValueError: On a bad argument; at the start of training (`ProbeConfigurationError`) for named ``layers``
@@ -97,11 +100,13 @@ class AlignmentMonitor(RepresentationProbe):
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        plot_every_n_epochs: int = 10,
     ) -> None:
         # max_features=1: the layer check's forward (`RepresentationProbe._prepare`) keeps one output feature.
         super().__init__(layers=layers, num_samples=num_samples, max_features=1, every_n_epochs=every_n_epochs,
                          batch_size=batch_size, seed=seed, search_batches=search_batches, forward_fn=forward_fn,
-                         input_key=input_key, target_key=target_key, output_dir=output_dir, name=name)
+                         input_key=input_key, target_key=target_key, output_dir=output_dir, name=name,
+                         plot_every_n_epochs=plot_every_n_epochs)
         check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "layers": {}}
@@ -175,8 +180,26 @@ class AlignmentMonitor(RepresentationProbe):
             layer = self.history["layers"].setdefault(r["layer"], {"chance": r["chance"], "epochs": [], "boxes": []})
             layer["epochs"].append(epoch)
             layer["boxes"].append([r[k] for k in (*QUANTILES, "mean")])
-        self.save_figure(trainer, distributions_figure(self.history["layers"], [r["layer"] for r in records]),
-                         "distributions.png", "distributions", step)
+        layers = {n: {"chance": v["chance"], "epochs": list(v["epochs"]), "boxes": list(v["boxes"])}
+                  for n, v in self.history["layers"].items()}
+        order = [r["layer"] for r in records]
+        self.figure(trainer, "distributions.png", "distributions", step, lambda: distributions_figure(layers, order),
+                    epoch)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """``distributions.png`` from the JSONL records (every analysed epoch)."""
+        records = cls.records_of(directory, name)
+        if not records:
+            return []
+        layers: dict[str, dict[str, Any]] = {}
+        for r in records:
+            layer = layers.setdefault(r["layer"], {"chance": r["chance"], "epochs": [], "boxes": []})
+            layer["epochs"].append(r["epoch"])
+            layer["boxes"].append([r[k] for k in (*QUANTILES, "mean")])
+        key = (records[-1]["epoch"], records[-1]["step"])
+        order = [r["layer"] for r in records if (r["epoch"], r["step"]) == key]
+        return [("distributions.png", "distributions", lambda: distributions_figure(layers, order))]
 
 
 def _sum_bytes(module: nn.Module) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -11,10 +12,11 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.transforms import v2
 
+from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_positive_int
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
-from lightning_probes.plotting import heatmap
+from lightning_probes.plotting import colormapped, heatmap
 from lightning_probes.probe_data import ProbeSet, replace_inputs, select_balanced
 
 
@@ -38,7 +40,9 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     ``<name>/invariance_mean`` (mean over layers) to the loggers and ``trainer.callback_metrics``. Figures in
     ``<name>/``: ``invariance.png`` (per layer), ``correlations.png`` (for the first and last analysed layers,
     the feature x feature correlation matrix over all views, and the view x view (sample x sample) correlation
-    matrix of up to ``matrix_views`` views per image) and ``views.png`` (example views, drawn once).
+    matrix of up to ``matrix_views`` views per image) and ``views.png`` (example views, drawn once); the matrices
+    of the last analysis are kept in ``correlations.npz`` (float16, figure grade) and the example views in
+    ``views.npz``, and go to the image loggers as colour-mapped images at every analysis.
 
     Augmentation: ``transform`` (a torchvision v2 transform), applied to the DataModule's raw ``uint8``
     validation images and normalised by it when it provides them (``val_set.images`` and
@@ -63,6 +67,9 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         target_key: For dict batches: the key of the class labels that spread the images over classes.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``augmentation_invariance``.
+        plot_every_n_epochs: Draw the figures every n completed epochs and at the end of the fit; 0: never during
+            training (``lightning-probes plot`` redraws them from the JSONL, ``correlations.npz`` and
+            ``views.npz``).
     """
 
     probe_name = "augmentation_invariance"
@@ -84,12 +91,13 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        plot_every_n_epochs: int = 10,
     ) -> None:
         check_positive_int("num_images", num_images)
         super().__init__(layers=layers, num_samples=max(2, num_images) * 20, max_features=max_features,
                          every_n_epochs=every_n_epochs, batch_size=batch_size, seed=seed, search_batches=100,
                          forward_fn=forward_fn, input_key=input_key, target_key=target_key, output_dir=output_dir,
-                         name=name)
+                         name=name, plot_every_n_epochs=plot_every_n_epochs)
         check_positive_int("num_views", num_views)
         check_positive_int("matrix_views", matrix_views)
         if num_images < 2:
@@ -196,41 +204,100 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         step = trainer.global_step
         self.write_records(trainer, records)
         self.log_scalars(trainer, self.scalars(records, ("invariance", "within_across_ratio")), step)
-        fig = Figure(figsize=(max(6.0, 0.5 * len(records) + 3), 4), layout="constrained")
-        ax = fig.subplots()
-        ax.bar(range(len(records)), [np.nan if r["invariance"] is None else r["invariance"] for r in records])
-        ax.set_xticks(range(len(records)), [r["layer"] for r in records], rotation=60, ha="right", fontsize=7)
-        ax.set(ylim=(0, 1), ylabel="across / (within + across)", title=f"Augmentation invariance, epoch {epoch}")
-        self.save_figure(trainer, fig, "invariance.png", "invariance", step)
-
-        fig = Figure(figsize=(11, 10))
-        fig.subplots_adjust(left=0.05, right=0.97, bottom=0.05, top=0.93, hspace=0.3, wspace=0.2)
-        axes = fig.subplots(2, 2)
-        for row, name in enumerate(ends + ends[:1] * (2 - len(ends))):
+        if not trainer.is_global_zero:
+            return
+        self.figure(trainer, "invariance.png", "invariance", step, lambda: invariance_figure(records, epoch), epoch)
+        shown = ends + ends[:1] * (2 - len(ends))
+        matrices: dict[str, np.ndarray] = {}
+        for row, name in enumerate(shown):
             features_corr = correlation_from_covariance(moments[name].covariance()).cpu().numpy()
-            heatmap(features_corr, f"{name}: feature x feature", vmin=-1, vmax=1, cmap="RdBu_r", ax=axes[row, 0])
             views = torch.cat(kept[name]).double()
             views = views - views.mean(dim=1, keepdim=True)
             norms = views.norm(dim=1, keepdim=True)
             sample_corr = (views @ views.T / (norms @ norms.T)).numpy()
-            heatmap(sample_corr, f"{name}: view x view ({self.num_images} images)", vmin=-1, vmax=1, cmap="RdBu_r",
-                    ax=axes[row, 1])
-        fig.suptitle(f"Correlations under augmentation, epoch {epoch}")
-        self.save_figure(trainer, fig, "correlations.png", "correlations", step)
-        if not self._drew_views:  # the example views look alike every epoch: drawn once
+            matrices[f"features_{row}"] = features_corr.astype(np.float16)
+            matrices[f"views_{row}"] = sample_corr.astype(np.float16)
+            if row < len(ends):
+                self.log_image(trainer, colormapped(matrices[f"features_{row}"], -1, 1, "RdBu_r"),
+                               f"heatmap/features/{name}", step)
+                self.log_image(trainer, colormapped(matrices[f"views_{row}"], -1, 1, "RdBu_r"),
+                               f"heatmap/views/{name}", step)
+        self.save_npz(trainer, "correlations.npz", layers=np.array(shown), num_images=np.array(self.num_images),
+                      epoch=np.array(epoch), **matrices)
+        self.figure(trainer, "correlations.png", "correlations", step,
+                    lambda: correlations_figure(shown, matrices, self.num_images, epoch), epoch)
+        if not self._drew_views:  # the example views look alike every epoch: kept and drawn once
             self._drew_views = True
-            self.save_figure(trainer, _view_grid(examples), "views.png", "views",
-                             step)
+            grid = torch.stack(examples).float().numpy().astype(np.float16)  # (images, views, C, H, W)
+            self.save_npz(trainer, "views.npz", views=grid)
+            self.figure(trainer, "views.png", "views", step, lambda: views_figure(grid), epoch)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """``invariance.png`` from the JSONL, ``correlations.png`` from ``correlations.npz`` and ``views.png``
+        from ``views.npz``."""
+        specs: list[FigureSpec] = []
+        records = cls.records_of(directory, name)
+        if records:
+            key = (records[-1]["epoch"], records[-1]["step"])
+            last = [r for r in records if (r["epoch"], r["step"]) == key]
+            specs.append(("invariance.png", "invariance", lambda: invariance_figure(last, key[0])))
+        path = os.path.join(directory, name, "correlations.npz")
+        if os.path.exists(path):
+            with np.load(path) as data:
+                matrices = {k: data[k] for k in data.files if k.startswith(("features_", "views_"))}
+                shown, num_images, epoch = [str(n) for n in data["layers"]], int(data["num_images"]), int(data["epoch"])
+            specs.append(("correlations.png", "correlations",
+                          lambda: correlations_figure(shown, matrices, num_images, epoch)))
+        path = os.path.join(directory, name, "views.npz")
+        if os.path.exists(path):
+            with np.load(path) as data:
+                grid = data["views"]
+            specs.append(("views.png", "views", lambda: views_figure(grid)))
+        return specs
 
 
-def _view_grid(examples: list[torch.Tensor]) -> Figure:
+def invariance_figure(records: list[dict[str, Any]], epoch: int) -> Figure:
+    """Invariance per layer (the records of one analysis)."""
+    fig = Figure(figsize=(max(6.0, 0.5 * len(records) + 3), 4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(records)), [np.nan if r["invariance"] is None else r["invariance"] for r in records])
+    ax.set_xticks(range(len(records)), [r["layer"] for r in records], rotation=60, ha="right", fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="across / (within + across)", title=f"Augmentation invariance, epoch {epoch}")
+    return fig
+
+
+def correlations_figure(layers: Sequence[str], matrices: Mapping[str, np.ndarray], num_images: int,
+                        epoch: int) -> Figure:
+    """Per shown layer (two rows): its feature x feature and view x view correlation matrices.
+
+    Args:
+        layers: The two layers shown (the first and last analysed; one layer twice when only one is analysed).
+        matrices: ``features_<row>`` and ``views_<row>`` for rows 0 and 1.
+        num_images: Probe images, for the title.
+        epoch: Epoch label.
+    """
+    fig = Figure(figsize=(11, 10))
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.05, top=0.93, hspace=0.3, wspace=0.2)
+    axes = fig.subplots(2, 2)
+    for row, name in enumerate(layers):
+        heatmap(matrices[f"features_{row}"], f"{name}: feature x feature", vmin=-1, vmax=1, cmap="RdBu_r",
+                ax=axes[row, 0])
+        heatmap(matrices[f"views_{row}"], f"{name}: view x view ({num_images} images)", vmin=-1, vmax=1,
+                cmap="RdBu_r", ax=axes[row, 1])
+    fig.suptitle(f"Correlations under augmentation, epoch {epoch}")
+    return fig
+
+
+def views_figure(examples: Any) -> Figure:
+    """A grid of example views: one row per image ``(views, C, H, W)``, each view min-max scaled."""
     rows, cols = len(examples), examples[0].shape[0]
     fig = Figure(figsize=(1.4 * cols, 1.4 * rows))
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.05, hspace=0.05)
     axes = np.atleast_2d(fig.subplots(rows, cols))
     for r, views in enumerate(examples):
         for c, view in enumerate(views):
-            image = view.float()
+            image = torch.as_tensor(np.asarray(view, dtype=np.float32))
             image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)
             ax = axes[r, c]
             ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)

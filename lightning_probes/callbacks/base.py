@@ -8,12 +8,13 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.checks import check_fraction, check_positive_int
@@ -23,16 +24,28 @@ from lightning_probes.io import (
     atomic_write_bytes,
     atomic_write_json,
     decode_png,
+    read_jsonl,
     render_png,
 )
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParameterProbe", "ProbeCallback", "check_fraction", "check_positive_int"]
+__all__ = ["FigureSpec", "ParameterProbe", "ProbeCallback", "check_fraction", "check_plot_every",
+           "check_positive_int"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HPARAM_TYPES = (bool, int, float, str, type(None))
+#: A figure that can be drawn later: ``(file name in <name>/, logger tag relative to the probe, draw())``.
+FigureSpec = tuple[str, str, Callable[[], Any]]
+
+
+def check_plot_every(value: Any) -> int:
+    """``plot_every_n_epochs``, checked: an integer >= 0 (0: no figures during training)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Expected `plot_every_n_epochs` to be an integer >= 0 (0: no figures during training), "
+                         f"but got {value!r}")
+    return value
 
 
 class ProbeCallback(Callback):
@@ -51,6 +64,13 @@ class ProbeCallback(Callback):
     after the checkpoint by the crashed run are dropped, as the resumed run writes them again. The old
     directory is never modified when the directories differ.
 
+    Figures: probes with a ``plot_every_n_epochs`` argument draw their annotated matplotlib figures (the PNG
+    files and their logger images) only every ``plot_every_n_epochs`` completed epochs and once more at the end
+    of the fit for whatever was analysed since (`figure`); ``0`` draws none during training. Every number a
+    figure shows is in the probe's JSONL and ``<name>/*.npz`` files, so ``lightning-probes plot RUN_DIR``
+    redraws them all afterwards (`figures_from_files`). Cheap colour-mapped heatmaps (`log_image`) may go to
+    the loggers at every analysis. ``<name>/settings.json`` holds the probe's class and settings (`hparams`).
+
     Args:
         output_dir: Directory for the outputs. Default: ``<trainer.log_dir>/probes``, or
             ``<trainer.default_root_dir>/probes`` without a logger.
@@ -59,6 +79,9 @@ class ProbeCallback(Callback):
     """
 
     probe_name: str = "probe"
+    #: Draw the matplotlib figures every n completed epochs and at the end of the fit; 0: never during training.
+    #: Probes that take the argument set it per instance; the others draw every figure when they make it.
+    plot_every_n_epochs: int = 1
     #: Statistics logged per layer, for the TensorBoard custom-scalars layout (one chart per statistic).
     layout_stats: Sequence[str] = ()
 
@@ -74,6 +97,7 @@ class ProbeCallback(Callback):
         self._writer: Optional[JsonlWriter] = None
         self._resume: Optional[tuple[Optional[str], int]] = None
         self._last_logger_step: Optional[int] = None
+        self._pending_figures: dict[str, tuple[str, int, Callable[[], Any]]] = {}
 
     # -- identity and state -------------------------------------------------------------------------
     @property
@@ -140,6 +164,10 @@ class ProbeCallback(Callback):
             self._writer = JsonlWriter(self.jsonl_path)
             if self._resume is not None:
                 self._restore_history()
+        if trainer.is_global_zero:
+            cls = type(self)
+            self.save_json(trainer, {"class_path": f"{cls.__module__}.{cls.__qualname__}", "name": self.name,
+                                     "settings": self.hparams()}, "settings.json")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._writer is not None:
@@ -156,8 +184,6 @@ class ProbeCallback(Callback):
 
     def read_history(self) -> list[dict[str, Any]]:
         """Every record of this run's history so far (global rank 0; the resumed history included)."""
-        from lightning_probes.io import read_jsonl
-
         if self._writer is None:
             return []
         self._writer.flush()
@@ -214,6 +240,86 @@ class ProbeCallback(Callback):
                 trainer.callback_metrics[key] = torch.tensor(float(value))
 
     # -- figures and files --------------------------------------------------------------------------
+    def figures_due(self, trainer: pl.Trainer, epochs_done: int) -> bool:
+        """Whether the matplotlib figures are drawn now: every ``plot_every_n_epochs`` completed epochs during a
+        fit (never with 0), always outside a fit (``validate``, ``test``: no fit end to draw them at)."""
+        every = self.plot_every_n_epochs
+        if every <= 0:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING:
+            return True
+        return epochs_done > 0 and epochs_done % every == 0
+
+    def figure(self, trainer: pl.Trainer, filename: str, tag: str, step: int, draw: Callable[[], Any],
+               epochs_done: int) -> None:
+        """Draw a figure now if `figures_due`, else keep ``draw`` until the end of the fit (replacing an older
+        pending version of ``filename``). Global rank 0 only.
+
+        Args:
+            trainer: The Trainer.
+            filename: File in ``<output_dir>/<name>/``.
+            tag: Logger tag, relative to the probe (see `save_figure`).
+            step: Logger step.
+            draw: Builds the ``matplotlib.figure.Figure`` from data the probe has already written to its files.
+            epochs_done: Completed training epochs that the figure shows.
+        """
+        if not trainer.is_global_zero or self.plot_every_n_epochs <= 0:
+            return
+        if self.figures_due(trainer, epochs_done):
+            self._pending_figures.pop(filename, None)
+            self.save_figure(trainer, draw(), filename, tag, step)
+        else:
+            self._pending_figures[filename] = (tag, step, draw)
+
+    def draw_pending_figures(self, trainer: pl.Trainer) -> None:
+        """Draw the figures kept by `figure` since they were last drawn (global rank 0)."""
+        pending, self._pending_figures = self._pending_figures, {}
+        if trainer.is_global_zero:
+            for filename, (tag, step, draw) in pending.items():
+                self.save_figure(trainer, draw(), filename, tag, step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.draw_pending_figures(trainer)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """Every figure of a finished (or crashed) run of this probe, from its files alone.
+
+        Args:
+            directory: The probes directory (holding ``<name>.jsonl`` and ``<name>/``).
+            name: The probe's ``name``.
+            settings: Its settings (``settings.json``'s ``"settings"``; empty when the run predates it).
+
+        Returns:
+            ``[(filename, tag, draw), ...]``: the figures the probe would have written last, each drawn by the
+            same function the probe uses. Empty for probes that draw nothing from their files.
+        """
+        return []
+
+    @staticmethod
+    def records_of(directory: str, name: str) -> list[dict[str, Any]]:
+        """The records of ``<directory>/<name>.jsonl`` (empty when it does not exist)."""
+        path = os.path.join(directory, f"{name}.jsonl")
+        return read_jsonl(path) if os.path.exists(path) else []
+
+    def log_image(self, trainer: pl.Trainer, image: Any, tag: str, step: int) -> None:
+        """Send an ``(H, W, 3)`` uint8 image (e.g. `lightning_probes.plotting.colormapped`) to every logger that
+        takes images, as `save_figure` does with figures (milliseconds: no matplotlib). Global rank 0 only."""
+        if not trainer.is_global_zero:
+            return
+        tag = f"{self.name}/{tag}"
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            add_image = getattr(experiment, "add_image", None)
+            log_image = getattr(logger, "log_image", None)
+            mlflow_image = getattr(experiment, "log_image", None)
+            if callable(add_image):
+                add_image(tag, image, global_step=step, dataformats="HWC")
+            elif callable(log_image):
+                log_image(key=tag, images=[image], step=step)
+            elif callable(mlflow_image) and getattr(logger, "run_id", None):
+                mlflow_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
+
     def save_figure(self, trainer: pl.Trainer, fig: Any, filename: str, tag: str, step: int) -> None:
         """Render a ``matplotlib.figure.Figure`` once; write it to ``<output_dir>/<name>/<filename>`` and send it to
         every logger that takes images. Global rank 0 only.

@@ -14,7 +14,13 @@ from matplotlib.figure import Figure
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
-from lightning_probes.callbacks.base import ProbeCallback, check_fraction, check_positive_int
+from lightning_probes.callbacks.base import (
+    FigureSpec,
+    ProbeCallback,
+    check_fraction,
+    check_plot_every,
+    check_positive_int,
+)
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     calibration_bin_index,
@@ -28,7 +34,7 @@ from lightning_probes.functional.calibration import (
     prediction_terms,
     threshold_level,
 )
-from lightning_probes.plotting import heatmap
+from lightning_probes.plotting import colormapped, heatmap
 
 __all__ = ["HEADLINE_METRICS", "ConfidenceMonitor", "ConfidenceState", "classification_scores", "summarize"]
 
@@ -218,7 +224,10 @@ class ConfidenceMonitor(ProbeCallback):
         confidence_thresholds: Thresholds of the restricted confusion matrices, each in (0, 1].
         min_count: Cells with fewer predictions are masked in the confidence heatmap.
         collapse_entropy: Warn when the normalised entropy of the predicted classes falls below this.
-        plot_every_n_epochs: Draw validation figures every n epochs (test figures are always drawn).
+        plot_every_n_epochs: Draw the validation figures every n completed epochs and at the end of the fit; 0:
+            none during training (``lightning-probes plot`` redraws them from the JSONL). Test figures are always
+            drawn; the row-normalised confusion matrix goes to the image loggers as a colour-mapped image
+            (``<name>/<stage>/heatmap/confusion``) at every epoch.
         ignore_index: Targets equal to this value are left out (e.g. ``-100`` or ``255`` for unlabelled pixels).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``confidence``.
@@ -246,7 +255,7 @@ class ConfidenceMonitor(ProbeCallback):
         confidence_thresholds: Sequence[float] = (0.5, 0.9, 0.99),
         min_count: int = 5,
         collapse_entropy: float = 0.5,
-        plot_every_n_epochs: int = 1,
+        plot_every_n_epochs: int = 10,
         ignore_index: Optional[int] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
@@ -258,7 +267,6 @@ class ConfidenceMonitor(ProbeCallback):
         check_positive_int("n_bins", n_bins)
         check_positive_int("adaptive_resolution", adaptive_resolution)
         check_positive_int("min_count", min_count)
-        check_positive_int("plot_every_n_epochs", plot_every_n_epochs)
         thresholds = tuple(confidence_thresholds)
         for t in thresholds:
             check_fraction("confidence_thresholds", t, high_open=False)
@@ -271,7 +279,7 @@ class ConfidenceMonitor(ProbeCallback):
         self.n_bins, self.adaptive_resolution = n_bins, adaptive_resolution
         self.confidence_thresholds = tuple(sorted(set(thresholds)))
         self.min_count, self.collapse_entropy = min_count, collapse_entropy
-        self.plot_every_n_epochs = plot_every_n_epochs
+        self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         self.ignore_index = ignore_index
         self._states: dict[tuple[str, int], ConfidenceState] = {}
         #: The latest results per ``<stage>`` (or ``<stage>/dataloader_idx_<i>`` with several loaders).
@@ -376,11 +384,10 @@ class ConfidenceMonitor(ProbeCallback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:  # before `on_validation_end`, where EarlyStopping reads the metrics
-            plot = trainer.current_epoch % self.plot_every_n_epochs == 0
-            self._finish(trainer, "val", plot)
+            self._finish(trainer, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for label, results in self._finish(trainer, "test", plot=True):
+        for label, results in self._finish(trainer, "test"):
             title = "ConfidenceMonitor" if self.name == self.probe_name else f"ConfidenceMonitor {self.name}"
             rank_zero_info(format_table(results, f"{title} ({label})"))
 
@@ -392,7 +399,7 @@ class ConfidenceMonitor(ProbeCallback):
         except (AttributeError, TypeError):  # a Trainer that is not running this stage
             return 1
 
-    def _finish(self, trainer: pl.Trainer, stage: str, plot: bool) -> list[tuple[str, dict[str, Any]]]:
+    def _finish(self, trainer: pl.Trainer, stage: str) -> list[tuple[str, dict[str, Any]]]:
         """Compute, report and reset every data loader's sums of ``stage``; ``[(label, results), ...]``."""
         keys = sorted(k for k in self._states if k[0] == stage)
         several = len(keys) > 1 or self._num_loaders(trainer, stage) > 1
@@ -422,40 +429,87 @@ class ConfidenceMonitor(ProbeCallback):
             loader = {"loader": suffix[1:] or None}
             self.log_scalars(trainer, self.scalars([{**results, **loader}], keys_logged, layer_key="loader",
                                                    prefix=f"{stage}/"), trainer.global_step)
-            if plot:
-                self._plot(trainer, stage, results, suffix)
+            self._plot(trainer, stage, results, suffix)
         return finished
 
     def _plot(self, trainer: pl.Trainer, stage: str, results: dict[str, Any], suffix: str = "") -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
-        label, file_prefix = f"{stage}{suffix}", f"{stage}{suffix.replace('/', '_')}"
         counts = np.asarray(results["confusion_matrix"], dtype=float)
-        confidence = np.asarray(results["confidence_matrix"], dtype=float)
-        confidence[counts < self.min_count] = np.nan
         with np.errstate(invalid="ignore"):
             normalised = counts / counts.sum(axis=1, keepdims=True)
-        fig = Figure(figsize=(17, 5))
-        fig.subplots_adjust(left=0.04, right=0.98, bottom=0.1, top=0.86, wspace=0.25)
-        axes = fig.subplots(1, 3)
-        labels = [str(i) for i in range(len(counts))]
-        heatmap(counts, "counts (rows: true, cols: predicted)", labels, labels, annotate=True, ax=axes[0])
-        heatmap(normalised, "row-normalised", labels, labels, vmin=0, vmax=1, ax=axes[1])
-        heatmap(confidence, f"mean confidence (cells with < {self.min_count} masked)", labels, labels, 0, 1,
-                cmap="magma", annotate=True, ax=axes[2])
-        fig.suptitle(f"{label} confusion, epoch {epoch}")
-        self.save_figure(trainer, fig, f"{file_prefix}_confusion.png", f"{stage}/confusion{suffix}", step)
+        self.log_image(trainer, colormapped(normalised, 0, 1), f"{stage}/heatmap/confusion{suffix}", step)
+        for filename, tag, draw in stage_figures(results, stage, suffix, epoch, self.min_count):
+            if stage == "test":
+                self.save_figure(trainer, draw(), filename, tag, step)
+            else:
+                self.figure(trainer, filename, tag, step, draw, epoch + 1)
 
-        fig = Figure(figsize=(5.5 * len(self.confidence_thresholds), 5))
-        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.1, top=0.9, wspace=0.25)
-        axes = np.atleast_1d(fig.subplots(1, len(self.confidence_thresholds)))
-        for ax, (t, entry) in zip(axes, results["thresholded"].items()):
-            heatmap(np.asarray(entry["confusion_matrix"]), f"confidence >= {t}: coverage {entry['coverage']:.1%}",
-                    labels, labels, ax=ax)
-        self.save_figure(trainer, fig, f"{file_prefix}_confusion_thresholds.png",
-                         f"{stage}/confusion_thresholds{suffix}", step)
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """The figures of the last record of every stage and data loader in the JSONL."""
+        records = cls.records_of(directory, name)
+        min_count = int(settings.get("min_count", 5))
+        specs: list[FigureSpec] = []
+        for stage in ("val", "test"):
+            mine = [r for r in records if r.get("stage") == stage]
+            loaders = sorted({int(r.get("dataloader_idx", 0)) for r in mine})
+            several = len(loaders) > 1 or any(loaders)
+            for loader in loaders:
+                last = [r for r in mine if int(r.get("dataloader_idx", 0)) == loader][-1]
+                suffix = f"/dataloader_idx_{loader}" if several else ""
+                specs += stage_figures(last, stage, suffix, last["epoch"], min_count)
+        return specs
 
-        self.save_figure(trainer, calibration_figure(results, f"{label}, epoch {epoch}"),
-                         f"{file_prefix}_calibration.png", f"{stage}/calibration{suffix}", step)
+
+def stage_figures(results: Mapping[str, Any], stage: str, suffix: str, epoch: int, min_count: int) -> list[FigureSpec]:
+    """The three figures of one stage's results: ``[(filename, tag, draw), ...]``.
+
+    Args:
+        results: One record (`summarize`'s output, as in the JSONL).
+        stage: ``val`` or ``test``.
+        suffix: ``/dataloader_idx_<i>`` with several data loaders, else ``""``.
+        epoch: Epoch label of the titles.
+        min_count: Cells with fewer predictions are masked in the confidence heatmap.
+    """
+    label, file_prefix = f"{stage}{suffix}", f"{stage}{suffix.replace('/', '_')}"
+    return [(f"{file_prefix}_confusion.png", f"{stage}/confusion{suffix}",
+             lambda: confusion_figure(results, label, epoch, min_count)),
+            (f"{file_prefix}_confusion_thresholds.png", f"{stage}/confusion_thresholds{suffix}",
+             lambda: thresholds_figure(results)),
+            (f"{file_prefix}_calibration.png", f"{stage}/calibration{suffix}",
+             lambda: calibration_figure(results, f"{label}, epoch {epoch}"))]
+
+
+def confusion_figure(results: Mapping[str, Any], label: str, epoch: int, min_count: int) -> Figure:
+    """Counts, row-normalised confusion and mean confidence per cell (cells with < ``min_count`` masked)."""
+    counts = np.asarray(results["confusion_matrix"], dtype=float)
+    confidence = np.asarray(results["confidence_matrix"], dtype=float)
+    confidence[counts < min_count] = np.nan
+    with np.errstate(invalid="ignore"):
+        normalised = counts / counts.sum(axis=1, keepdims=True)
+    fig = Figure(figsize=(17, 5))
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.1, top=0.86, wspace=0.25)
+    axes = fig.subplots(1, 3)
+    labels = [str(i) for i in range(len(counts))]
+    heatmap(counts, "counts (rows: true, cols: predicted)", labels, labels, annotate=True, ax=axes[0])
+    heatmap(normalised, "row-normalised", labels, labels, vmin=0, vmax=1, ax=axes[1])
+    heatmap(confidence, f"mean confidence (cells with < {min_count} masked)", labels, labels, 0, 1,
+            cmap="magma", annotate=True, ax=axes[2])
+    fig.suptitle(f"{label} confusion, epoch {epoch}")
+    return fig
+
+
+def thresholds_figure(results: Mapping[str, Any]) -> Figure:
+    """The confusion matrices restricted to predictions whose confidence reaches each threshold."""
+    thresholded = results["thresholded"]
+    labels = [str(i) for i in range(len(results["confusion_matrix"]))]
+    fig = Figure(figsize=(5.5 * max(1, len(thresholded)), 5))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.1, top=0.9, wspace=0.25)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(thresholded))))
+    for ax, (t, entry) in zip(axes, thresholded.items()):
+        heatmap(np.asarray(entry["confusion_matrix"]), f"confidence >= {t}: coverage {entry['coverage']:.1%}",
+                labels, labels, ax=ax)
+    return fig
 
 
 def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 
+from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_choice, check_float
 from lightning_probes.errors import ProbeConfigurationError
@@ -19,7 +22,7 @@ from lightning_probes.functional.representations import (
     correlation_from_covariance,
     minibatch_hsic_terms,
 )
-from lightning_probes.plotting import heatmap, line_panels
+from lightning_probes.plotting import colormapped, heatmap, line_panels
 
 
 class LayerCorrelationMonitor(RepresentationProbe):
@@ -41,7 +44,11 @@ class LayerCorrelationMonitor(RepresentationProbe):
     ``<name>/cka_adjacent_mean`` (mean CKA of adjacent layers in the selection's order) goes to the loggers and
     to ``trainer.callback_metrics`` (``EarlyStopping``/``ModelCheckpoint`` can monitor it). In ``<name>/``:
     ``corr_means.json`` holds the pair summaries of every analysed epoch, plotted over epochs in
-    ``corr_means.png``. The cost of one pass is a ``(features x features)`` product per batch.
+    ``corr_means.png``; ``correlation.npz`` holds the last analysis's correlation matrix (float16, figure
+    grade), layer edges and names and CKA matrix, from which ``lightning-probes plot`` redraws
+    ``correlation.png``. Figures are drawn every ``plot_every_n_epochs`` epochs and at the end of the fit; the
+    correlation and CKA matrices go to the image loggers as colour-mapped images (``<name>/heatmap/...``) at
+    every analysis. The cost of one pass is a ``(features x features)`` product per batch.
 
     Memory: the float64 ``(F x F)`` covariance over all ``F`` kept features of all layers, with the
     correlation derived from it, needs about ``4 * 8 * F**2`` bytes at its peak. At the first analysis, once
@@ -52,8 +59,8 @@ class LayerCorrelationMonitor(RepresentationProbe):
         cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"`` (per ``batch_size`` minibatch).
         max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance pass (> 0).
         **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``,
-            ``every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``, ``forward_fn``, ``input_key``,
-            ``target_key``, ``output_dir``, ``name``.
+            ``every_n_epochs``, ``plot_every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``,
+            ``forward_fn``, ``input_key``, ``target_key``, ``output_dir``, ``name``.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -148,28 +155,103 @@ class LayerCorrelationMonitor(RepresentationProbe):
             pair["mean_abs_correlation"].append(r["mean_abs_correlation"])
             pair["cka"].append(r["cka"])
         self.save_json(trainer, self.history, "corr_means.json")
-
-        fig = Figure(figsize=(9, 8))
-        ax = fig.subplots()
-        heatmap(corr, f"Cross-correlation of layer features, epoch {epoch}", vmin=-1, vmax=1, cmap="RdBu_r", ax=ax)
-        centers = (edges[:-1] + edges[1:]) / 2 - 0.5
-        for edge in edges[1:-1]:
-            ax.axhline(edge - 0.5, color="k", linewidth=0.5)
-            ax.axvline(edge - 0.5, color="k", linewidth=0.5)
-        ax.set_xticks(centers, names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(centers, names, fontsize=7)
-        self.save_figure(trainer, fig, "correlation.png", "correlation", step)
-        fig = Figure(figsize=(1.5 + 0.5 * len(names), 1.0 + 0.45 * len(names)), layout="constrained")
-        heatmap(cka, f"{self.cka} CKA, epoch {epoch}", names, names, vmin=0, vmax=1, annotate=True, ax=fig.subplots())
-        self.save_figure(trainer, fig, "cka.png", "cka", step)
+        if not trainer.is_global_zero:
+            return
+        corr16 = corr.astype(np.float16)  # figure-grade: 3 significant digits, half the bytes of float32
+        self.save_npz(trainer, "correlation.npz", correlation=corr16, edges=np.asarray(edges), layers=np.array(names),
+                      cka=cka, cka_estimator=np.array(self.cka), epoch=np.array(epoch))
+        self.log_image(trainer, colormapped(corr16, -1, 1, "RdBu_r"), "heatmap/correlation", step)
+        self.log_image(trainer, colormapped(cka, 0, 1), "heatmap/cka", step)
+        self.figure(trainer, "correlation.png", "correlation", step,
+                    lambda: correlation_figure(corr16, edges, names, epoch), epoch)
+        self.figure(trainer, "cka.png", "cka", step, lambda: cka_figure(cka, names, self.cka, epoch), epoch)
         if len(self.history["epochs"]) > 1:
-            adjacent = [f"{a}|{b}" for a, b in zip(names[:-1], names[1:])]
-            series = {}
-            for key in ("mean_abs_correlation", "cka"):
-                for pair in adjacent[:6]:
-                    series[f"{key}\n{pair}"] = [np.nan if v is None else v for v in self.history["pairs"][pair][key]]
-            fig = line_panels(self.history["epochs"], series, "epoch", "Adjacent layers over training")
-            self.save_figure(trainer, fig, "corr_means.png", "over_training", step)
+            epochs, pairs = list(self.history["epochs"]), {k: {s: list(v) for s, v in p.items()}
+                                                           for k, p in self.history["pairs"].items()}
+            self.figure(trainer, "corr_means.png", "over_training", step,
+                        lambda: adjacent_figure(epochs, names, pairs), epoch)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """``correlation.png`` from ``<name>/correlation.npz`` (the last analysis), ``cka.png`` and
+        ``corr_means.png`` from the JSONL records."""
+        specs: list[FigureSpec] = []
+        saved = os.path.join(directory, name, "correlation.npz")
+        estimator = str(settings.get("cka", "linear"))
+        if os.path.exists(saved):
+            with np.load(saved) as data:
+                corr, edges = data["correlation"], data["edges"]
+                layers, epoch = [str(n) for n in data["layers"]], int(data["epoch"])
+                estimator = str(data["cka_estimator"])
+            specs.append(("correlation.png", "correlation", lambda: correlation_figure(corr, edges, layers, epoch)))
+        epochs, names, pairs = history_from_records(cls.records_of(directory, name))
+        if not epochs:
+            return specs
+        last = epochs[-1]
+        cka = np.array([[pairs[_pair_key(a, b)]["cka"][-1] if _pair_key(a, b) in pairs
+                         else pairs[_pair_key(b, a)]["cka"][-1] for b in names] for a in names], dtype=float)
+        specs.append(("cka.png", "cka", lambda: cka_figure(cka, names, estimator, last)))
+        if len(epochs) > 1:
+            specs.append(("corr_means.png", "over_training", lambda: adjacent_figure(epochs, names, pairs)))
+        return specs
+
+
+def _pair_key(a: str, b: str) -> str:
+    return f"{a}|{b}"
+
+
+def history_from_records(records: list[dict[str, Any]]) -> tuple[list[int], list[str], dict[str, dict[str, list]]]:
+    """``(epochs, layers of the last analysis, {"a|b": {"mean_abs_correlation": [...], "cka": [...]}})`` from the
+    JSONL records, as the probe keeps them in ``corr_means.json``: one entry per analysis, in file order."""
+    epochs: list[int] = []
+    names: list[str] = []
+    pairs: dict[str, dict[str, list]] = {}
+    last_key = None
+    for r in records:
+        key = (r["epoch"], r["step"])
+        if key != last_key:
+            epochs.append(r["epoch"])
+            names, last_key = [], key
+        if r["layer_a"] not in names:
+            names.append(r["layer_a"])
+        if r["layer_b"] not in names:
+            names.append(r["layer_b"])
+        pair = pairs.setdefault(_pair_key(r["layer_a"], r["layer_b"]), {"mean_abs_correlation": [], "cka": []})
+        pair["mean_abs_correlation"].append(r["mean_abs_correlation"])
+        pair["cka"].append(r["cka"])
+    return epochs, names, pairs
+
+
+def correlation_figure(corr: np.ndarray, edges: Sequence[int], names: Sequence[str], epoch: int) -> Figure:
+    """The matrix of cross-correlation matrices: every kept feature of every layer against every other, layer
+    blocks separated by lines."""
+    edges = np.asarray(edges)
+    fig = Figure(figsize=(9, 8))
+    ax = fig.subplots()
+    heatmap(corr, f"Cross-correlation of layer features, epoch {epoch}", vmin=-1, vmax=1, cmap="RdBu_r", ax=ax)
+    centers = (edges[:-1] + edges[1:]) / 2 - 0.5
+    for edge in edges[1:-1]:
+        ax.axhline(edge - 0.5, color="k", linewidth=0.5)
+        ax.axvline(edge - 0.5, color="k", linewidth=0.5)
+    ax.set_xticks(centers, names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(centers, names, fontsize=7)
+    return fig
+
+
+def cka_figure(cka: np.ndarray, names: Sequence[str], estimator: str, epoch: int) -> Figure:
+    """The layer x layer CKA heatmap, annotated."""
+    fig = Figure(figsize=(1.5 + 0.5 * len(names), 1.0 + 0.45 * len(names)), layout="constrained")
+    heatmap(cka, f"{estimator} CKA, epoch {epoch}", names, names, vmin=0, vmax=1, annotate=True, ax=fig.subplots())
+    return fig
+
+
+def adjacent_figure(epochs: Sequence[int], names: Sequence[str], pairs: Mapping[str, Mapping[str, list]]) -> Figure:
+    """Mean |correlation| and CKA of (up to six) adjacent layers over the analysed epochs."""
+    series = {}
+    for key in ("mean_abs_correlation", "cka"):
+        for a, b in list(zip(names[:-1], names[1:]))[:6]:
+            series[f"{key}\n{a}|{b}"] = [np.nan if v is None else v for v in pairs[_pair_key(a, b)][key]]
+    return line_panels(list(epochs), series, "epoch", "Adjacent layers over training")
 
 
 def estimated_bytes(features: int) -> int:

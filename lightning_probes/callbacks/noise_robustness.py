@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
+from lightning_probes.callbacks.base import FigureSpec, check_plot_every
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
 from lightning_probes.probe_data import (
@@ -66,6 +68,8 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``noise_robustness``. Two monitors (say, two
             ``sigma``) need two names.
+        plot_every_n_epochs: Draw ``histogram.png`` every n completed epochs and at the end of the fit; 0: never
+            during training (``lightning-probes plot`` redraws it from the JSONL and ``epoch<E>.npz``).
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -91,8 +95,10 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        plot_every_n_epochs: int = 10,
     ) -> None:
         super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
+        self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         check_positive_int("num_draws", num_draws)
         check_positive_int("every_n_epochs", every_n_epochs)
         check_positive_int("chunk_size", chunk_size)
@@ -169,18 +175,44 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         others = [k for k in summary if k != "stability_ratio_mean"]  # the headline is logged by `run_analysis`
         self.log_scalars(trainer, self.scalars([summary], others), step)
         self.save_npz(trainer, f"epoch{epoch}.npz", **results)
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.subplots()
-        bins = np.linspace(0, 1, 21)
-        if has_labels:
-            ax.hist([ratio[correct], ratio[~correct]], bins=bins, stacked=True, label=["clean correct", "clean wrong"])
-            ax.legend(fontsize=7)
-        else:
-            ax.hist(ratio, bins=bins)
-        ax.set(xlabel="stability ratio", ylabel="samples",
-               title=f"sigma {self.sigma:g}, epoch {epoch}: mean {summary['stability_ratio_mean']:.3f}")
-        self.save_figure(trainer, fig, "histogram.png", "histogram", step)
+        mean = summary["stability_ratio_mean"]
+        self.figure(trainer, "histogram.png", "histogram", step,
+                    lambda: histogram_figure(ratio, results["clean_pred"], results["label"], has_labels, self.sigma,
+                                             epoch, mean), epoch + 1)
         return summary
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """``histogram.png`` of the last analysis: its record in the JSONL and its ``epoch<E>.npz``."""
+        records = cls.records_of(directory, name)
+        if not records:
+            return []
+        last = records[-1]
+        path = os.path.join(directory, name, f"epoch{last['epoch']}.npz")
+        if not os.path.exists(path):
+            return []
+        with np.load(path) as data:
+            ratio, pred, label = data["ratio"], data["clean_pred"], data["label"]
+        has_labels = bool((label >= 0).all())
+        return [("histogram.png", "histogram",
+                 lambda: histogram_figure(ratio, pred, label, has_labels, last["sigma"], last["epoch"],
+                                          last["stability_ratio_mean"]))]
+
+
+def histogram_figure(ratio: np.ndarray, clean_pred: np.ndarray, label: np.ndarray, has_labels: bool, sigma: float,
+                     epoch: int, mean: float) -> Figure:
+    """Histogram of the per-sample stability ratios, stacked by whether the clean prediction is right."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    bins = np.linspace(0, 1, 21)
+    if has_labels:
+        correct = clean_pred == label
+        ax.hist([ratio[correct], ratio[~correct]], bins=bins, stacked=True, label=["clean correct", "clean wrong"])
+        ax.legend(fontsize=7)
+    else:
+        ax.hist(ratio, bins=bins)
+    ax.set(xlabel="stability ratio", ylabel="samples", title=f"sigma {sigma:g}, epoch {epoch}: mean {mean:.3f}")
+    return fig
 
 
 def _checked(logits: Any, rows: int, source: str) -> torch.Tensor:

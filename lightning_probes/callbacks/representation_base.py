@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
+from lightning_probes.callbacks.base import check_plot_every
 from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
 from lightning_probes.checks import check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
@@ -38,6 +39,9 @@ class RepresentationProbe(AnalysisProbe):
             validation batches).
         max_features: Features kept per layer; wider outputs are reduced by adaptive average pooling.
         every_n_epochs: Analyse after every n-th epoch.
+        plot_every_n_epochs: Draw the matplotlib figures (PNG files and their logger images) every n completed
+            epochs and at the end of the fit; 0: none during training (``lightning-probes plot`` draws them from
+            the files). Colour-mapped heatmaps go to the image loggers at every analysis.
         batch_size: Probe samples per forward pass.
         seed: Seed of the probe-set choice.
         search_batches: Validation batches searched for the probe set.
@@ -66,8 +70,10 @@ class RepresentationProbe(AnalysisProbe):
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        plot_every_n_epochs: int = 10,
     ) -> None:
         super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
+        self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)
                                    or len(layers) == 0):
             raise ValueError(f"Expected `layers` to be None or a non-empty list of module names, but got {layers!r}")
