@@ -10,13 +10,18 @@ import pandas as pd
 
 from lightning_probes.io import read_jsonl
 
-__all__ = ["probe_files", "read_probes"]
+__all__ = ["probe_files", "probes_dir", "read_probes"]
 
 # Files moved aside by a fresh run that found an earlier history (`name.<YYYYmmdd-HHMMSS>.jsonl`).
 _ASIDE = re.compile(r"\.\d{8}-\d{6}$")
 
 
-def _probes_dir(run_dir: Union[str, os.PathLike]) -> str:
+def probes_dir(run_dir: Union[str, os.PathLike]) -> str:
+    """The probes directory of a run: ``<run_dir>/probes``, or ``run_dir`` itself when it holds probe JSONL.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds neither.
+    """
     run_dir = os.fspath(run_dir)
     candidate = os.path.join(run_dir, "probes")
     if os.path.isdir(candidate):
@@ -29,7 +34,7 @@ def _probes_dir(run_dir: Union[str, os.PathLike]) -> str:
 
 def probe_files(run_dir: Union[str, os.PathLike]) -> dict[str, str]:
     """``{probe name: path of its .jsonl}`` in a run (files moved aside by a later fresh run are left out)."""
-    directory = _probes_dir(run_dir)
+    directory = probes_dir(run_dir)
     files = {}
     for filename in sorted(os.listdir(directory)):
         stem, ext = os.path.splitext(filename)
