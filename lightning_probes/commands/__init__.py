@@ -18,4 +18,5 @@ COMMANDS = {
     "study": "lightning_probes.commands.study",
     "ablate": "lightning_probes.commands.ablate",
     "zoo-dataset": "lightning_probes.commands.zoo_dataset",
+    "plot": "lightning_probes.commands.plot",
 }
