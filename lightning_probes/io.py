@@ -193,15 +193,22 @@ class JsonlWriter:
             self._handle = None
 
 
-def read_checkpoint(path: str, argument: str) -> dict[str, Any]:
-    """Read a Lightning checkpoint on the CPU (``torch.load(weights_only=True)``) and check it has a ``state_dict``.
+def read_checkpoint(path: str, argument: str, trust: bool = False) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU, safely, and check it has a ``state_dict``.
+
+    Checkpoints are pickles, and unpickling an arbitrary object can run code. The file is read with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers (enough for the state dict
+    and plain hyper-parameters). A checkpoint that needs more (a pickled object of some class) is refused unless
+    ``trust`` is set, in which case it is read with ``weights_only=False``: only do so for files of known origin.
 
     Args:
         path: The checkpoint file.
         argument: The argument that named it, for the error messages (``init_from``, ``ckpt_path``).
+        trust: Read checkpoints that ``weights_only=True`` cannot read with full unpickling.
 
     Raises:
-        ValueError: Naming ``argument``, when the file cannot be read or holds no ``state_dict``.
+        ValueError: Naming ``argument``, when the file cannot be read, needs full unpickling without ``trust``
+            (the message names ``--trust_checkpoints``), or holds no ``state_dict``.
     """
     import pickle
 
@@ -209,7 +216,15 @@ def read_checkpoint(path: str, argument: str) -> dict[str, Any]:
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except pickle.UnpicklingError as err:
+        if not trust:
+            reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            reason = reason.split(" was not an allowed global")[0]
+            raise ValueError(f"Expected `{argument}` to be a checkpoint that torch.load(weights_only=True) can read, "
+                             f"but {path!r} holds pickled objects ({reason}); unpickling them could run code. If "
+                             "you trust where the file comes from, pass --trust_checkpoints") from None
+        checkpoint = _load_trusted(path, argument)
+    except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read with "
                          f"torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -219,3 +234,75 @@ def read_checkpoint(path: str, argument: str) -> dict[str, Any]:
         raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint with a `state_dict`, but {path!r} "
                          f"holds {found}")
     return checkpoint
+
+
+def _load_trusted(path: str, argument: str) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling failure is the file's fault, reported as one line
+        raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read even "
+                         f"with full unpickling: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         ) from None
+
+
+def import_class(class_path: str, argument: str = "class_path") -> type:
+    """The class named by a dotted ``class_path`` (``lightning_probes.models.MLP``).
+
+    Raises:
+        ValueError: Naming ``argument``, when the module or the class cannot be found.
+    """
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Expected `{argument}` to name an importable class, but {class_path!r} is not one "
+                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(cls, type):
+        raise ValueError(f"Expected `{argument}` to name a class, but {class_path!r} is a {type(cls).__name__}")
+    return cls
+
+
+def module_from_checkpoint(path: str, argument: str = "ckpt_path", trust: bool = False,
+                           class_path: Optional[str] = None) -> Any:
+    """Rebuild a ``LightningModule`` from its checkpoint alone: the class, its hyper-parameters and its weights.
+
+    The file is read with `read_checkpoint` (``weights_only=True`` unless ``trust``). The class is ``class_path``
+    or the ``_class_path`` LightningCLI stores in the hyper-parameters; it must be a ``LightningModule``. The
+    constructor gets the stored hyper-parameters (``init_from``, which would load other weights first, is set to
+    ``None``: the checkpoint's weights replace them anyway), then the state dict is loaded strictly.
+
+    Returns:
+        The module, on the CPU, in eval mode, with the checkpoint's ``epoch`` and ``global_step`` in the attribute
+        ``loaded_checkpoint``.
+
+    Raises:
+        ValueError: Naming ``argument``: an unreadable checkpoint, no class to build, a class that is not a
+            ``LightningModule``, hyper-parameters the class does not take, or weights that do not fit it.
+    """
+    import pytorch_lightning as pl
+
+    checkpoint = read_checkpoint(path, argument, trust=trust)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = class_path or hparams.get("_class_path")
+    if not isinstance(class_path, str):
+        raise ValueError(f"Expected `{argument}` {path!r} to name its model class (LightningCLI stores it as "
+                         "`_class_path` in the hyper-parameters), but it does not; rebuild the model from its config")
+    cls = import_class(class_path, argument)
+    if not issubclass(cls, pl.LightningModule):
+        raise ValueError(f"Expected `{argument}` {path!r} to be the checkpoint of a LightningModule, but its class "
+                         f"{class_path} is not one")
+    kwargs = {key: value for key, value in hparams.items() if not str(key).startswith("_")}
+    if "init_from" in kwargs:
+        kwargs["init_from"] = None
+    try:
+        module = cls(**kwargs)
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"Expected `{argument}` {path!r} to rebuild a {cls.__name__} from its hyper-parameters and "
+                         f"weights, but: {' '.join(str(err).split())[:400]}") from None
+    module.loaded_checkpoint = {key: checkpoint.get(key) for key in ("epoch", "global_step")}
+    return module.eval()

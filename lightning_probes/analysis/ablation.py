@@ -541,11 +541,7 @@ def find_checkpoints(path: str, pattern: str = "*.ckpt") -> list[str]:
     return found
 
 
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    return read_checkpoint(path, "ckpt_path")
-
-
-def check_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
+def check_checkpoint(model: nn.Module, path: str, trust: bool = False) -> dict[str, Any]:
     """Read the Lightning checkpoint ``path`` and check that its ``state_dict`` fits ``model`` exactly.
 
     Returns:
@@ -554,7 +550,7 @@ def check_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     Raises:
         ValueError: If it cannot be read or its keys or shapes differ from the model's (the message lists them).
     """
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path, "ckpt_path", trust=trust)
     state, own = checkpoint["state_dict"], model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -567,9 +563,11 @@ def check_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
-    """Load the checkpoint's weights into ``model`` (strictly); return ``{"checkpoint", "epoch", "global_step"}``."""
-    checkpoint = check_checkpoint(model, path)
+def load_weights(model: nn.Module, path: str, trust: bool = False) -> dict[str, Any]:
+    """Load the checkpoint's weights into ``model`` (strictly); return ``{"checkpoint", "epoch", "global_step"}``.
+
+    ``trust`` reads checkpoints holding pickled objects (see `lightning_probes.io.read_checkpoint`)."""
+    checkpoint = check_checkpoint(model, path, trust)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return {"checkpoint": path, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
 

@@ -19,4 +19,5 @@ COMMANDS = {
     "ablate": "lightning_probes.commands.ablate",
     "zoo-dataset": "lightning_probes.commands.zoo_dataset",
     "plot": "lightning_probes.commands.plot",
+    "analyze": "lightning_probes.commands.analyze",
 }

@@ -86,6 +86,7 @@ class PreparedAblation:
     chosen: Optional[list[int]]
     figures: bool
     progress: bool
+    trust: bool = False
 
 
 def prepare(
@@ -105,6 +106,7 @@ def prepare(
     device: str = "cpu",
     figures: bool = True,
     progress: bool = True,
+    trust_checkpoints: bool = False,
 ) -> PreparedAblation:
     """Check every argument, build the model and data from the config and check every checkpoint fits.
 
@@ -141,7 +143,7 @@ def prepare(
         raise ValueError(f"Expected `device` to be a torch device such as cpu or cuda, but got {device!r}") from None
     model, datamodule = _build_from_config(config)
     for path in checkpoints:
-        check_checkpoint(model, path)
+        check_checkpoint(model, path, trust_checkpoints)
     datamodule.prepare_data()
     datamodule.setup("test")
     batches = list(islice(datamodule.test_dataloader(), limit_batches))
@@ -149,7 +151,7 @@ def prepare(
         raise ValueError(f"Expected the test set of {type(datamodule).__name__} to hold data, but it is empty")
     return PreparedAblation(settings=settings, checkpoints=checkpoints, output=output or _default_output(ckpt_path),
                             model=model.to(torch_device), batches=batches, device=torch_device, chosen=chosen,
-                            figures=figures, progress=progress)
+                            figures=figures, progress=progress, trust=trust_checkpoints)
 
 
 def run(prepared: PreparedAblation) -> dict[str, Any]:
@@ -175,7 +177,7 @@ def run(prepared: PreparedAblation) -> dict[str, Any]:
               disable=not p.progress) as bar:
         for path, name in zip(p.checkpoints, names):
             bar.set_postfix_str(name)
-            meta = load_weights(p.model, path)
+            meta = load_weights(p.model, path, p.trust)
             analyses.append({**meta, **ablate_model(p.model, p.batches, settings, device=p.device,
                                                     advance=bar.update)})
     comparison = compare_checkpoints(analyses, names) if len(analyses) > 1 else None
@@ -204,7 +206,8 @@ def ablate(config: str, ckpt_path: str, **kwargs: Any) -> dict[str, Any]:
             ``thresholds`` (confidence thresholds of the thresholded confusion), ``min_count`` (fewest predictions
             a confusion cell needs for its mean confidence), ``figure_fractions`` (fractions of the confusion
             figures), ``limit_batches`` (first test batches only), ``pattern`` (checkpoint files of a directory),
-            ``device``, ``figures``, ``progress``: see `prepare`.
+            ``device``, ``figures``, ``progress``, ``trust_checkpoints`` (read checkpoints holding pickled objects,
+            which can run code; refused by default): see `prepare`.
 
     Returns:
         What ``ablation.json`` holds.
@@ -249,6 +252,8 @@ def build_parser():
     parser.add_argument("--device", type=str, default="cpu", help="Torch device (cpu, cuda, ...).")
     parser.add_argument("--figures", action=ActionYesNo, default=True, help="Write the figures.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
+    parser.add_argument("--trust_checkpoints", action=ActionYesNo, default=False,
+                        help="Read checkpoints holding pickled objects (weights_only=False: can run code).")
     return parser
 
 

@@ -28,7 +28,7 @@ __all__ = ["build_parser", "main", "zoo_dataset"]
 
 def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: float = 1.0, num_draws: int = 50,
                 per_class: int = 10, min_accuracy: float = 0.6, layers: str = "pool2,fc1,fc2,fc3", seed: int = 0,
-                models_per_shard: int = 16, progress: bool = True) -> dict[str, Any]:
+                models_per_shard: int = 16, progress: bool = True, trust_checkpoints: bool = False) -> dict[str, Any]:
     """Build (or continue) the data set of a zoo.
 
     Args:
@@ -43,6 +43,8 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
         seed: Seed of the sample choice and the noise (combined with each model's id).
         models_per_shard: Models per ``shard_<k>.npz``.
         progress: Show a progress bar.
+        trust_checkpoints: Read checkpoints that hold pickled objects (``torch.load(weights_only=False)``, which
+            can run code); by default they are refused with a clear error.
 
     Returns:
         What ``dataset.json`` holds.
@@ -59,7 +61,8 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
     names = tuple(n.strip() for n in str(layers).split(",") if n.strip())
     settings = ZooDatasetSettings(sigma=sigma, num_draws=num_draws, per_class=per_class, min_accuracy=min_accuracy,
                                   layers=names, seed=seed, models_per_shard=models_per_shard)
-    return build_zoo_dataset(zoo, output, data_dir=data_dir, settings=settings, progress=progress)
+    return build_zoo_dataset(zoo, output, data_dir=data_dir, settings=settings, progress=progress,
+                             trust_checkpoints=trust_checkpoints)
 
 
 def build_parser():
@@ -81,6 +84,8 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sample choice and of the noise.")
     parser.add_argument("--models_per_shard", type=int, default=16, help="Models per shard file.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
+    parser.add_argument("--trust_checkpoints", action=ActionYesNo, default=False,
+                        help="Read checkpoints holding pickled objects (weights_only=False: can run code).")
     return parser
 
 

@@ -110,6 +110,7 @@ from lightning_probes.functional.weights import (
     SPARSITY_TOLERANCE,
     WEIGHT_STATISTICS,
     health_score,
+    spectral_norm,
     weight_matrix,
     weight_statistics,
 )
@@ -188,6 +189,7 @@ __all__ = [
     "seed_mean_std",
     "select_by_correctness",
     "stability_ratio",
+    "spectral_norm",
     "stability_window",
     "stack_encoded",
     "stats_from_summary",

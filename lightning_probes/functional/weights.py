@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-__all__ = ["HEALTH_FORMULA", "SPARSITY_TOLERANCE", "WEIGHT_STATISTICS", "health_score", "weight_matrix",
+__all__ = ["HEALTH_FORMULA", "SPARSITY_TOLERANCE", "WEIGHT_STATISTICS", "health_score", "spectral_norm", "weight_matrix",
            "weight_statistics"]
 
 #: ``|w|`` below this counts as zero in ``sparsity``.
@@ -51,6 +51,14 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(1, -1) if w.ndim == 1 else w.reshape(w.shape[0], -1)
 
 
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """Largest singular value of a 2-D tensor, as the root of the largest eigenvalue of its smaller Gram matrix
+    (``W W^T`` or ``W^T W``, float64): one symmetric eigen-solve of ``min(rows, cols)`` instead of a full SVD."""
+    m = matrix.to(torch.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+
+
 def weight_statistics(weight: torch.Tensor) -> dict[str, Any]:
     """Norms, spectrum and distribution of one weight tensor.
 
@@ -71,7 +79,7 @@ def weight_statistics(weight: torch.Tensor) -> dict[str, Any]:
         return {**out, **{key: math.nan for key in WEIGHT_STATISTICS}}
     values = flat.numpy()
     l2 = float(torch.linalg.vector_norm(flat))
-    spectral = float(torch.linalg.matrix_norm(matrix, ord=2))
+    spectral = spectral_norm(matrix)
     constant = bool(values.size < 2 or np.all(values == values[0]))
     out.update({
         "l1": float(flat.abs().sum()),

@@ -38,7 +38,13 @@ import numpy as np
 import torch
 import yaml
 
-from lightning_probes.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
+from lightning_probes.io import (
+    atomic_save_npz,
+    atomic_write_bytes,
+    atomic_write_json,
+    import_class,
+    module_from_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +140,13 @@ def find_zoo_models(zoo: str) -> list[ZooModel]:
     return models
 
 
-def _import(class_path: str) -> Any:
-    import importlib
+def load_model(model: ZooModel, trust: bool = False) -> torch.nn.Module:
+    """The trial's LightningModule, rebuilt from its last checkpoint (class from ``config.yaml``), in eval mode.
 
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def load_model(model: ZooModel) -> torch.nn.Module:
-    """The trial's LightningModule, rebuilt from its last checkpoint (class from ``config.yaml``), in eval mode."""
-    cls = _import(model.config["model"]["class_path"])
-    module = cls.load_from_checkpoint(model.checkpoint, map_location="cpu", weights_only=True)
-    return module.eval()
+    The checkpoint is read with ``torch.load(weights_only=True)`` unless ``trust`` (see
+    `lightning_probes.io.read_checkpoint`).
+    """
+    return module_from_checkpoint(model.checkpoint, "zoo", trust=trust, class_path=model.config["model"]["class_path"])
 
 
 def load_test_set(config: Mapping[str, Any], data_dir: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +155,7 @@ def load_test_set(config: Mapping[str, Any], data_dir: Optional[str]) -> tuple[t
     init_args = dict(data.get("init_args") or {})
     if data_dir is not None:
         init_args["data_dir"] = data_dir
-    datamodule = _import(data["class_path"])(**init_args)
+    datamodule = import_class(data["class_path"], "data.class_path")(**init_args)
     datamodule.setup("test")
     test_set = datamodule.test_set
     inputs = test_set.normalize(test_set.images)
@@ -264,7 +265,8 @@ def _check_settings(output: str, settings: ZooDatasetSettings) -> None:
 
 
 def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
-                      settings: Optional[ZooDatasetSettings] = None, progress: bool = True) -> dict[str, Any]:
+                      settings: Optional[ZooDatasetSettings] = None, progress: bool = True,
+                      trust_checkpoints: bool = False) -> dict[str, Any]:
     """Build (or continue) the data set of a zoo. See the module's docstring for what is written.
 
     Args:
@@ -327,7 +329,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         if key not in data_cache:
             data_cache[key] = load_test_set(zoo_model.config, data_dir)
         inputs, labels = data_cache[key]
-        model = load_model(zoo_model)
+        model = load_model(zoo_model, trust=trust_checkpoints)
         logits = _batched(model, inputs)
         accuracy = float((logits.argmax(1) == labels).double().mean())
         row = {"model_id": model_id, "trial_id": zoo_model.trial_id, "checkpoint": zoo_model.checkpoint,
