@@ -3,8 +3,8 @@
 A *run directory* is what ``lightning fit`` leaves in a logger's folder (``runs/quickstart/version_0``): some of
 ``checkpoints/``, TensorBoard event files or ``metrics.csv`` (``CSVLogger``), ``probes/`` and ``config.yaml``.
 A *study output* (``lightning-probes study``) holds ``trials/<trial_id>/``, each a run directory; its finished
-trials (``status.json`` says ``finished``) are its runs. A folder holding only ``version_<n>/`` run directories
-(a logger's ``name`` folder, ``runs/quickstart``) stands for all of them.
+trials (``status.json`` says ``finished``) are its runs, in the order of its ``trials.csv``. A folder holding
+only ``version_<n>/`` run directories (a logger's ``name`` folder, ``runs/quickstart``) stands for all of them.
 """
 
 from __future__ import annotations
@@ -86,9 +86,20 @@ def _run_info(path: str, name: str, study: Optional[str] = None) -> RunInfo:
                    config=config if os.path.isfile(config) else None, study=study)
 
 
+def _trial_order(path: str) -> dict[str, int]:
+    """Position of each trial id in the study's ``trials.csv`` (the study file's grid order), when present."""
+    try:
+        ids = pd.read_csv(os.path.join(path, "trials.csv"), usecols=["trial_id"])["trial_id"].astype(str).tolist()
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return {}
+    return {trial: i for i, trial in enumerate(ids)}
+
+
 def _study_runs(path: str, skipped: list[dict[str, str]]) -> list[RunInfo]:
     runs = []
-    for trial in sorted(glob.glob(os.path.join(path, "trials", "*")), key=_natural):
+    order = _trial_order(path)
+    trials = glob.glob(os.path.join(path, "trials", "*"))
+    for trial in sorted(trials, key=lambda t: (order.get(os.path.basename(t), len(order)), _natural(t))):
         if not os.path.isdir(trial):
             continue
         status_file = os.path.join(trial, "status.json")

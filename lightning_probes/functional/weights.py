@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-__all__ = ["HEALTH_FORMULA", "SPARSITY_TOLERANCE", "WEIGHT_STATISTICS", "health_score", "spectral_norm", "weight_matrix",
-           "weight_statistics"]
+__all__ = ["HEALTH_FORMULA", "SPARSITY_TOLERANCE", "WEIGHT_STATISTICS", "health_score", "spectral_norm",
+           "weight_matrix", "weight_statistics"]
 
 #: ``|w|`` below this counts as zero in ``sparsity``.
 SPARSITY_TOLERANCE = 1e-6
