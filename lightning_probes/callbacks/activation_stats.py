@@ -22,7 +22,7 @@ _STATS = ("mean", "std", "sparsity", "positive_ratio", "dead_fraction", "saturat
 class ActivationStatsMonitor(RepresentationProbe):
     """Per-layer statistics of the layer outputs on the probe set, at the start and every ``every_n_epochs``.
 
-    For each selected layer (see `RepresentationProbe`), accumulated batch by batch in float64:
+    For each selected layer (see `RepresentationProbe`), accumulated batch by batch (float64 sums):
 
     - ``mean`` and ``std`` (population) over all output entries;
     - ``sparsity``: share of exact zeros; ``positive_ratio``: share of entries > 0;
@@ -73,7 +73,7 @@ class ActivationStatsMonitor(RepresentationProbe):
         def consume(outputs: dict[str, torch.Tensor]) -> None:
             for name, output in outputs.items():
                 stats[name].update(output)
-                features = reduce_features(output, self.max_features).double()
+                features = reduce_features(output, self.max_features)
                 if name not in moments:
                     moments[name] = MomentAccumulator(features.shape[1], device=features.device)
                 moments[name].update(features)

@@ -17,7 +17,6 @@ from lightning_probes.checks import check_choice, check_float
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.representations import (
     MomentAccumulator,
-    cka_from_covariances,
     cka_from_hsic,
     correlation_from_covariance,
     minibatch_hsic_terms,
@@ -29,8 +28,9 @@ class LayerCorrelationMonitor(RepresentationProbe):
     """How similar the layers are to each other, and how that changes as training goes.
 
     On the probe set (see `RepresentationProbe`: at the start of training and every ``every_n_epochs``) it
-    streams the selected layers' outputs (each reduced to at most ``max_features`` features) into one float64
-    covariance matrix over all their features, from which it derives, for every pair of layers ``i <= j``:
+    streams the selected layers' outputs (each reduced to at most ``max_features`` features) into one
+    covariance matrix over all their features (float32 sums of centred products, as in `MomentAccumulator`;
+    float64 from there on), from which it derives, for every pair of layers ``i <= j``:
 
     - the Pearson cross-correlation matrix between their features, drawn together as a "matrix of
       correlation matrices" (``<name>/correlation.png``), and its mean absolute value
@@ -109,7 +109,8 @@ class LayerCorrelationMonitor(RepresentationProbe):
             features = [f.float() for f in outputs.values()]
             if state["moments"] is None:
                 state["widths"] = [f.shape[1] for f in features]
-                state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device)
+                state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device,
+                                                     dtype=torch.float32)  # agrees with float64 to 1e-5
             state["moments"].update(torch.cat(features, dim=1))  # (batch, all features)
             if self.cka == "minibatch_unbiased" and features[0].shape[0] > 3:
                 grams = [(f @ f.T).double() for f in features]
@@ -123,11 +124,16 @@ class LayerCorrelationMonitor(RepresentationProbe):
         edges = np.cumsum([0, *state["widths"]])
         blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
         if self.cka == "linear":
+            norms = torch.stack([torch.linalg.matrix_norm(cov[b, b]) for b in blocks])  # ||C_ii||_F, once each
+            squares = torch.stack([cov[bi, bj].square().sum() for i, bi in enumerate(blocks)
+                                   for bj in blocks[i:]]).cpu()
             cka = torch.zeros(len(names), len(names), dtype=torch.float64)
-            for i, bi in enumerate(blocks):
+            index = 0
+            for i in range(len(names)):
                 for j in range(i, len(names)):
-                    bj = blocks[j]
-                    cka[i, j] = cka[j, i] = cka_from_covariances(cov[bj, bi], cov[bi, bi], cov[bj, bj]).cpu()
+                    denominator = float(norms[i] * norms[j])
+                    cka[i, j] = cka[j, i] = squares[index] / denominator if denominator > 0 else 0.0
+                    index += 1
         else:
             cka = cka_from_hsic(state["hsic"]).cpu()
         records = []
@@ -160,7 +166,7 @@ class LayerCorrelationMonitor(RepresentationProbe):
         corr16 = corr.astype(np.float16)  # figure-grade: 3 significant digits, half the bytes of float32
         self.save_npz(trainer, "correlation.npz", correlation=corr16, edges=np.asarray(edges), layers=np.array(names),
                       cka=cka, cka_estimator=np.array(self.cka), epoch=np.array(epoch))
-        self.log_image(trainer, colormapped(corr16, -1, 1, "RdBu_r"), "heatmap/correlation", step)
+        self.log_image(trainer, colormapped(corr16, -1, 1, "RdBu_r", max_size=512), "heatmap/correlation", step)
         self.log_image(trainer, colormapped(cka, 0, 1), "heatmap/cka", step)
         self.figure(trainer, "correlation.png", "correlation", step,
                     lambda: correlation_figure(corr16, edges, names, epoch), epoch)

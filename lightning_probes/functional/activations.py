@@ -8,7 +8,7 @@ import torch
 
 
 class ActivationAccumulator:
-    """Float64 running sums over batches of one layer's outputs ``(batch, units, *spatial)``.
+    """Float64 running sums over batches of one layer's outputs ``(batch, units, *spatial)`` (float32 squares).
 
     A unit is a channel for outputs with spatial dimensions and a feature otherwise. Saturation counts
     entries within ``tolerance * (high - low)`` of either bound, for activations with a bounded range.
@@ -26,18 +26,24 @@ class ActivationAccumulator:
 
     def update(self, output: torch.Tensor) -> None:
         x = output.detach()
-        units = x.reshape(x.shape[0], x.shape[1], -1) if x.ndim > 2 else x.reshape(x.shape[0], -1, 1)
-        xd = x.double()
+        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         saturated = torch.zeros((), dtype=torch.float64, device=x.device)
         if self.bounds is not None:
             low, high = self.bounds
             margin = self.tolerance * (high - low)
             saturated = ((x <= low + margin) | (x >= high - margin)).sum().double()
-        sums = torch.stack([xd.sum(), xd.square().sum(), (x == 0).sum().double(), (x > 0).sum().double(),
-                            saturated]).cpu()
+        nonzero = x != 0
+        # Sums in float64 without a float64 copy of the batch; squares formed in the batch's dtype.
+        sums = torch.stack([x.sum(dtype=torch.float64), x.square().sum(dtype=torch.float64),
+                            (x.numel() - nonzero.sum()).double(), (x > 0).sum().double(), saturated]).cpu()
         self.sums += sums
         self.count += x.numel()
-        alive = (units != 0).any(dim=2).any(dim=0).cpu()  # (units,)
+        if x.ndim > 2:  # a unit is a channel: non-zero anywhere in the batch and its positions
+            alive = nonzero.transpose(0, 1).reshape(x.shape[1], -1).any(dim=1)
+        else:
+            alive = nonzero.reshape(x.shape[0], -1).any(dim=0)
+        alive = alive.cpu()  # (units,)
         self.alive = alive if self.alive is None else self.alive | alive
 
     def compute(self) -> dict[str, Optional[float]]:

@@ -9,6 +9,7 @@ from lightning_probes.functional.representations import (
     MomentAccumulator,
     cka_from_covariances,
     cka_from_hsic,
+    correlation_from_covariance,
     cross_correlation,
     effective_rank,
     effective_rank_from_covariance,
@@ -159,3 +160,56 @@ def test_tuple_outputs_and_repeated_calls():
         out = capture.pop()
     assert out["lstm"].shape == (5, 8)
     torch.testing.assert_close(out["shared"], net.shared(net.lstm(x)[0][:, -1]).detach())  # the first call
+
+
+def _float64_moments(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Reference: the same centred batches summed in float64 (the accumulator's former arithmetic)."""
+    z = torch.cat(batches).double()
+    zc = z - z.mean(dim=0)
+    return zc.T @ zc / (z.shape[0] - 1)
+
+
+@pytest.mark.parametrize("batch", [128, 50])
+def test_float32_accumulation_agrees_with_float64_to_1e_5(batch):
+    """Float32 activations (ReLU layers of different widths and scales, a large mean, a rank-deficient
+    classifier) streamed as LayerCorrelationMonitor streams them: covariance, correlation and CKA within 1e-5
+    of float64 sums."""
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    hidden = torch.relu(torch.randn(n, 64, generator=g) @ torch.randn(64, 300, generator=g) * 0.3 + 0.2)
+    wide = torch.relu(hidden @ torch.randn(300, 200, generator=g) * 0.1) * 50.0 + 100.0  # large scale and mean
+    logits = hidden[:, :8] @ torch.randn(8, 10, generator=g)  # rank 8 in 10 features
+    z = torch.cat([hidden, wide, logits], dim=1).float()
+    batches = list(z.split(batch))
+    moments = MomentAccumulator(z.shape[1], dtype=torch.float32)
+    for chunk in batches:
+        moments.update(chunk)
+    assert moments.products.dtype == torch.float32
+    cov, reference = moments.covariance(), _float64_moments(batches)
+    scale = reference.diagonal().sqrt()
+    np.testing.assert_allclose((cov / scale / scale[:, None]).numpy(), (reference / scale / scale[:, None]).numpy(),
+                               atol=1e-5)  # relative to each pair's scale
+    corr, corr64 = correlation_from_covariance(cov), correlation_from_covariance(reference)
+    assert torch.nan_to_num(corr - corr64).abs().max() < 1e-5
+    edges = (0, 300, 500, 510)
+    blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    for bi in blocks:
+        for bj in blocks:
+            assert cka_from_covariances(cov[bj, bi], cov[bi, bi], cov[bj, bj]).item() == pytest.approx(
+                cka_from_covariances(reference[bj, bi], reference[bi, bi], reference[bj, bj]).item(), abs=1e-5)
+
+
+def test_effective_rank_of_a_rank_deficient_layer_needs_float64_sums():
+    """Why ActivationStatsMonitor keeps float64: float32 sums lift the zero eigenvalues of a rank-deficient
+    covariance, and their square roots move the effective rank far beyond 1e-5; float64 sums do not."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(48, 8, generator=g) @ torch.randn(8, 10, generator=g) + 3.0).float()  # rank 8 of 10
+    reference = effective_rank(logits.double()).item()
+    ranks = {}
+    for dtype in (torch.float32, torch.float64):
+        moments = MomentAccumulator(10, dtype=dtype)
+        for chunk in logits.split(16):
+            moments.update(chunk)
+        ranks[dtype] = effective_rank_from_covariance(moments.covariance()).item()
+    assert ranks[torch.float64] == pytest.approx(reference, rel=1e-5)
+    assert abs(ranks[torch.float32] - reference) / reference > 1e-5
