@@ -23,6 +23,22 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads (and ``OMP_NUM_THREADS`` of subprocesses). On a shared machine
+    whose cores are busy, torch's default (one thread per core) can make small training steps 10x slower
+    through oversubscription, far more than the probes' larger operations; ``--threads 1`` compares like with
+    like there."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads, also OMP_NUM_THREADS of subprocesses (default: torch's)")
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Apply ``--threads`` to this process and (through the environment) to its subprocesses."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
 def add_output_argument(parser: argparse.ArgumentParser) -> None:
     """``--output DIR``: keep what the runs write there; by default it goes to a temporary directory."""
     parser.add_argument("--output", default=None, metavar="DIR",

@@ -7,7 +7,8 @@ of an epoch is (long - short) / (long - short epochs), medians over repeats, and
 start, imports, data, the first analyses and figures) are what the short run has on top of its epochs. The ratio
 of the marginal epochs is compared with the target: 1.5x for the quick start, 1.2x for the MNIST/CIFAR configs.
 
-    python benchmarks/config_overhead.py                                   # the quick start (bundled digits)
+    python benchmarks/config_overhead.py --threads 1                       # the quick start (bundled digits)
+    python benchmarks/config_overhead.py --without GradientStatsMonitor GradientDynamicsMonitor   # attribute
     python benchmarks/config_overhead.py --config configs/mnist_lenet5.yaml --fit-args --data.data_dir ../shared/data
 """
 
@@ -20,10 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import yaml
-from _common import add_output_argument, output_dir
+from _common import add_output_argument, add_threads_argument, output_dir, set_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,14 +38,19 @@ def _callbacks(config_path: str, config: dict[str, Any]) -> list:
     return list(callbacks)
 
 
-def write_variants(config_path: str, root: str) -> dict[str, str]:
-    """``{"probes": path, "bare": path}``: the config with its callbacks inlined, and without the probes."""
+def write_variants(config_path: str, root: str, without: Optional[list[str]] = None) -> dict[str, str]:
+    """``{"probes": path, "bare": path}``: the config with its callbacks inlined, and without the probes; with
+    ``without`` (probe class names) also ``"without"``: the config less those probes."""
     with open(config_path) as f:
         config = yaml.safe_load(f)
     callbacks = _callbacks(config_path, config)
     bare = [c for c in callbacks if not str(c.get("class_path", "")).startswith("lightning_probes")]
+    variants = [("probes", callbacks), ("bare", bare)]
+    if without:
+        variants.append(("without", [c for c in callbacks
+                                     if str(c.get("class_path", "")).rpartition(".")[2] not in without]))
     paths = {}
-    for variant, chosen in (("probes", callbacks), ("bare", bare)):
+    for variant, chosen in variants:
         trainer = dict(config.get("trainer", {}), callbacks=chosen, enable_progress_bar=False,
                        logger={"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": os.path.join(root, "runs"), "name": variant}})
@@ -74,16 +80,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--target", type=float, default=None,
                         help="target ratio of the marginal epoch (default 1.5 for the quick start, else 1.2)")
+    parser.add_argument("--without", nargs="+", default=None, metavar="CLASS",
+                        help="also time the config without these probes (class names), to attribute the cost")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                         help="further `lightning fit` arguments, e.g. --data.data_dir ../shared/data")
     add_output_argument(parser)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     if not 1 <= args.short < args.long:
         parser.error(f"--short and --long must satisfy 1 <= short < long, but got {args.short} and {args.long}")
     config = os.path.abspath(args.config)
     target = args.target if args.target is not None else (1.5 if "quickstart" in os.path.basename(config) else 1.2)
     with output_dir(args.output) as root:
-        variants = write_variants(config, root)
+        variants = write_variants(config, root, args.without)
         times: dict[tuple[str, int], list[float]] = {}
         rng = random.Random(0)
         for _ in range(args.repeats):
@@ -104,10 +114,13 @@ def main() -> None:
         marginal[variant] = (long - short) / span
         print(f"| {variant} | {short:.1f} | {long:.1f} | {marginal[variant]:.2f} | "
               f"{short - args.short * marginal[variant]:.1f} |")
-    ratio = marginal["probes"] / marginal["bare"]
-    long_ratio = statistics.median(times["probes", args.long]) / statistics.median(times["bare", args.long])
-    print(f"marginal epoch with every probe: {ratio:.2f}x the probe-free twin (target <= {target}x: "
-          f"{'met' if ratio <= target else 'missed'}); whole {args.long}-epoch fit: {long_ratio:.2f}x")
+    for variant in [v for v in variants if v != "bare"]:
+        label = "every probe" if variant == "probes" else f"every probe but {', '.join(args.without)}"
+        ratio = marginal[variant] / marginal["bare"]
+        long_ratio = statistics.median(times[variant, args.long]) / statistics.median(times["bare", args.long])
+        print(f"{label}: marginal epoch {ratio:.2f}x the probe-free twin (target <= {target}x: "
+              f"{'met' if ratio <= target else 'missed'}); whole {args.long}-epoch fit {long_ratio:.2f}x "
+              f"(target <= {target}x: {'met' if long_ratio <= target else 'missed'})")
 
 
 if __name__ == "__main__":
