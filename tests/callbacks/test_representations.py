@@ -205,3 +205,45 @@ def test_compiled_network_is_captured_by_clean_names(tmp_path):
     assert {r["layer"] for r in records} == {"net.fc1", "net.relu1"}
     assert all(r["sparsity"] == 0 for r in records if r["layer"] == "net.fc1")
     assert hasattr(model.net, "_orig_mod")  # the compiled module is back in place
+
+
+class _CountingLogger(CaptureLogger):
+    """`CaptureLogger` that also keeps the step of every image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, int]] = []
+
+    def add_image(self, tag, image, global_step=None, dataformats="CHW") -> None:
+        super().add_image(tag, image, global_step, dataformats)
+        assert image.dtype == np.uint8
+        self.images.append((tag, global_step))
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_figures_follow_plot_every_n_epochs_and_heatmaps_go_to_the_logger_every_analysis(tmp_path, every):
+    logger = _CountingLogger()
+    probe = LayerCorrelationMonitor(layers=["net.fc1", "net.fc2"], num_samples=32, batch_size=16,
+                                    plot_every_n_epochs=every, output_dir=str(tmp_path))
+    drawn: list[tuple[str, int]] = []
+    save_figure = probe.save_figure
+    probe.save_figure = lambda trainer, fig, filename, tag, step: (drawn.append((filename, trainer.current_epoch)),
+                                                                    save_figure(trainer, fig, filename, tag, step))
+    trainer(tmp_path, [probe], logger=logger, max_epochs=3, limit_train_batches=2).fit(small_mlp(),
+                                                                                       RandomDataModule())
+    heatmaps = [s for tag, s in logger.images if tag == "layer_correlation/heatmap/correlation"]
+    assert len(heatmaps) == 4  # epochs 0, 1, 2, 3: one colour-mapped image per analysis, whatever the cadence
+    assert (tmp_path / "layer_correlation" / "correlation.npz").is_file()
+    if every == 0:
+        assert drawn == [] and not list((tmp_path / "layer_correlation").glob("*.png"))
+    else:  # epoch 2 when due, then the last analysis (epoch 3) once, at the end of the fit
+        correlation = [epoch for filename, epoch in drawn if filename == "correlation.png"]
+        assert len(correlation) == 2
+        assert sorted(f for f, _ in drawn) == sorted(["correlation.png", "cka.png", "corr_means.png"] * 2)
+        with np.load(tmp_path / "layer_correlation" / "correlation.npz") as data:
+            assert int(data["epoch"]) == 3
+
+
+def test_plot_every_n_epochs_is_checked():
+    with pytest.raises(ValueError, match="plot_every_n_epochs"):
+        ActivationStatsMonitor(plot_every_n_epochs=-1)
