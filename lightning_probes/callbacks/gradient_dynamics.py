@@ -14,15 +14,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
-from lightning_probes.functional.dynamics import (
-    COUNT_NAMES,
-    NUM_BINS,
-    counts_from_histogram,
-    encode_codes,
-    gradient_codes,
-    transition_histogram,
-    zero_threshold_for,
+from lightning_probes.functional._fused import (
+    FusedKernel,
+    counts_from_keys,
+    current_codes,
+    fused_dynamics_after,
+    fused_dynamics_before,
+    key_histogram,
+    state_codes,
 )
+from lightning_probes.functional.dynamics import COUNT_NAMES, zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.plotting import line_panels, sign_map
@@ -39,8 +40,9 @@ class _Previous:
     """What a step leaves for the comparison at the next (logged) step of the same optimiser.
 
     Attributes:
-        state: ``int8`` code per tracked entry (`encode_previous`): gradient sign, update direction, below the
-            release threshold. One byte per entry: the only per-entry state kept between steps.
+        state: ``int8`` code per tracked entry (`lightning_probes.functional._fused.state_codes`): gradient sign
+            and level (below the release / zero threshold), update direction. One byte per entry: the only
+            per-entry state kept between steps.
         finite: 0-d bool tensor (on the device): whether every gradient of the step was finite.
         count: The optimiser's step count of the step.
         tracked: Indices (into the probe's parameters) of the tensors the state covers, in order.
@@ -65,10 +67,11 @@ class _Pending:
         epoch: ``trainer.current_epoch`` of the step.
         finite: 0-d bool tensor: every gradient finite.
         grad_norm: ``(P,)`` gradient norm per tracked tensor.
-        weights: Copies of the weights before the step (freed after the step).
-        codes: `gradient_codes` of the step's flat gradients: sign and below-threshold, ``int8`` each (only on a
-            snapshot step; freed after the step).
-        histogram: ``(P, NUM_BINS)`` transition histogram (logged steps).
+        sizes: Number of entries of each tracked tensor.
+        before: The flat weights before the step (freed after the step).
+        current: `current_codes` of the step's gradients, ``int8``: flat, or a list per tensor from the compiled
+            kernel (only on a snapshot step; freed after the step).
+        counts: ``(P, 7)`` float64 transition counts in the order of ``COUNT_NAMES`` (logged steps).
         has_previous: A `_Previous` of the step before existed for the same tensors (logged steps).
         previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
         sample: The sign-map columns of this step's gradients (logged steps).
@@ -84,9 +87,10 @@ class _Pending:
     epoch: int
     finite: torch.Tensor
     grad_norm: torch.Tensor
-    weights: Optional[list[torch.Tensor]] = None
-    codes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    histogram: Optional[torch.Tensor] = None
+    sizes: list[int]
+    before: Optional[torch.Tensor] = None
+    current: Optional[Any] = None
+    counts: Optional[torch.Tensor] = None
     has_previous: bool = False
     previous_finite: Optional[torch.Tensor] = None
     sample: Optional[torch.Tensor] = None
@@ -114,7 +118,7 @@ class GradientDynamicsMonitor(ParameterProbe):
     A record of a step the AMP GradScaler skipped (non-finite gradients) has ``skipped: true`` and no flip,
     release or update statistics; the next step then has no previous gradient (``has_previous: false``), as
     does the first step after a restart. Between steps it keeps one byte per tracked entry (an ``int8``
-    sign-direction-and-threshold code, see `lightning_probes.functional.dynamics`), and only for the step before
+    sign-level-and-direction code, see `lightning_probes.functional._fused`), and only for the step before
     a logged one;
     a weight copy exists only during the steps it compares. A logged step costs one device-to-host transfer.
 
@@ -145,6 +149,11 @@ class GradientDynamicsMonitor(ParameterProbe):
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``gradient_dynamics``.
+        compile: Run the per-step statistics as two ``torch.compile``'d kernels (one fused pass over the
+            gradients and the state before the step, one over the weights after it) instead of a few eager
+            passes. The first step pays the compilation once (seconds; see `compile_seconds`); where compiling
+            is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
+            agree to float rounding (they are summed in another order, in float64).
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -168,6 +177,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        compile: bool = False,
     ) -> None:
         super().__init__(every_n_steps, include, exclude, output_dir, name)
         check_float("zero_threshold", zero_threshold, low=0.0, low_open=True)
@@ -200,8 +210,19 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._n_columns = 0
         # Per (tracked indices, device): the picked entries' positions in the flat gradient of those tensors (on
         # the device) and their columns in a map row (NumPy).
-        self._sample_index: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, np.ndarray]] = {}
+        self._sample_index: dict[tuple[tuple[int, ...], torch.device],
+                                 tuple[torch.Tensor, np.ndarray, list[torch.Tensor]]] = {}
         self._warned_nonfinite = False
+        self.compile = bool(compile)
+        self._kernel_before = FusedKernel(fused_dynamics_before, enabled=self.compile,
+                                          name=f"{type(self).__name__} statistics")
+        self._kernel_after = FusedKernel(fused_dynamics_after, enabled=self.compile,
+                                         name=f"{type(self).__name__} state update")
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first (compiling) calls of the compiled kernels; 0 when running eagerly."""
+        return self._kernel_before.compile_seconds + self._kernel_after.compile_seconds
 
     def state_dict(self) -> dict[str, Any]:
         latest = None if self._latest_row is None else self._latest_row.tolist()
@@ -235,15 +256,17 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._n_columns = len(picks)
         self._sample_index = {}
 
-    def _sample_index_for(self, tracked: list[int], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    def _sample_index_for(self, tracked: list[int], device: torch.device
+                          ) -> tuple[torch.Tensor, np.ndarray, list[torch.Tensor]]:
         """The sign-map columns of the ``tracked`` tensors: their positions in ``cat(grads of tracked)`` (on
-        ``device``, created at the first step that meets it) and in a map row; built once per key."""
+        ``device``, created at the first step that meets it), in a map row, and in each tensor's flat gradient
+        (on ``device``); built once per key."""
         key = (tuple(tracked), device)
         if key not in self._sample_index:
             starts = np.cumsum([0] + [self._params[i].numel() for i in tracked[:-1]])
             index = torch.cat([self._columns[i] + int(start) for i, start in zip(tracked, starts)]).to(device)
             row = np.concatenate([self._column_offsets[i] + np.arange(len(self._columns[i])) for i in tracked])
-            self._sample_index[key] = (index, row)
+            self._sample_index[key] = (index, row, [self._columns[i].to(device) for i in tracked])
         return self._sample_index[key]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,29 +307,52 @@ class GradientDynamicsMonitor(ParameterProbe):
         tracked = [i for i in tracked if self._params[i].grad is not None]
         if not tracked:
             return
-        params = [self._params[i] for i in tracked]
-        grads = [p.grad.detach() for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) every tracked entry of this optimiser
-        zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()
-        grad_norm = l2_norms(grads)  # (P,)
+        params = [self._params[i].detach() for i in tracked]
+        grads = [self._params[i].grad.detach() for i in tracked]
+        sizes = [g.numel() for g in grads]
+        has_previous = (log_now and previous is not None and previous.count == count - 1
+                        and previous.tracked == tracked)
+        state = previous.state if has_previous else None
+        index, _, indices = self._sample_index_for(tracked, grads[0].device)
+        current: Any
+        if self._compiled(grads, self._kernel_before):
+            # One graph for every step: a step without a previous state compares with zeros (unused counts).
+            if state is None:
+                state = torch.zeros(sum(sizes), dtype=torch.int8, device=grads[0].device)
+            states = list(state.split(sizes))
+            counts, squares, current, sample = self._kernel_before(
+                grads, states, indices, zero_threshold_for(grads[0].dtype, self.zero_threshold),
+                self.release_threshold)  # current: a list of per-tensor codes
+            grad_norm = squares.sqrt()
+            counts = counts.double()
+        else:
+            flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) every tracked entry of this optimiser
+            zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
+            if flat.dtype not in (torch.float32, torch.float64):
+                flat = flat.float()
+            grad_norm = l2_norms(grads)  # (P,)
+            current = current_codes(flat, zero_threshold, self.release_threshold)
+            counts = counts_from_keys(key_histogram(state, current, sizes)) if log_now else None
+            sample = flat[index] if log_now else None
         pending = _Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
                            step=trainer.global_step, epoch=trainer.current_epoch,
-                           finite=torch.isfinite(grad_norm).all(), grad_norm=grad_norm,
-                           weights=[p.detach().clone() for p in params])
+                           finite=torch.isfinite(grad_norm).all(), grad_norm=grad_norm, sizes=sizes,
+                           before=torch.cat([p.reshape(-1) for p in params]))  # a copy
         if log_now:
-            pending.has_previous = (previous is not None and previous.count == count - 1
-                                    and previous.tracked == tracked)
-            state = previous.state if pending.has_previous else torch.zeros_like(flat, dtype=torch.int8)
-            codes = gradient_codes(flat, self.release_threshold)  # shared with the state encoding below
-            pending.histogram = transition_histogram(state, flat, zero_threshold, self.release_threshold,
-                                                     [g.numel() for g in grads], codes)  # (P, 126)
-            pending.previous_finite = previous.finite if pending.has_previous else pending.finite
-            pending.sample = flat[self._sample_index_for(tracked, flat.device)[0]]
-        if snapshot:  # with the update, they encode the state; freed after the step
-            pending.codes = codes if log_now else gradient_codes(flat, self.release_threshold)
+            pending.has_previous = has_previous
+            pending.counts = counts  # (P, 7)
+            pending.previous_finite = previous.finite if has_previous else pending.finite
+            pending.sample = sample
+        if snapshot or isinstance(current, list):  # with the update, the codes give the state; freed after the step
+            pending.current = current
         self._pending[opt_index] = pending
+
+    def _compiled(self, tensors: list[torch.Tensor], kernel: FusedKernel) -> bool:
+        """Whether ``kernel`` runs compiled on ``tensors`` (all float32 or all float64; else the eager path)."""
+        if not kernel.active:
+            return False
+        dtype = tensors[0].dtype
+        return dtype in (torch.float32, torch.float64) and all(t.dtype == dtype for t in tensors)
 
     def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer post-step hook: the step happened (a GradScaler-skipped step never calls it)."""
@@ -315,17 +361,32 @@ class GradientDynamicsMonitor(ParameterProbe):
         if pending is None:
             return
         params = [self._params[i].detach() for i in pending.tracked]
-        with torch.no_grad():
-            deltas = torch._foreach_sub(params, pending.weights)
-        pending.weights = None
+        before, pending.before = pending.before, None
+        current, pending.current = pending.current, None
+        state = None
+        if (current is not None and self._compiled(params, self._kernel_after)
+                and before.dtype == params[0].dtype):
+            if isinstance(current, torch.Tensor):
+                current = list(current.split(pending.sizes))
+            # One graph for every step: the state and norms are computed even where unused (a few % of the pass).
+            states, update_squares, weight_squares = self._kernel_after(
+                params, list(before.split(pending.sizes)), current, True)
+            state = torch.cat(states) if pending.snapshot else None
+            if pending.log:
+                pending.update_norm, pending.weight_norm = update_squares.sqrt(), weight_squares.sqrt()
+        else:
+            after = torch.cat([p.reshape(-1) for p in params])
+            if pending.snapshot:
+                if not isinstance(current, torch.Tensor):
+                    current = torch.cat(current)
+                state = state_codes(current, after, before)
+            if pending.log:
+                pending.update_norm = l2_norms(list((after - before).split(pending.sizes)))
+                pending.weight_norm = l2_norms(params)
         if pending.snapshot:
-            update = torch.cat([d.reshape(-1) for d in deltas])
-            self._previous[opt_index] = _Previous(state=encode_codes(*pending.codes, update), finite=pending.finite,
-                                                  count=pending.count, tracked=pending.tracked)
-            pending.codes = None
+            self._previous[opt_index] = _Previous(state=state, finite=pending.finite, count=pending.count,
+                                                  tracked=pending.tracked)
         if pending.log:
-            pending.update_norm = l2_norms(deltas)
-            pending.weight_norm = l2_norms(params)
             self._write(trainer, opt_index, pending, skipped=False)
 
     def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
@@ -347,26 +408,26 @@ class GradientDynamicsMonitor(ParameterProbe):
     def _write(self, trainer: pl.Trainer, opt_index: int, pending: _Pending, skipped: bool) -> None:
         tracked = pending.tracked
         n_layers = len(tracked)
-        device = pending.histogram.device
+        device = pending.counts.device
         missing = torch.full((n_layers,), float("nan"), dtype=torch.float64, device=device)
         flags = torch.stack([pending.finite, pending.previous_finite])
         packed = torch.cat([  # everything the records need, in one transfer
-            pending.histogram.double().reshape(-1),
+            pending.counts.reshape(-1),
             pending.grad_norm.double(),
             (missing if pending.update_norm is None else pending.update_norm).double(),
             (missing if pending.weight_norm is None else pending.weight_norm).double(),
             flags.double(),
             pending.sample.double(),
         ]).cpu().numpy()
-        sections = np.cumsum([n_layers * NUM_BINS, n_layers, n_layers, n_layers, 2])
-        histogram, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
+        sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
+        counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
         finite, previous_finite = bool(flags[0]), bool(flags[1])
         if not finite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {pending.step}"
                            f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
         self._store_sample(tracked, sample, device)
-        counts = counts_from_histogram(histogram.reshape(n_layers, NUM_BINS).round().astype(np.int64))
+        counts = counts.reshape(n_layers, len(COUNT_NAMES)).round().astype(np.int64)
         counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
         c = dict(zip(COUNT_NAMES, counts.T))
         sizes = np.array([self._params[i].numel() for i in tracked] + [0], dtype=float)
