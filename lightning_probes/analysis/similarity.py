@@ -23,8 +23,8 @@ FEATURE_STATS = tuple(s for s in WEIGHT_STATISTICS if s not in ("l1", "l2"))
 def weight_features(per_model: Mapping[str, Mapping[str, Any]]) -> tuple[np.ndarray, list[str], str]:
     """One feature vector per model from its per-layer weight statistics.
 
-    The layers every model has (by name) give ``<layer>/<stat>`` features; when the models share no layer (other
-    architectures), the mean and the maximum over each model's layers of every statistic stand in.
+    The layers every model has (same name and shape) give ``<layer>/<stat>`` features; when the models share no
+    layer (other architectures), the mean and the maximum over each model's layers of every statistic stand in.
 
     Returns:
         ``(features (models, columns), column names, basis)`` with ``basis`` ``"shared layers"`` or
@@ -32,7 +32,10 @@ def weight_features(per_model: Mapping[str, Mapping[str, Any]]) -> tuple[np.ndar
     """
     names = list(per_model)
     layer_sets = [list(per_model[n]["layers"]) for n in names]
-    shared = [layer for layer in layer_sets[0] if all(layer in s for s in layer_sets[1:])] if names else []
+    first = per_model[names[0]]["layers"] if names else {}
+    shared = [layer for layer in layer_sets[0] if all(
+        layer in per_model[n]["layers"] and per_model[n]["layers"][layer]["shape"] == first[layer]["shape"]
+        for n in names[1:])]
     if shared:
         columns = [f"{layer}/{stat}" for layer in shared for stat in FEATURE_STATS]
         rows = [[per_model[n]["layers"][layer][stat] for layer in shared for stat in FEATURE_STATS] for n in names]

@@ -144,6 +144,8 @@ def test_files_and_headline(with_data):
     assert [row["run"] for row in stored["headline"]] == ["mlp/version_0", "mlp/version_1", "mlp/version_2"]
     assert "sqrt(fan_in)" in stored["weights"]["health_formula"]
     assert stored["data"]["num_samples"] == 100
+    # An MLP and a LeNet5 share no layer of one shape: the map uses each model's layer means and maxima.
+    assert stored["similarity"]["pca"]["basis"].startswith("layer means and maxima")
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == len(stored["figures"]) == 9
     assert "http://" not in report and "https://" not in report

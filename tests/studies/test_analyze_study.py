@@ -35,6 +35,7 @@ def test_a_study_output_is_every_finished_trial(finished_study, tmp_path, capsys
         test_acc = json.loads((study / "trials" / trial / "status.json").read_text())
         assert results["runs"][trial]["test"]["test/acc"] is not None and test_acc["status"] == "finished"
         assert results["calibration"]["per_model"][trial]["n"] == 64
+    assert results["similarity"]["pca"]["basis"] == "shared layers"  # one architecture
     assert "report:" in printed and (out / "report.html").is_file() and (out / "summary_dashboard.png").is_file()
     # The headline's test accuracy is the trial's own `lightning test` result (test/metrics.csv).
     import pandas as pd
