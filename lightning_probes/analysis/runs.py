@@ -124,6 +124,24 @@ def _run_name(path: str) -> str:
     return base
 
 
+def _make_unique(runs: list[RunInfo]) -> None:
+    """Prefix clashing names with the folder that holds the study (or the run): ``quick/lr=0.1-seed=1``; the
+    position in the list as a last resort."""
+    def clashing() -> set[str]:
+        counts = pd.Series([r.name for r in runs]).value_counts()
+        return set(counts[counts > 1].index)
+
+    clash = clashing()
+    for run in runs:
+        if run.name in clash:
+            holder = run.study if run.study is not None else os.path.dirname(os.path.normpath(run.path))
+            run.name = f"{os.path.basename(os.path.normpath(holder))}/{run.name}"
+    clash = clashing()
+    for i, run in enumerate(runs):
+        if run.name in clash:
+            run.name = f"{i}:{run.name}"
+
+
 def discover_runs(paths: list[str], names: Optional[list[str]] = None) -> tuple[list[RunInfo], list[dict[str, str]]]:
     """The runs behind the ``RUN`` arguments of ``lightning-probes analyze``.
 
@@ -172,14 +190,7 @@ def discover_runs(paths: list[str], names: Optional[list[str]] = None) -> tuple[
         for run, name in zip(runs, names):
             run.name = name
     else:
-        counts = pd.Series([r.name for r in runs]).value_counts()
-        for run in runs:
-            if counts[run.name] > 1:
-                run.name = f"{os.path.basename(os.path.dirname(os.path.normpath(run.study or run.path)))}/{run.name}" \
-                    if run.study is None else f"{os.path.basename(os.path.normpath(run.study))}/{run.name}"
-        if len({r.name for r in runs}) != len(runs):
-            for i, run in enumerate(runs):
-                run.name = f"{i}:{run.name}"
+        _make_unique(runs)
     return runs, skipped
 
 

@@ -121,6 +121,10 @@ def test_runs_found_and_named(runs):
     assert found[2].probes is None
     named, _ = discover_runs([str(runs / "mlp" / "version_1"), str(runs / "mlp" / "version_0")], names=["b", "a"])
     assert [(r.name, Path(r.path).name) for r in named] == [("b", "version_1"), ("a", "version_0")]
+    twice, _ = discover_runs([str(runs / "mlp" / "version_0"), str(runs / "mlp" / "version_0")])
+    assert len({r.name for r in twice}) == 2
+    with pytest.raises(ValueError, match="one name per run found"):
+        discover_runs([str(runs / "mlp")], names=["a"])
 
 
 def test_tensorboard_curves_equal_the_csv_logger(runs):
