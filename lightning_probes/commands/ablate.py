@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 __all__ = ["PreparedAblation", "ablate", "build_parser", "main", "parse_floats", "prepare", "run"]
 
 _DEFAULT_FRACTIONS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
-# Errors that mean "bad input" (arguments, config, checkpoint, data files): one `error:` line, exit 2.
-_INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
 
 
 def parse_floats(argument: str, value: Union[str, Sequence[float]]) -> list[float]:
@@ -264,22 +262,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         SystemExit: 2 with one ``error:`` line for a bad argument, config, checkpoint or missing data; 130 on
             ``Ctrl-C``.
     """
-    from jsonargparse import ArgumentError
+    from lightning_probes.commands._errors import one_line_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors("ablate"):
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
         prepared = prepare(**{k: v for k, v in vars(args).items() if k in prepare.__code__.co_varnames})
-    except (ArgumentError, *_INPUT_ERRORS) as err:
-        if os.environ.get("LIGHTNING_PROBES_DEBUG"):
-            raise
-        # jsonargparse wraps a constructor's ValueError; the constructor's own message says what is wrong.
-        while isinstance(err.__cause__, _INPUT_ERRORS):
-            err = err.__cause__
-        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
-        hint = " (see lightning-probes ablate --help)" if isinstance(err, ArgumentError) else ""
-        sys.stderr.write(f"error: {message}{hint}\n")
-        raise SystemExit(2) from None
     try:
         run(prepared)
     except KeyboardInterrupt:

@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["analyze", "build_parser", "main", "parse_names"]
 
-_INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
-
-
 def parse_names(names: Union[None, str, list[str]]) -> Optional[list[str]]:
     """``"a,b,c"`` (or a list) as a list of names; ``None`` stays ``None``.
 
@@ -107,27 +104,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     Raises:
         SystemExit: 2 with one ``error:`` line for a bad argument, run, checkpoint or config; 130 on ``Ctrl-C``.
     """
-    from jsonargparse import ArgumentError
-
     from lightning_probes.analysis.analyzer import analyze_runs, prepare, write_outputs
     from lightning_probes.analysis.report import format_headline
+    from lightning_probes.commands._errors import one_line_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors("analyze"):
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-        runs = [r for group in args.runs for r in (group if isinstance(group, list) else [group])]
-        prepared = prepare(runs, output=args.output, config=args.config, num_samples=args.num_samples,
+        prepared = prepare(list(args.runs), output=args.output, config=args.config, num_samples=args.num_samples,
                            names=parse_names(args.names), seed=args.seed, trust_checkpoints=args.trust_checkpoints,
                            progress=args.progress, batch_size=args.batch_size)
-    except (ArgumentError, *_INPUT_ERRORS) as err:
-        if os.environ.get("LIGHTNING_PROBES_DEBUG"):
-            raise
-        while isinstance(err.__cause__, _INPUT_ERRORS):
-            err = err.__cause__
-        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
-        hint = " (see lightning-probes analyze --help)" if isinstance(err, ArgumentError) else ""
-        sys.stderr.write(f"error: {message}{hint}\n")
-        raise SystemExit(2) from None
     try:
         results = analyze_runs(prepared)
         write_outputs(results, prepared.output)
