@@ -131,8 +131,8 @@ def _analyse_run(run: RunInfo, p: PreparedAnalysis, results: dict[str, Any], ski
             try:
                 model = module_from_checkpoint(run.last_checkpoint, "RUN checkpoint", trust=p.trust)
                 model_pass = run_model(model, p.samples, p.batch_size)
-            except (ValueError, TypeError, RuntimeError) as err:
-                why = f"could not run the model on the data: {' '.join(str(err).split())[:300]}"
+            except Exception as err:  # one model that does not fit the data must not stop the others
+                why = f"could not run the model on the data: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 log.warning("analyze: %s: %s", name, why)
     if model_pass is not None:
         calibration = calibration_from_logits(model_pass.logits, p.samples.labels)
