@@ -225,9 +225,10 @@ def fused_abs_summary(grads: list[torch.Tensor]) -> torch.Tensor:
 class FusedKernel:
     """``fn`` compiled with ``torch.compile`` on first use when ``enabled``, else (or when that fails) eager.
 
-    The seconds of every call that meets a new argument signature (``None``-ness, flags, tensor shapes: what
-    makes ``torch.compile`` trace again) add to `compile_seconds`: the one-off cost of tracing, code generation
-    and the C++/Triton build (Inductor caches builds on disk, so a later process pays less). A failure to
+    The seconds of every call that builds a graph (the first, and any that meets new shapes) add to
+    `compile_seconds`: the one-off cost of tracing, code generation and the C++/Triton build (Inductor caches
+    builds on disk, so a later process pays less; graphs are kept per function, so a second probe with the same
+    shapes in the same process pays nothing). A failure to
     compile or run the compiled function is logged once (info) and the eager ``fallback`` is used from then on.
 
     Args:
@@ -245,7 +246,7 @@ class FusedKernel:
         self.compile_seconds = 0.0
         self._compiled: Optional[Callable[..., Any]] = None
         self._failed = not enabled
-        self._seen: set[tuple[Any, ...]] = set()
+        self.compilations = 0
 
     @property
     def active(self) -> bool:
@@ -253,32 +254,33 @@ class FusedKernel:
         return not self._failed
 
     @staticmethod
-    def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """What makes ``torch.compile`` build another graph: ``None``-ness, flags, numbers, tensor layouts."""
-        def one(arg: Any) -> Any:
-            if isinstance(arg, torch.Tensor):
-                return (tuple(arg.shape), arg.dtype, arg.device)
-            if isinstance(arg, (list, tuple)):
-                return tuple(one(a) for a in arg)
-            return arg if arg is None or isinstance(arg, (bool, int, float)) else type(arg)
-        return one(args)
+    def _graphs() -> int:
+        """Graphs ``torch.compile`` has built in this process (a growing count means: this call compiled)."""
+        try:
+            from torch._dynamo.utils import counters
+
+            return int(counters["stats"]["unique_graphs"])
+        except Exception:  # noqa: BLE001 - a private counter: without it, only the first call is timed
+            return -1
 
     def __call__(self, *args: Any) -> Any:
         if self._failed:
             return self.fallback(*args)
         try:
-            if self._compiled is None:
+            first = self._compiled is None
+            if first:
                 if not hasattr(torch, "compile"):
                     raise RuntimeError("torch.compile is unavailable")
                 self._compiled = torch.compile(self.fn, fullgraph=True)
-            signature = self._signature(args)
-            if signature in self._seen:
-                return self._compiled(*args)
-            start = time.perf_counter()  # a first call with this signature (re)compiles: a one-off cost
+            graphs = self._graphs()
+            start = time.perf_counter()
             out = self._compiled(*args)
-            self.compile_seconds += time.perf_counter() - start
-            self._seen.add(signature)
-            log.debug("Compiled %s (%d variants, %.1f s in all)", self.name, len(self._seen), self.compile_seconds)
+            built = self._graphs() != graphs if graphs >= 0 else first
+            if built:  # this call traced and built a graph: a one-off cost
+                self.compile_seconds += time.perf_counter() - start
+                self.compilations += 1
+                log.debug("Compiled %s (%d graphs, %.1f s in all)", self.name, self.compilations,
+                          self.compile_seconds)
             return out
         except Exception as err:  # noqa: BLE001 - any failure to compile means: run eagerly
             self._failed = True

@@ -257,3 +257,62 @@ def test_layout_has_one_chart_per_logged_statistic(tmp_path):
         charted |= matched
     per_layer = {k for k in logger.keys() if k.startswith("gradient_dynamics/") and "epoch_mean" not in k}
     assert charted == per_layer  # every per-layer scalar has a chart
+
+
+def test_compiled_kernels_give_the_eager_records(tmp_path):
+    # compile=True: the fused torch.compile kernels (both probes). Counts, fractions and flags are identical to
+    # the eager run; norms agree to float rounding (float64 sums in another order); both match the recorder.
+    from lightning_probes import GradientStatsMonitor
+
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        recorder = GradRecorder()
+        probes = [GradientDynamicsMonitor(every_n_steps=2, release_threshold=1e-3, output_dir=str(out),
+                                          compile=compiled),
+                  GradientStatsMonitor(every_n_steps=2, output_dir=str(out), compile=compiled)]
+        pl.seed_everything(0)
+        trainer(tmp_path, [recorder, *probes], max_epochs=1).fit(small_mlp(momentum=0.9, lr=0.2), RandomDataModule())
+        runs[compiled] = (read(out / "gradient_dynamics.jsonl"), read(out / "gradient_stats.jsonl"), recorder)
+        assert all(p._kernel_before.active if hasattr(p, "_kernel_before") else p._kernel.active
+                   for p in probes) is compiled
+        assert (probes[0].compile_seconds > 0) is compiled
+        assert probes[0]._previous == {} or all(s.state.dtype == torch.int8 for s in probes[0]._previous.values())
+    (eager, eager_stats, _), (fused, fused_stats, recorder) = runs[False], runs[True]
+    assert [(r["step"], r["layer"]) for r in eager] == [(r["step"], r["layer"]) for r in fused]
+    steps = recorder.by_step()
+    for a, b in zip(eager, fused):
+        for key, value in a.items():
+            if "norm" in key:
+                assert b[key] == pytest.approx(value, rel=1e-6), (a["step"], a["layer"], key)
+            else:
+                assert b[key] == value, (a["step"], a["layer"], key)
+        if b["has_previous"]:
+            ref = _reference(steps[b["step"] - 1], steps[b["step"]], b["layer"], rel_thr=1e-3)
+            for key in ("zero_count", "minima_crossings", "maxima_crossings"):
+                assert b[key] == ref[key]
+            for key in ("update_norm", "weight_norm", "grad_norm"):
+                assert b[key] == pytest.approx(ref[key], rel=1e-6)
+    for a, b in zip(eager_stats, fused_stats):
+        assert a.keys() == b.keys() and a["layer"] == b["layer"] and a["nonfinite"] == b["nonfinite"]
+        for key in ("grad_abs_mean", "grad_abs_std", "grad_norm", "grad_abs_max"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-12), (a["step"], a["layer"], key)
+
+
+def test_compile_failure_runs_eagerly(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    recorder = GradRecorder()
+    probe = GradientDynamicsMonitor(every_n_steps=1, release_threshold=1e-3, output_dir=str(tmp_path), compile=True)
+    trainer(tmp_path, [recorder, probe], max_steps=3).fit(small_mlp(momentum=0.9, lr=0.2), RandomDataModule())
+    assert not probe._kernel_before.active and not probe._kernel_after.active and probe.compile_seconds == 0
+    steps = recorder.by_step()
+    records = [r for r in read(tmp_path / "gradient_dynamics.jsonl") if r["has_previous"]]
+    assert len(records) == 2 * 12
+    for r in records:
+        ref = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
+        assert (r["zero_count"], r["minima_crossings"], r["maxima_crossings"]) == (
+            ref["zero_count"], ref["minima_crossings"], ref["maxima_crossings"])
+        assert r["sign_flip_fraction"] == pytest.approx(ref["sign_flip_fraction"], rel=1e-9)

@@ -338,3 +338,16 @@ def test_layout_has_one_chart_per_logged_statistic(tmp_path):
         assert kind == "Multiline"
         matched = {k for k in logger.keys() if re.search(pattern, k)}
         assert f"gradient_stats/{stat}/__total__" in matched and len(matched) == 12, stat
+
+
+def test_compile_failure_runs_eagerly(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    recorder = GradRecorder()
+    probe = GradientStatsMonitor(every_n_steps=1, output_dir=str(tmp_path), compile=True)
+    trainer(tmp_path, [recorder, probe], max_steps=3).fit(small_mlp(), RandomDataModule())
+    assert not probe._kernel.active and probe.compile_seconds == 0
+    records = read(tmp_path / "gradient_stats.jsonl")
+    assert _check_against_reference(records, recorder) == 3 * 12

@@ -105,3 +105,98 @@ def test_shared_gradient_codes_give_the_same_bins_and_state():
     # by hand: zero_threshold 0 counts no entry as zero, even exact zeros (|g| < 0 never holds)
     bins = transition_bins(prev, grad, 0.0, 1e-3).long()
     assert int((bins // 42 == 2).sum()) == 0
+
+
+# -- the probe's compact codes (lightning_probes.functional._fused) ------------------------------------------
+def _compact_case(seed, n=400):
+    g_prev, dw, g_now = _random_case(seed, n)
+    before = np.random.default_rng(seed + 100).standard_normal(n).astype(np.float32)
+    after = (before + dw).astype(np.float32)
+    dw = after - before  # the update as float32 arithmetic gives it (its sign is what the codes keep)
+    return g_prev, before, after, dw, g_now
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_threshold", [1e-7, 0.0])
+def test_compact_codes_match_loop(seed, zero_threshold):
+    from lightning_probes.functional._fused import transition_counts_compact
+
+    g_prev, before, after, dw, g_now = _compact_case(seed)
+    sizes = [150, 250]
+    counts = transition_counts_compact(torch.tensor(g_prev), torch.tensor(before), torch.tensor(after),
+                                       torch.tensor(g_now), zero_threshold, 1e-5, sizes)
+    for i, (lo, hi) in enumerate([(0, 150), (150, 400)]):
+        assert counts[i].tolist() == reference_counts(g_prev[lo:hi], dw[lo:hi], g_now[lo:hi], zero_threshold, 1e-5)
+    # the same counts as the documented [-3, 11] codes of `encode_previous`
+    old = transition_counts(torch.tensor(g_prev), torch.tensor(dw), torch.tensor(g_now), zero_threshold, 1e-5, sizes)
+    assert counts.tolist() == old.tolist()
+
+
+def test_compact_codes_at_the_thresholds_and_signed_zeros():
+    from lightning_probes.functional._fused import current_codes, state_codes, transition_counts_compact
+
+    f32 = np.float32
+    edges = [f32(1e-5), np.nextafter(f32(1e-5), f32(0)), f32(1e-7), np.nextafter(f32(1e-7), f32(0)), f32(0.0),
+             f32(-0.0), f32(3.0)]
+    values = np.array(edges + [-v for v in edges], dtype=np.float32)
+    g_prev = np.repeat(values, len(values))
+    g_now = np.tile(values, len(values))
+    before = np.zeros_like(g_prev)
+    after = np.resize(np.array([1.0, -1.0, 0.0], dtype=np.float32), len(g_prev))
+    counts = transition_counts_compact(torch.tensor(g_prev), torch.tensor(before), torch.tensor(after),
+                                       torch.tensor(g_now), 1e-7, 1e-5)
+    assert counts.tolist() == reference_counts(g_prev, after - before, g_now, f32(1e-7), f32(1e-5))
+    state = state_codes(current_codes(torch.tensor(g_prev), 1e-7, 1e-5), torch.tensor(after), torch.tensor(before))
+    assert state.dtype == torch.int8 and int(state.min()) >= 0 and int(state.max()) < 27
+
+
+def test_fused_kernels_run_eagerly_give_the_compact_results():
+    from lightning_probes.functional._fused import (
+        counts_from_keys,
+        current_codes,
+        fused_dynamics_after,
+        fused_dynamics_before,
+        key_histogram,
+        state_codes,
+    )
+
+    gen = torch.Generator().manual_seed(4)
+    sizes = [60, 7, 33]
+    grads = [torch.randn(n, generator=gen) * 10.0 ** -torch.randint(3, 9, (n,), generator=gen) for n in sizes]
+    grads[0][::5] = 0.0
+    before = torch.randn(sum(sizes), generator=gen)
+    params = [w + torch.randn(w.shape, generator=gen) * (torch.rand(w.shape, generator=gen) > 0.3)
+              for w in before.split(sizes)]
+    state = torch.randint(0, 27, (sum(sizes),), dtype=torch.int8, generator=gen)
+    indices = [torch.tensor([0, 3]), torch.tensor([], dtype=torch.long), torch.tensor([32])]
+    counts, squares, currents, sample = fused_dynamics_before(grads, list(state.split(sizes)), indices, 1e-7, 1e-5)
+    flat = torch.cat(grads)
+    current = current_codes(flat, 1e-7, 1e-5)
+    assert torch.equal(torch.cat(currents), current)
+    assert torch.equal(counts.long(), counts_from_keys(key_histogram(state, current, sizes)).round().long())
+    assert torch.equal(sample, flat[[0, 3, 99]])
+    torch.testing.assert_close(squares, torch.stack([g.double().square().sum() for g in grads]))
+    states, updates, weights = fused_dynamics_after(params, list(before.split(sizes)), currents, True)
+    assert torch.equal(torch.cat(states), state_codes(current, torch.cat(params), before))
+    torch.testing.assert_close(updates.sqrt(), torch.stack([(p - b).double().norm() for p, b in
+                                                            zip(params, before.split(sizes))]))
+    torch.testing.assert_close(weights.sqrt(), torch.stack([p.double().norm() for p in params]))
+
+
+def test_fused_kernel_falls_back_to_eager_once(monkeypatch, caplog):
+    import logging
+
+    from lightning_probes.functional._fused import FusedKernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    kernel = FusedKernel(lambda x: x * 2, name="doubler")
+    with caplog.at_level(logging.INFO, logger="lightning_probes.functional._fused"):
+        assert kernel(torch.ones(2)).tolist() == [2.0, 2.0]
+        assert kernel(torch.ones(1)).tolist() == [2.0]
+    assert not kernel.active and kernel.compile_seconds == 0.0
+    assert [r.getMessage() for r in caplog.records] == [
+        "Could not compile doubler (RuntimeError: no compiler here); running it eagerly."]
+    assert FusedKernel(lambda x: x, enabled=False).active is False

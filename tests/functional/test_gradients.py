@@ -75,3 +75,15 @@ def test_l2_norms_match_numpy(dtype):
     np.testing.assert_allclose(norms.double().numpy(), expected, rtol=1e-12 if dtype == torch.float64 else 1e-6)
     with pytest.raises(ValueError, match="at least one tensor"):
         l2_norms([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_abs_summary_matches_norm_summary(dtype):
+    from lightning_probes.functional._fused import fused_abs_summary
+
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(6, 9, generator=g).to(dtype), -torch.rand(5, generator=g).to(dtype) * 1e-3]
+    fused = fused_abs_summary(tensors)  # run eagerly here; the probe may compile it
+    assert fused.dtype == dtype and fused.shape == (2, 3)
+    torch.testing.assert_close(fused, norm_summary(tensors), rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                               atol=0)
