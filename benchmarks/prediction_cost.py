@@ -2,6 +2,10 @@
 seconds per NoiseRobustnessMonitor analysis at its defaults (200 samples x 50 draws). Interleaved repeats,
 median ratios against a bare validation run in the same process.
 
+ConfidenceMonitor variants: ``accumulate`` (no figure, no heatmap), ``epoch without figures`` (what a fit's
+epoch costs between figure epochs: ``plot_every_n_epochs=0``, the colour-mapped heatmap computed) and ``with
+figures`` (its three matplotlib figures drawn, as on a figure epoch or in ``validate``).
+
     python benchmarks/prediction_cost.py
 """
 
@@ -41,14 +45,15 @@ def measure(args: argparse.Namespace, root: str) -> None:
     model = MLP()
     loader = random_loader(args.samples, (1, 28, 28), 128)
     validate(model, loader, None, root)  # warm-up
-    times: dict[str, list[float]] = {"bare": [], "accumulate": [], "with figures": []}
+    times: dict[str, list[float]] = {"bare": [], "accumulate": [], "epoch without figures": [], "with figures": []}
     for _ in range(args.repeats):
         order = list(times)
         random.shuffle(order)
         for kind in order:
             probe = None
             if kind != "bare":
-                probe = ConfidenceMonitor(output_dir=f"{root}/confidence")
+                every = 0 if kind == "epoch without figures" else 1
+                probe = ConfidenceMonitor(output_dir=f"{root}/confidence", plot_every_n_epochs=every)
                 if kind == "accumulate":
                     probe._plot = lambda *a, **k: None
             times[kind].append(validate(model, loader, probe, root))
@@ -57,7 +62,7 @@ def measure(args: argparse.Namespace, root: str) -> None:
           f"bare median {statistics.median(bare):.3f} s")
     print("| ConfidenceMonitor | median ratio to bare |")
     print("|---|---|")
-    for kind in ("accumulate", "with figures"):
+    for kind in ("accumulate", "epoch without figures", "with figures"):
         ratios = [t / b for t, b in zip(times[kind], bare)]
         print(f"| {kind} | {statistics.median(ratios):.3f}x |")
 
@@ -70,9 +75,10 @@ def measure(args: argparse.Namespace, root: str) -> None:
         trainer = bare_trainer(max_epochs=1, limit_train_batches=1, callbacks=[probe], default_root_dir=root)
         trainer.fit(MLP(), random_loader(64, (1, 28, 28), 64), random_loader(1000, (1, 28, 28), 128))
         seconds.append(analysis.seconds)
-        drawing.append(figures.seconds)
+        drawing.append(figures.seconds)  # drawn at the end of the fit (plot_every_n_epochs=10 by default)
     print(f"NoiseRobustnessMonitor at defaults (200 samples x 50 draws, MLP): {statistics.median(seconds):.3f} s "
-          f"per analysis, of which {statistics.median(drawing):.3f} s drawing its figure")
+          f"per analysis, and {statistics.median(drawing):.3f} s per drawing of its figure (every "
+          f"{probe.plot_every_n_epochs} epochs and at the end of the fit)")
 
 
 if __name__ == "__main__":
