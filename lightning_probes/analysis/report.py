@@ -166,6 +166,7 @@ window.addEventListener("load", function () {
 
 
 def _table(frame: pd.DataFrame) -> str:
+    frame = frame.map(lambda v: np.nan if v is None else v)  # `na_rep` for missing values of any column type
     return frame.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}", border=0, escape=True)
 
 
