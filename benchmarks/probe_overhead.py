@@ -7,7 +7,8 @@ The table shows, per configuration:
 
 - the ratio of steady-state step time to bare (first ``--warmup`` steps excluded) beside its target (issue 13:
   both gradient probes <= 1.10x at every step, <= 1.02x at the default cadence of 50 steps);
-- the time spent inside the probes' per-step hooks (a measure the machine's noise disturbs far less);
+- the time spent inside the probes' per-step hooks, wall and CPU (``process_time``: on a shared machine the
+  CPU time, with ``--threads 1``, is the measure its noise disturbs least), and ``1 + hook CPU / bare CPU step``;
 - the marginal cost per step, ``(fit(long) - fit(short)) / (long - short)`` minus the same for bare, so that
   one-off costs (setup, ``torch.compile``, end-of-fit figures) neither hide nor inflate it, and those one-off
   seconds apart: ``fit(short) - bare fit(short) - short * marginal``; ``compile s`` is what the probes' compiled
@@ -46,13 +47,15 @@ class StepTimer(pl.Callback):
         self.start = self.end = 0.0
         self.held_bytes = 0
         self.hook_seconds = 0.0
+        self.hook_cpu_seconds = 0.0
+        self.cpu_start = self.cpu_end = 0.0
         self.epoch_end_seconds = 0.0
         self.fit_seconds = 0.0
         self.compile_seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         held = 0
         for cb in trainer.callbacks:
             for prev in getattr(cb, "_previous", {}).values():
@@ -63,7 +66,7 @@ class StepTimer(pl.Callback):
         self.held_bytes = max(self.held_bytes, held)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
 
 # Per-step hooks only: the once-per-epoch figures (sign maps) are timed apart.
@@ -78,12 +81,13 @@ def _time_hooks(probe, timer: StepTimer) -> None:
             continue
 
         def wrapper(*args, _original=original, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return _original(*args, **kwargs)
             finally:
                 if timer.start:
                     timer.hook_seconds += time.perf_counter() - start
+                    timer.hook_cpu_seconds += time.process_time() - cpu
 
         setattr(probe, name, wrapper)
 
@@ -162,7 +166,9 @@ def measure(args: argparse.Namespace, root: str) -> None:
     configs = [("bare", 0)] + [(c, e) for e in args.every for c in kinds]
     lengths = (args.steps, short)
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    cpu_times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     hooks: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    hook_cpu: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     epoch_ends: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     fits: dict[tuple[tuple[str, int], int], list[float]] = {(c, s): [] for c in configs for s in lengths}
     compile_first: dict[tuple[str, int], float] = {}
@@ -178,7 +184,9 @@ def measure(args: argparse.Namespace, root: str) -> None:
             if steps != args.steps:
                 continue
             times[config].append((timer.end - timer.start) / (args.steps - args.warmup))
+            cpu_times[config].append((timer.cpu_end - timer.cpu_start) / (args.steps - args.warmup))
             hooks[config].append(timer.hook_seconds / (args.steps - args.warmup))
+            hook_cpu[config].append(timer.hook_cpu_seconds / (args.steps - args.warmup))
             epoch_ends[config].append(timer.epoch_end_seconds)
             held[config] = timer.held_bytes
     bare = times[("bare", 0)]
@@ -192,27 +200,29 @@ def measure(args: argparse.Namespace, root: str) -> None:
           f"{args.repeats} repeats, {torch.get_num_threads()} threads, "
           f"logger: {'TensorBoard' if not args.no_tensorboard else 'none'}")
     bare_marginal = statistics.median(marginal(("bare", 0), r) for r in range(args.repeats))
-    print(f"bare step: median {bare_step * 1e3:.2f} ms (steady state), marginal {bare_marginal * 1e3:.2f} ms")
-    print("| probe | every_n_steps | ratio to bare (wall) | target | step ms | ms per step in probe hooks "
-          "| 1 + hook time / bare step | marginal ms per step over bare | marginal ratio | one-off s "
-          "| compile s (first run) | epoch-end s (figures) | bytes held between steps (per entry) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bare_cpu = statistics.median(cpu_times[("bare", 0)])
+    print(f"bare step: median {bare_step * 1e3:.2f} ms wall, {bare_cpu * 1e3:.2f} ms CPU (steady state); "
+          f"marginal {bare_marginal * 1e3:.2f} ms wall (long minus short)")
+    print("| probe | every_n_steps | ratio to bare (wall) | ratio to bare (CPU) | target "
+          "| ms per step in probe hooks (wall / CPU) | 1 + hook CPU / bare CPU step "
+          "| marginal ms per step over bare (wall) | one-off s | compile s (first run) | epoch-end s (figures) "
+          "| bytes held between steps (per entry) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in configs[1:]:
         ratios = [t / b for t, b in zip(times[config], bare)]
+        cpu_ratios = [t / b for t, b in zip(cpu_times[config], cpu_times[("bare", 0)])]
         hook_ms = statistics.median(hooks[config]) * 1e3
-        hook_ratio = 1 + hook_ms / (bare_step * 1e3)
+        hook_cpu_ms = statistics.median(hook_cpu[config]) * 1e3
         extra = [marginal(config, r) - marginal(("bare", 0), r) for r in range(args.repeats)]
-        marginal_ratio = [marginal(config, r) / marginal(("bare", 0), r) for r in range(args.repeats)]
         one_off = [fits[config, short][r] - fits[("bare", 0), short][r] - short * extra[r]
                    for r in range(args.repeats)]
         target = TARGETS.get(config[1]) if config[0].startswith("both") else None
         print(f"| {config[0]} | {config[1]} | {statistics.median(ratios):.3f}x | "
-              f"{'-' if target is None else f'<= {target:.2f}x'} | "
-              f"{statistics.median(times[config]) * 1e3:.2f} | {hook_ms:.3f} | {hook_ratio:.3f}x | "
-              f"{statistics.median(extra) * 1e3:.2f} | {statistics.median(marginal_ratio):.3f}x | "
-              f"{statistics.median(one_off):.2f} | {compile_first[config]:.1f} | "
-              f"{statistics.median(epoch_ends[config]):.2f} | {held[config]:,} ({held[config] / entries:.2f}) |")
-
+              f"{statistics.median(cpu_ratios):.3f}x | {'-' if target is None else f'<= {target:.2f}x'} | "
+              f"{hook_ms:.2f} / {hook_cpu_ms:.2f} | {1 + hook_cpu_ms / (bare_cpu * 1e3):.3f}x | "
+              f"{statistics.median(extra) * 1e3:.2f} | {statistics.median(one_off):.2f} | "
+              f"{compile_first[config]:.1f} | {statistics.median(epoch_ends[config]):.2f} | "
+              f"{held[config]:,} ({held[config] / entries:.2f}) |")
 
 if __name__ == "__main__":
     main()

@@ -95,9 +95,17 @@ def key_histogram(state: Optional[torch.Tensor], current: torch.Tensor, sizes: S
     return torch.stack([_bincount(chunk) for chunk in keys.split(list(sizes))])
 
 
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def counts_from_keys(histogram: torch.Tensor) -> torch.Tensor:
-    """``(..., 243)`` key histograms to ``(..., 7)`` counts (float64, exact below 2**53), on their device."""
-    table = torch.from_numpy(KEY_TABLE).to(device=histogram.device, dtype=torch.float64)
+    """``(..., 243)`` key histograms to ``(..., 7)`` counts (float64, exact below 2**53), on their device.
+
+    The table is copied to a device once (a copy from host memory at every step would wait for the device).
+    """
+    table = _TABLES.get(histogram.device)
+    if table is None:
+        table = _TABLES[histogram.device] = torch.from_numpy(KEY_TABLE).to(histogram.device, torch.float64)
     return histogram.double() @ table
 
 

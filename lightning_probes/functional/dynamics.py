@@ -2,7 +2,9 @@
 
 Everything is integer arithmetic on ``int8`` codes, so the state kept between two steps is **one byte per
 gradient entry** (`encode_previous`), and the comparison of two steps is one histogram per parameter tensor
-(`transition_histogram`) from which every count is read (`counts_from_histogram`).
+(`transition_histogram`) from which every count is read (`counts_from_histogram`). These functions are the
+reference; `GradientDynamicsMonitor` uses an equivalent, cheaper encoding with the same counts (state in
+``[0, 27)``, one 243-bin histogram per tensor, optionally one compiled pass; `lightning_probes.functional._fused`).
 
 Codes of step ``t-1`` (``int8``)::
 
