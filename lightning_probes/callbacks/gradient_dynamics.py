@@ -368,7 +368,7 @@ class GradientDynamicsMonitor(ParameterProbe):
                 and before.dtype == params[0].dtype):
             if isinstance(current, torch.Tensor):
                 current = list(current.split(pending.sizes))
-            # One graph for every step: the state and norms are computed even where unused (a few % of the pass).
+            # One graph for every step: the state and norms are computed even where unused (same single pass).
             states, update_squares, weight_squares = self._kernel_after(
                 params, list(before.split(pending.sizes)), current, True)
             state = torch.cat(states) if pending.snapshot else None
