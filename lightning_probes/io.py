@@ -217,6 +217,9 @@ def read_checkpoint(path: str, argument: str, trust: bool = False) -> dict[str, 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused object: the file is no checkpoint torch can read
+            raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read "
+                             f"with torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
         if not trust:
             reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
             reason = reason.split(" was not an allowed global")[0]
