@@ -196,19 +196,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         SystemExit: 2 with one ``error:`` line for a bad argument or a directory without probe output; 130 on
             ``Ctrl-C``.
     """
-    from jsonargparse import ArgumentError
+    from lightning_probes.commands._errors import one_line_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors("plot", _INPUT_ERRORS):
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
         prepared = prepare(args.run_dir, args.output, args.probes, args.progress)
-    except (ArgumentError, *_INPUT_ERRORS) as err:
-        if os.environ.get("LIGHTNING_PROBES_DEBUG"):
-            raise
-        message = " ".join(str(err).split())
-        hint = " (see lightning-probes plot --help)" if isinstance(err, ArgumentError) else ""
-        sys.stderr.write(f"error: {message}{hint}\n")
-        raise SystemExit(2) from None
     try:
         run(prepared)
     except KeyboardInterrupt:
