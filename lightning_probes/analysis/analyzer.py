@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_probes.analysis.runs import RunInfo, discover_runs, read_curves
@@ -42,7 +42,6 @@ class PreparedAnalysis:
     progress: bool
     batch_size: int = 256
     data_note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _build_datamodule(config: str) -> Any:
@@ -220,7 +219,7 @@ def headline_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_outputs(results: dict[str, Any], output: str, penultimate_note: str = "") -> list[str]:
+def write_outputs(results: dict[str, Any], output: str) -> list[str]:
     """Write ``analysis_results.json``, one PNG per analysis, ``summary_dashboard.png`` and ``report.html``.
 
     Returns:

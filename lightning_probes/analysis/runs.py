@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 __all__ = ["RunInfo", "checkpoint_order", "discover_runs", "read_curves", "read_tensorboard_scalars"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
-#: Epoch curves the analyses read, by their Lightning names (``self.log`` in the models).
-CURVES = ("train/loss", "val/loss", "val/acc", "train/acc")
 
 
 @dataclass
