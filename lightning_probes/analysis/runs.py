@@ -19,7 +19,7 @@ from typing import Optional
 
 import pandas as pd
 
-from lightning_probes.studies.aggregate import read_epoch_metrics, read_test_metrics
+from lightning_probes.reading import read_epoch_metrics, read_test_metrics
 
 log = logging.getLogger(__name__)
 

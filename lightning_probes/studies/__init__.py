@@ -1,7 +1,9 @@
 """Studies: a grid of configs x seeds run as ordinary LightningCLI trials, then aggregated over seeds.
 
-``spec`` parses and validates study files, ``runner`` runs trials (engines ``sequential`` and ``ray``),
-``aggregate`` reads the trials back and builds ``trials.csv``/``summary.json``/``summary.md``, ``figures`` draws.
+``spec`` reads and validates study files, ``trials`` expands one into trials (grid x seeds or seeded draws),
+``trial_config`` resolves and checks each trial's config, ``runner`` runs trials (engines ``sequential`` and
+``ray``), ``results`` reads the trials back, ``aggregate`` builds ``trials.csv``/``summary.json``/``summary.md``,
+``gradient_flow`` averages the trials' gradient flows, ``figures`` draws.
 ``prepare_study``/``write_study_summary`` tie them together for ``lightning-probes study``
 (``lightning_probes.commands.study``).
 
@@ -21,19 +23,12 @@ from typing import Any, Optional
 import yaml
 
 from lightning_probes.io import atomic_write_bytes, atomic_write_json
-from lightning_probes.studies.aggregate import build_summary, collect_results, summary_markdown, trials_table
+from lightning_probes.studies.aggregate import build_summary, summary_markdown, trials_table
+from lightning_probes.studies.results import collect_results
 from lightning_probes.studies.runner import TrialJob, is_finished, read_status, run_ray, run_sequential, run_trial
-from lightning_probes.studies.spec import (
-    StudyError,
-    StudySpec,
-    Trial,
-    TrialConfigResolver,
-    config_digest,
-    expand_trials,
-    load_study,
-    sampled_keys,
-    tune_search_space,
-)
+from lightning_probes.studies.spec import StudyError, StudySpec, load_study
+from lightning_probes.studies.trial_config import TrialConfigResolver, config_digest
+from lightning_probes.studies.trials import Trial, expand_trials, sampled_keys, tune_search_space
 
 log = logging.getLogger(__name__)
 

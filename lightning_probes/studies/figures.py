@@ -23,23 +23,17 @@ import numpy as np
 
 from lightning_probes.functional.statistics import moving_average
 from lightning_probes.io import atomic_write_bytes, render_png
+from lightning_probes.studies.gradient_flow import GRADIENT_FLOW_WINDOWS, plotted_layers
+from lightning_probes.studies.trials import setting_key, setting_label
 
 log = logging.getLogger(__name__)
 
 __all__ = ["curves_figure", "gradient_flow_figure", "smoothed_figure", "test_figure", "write_figures"]
 
 
-def _key(params: Mapping[str, Any]) -> str:
-    import json
-
-    return json.dumps(params, sort_keys=True, default=str)
-
-
 def curves_figure(summary: Mapping[str, Any], results: Sequence[Any]) -> Any:
     """Per setting (rows) loss and accuracy (columns): seeds faint, mean bold, train and val."""
     import matplotlib.pyplot as plt
-
-    from lightning_probes.studies.aggregate import setting_label
 
     settings = summary["settings"]
     kinds = ("loss", "acc")
@@ -48,9 +42,9 @@ def curves_figure(summary: Mapping[str, Any], results: Sequence[Any]) -> Any:
     by_setting: dict[str, list[Any]] = {}
     for r in results:
         if r.status == "finished":
-            by_setting.setdefault(_key(r.params), []).append(r)
+            by_setting.setdefault(setting_key(r.params), []).append(r)
     for row, setting in enumerate(settings):
-        trials = by_setting.get(_key(setting["params"]), [])
+        trials = by_setting.get(setting_key(setting["params"]), [])
         for col, kind in enumerate(kinds):
             ax = axes[row][col]
             for stage, color in (("train", "tab:blue"), ("val", "tab:orange")):
@@ -77,8 +71,6 @@ def smoothed_figure(summary: Mapping[str, Any], smoothing: int) -> Any:
     """Every setting's smoothed mean of ``val/loss`` and of the monitor, one panel each."""
     import matplotlib.pyplot as plt
 
-    from lightning_probes.studies.aggregate import setting_label
-
     metrics = ["val/loss"] + ([summary["monitor"]] if summary["monitor"] != "val/loss" else [])
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -100,8 +92,6 @@ def smoothed_figure(summary: Mapping[str, Any], smoothing: int) -> Any:
 def test_figure(summary: Mapping[str, Any]) -> Any:
     """Mean and sample std (error bars) of every test metric (or final monitor value) per setting; seeds as dots."""
     import matplotlib.pyplot as plt
-
-    from lightning_probes.studies.aggregate import setting_label
 
     settings = summary["settings"]
     table = "test" if summary["compare"]["source"] == "test" else "final"
@@ -145,12 +135,6 @@ def _merged_order(orders: Sequence[Sequence[str]]) -> list[str]:
     return merged
 
 
-def plotted_layers(layers: Sequence[str]) -> list[int]:
-    """Indices of the weight tensors (names ending in ``weight``), or of every layer if there is none."""
-    weights = [i for i, name in enumerate(layers) if name.rsplit(".", 1)[-1].endswith("weight")]
-    return weights or list(range(len(layers)))
-
-
 def gradient_flow_figure(summary: Mapping[str, Any]) -> Any:
     """First vs last gradient-flow window (two panels, shared log y axis): per setting, one line over its weight
     tensors in network order, mean ``|grad|`` (over the window's entries, then over seeds) with the std of
@@ -164,8 +148,6 @@ def gradient_flow_figure(summary: Mapping[str, Any]) -> Any:
         summary: ``summary.json`` with its ``gradient_flow`` section.
     """
     import matplotlib.pyplot as plt
-
-    from lightning_probes.studies.aggregate import GRADIENT_FLOW_WINDOWS, setting_label
 
     settings = summary["gradient_flow"]["settings"]
     picked = [[s["layers"][i] for i in plotted_layers(s["layers"])] for s in settings]

@@ -11,7 +11,8 @@ write the same files into ``<output>/trials/<trial_id>/``:
 
 A trial whose ``status.json`` says ``finished`` is skipped; any other restarts, from ``checkpoints/last.ckpt`` if
 there is one (the previous ``metrics.csv`` is kept as ``metrics.part<k>.csv``, which
-``lightning_probes.studies.aggregate`` reads back in order).
+``lightning_probes.reading`` reads back in order). A finished trial's grid values and final metrics are also
+written as TensorBoard hparams (``log_trial_hparams``).
 
 Engines: ``sequential`` runs the trials one after another; ``ray`` runs them as Ray Tune trials
 (``tune.Tuner`` over a function trainable that calls ``run_trial``), ``max_concurrent`` at a time.
@@ -26,15 +27,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning_probes.io import atomic_write_json
+from lightning_probes.reading import final_values, read_epoch_metrics, read_test_metrics
+from lightning_probes.studies.trial_config import trial_loggers
+from lightning_probes.studies.trials import scalar_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialJob", "read_status", "run_sequential", "run_ray", "run_trial"]
+__all__ = ["TrialJob", "is_finished", "log_trial_hparams", "read_status", "run_ray", "run_sequential", "run_trial"]
 
 STATUS_FILE = "status.json"
 FINISHED, FAILED = "finished", "failed"
@@ -117,6 +121,30 @@ def _rotate_metrics(trial_dir: str) -> None:
         os.replace(current, os.path.join(trial_dir, f"metrics.part{k}.csv"))
 
 
+def log_trial_hparams(trial_dir: str, params: Mapping[str, Any], seed: int) -> None:
+    """Write the trial's grid values and seed with its final metrics as TensorBoard hparams (HPARAMS tab).
+
+    The session is written into the trial's own run (``trial_dir``), next to Lightning's scalars, so TensorBoard
+    shows each metric's last logged value in the table.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    metrics = {**final_values(read_epoch_metrics(trial_dir)), **read_test_metrics(trial_dir)}
+    if not metrics:
+        return
+    hparam_dict = {k: scalar_value(v) for k, v in params.items()}
+    hparam_dict["seed"] = seed
+    exp, ssi, sei = hparams(hparam_dict, metrics)
+    writer = SummaryWriter(log_dir=trial_dir, filename_suffix=".hparams")
+    try:
+        file_writer = writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+    finally:
+        writer.close()
+
+
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run one trial to its end (skipped if already finished) and write its ``status.json``.
 
@@ -130,9 +158,6 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     Returns:
         The trial's status (as written to ``status.json``).
     """
-    from lightning_probes.studies.aggregate import log_trial_hparams
-    from lightning_probes.studies.spec import trial_loggers
-
     previous = read_status(job.trial_dir)
     if previous and previous.get("status") == FINISHED:
         return {**previous, "skipped": True}

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from lightning_probes.studies import PreparedStudy, StudySpec, TrialJob, expand_trials, write_study_summary
-from lightning_probes.studies.aggregate import find_gradient_flow, mean_gradient_flow
 from lightning_probes.studies.figures import _merged_order
+from lightning_probes.studies.gradient_flow import find_gradient_flow, mean_gradient_flow
 from tests.studies.conftest import BASE, write_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

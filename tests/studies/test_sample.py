@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lightning_probes.studies.spec import StudyError, draw, expand_trials, load_study
+from lightning_probes.studies.spec import StudyError, load_study
+from lightning_probes.studies.trials import draw, expand_trials
 from tests.studies.conftest import write_study
 
 SAMPLE = {"model.init_args.lr": {"loguniform": [0.001, 0.1]},
@@ -62,7 +63,7 @@ def test_distributions_are_ray_tune_search_spaces(tmp_path):
     tune = pytest.importorskip("ray.tune")
     from scipy.stats import ks_2samp
 
-    from lightning_probes.studies.spec import tune_search_space
+    from lightning_probes.studies.trials import tune_search_space
 
     spec = _spec(tmp_path, sample=SAMPLE, num_samples=400)
     space = tune_search_space(spec)

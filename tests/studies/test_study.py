@@ -188,7 +188,7 @@ def test_kill_9_mid_study_then_rerun_keeps_every_epoch_once(tmp_path):
     import sys
     import time
 
-    from lightning_probes.studies.aggregate import read_epoch_metrics
+    from lightning_probes.reading import read_epoch_metrics
 
     root = Path(__file__).resolve().parents[2]
     overrides = {**__import__("tests.studies.conftest", fromlist=["OVERRIDES"]).OVERRIDES,
