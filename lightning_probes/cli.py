@@ -14,13 +14,14 @@ import sys
 from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 import lightning_probes.callbacks  # noqa: F401  (registers the probes for `--trainer.callbacks NAME`)
 import lightning_probes.datamodules  # noqa: F401  (registers the DataModules for `--data NAME`)
 import lightning_probes.models  # noqa: F401  (registers the models for `--model NAME`)
 from lightning_probes.commands import COMMANDS
 from lightning_probes.errors import DataFilesError, DownloadError, ProbeConfigurationError
+from lightning_probes.run_dir import run_directory
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,36 @@ _CONFIG_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError)
 # Raised while the subcommand runs, only these mean "bad configuration"; anything else (a ValueError in a
 # model's `training_step`, say) is a bug in code and keeps its traceback.
 _RUN_CONFIG_ERRORS = (DataFilesError, DownloadError, ProbeConfigurationError)
+
+
+class RunDirSaveConfigCallback(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback`` that also saves when the logger has no directory of its own.
+
+    Lightning's callback writes ``<trainer.log_dir>/config.yaml`` and stops with a bare ``AssertionError`` when
+    ``trainer.log_dir`` is ``None`` (``MLFlowLogger`` with a ``sqlite:///`` tracking URI). This one writes it to
+    `lightning_probes.run_dir.run_directory` instead: ``<default_root_dir>/<logger name>/<version>/config.yaml``,
+    the directory that holds the run's checkpoints and probe files, and says where in the log. Arguments are those
+    of ``SaveConfigCallback``.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir or trainer.log_dir is not None:
+            super().setup(trainer, pl_module, stage)
+            return
+        directory = run_directory(trainer)
+        config_path = os.path.join(directory, self.config_filename)
+        if not self.overwrite:
+            exists = trainer.strategy.broadcast(os.path.isfile(config_path) if trainer.is_global_zero else False)
+            if exists:
+                raise RuntimeError(f"{config_path} exists already: not overwriting a previous run's config")
+        if trainer.is_global_zero:
+            os.makedirs(directory, exist_ok=True)
+            self.parser.save(self.config, config_path, skip_none=False, overwrite=self.overwrite,
+                             multifile=self.multifile)
+            log.info("The logger has no directory: config saved to %s", config_path)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class ProbesCLI(LightningCLI):
@@ -64,6 +95,7 @@ def _make_cli(args: Optional[list[str]], run: bool) -> ProbesCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        save_config_callback=RunDirSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )

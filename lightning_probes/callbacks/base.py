@@ -28,6 +28,7 @@ from lightning_probes.io import (
     render_png,
 )
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
+from lightning_probes.run_dir import run_directory
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class ProbeCallback(Callback):
 
     Args:
         output_dir: Directory for the outputs. Default: ``<trainer.log_dir>/probes``, or
-            ``<trainer.default_root_dir>/probes`` without a logger.
+            ``<trainer.default_root_dir>/probes`` without a logger; for a logger without a directory (MLflow on a
+            database) ``<trainer.default_root_dir>/<logger name>/<version>/probes`` (`run_directory`).
         name: Names the probe's files and its scalar prefix, and enters its ``state_key``; two instances of one
             probe in one Trainer need distinct names. Default: the probe's file stem (e.g. ``gradient_stats``).
     """
@@ -152,8 +154,7 @@ class ProbeCallback(Callback):
         if self._output_dir_arg is not None:
             directory = self._output_dir_arg
         else:
-            base = trainer.log_dir if trainer.loggers and trainer.log_dir else trainer.default_root_dir
-            directory = os.path.join(base, "probes")
+            directory = os.path.join(run_directory(trainer), "probes")
         self._output_dir = os.path.abspath(directory)
         for other in trainer.callbacks:
             if other is not self and isinstance(other, ProbeCallback) and other._output_dir is not None \
