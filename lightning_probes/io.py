@@ -1,4 +1,5 @@
-"""Durable output: JSON Lines flushed per write, and summary files written atomically (temp file + rename)."""
+"""Durable output: JSON Lines appended in bulk (one write and one flush per call), and summary files written
+atomically (temp file + rename)."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 class JsonlWriter:
-    """Append-only JSON Lines file; every ``write`` ends in a flush, so a crash loses no finished record.
+    """Append-only JSON Lines file; every ``write`` appends its records in one call and flushes (`RecordBuffer`
+    in front of it decides how many records a ``write`` carries).
 
     The file opens lazily on the first write. On a fresh start an existing non-empty file is moved aside
     (``name.<timestamp>.jsonl``), never overwritten; a writer closed and reopened (fit, then test) appends. On

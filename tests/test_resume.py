@@ -161,3 +161,85 @@ def test_kill_twice_and_resume_keeps_every_record_once(tmp_path, fixed_version, 
     table = read_probes(final)
     assert set(table["probe"]) == set(PROBES)
     assert table[table.probe == "gradient_stats"]["step"].min() == 0
+
+
+BETWEEN_FLUSHES = """
+seed_everything: 7
+trainer:
+  max_epochs: 3
+  accelerator: cpu
+  limit_train_batches: 6
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args: {{save_dir: "{save_dir}", name: "{name}"}}
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 4, save_last: true, save_top_k: -1}}
+    - class_path: tests.crash.PauseAt
+    - class_path: lightning_probes.GradientStatsMonitor
+      init_args: {{every_n_steps: 1, flush_every_n_steps: {flush}, flush_secs: null}}
+    - class_path: lightning_probes.GradientDynamicsMonitor
+      init_args: {{every_n_steps: 1, flush_every_n_steps: {flush}, flush_secs: null}}
+    - class_path: lightning_probes.ConfidenceMonitor
+      init_args: {{plot_every_n_epochs: 0, flush_every_n_steps: {flush}, flush_secs: null}}
+model:
+  class_path: MLP
+  init_args: {{hidden: [32, 16, 16], lr: 0.05}}
+data:
+  class_path: DigitsDataModule
+  init_args: {{batch_size: 32}}
+"""
+FLUSH = 5
+
+
+def _ordered_keys(path: Path) -> list[tuple]:
+    return [tuple((k, r[k]) for k in KEY_FIELDS if k in r) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_kill_between_flushes_loses_at_most_one_interval_and_a_resume_restores_every_record(tmp_path, monkeypatch):
+    """Records are written every `FLUSH` steps, at epoch ends and before each checkpoint (every 4 steps). The run
+    is killed at step 10 of 18: steps 8-9 exist only in memory, the last checkpoint is at step 8."""
+    from lightning_probes.cli import main
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(BETWEEN_FLUSHES.format(save_dir=tmp_path / "runs", name=name, flush=FLUSH))
+        return path
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config("reference"))])
+    crash = config("crash")
+    _fit(crash, tmp_path, kill_at="1:4")  # epoch 1, batch 4: global step 10, before its records
+    killed = tmp_path / "runs" / "crash" / "version_0"
+    assert torch_load_step(killed / "checkpoints" / "last.ckpt") == 8
+    reference = tmp_path / "runs" / "reference" / "version_0" / "probes"
+    kill_step = 10
+    for probe in ("gradient_stats", "gradient_dynamics"):
+        expected = [k for k in _ordered_keys(reference / f"{probe}.jsonl") if dict(k)["step"] < kill_step]
+        on_disk = _ordered_keys(killed / "probes" / f"{probe}.jsonl")
+        assert on_disk == expected[:len(on_disk)], f"{probe}: not an exact prefix of the uninterrupted history"
+        lost = {dict(k)["step"] for k in expected[len(on_disk):]}
+        assert lost and min(lost) >= kill_step - FLUSH, f"{probe}: lost steps {sorted(lost)}"
+        assert lost == {8, 9}  # written through the checkpoint at step 8, nothing after it
+    # The epoch-level probe wrote epoch 0 at its end.
+    assert [dict(k)["epoch"] for k in _ordered_keys(killed / "probes" / "confidence.jsonl")] == [0]
+
+    _fit(crash, tmp_path, ckpt=killed / "checkpoints" / "last.ckpt")
+    final = tmp_path / "runs" / "crash" / "version_1" / "probes"
+    for probe in ("gradient_stats", "gradient_dynamics", "confidence"):
+        expected = _keys(reference / f"{probe}.jsonl")
+        got = _keys(final / f"{probe}.jsonl")
+        assert expected and not [k for k, n in got.items() if n > 1], probe
+        assert got == expected, (f"{probe}: missing {sorted(set(expected) - set(got))[:3]}, "
+                                 f"extra {sorted(set(got) - set(expected))[:3]}")
+
+
+def torch_load_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])

@@ -55,6 +55,9 @@ class ActivationStatsMonitor(RepresentationProbe):
         target_key: For dict batches: the key of the class labels that balance the probe set.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``activation_stats``.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer

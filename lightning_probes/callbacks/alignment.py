@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from matplotlib.figure import Figure
 from torch import nn
 
-from lightning_probes.callbacks.base import FigureSpec
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.capture import ActivationCapture, uncompiled
 from lightning_probes.checks import check_float
@@ -71,6 +71,9 @@ class AlignmentMonitor(RepresentationProbe):
         name: Name of the probe's files and scalar prefix; default ``alignment``.
         plot_every_n_epochs: Draw ``distributions.png`` every n completed epochs and at the end of the fit; 0:
             never during training (``lightning-probes plot`` redraws it from the JSONL).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Raises:
         ValueError: On a bad argument; at the start of training (`ProbeConfigurationError`) for named ``layers``
@@ -101,12 +104,15 @@ class AlignmentMonitor(RepresentationProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
         # max_features=1: the layer check's forward (`RepresentationProbe._prepare`) keeps one output feature.
         super().__init__(layers=layers, num_samples=num_samples, max_features=1, every_n_epochs=every_n_epochs,
                          batch_size=batch_size, seed=seed, search_batches=search_batches, forward_fn=forward_fn,
                          input_key=input_key, target_key=target_key, output_dir=output_dir, name=name,
-                         plot_every_n_epochs=plot_every_n_epochs)
+                         plot_every_n_epochs=plot_every_n_epochs,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "layers": {}}

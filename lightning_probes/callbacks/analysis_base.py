@@ -8,7 +8,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_positive_int
 from lightning_probes.probe_data import MissingValidationDataError, ProbeSet, analysis_mode, run_forward
 
@@ -47,6 +47,9 @@ class AnalysisProbe(ProbeCallback):
             it holds one integer label per sample.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default the probe's file stem.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class AnalysisProbe(ProbeCallback):
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(output_dir, name)
+        super().__init__(output_dir, name, flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         check_positive_int("num_samples", num_samples)
         check_positive_int("search_batches", search_batches)
         if isinstance(seed, bool) or not isinstance(seed, int):

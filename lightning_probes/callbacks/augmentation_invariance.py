@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.transforms import v2
 
-from lightning_probes.callbacks.base import FigureSpec
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_positive_int
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
@@ -70,6 +70,9 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         plot_every_n_epochs: Draw the figures every n completed epochs and at the end of the fit; 0: never during
             training (``lightning-probes plot`` redraws them from the JSONL, ``correlations.npz`` and
             ``views.npz``).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
     """
 
     probe_name = "augmentation_invariance"
@@ -92,12 +95,15 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
         check_positive_int("num_images", num_images)
         super().__init__(layers=layers, num_samples=max(2, num_images) * 20, max_features=max_features,
                          every_n_epochs=every_n_epochs, batch_size=batch_size, seed=seed, search_batches=100,
                          forward_fn=forward_fn, input_key=input_key, target_key=target_key, output_dir=output_dir,
-                         name=name, plot_every_n_epochs=plot_every_n_epochs)
+                         name=name, plot_every_n_epochs=plot_every_n_epochs,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         check_positive_int("num_views", num_views)
         check_positive_int("matrix_views", matrix_views)
         if num_images < 2:

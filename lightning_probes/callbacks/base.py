@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_probes.checks import check_fraction, check_positive_int
+from lightning_probes.checks import check_float, check_fraction, check_positive_int
 from lightning_probes.io import (
     JsonlWriter,
     atomic_save_npz,
@@ -28,6 +29,7 @@ from lightning_probes.io import (
     render_png,
 )
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
+from lightning_probes.record_buffer import Produce, RecordBuffer
 from lightning_probes.run_dir import run_directory
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,31 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HPARAM_TYPES = (bool, int, float, str, type(None))
 #: A figure that can be drawn later: ``(file name in <name>/, logger tag relative to the probe, draw())``.
 FigureSpec = tuple[str, str, Callable[[], Any]]
+#: Hooks after which a probe writes its buffered records, whether or not a subclass overriding them calls super().
+_FLUSH_AFTER = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end", "on_predict_epoch_end",
+                "on_exception", "teardown")
+#: Default of ``flush_secs``: a record waits in memory at most this long (checked when the probe writes).
+DEFAULT_FLUSH_SECS = 60.0
+
+
+def _flushing(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` followed by writing the probe's buffered records (and closing the file, after ``teardown``)."""
+    closing = hook.__name__ == "teardown"
+    on_error = hook.__name__ == "on_exception"  # writes what it can, never hides the exception being handled
+
+    @functools.wraps(hook)
+    def wrapper(self: ProbeCallback, *args: Any, **kwargs: Any) -> None:
+        if not (closing or on_error):
+            hook(self, *args, **kwargs)
+            self.flush_records()
+            return
+        try:
+            hook(self, *args, **kwargs)
+        finally:
+            self._flush_quietly(close=closing)
+
+    wrapper._flushes = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def check_plot_every(value: Any) -> int:
@@ -52,11 +79,21 @@ def check_plot_every(value: Any) -> int:
 class ProbeCallback(Callback):
     """Base class of every probe: owns ``<output_dir>/<name>.jsonl``, ``<output_dir>/<name>/`` and the loggers.
 
-    Files: the JSON Lines history is ``<output_dir>/<name>.jsonl`` (one record per line, flushed per write);
+    Files: the JSON Lines history is ``<output_dir>/<name>.jsonl`` (one record per line, written in bulk);
     every other file of the probe (summary JSON, PNG figures, NPZ arrays) lies in ``<output_dir>/<name>/``.
     Scalars are named ``<name>/<stat>[/<layer>]`` and go to every attached logger; figures go to every logger
     that takes images (TensorBoard ``add_image``, W&B ``log_image``, MLflow ``log_figure``). Only global rank 0
     writes files.
+
+    Records in bulk: `write_records` and `defer_records` put records into an in-memory buffer, written to the
+    JSONL in one append once its oldest record is ``flush_every_n_steps`` optimiser steps old (its records span
+    that many steps) or ``flush_secs`` seconds old (checked when a record comes), and always before a checkpoint
+    is saved (``state_dict``, which Lightning calls before ``on_save_checkpoint``, writes first, so the checkpoint's
+    ``records_written`` counts what is on disk), after every epoch-end hook, on an exception, at teardown and at
+    interpreter exit. `read_history` writes first. A run killed (``kill -9``, power loss) loses at most the
+    buffered records: those of the last ``flush_every_n_steps`` steps or ``flush_secs`` seconds; a resume from a
+    checkpoint restores every record up to the checkpoint. Subclasses may override the epoch-end hooks,
+    ``on_exception`` and ``teardown`` without calling ``super()``: the buffer is written after them all the same.
 
     Resume: ``state_dict`` holds the output directory and the number of records written. When a run resumes
     from a checkpoint, the probe's history up to the checkpoint (the first ``records_written`` records, and
@@ -78,6 +115,9 @@ class ProbeCallback(Callback):
             database) ``<trainer.default_root_dir>/<logger name>/<version>/probes`` (`run_directory`).
         name: Names the probe's files and its scalar prefix, and enters its ``state_key``; two instances of one
             probe in one Trainer need distinct names. Default: the probe's file stem (e.g. ``gradient_stats``).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps; 1 writes each
+            step's records as they come. Default ``None``: the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old (> 0; ``None``: no time limit).
     """
 
     probe_name: str = "probe"
@@ -87,7 +127,21 @@ class ProbeCallback(Callback):
     #: Statistics logged per layer, for the TensorBoard custom-scalars layout (one chart per statistic).
     layout_stats: Sequence[str] = ()
 
-    def __init__(self, output_dir: Optional[str] = None, name: Optional[str] = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in _FLUSH_AFTER:
+            method = cls.__dict__.get(hook)
+            if callable(method) and not getattr(method, "_flushes", False):
+                setattr(cls, hook, _flushing(method))
+
+    def __init__(self, output_dir: Optional[str] = None, name: Optional[str] = None,
+                 flush_every_n_steps: Optional[int] = None, flush_secs: Optional[float] = DEFAULT_FLUSH_SECS) -> None:
+        check_positive_int("flush_every_n_steps", flush_every_n_steps, allow_none=True)
+        if flush_secs is not None:
+            check_float("flush_secs", flush_secs, low=0.0, low_open=True)
+        self.flush_every_n_steps = flush_every_n_steps
+        self.flush_secs = flush_secs
+        self._buffer: Optional[RecordBuffer] = None
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
             raise ValueError(f"Expected `output_dir` to be a path or None, but got {output_dir!r}")
         if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
@@ -107,6 +161,9 @@ class ProbeCallback(Callback):
         return self._generate_state_key(name=self.name, output_dir=self._output_dir_arg)
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning collects the callbacks' state before `on_save_checkpoint`: write the buffer first, so the
+        # checkpoint counts exactly the records on disk.
+        self.flush_records()
         if self._writer is not None:
             records = self._writer.records_written
         else:
@@ -125,6 +182,7 @@ class ProbeCallback(Callback):
         """Make ``<name>.jsonl`` hold exactly the history up to the checkpoint (global rank 0 only)."""
         source_dir, count = self._resume
         self._resume = None
+        self.flush_records()  # anything still buffered belongs to the history being cut back
         target = self._writer.path
         source = os.path.join(source_dir, f"{self.name}.jsonl") if source_dir else target
         if os.path.abspath(source) == os.path.abspath(target):
@@ -162,32 +220,95 @@ class ProbeCallback(Callback):
                 raise ValueError(f"Two probes ({type(other).__name__} and {type(self).__name__}) would both write "
                                  f"{self.jsonl_path}; give them distinct `name` arguments")
         if trainer.is_global_zero and (self._writer is None or self._writer.path != self.jsonl_path):
+            self.flush_records()  # a probe reused in another Trainer writes the old run's records to the old file
             self._writer = JsonlWriter(self.jsonl_path)
+            self._buffer = RecordBuffer(self._writer, None, self.flush_secs)
             if self._resume is not None:
                 self._restore_history()
+        if self._buffer is not None:
+            self._buffer.flush_every_n_steps = (self.flush_every_n_steps if self.flush_every_n_steps is not None
+                                                else max(1, trainer.log_every_n_steps))
         if trainer.is_global_zero:
             cls = type(self)
             self.save_json(trainer, {"class_path": f"{cls.__module__}.{cls.__qualname__}", "name": self.name,
                                      "settings": self.hparams()}, "settings.json")
 
+    # Every epoch end, an exception and teardown write the buffer (and teardown closes the file); a subclass's
+    # override of one of these hooks is wrapped to do the same after its own body (`__init_subclass__`).
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush_records()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush_records()
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush_records()
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush_records()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._flush_quietly()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._flush_quietly(close=True)
+
+    for _hook in (on_train_epoch_end, on_validation_epoch_end, on_test_epoch_end, on_predict_epoch_end,
+                  on_exception, teardown):
+        _hook._flushes = True  # type: ignore[attr-defined]
+    del _hook
 
     def path(self, filename: str) -> str:
         """Path of one of the probe's files: ``<output_dir>/<name>/<filename>``."""
         return os.path.join(self.output_dir, self.name, filename)
 
     def write_records(self, trainer: pl.Trainer, records: Iterable[Mapping[str, Any]]) -> None:
-        """Append records to the probe's JSONL (global rank 0 only)."""
-        if trainer.is_global_zero and self._writer is not None:
-            self._writer.write(records)
+        """Append records to the probe's JSONL, through the buffer (global rank 0 only; others drop them).
+
+        The records are taken as they are now (a list of the mappings; do not change them afterwards) and written
+        in bulk (see the class docstring); their order in the file is the order of the calls.
+        """
+        if trainer.is_global_zero and self._buffer is not None:
+            self._buffer.add(records, trainer.global_step)
+
+    def defer_records(self, trainer: pl.Trainer, produce: Produce, block: Optional[torch.Tensor] = None) -> None:
+        """Queue records that are made only when the buffer is written, in order with `write_records`' records.
+
+        Use it to keep a logged step's statistics on their device until the flush: with ``block`` (a tensor, e.g.
+        tensors x statistics, on any device), every block pending at a flush goes to the host in one copy per
+        (device, dtype), and ``produce(block_on_host)`` makes the records from it; without, ``produce()`` is
+        called. Global rank 0 only: on other ranks nothing is kept and ``produce`` is never called, so it must not
+        enter a collective. Do not change ``block`` in place after handing it over.
+
+        Args:
+            trainer: The Trainer.
+            produce: Returns the records (an iterable of mappings) when called at the flush.
+            block: Optional tensor handed to ``produce`` on the CPU.
+        """
+        if trainer.is_global_zero and self._buffer is not None:
+            self._buffer.defer(produce, trainer.global_step, block)
+
+    def flush_records(self) -> int:
+        """Write every buffered record now (global rank 0; elsewhere a no-op). Returns how many were written."""
+        return self._buffer.flush() if self._buffer is not None else 0
+
+    def _flush_quietly(self, close: bool = False) -> None:
+        """`flush_records` on the way out (an exception, teardown): a failure is a warning, not a new exception."""
+        try:
+            self.flush_records()
+        except Exception as err:  # noqa: BLE001 (never hide the exception being handled)
+            log.warning("%s %r could not write its buffered records: %s", type(self).__name__, self.name, err)
+            if self._buffer is not None:
+                self._buffer.discard()
+        if close and self._writer is not None:
+            self._writer.close()
 
     def read_history(self) -> list[dict[str, Any]]:
-        """Every record of this run's history so far (global rank 0; the resumed history included)."""
+        """Every record of this run's history so far, the buffered ones included (global rank 0; the resumed
+        history included)."""
         if self._writer is None:
             return []
-        self._writer.flush()
+        self.flush_records()
         return read_jsonl(self._writer.path)
 
     # -- scalars ------------------------------------------------------------------------------------
@@ -266,6 +387,7 @@ class ProbeCallback(Callback):
         """
         if not trainer.is_global_zero or self.plot_every_n_epochs <= 0:
             return
+        self.flush_records()  # a drawing may read the probe's files
         if self.figures_due(trainer, epochs_done):
             self._pending_figures.pop(filename, None)
             self.save_figure(trainer, draw(), filename, tag, step)
@@ -276,6 +398,7 @@ class ProbeCallback(Callback):
         """Draw the figures kept by `figure` since they were last drawn (global rank 0)."""
         pending, self._pending_figures = self._pending_figures, {}
         if trainer.is_global_zero:
+            self.flush_records()  # a drawing may read the probe's files
             for filename, (tag, step, draw) in pending.items():
                 self.save_figure(trainer, draw(), filename, tag, step)
 
@@ -422,6 +545,9 @@ class ParameterProbe(ProbeCallback):
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the probe's files (see `ProbeCallback`).
         name: Name of the probe's files and scalars (see `ProbeCallback`).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
     """
 
     def __init__(
@@ -431,8 +557,10 @@ class ParameterProbe(ProbeCallback):
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(output_dir, name)
+        super().__init__(output_dir, name, flush_every_n_steps, flush_secs)
         check_positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.include, self.exclude = include, exclude

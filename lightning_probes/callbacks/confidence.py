@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
 from lightning_probes.callbacks.base import (
+    DEFAULT_FLUSH_SECS,
     FigureSpec,
     ProbeCallback,
     check_fraction,
@@ -236,6 +237,9 @@ class ConfidenceMonitor(ProbeCallback):
         KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found).
         ValueError: For logits or targets of the wrong shape or dtype, soft-label targets, or targets outside
             ``[0, C)`` that are not ``ignore_index``.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -259,8 +263,10 @@ class ConfidenceMonitor(ProbeCallback):
         ignore_index: Optional[int] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(output_dir, name)
+        super().__init__(output_dir, name, flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         for arg, value in (("logits_key", logits_key), ("target_key", target_key)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"Expected `{arg}` to be a non-empty string, but got {value!r}")

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks.base import ParameterProbe
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional._fused import (
     FusedKernel,
@@ -154,6 +154,9 @@ class GradientDynamicsMonitor(ParameterProbe):
             passes. The first step pays the compilation once (seconds; see `compile_seconds`); where compiling
             is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
             agree to float rounding (they are summed in another order, in float64).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -178,8 +181,11 @@ class GradientDynamicsMonitor(ParameterProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         compile: bool = False,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(every_n_steps, include, exclude, output_dir, name)
+        super().__init__(every_n_steps, include, exclude, output_dir, name,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         check_float("zero_threshold", zero_threshold, low=0.0, low_open=True)
         check_float("release_threshold", release_threshold, low=0.0, low_open=True)
         if zero_threshold > release_threshold:

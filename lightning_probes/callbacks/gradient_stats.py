@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks.base import ParameterProbe, check_positive_int
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe, check_positive_int
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
 from lightning_probes.functional.gradients import nonfinite_counts, norm_summary, stats_from_summary, total_summary
 from lightning_probes.naming import TOTAL, Patterns
@@ -57,6 +57,9 @@ class GradientStatsMonitor(ParameterProbe):
             instead of four eager ones (float32 or float64 gradients; others stay eager). The first step pays
             the compilation once (seconds; see `compile_seconds`); where compiling is unavailable or fails, it
             runs eagerly (logged once). The statistics agree with the eager ones to float rounding.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -76,8 +79,11 @@ class GradientStatsMonitor(ParameterProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         compile: bool = False,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(every_n_steps, include, exclude, output_dir, name)
+        super().__init__(every_n_steps, include, exclude, output_dir, name,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         check_positive_int("window", window)
         check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         self.window = window

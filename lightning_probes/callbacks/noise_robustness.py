@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
-from lightning_probes.callbacks.base import FigureSpec, check_plot_every
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_plot_every
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
 from lightning_probes.probe_data import (
@@ -70,6 +70,9 @@ class NoiseRobustnessMonitor(AnalysisProbe):
             ``sigma``) need two names.
         plot_every_n_epochs: Draw ``histogram.png`` every n completed epochs and at the end of the fit; 0: never
             during training (``lightning-probes plot`` redraws it from the JSONL and ``epoch<E>.npz``).
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -96,8 +99,11 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
+        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         check_positive_int("num_draws", num_draws)
         check_positive_int("every_n_epochs", every_n_epochs)

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
-from lightning_probes.callbacks.base import check_plot_every
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, check_plot_every
 from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
 from lightning_probes.checks import check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
@@ -51,6 +51,9 @@ class RepresentationProbe(AnalysisProbe):
         target_key: For dict batches: the key of the class labels that balance the probe set.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default the probe's file stem.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
     """
 
     #: Selection without ``layers``: ``"blocks"`` or ``"all"`` (see `lightning_probes.capture.select_modules`).
@@ -71,8 +74,11 @@ class RepresentationProbe(AnalysisProbe):
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
+        flush_every_n_steps: Optional[int] = None,
+        flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
-        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name)
+        super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name,
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
         self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)
                                    or len(layers) == 0):
