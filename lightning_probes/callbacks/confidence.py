@@ -232,14 +232,14 @@ class ConfidenceMonitor(ProbeCallback):
         ignore_index: Targets equal to this value are left out (e.g. ``-100`` or ``255`` for unlabelled pixels).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``confidence``.
+        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
+            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
+        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Raises:
         KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found).
         ValueError: For logits or targets of the wrong shape or dtype, soft-label targets, or targets outside
             ``[0, C)`` that are not ``ignore_index``.
-        flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
-            `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
-        flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
 
     Example:
         >>> from pytorch_lightning import Trainer
