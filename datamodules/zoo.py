@@ -1,4 +1,5 @@
-"""`ZooDataModule`: the meta-networks' data set (``lightning-probes zoo-dataset``), split by model."""
+"""`ZooDataModule`: the meta-networks' data set (``lightning-probes zoo-dataset``), split by model, by pair, or by
+model and image."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from lightning_probes.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZooDataModule", "split_models"]
+__all__ = ["SPLITS", "ZooDataModule", "split_models", "split_models_and_images"]
 
 Task = Literal["classification", "regression"]
 _TASKS = ("classification", "regression")
+Split = Literal["model", "pair", "sample", "model_and_image"]
+#: The protocols of `ZooDataModule`'s ``split_by`` ("sample" is the former name of "pair").
+SPLITS = ("model", "pair", "sample", "model_and_image")
 
 
 def split_models(model_ids: Sequence[int], split_seed: int, val_fraction: float,
@@ -50,6 +54,41 @@ def split_models(model_ids: Sequence[int], split_seed: int, val_fraction: float,
     shuffled = [ids[i] for i in order]
     return {"train": sorted(shuffled[n_test + n_val:]), "val": sorted(shuffled[n_test:n_test + n_val]),
             "test": sorted(shuffled[:n_test])}
+
+
+def split_models_and_images(model_ids: np.ndarray, image_ids: np.ndarray, split_seed: int, val_fraction: float,
+                            test_fraction: float, groups: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Row masks of the honest protocol: test models never seen in training, test images never seen by any
+    training pair.
+
+    The groups (training runs; each model its own group when ``groups`` is ``None``) are split by `split_models`,
+    so every checkpoint of one run lands on one side; the distinct images are split the same way with the seed
+    ``split_seed + 1``. A row is in ``train`` when its model and its image are both train ones, likewise ``val`` and
+    ``test``; the rows that mix sides are in no split (the price of the protocol: with fractions ``v`` and ``t``
+    about ``(1 - v - t)^2 + v^2 + t^2`` of the rows are kept).
+
+    Args:
+        model_ids: ``(N,)`` model id of each row.
+        image_ids: ``(N,)`` image id of each row (``sample_index`` into the shared image set).
+        split_seed: Seed of the split.
+        val_fraction: Share of the groups and of the images for validation.
+        test_fraction: Share of the groups and of the images for testing.
+        groups: ``(N,)`` group (training run) of each row, or ``None``.
+
+    Returns:
+        ``{"train", "val", "test"}`` -> ``(N,)`` boolean masks, disjoint.
+
+    Example:
+        >>> m = np.repeat(np.arange(10), 10); i = np.tile(np.arange(10), 10)
+        >>> masks = split_models_and_images(m, i, 0, 0.2, 0.2)
+        >>> [int(masks[k].sum()) for k in ("train", "val", "test")]  # 6 models x 6 images, 2 x 2, 2 x 2
+        [36, 4, 4]
+    """
+    model_ids, image_ids = np.asarray(model_ids), np.asarray(image_ids)
+    groups = model_ids if groups is None else np.asarray(groups)
+    by_group = split_models(np.unique(groups).tolist(), split_seed, val_fraction, test_fraction)
+    by_image = split_models(np.unique(image_ids).tolist(), split_seed + 1, val_fraction, test_fraction)
+    return {k: np.isin(groups, by_group[k]) & np.isin(image_ids, by_image[k]) for k in ("train", "val", "test")}
 
 
 class _ZooDataset(Dataset):
@@ -83,9 +122,13 @@ class ZooDataModule(pl.LightningDataModule):
         test_fraction: Share of the models for testing, in (0, 1).
         batch_size: Samples per batch.
         layers: The layers the meta-network reads, in order (their arrays in the shards).
-        split_by: ``"model"`` (the headline protocol: test models are never seen in training) or ``"sample"``
-            (samples split at random, every model on both sides; for comparison). With ``"sample"`` the fractions
-            are shares of the samples and no split file is written.
+        split_by: The protocol. ``"model"``: test models are never seen in training (their images may be);
+            ``"model_and_image"`` (the honest protocol): test models never seen in training and test images never
+            seen by any training pair, with every checkpoint of one training run on one side when the data set has
+            a ``group`` array (`split_models_and_images`); ``"pair"`` (the original study's): model-image pairs
+            split at random, so every model is on both sides (``"sample"`` is its former name). With ``"pair"``
+            the fractions are shares of the pairs; with ``"model_and_image"`` of the runs and of the images. The
+            split file is written for ``"model"`` and ``"model_and_image"``.
         max_models: Use only the first ``max_models`` model ids (to measure how results grow with the zoo);
             ``None`` uses all.
         num_workers: DataLoader worker processes.
@@ -100,7 +143,7 @@ class ZooDataModule(pl.LightningDataModule):
         test_fraction: float = 0.25,
         batch_size: int = 256,
         layers: Sequence[str] = ("pool2", "fc1", "fc2", "fc3"),
-        split_by: Literal["model", "sample"] = "model",
+        split_by: Split = "model",
         max_models: Optional[int] = None,
         num_workers: int = 0,
     ) -> None:
@@ -114,8 +157,8 @@ class ZooDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `val_fraction + test_fraction` below 1, but got {val_fraction + test_fraction}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}")
-        if split_by not in ("model", "sample"):
-            raise ValueError(f"Expected `split_by` to be 'model' or 'sample', but got {split_by!r}")
+        if split_by not in SPLITS:
+            raise ValueError(f"Expected `split_by` to be one of {SPLITS}, but got {split_by!r}")
         if max_models is not None and (isinstance(max_models, bool) or not isinstance(max_models, int)
                                        or max_models < 3):
             raise ValueError(f"Expected `max_models` to be None or an integer >= 3, but got {max_models!r}")
@@ -144,11 +187,13 @@ class ZooDataModule(pl.LightningDataModule):
         if self.arrays:
             return
         hp = self.hparams
-        data = load_shards(self.data_dir, layers=list(hp.layers))
+        # A `group` array (the training run of each row), where the data set has one, keeps a run's checkpoints on
+        # one side of the "model_and_image" split.
+        data = load_shards(self.data_dir, layers=[*hp.layers, "group"])
         missing = [n for n in hp.layers if n not in data]
         if missing:
             found = sorted(k for k in data if k not in ("model_id", "sample_index", "label", "pred", "correct",
-                                                        "ratio"))
+                                                        "ratio", "group"))
             raise ValueError(f"Expected `layers` to name arrays of the data set, but {missing} are not in "
                              f"{self.data_dir!r} (it has {found})")
         model_ids = np.unique(data["model_id"])
@@ -160,7 +205,12 @@ class ZooDataModule(pl.LightningDataModule):
             self.splits = split_models(model_ids.tolist(), hp.split_seed, hp.val_fraction, hp.test_fraction)
             self._write_split()
             masks = {k: np.isin(data["model_id"], ids) for k, ids in self.splits.items()}
-        else:
+        elif hp.split_by == "model_and_image":
+            masks = split_models_and_images(data["model_id"], data["sample_index"], hp.split_seed, hp.val_fraction,
+                                            hp.test_fraction, data.get("group"))
+            self.splits = {k: sorted(np.unique(data["model_id"][m]).tolist()) for k, m in masks.items()}
+            self._write_split()
+        else:  # "pair" (or its former name "sample")
             rows = split_models(range(len(data["model_id"])), hp.split_seed, hp.val_fraction, hp.test_fraction)
             masks = {}
             for k, idx in rows.items():

@@ -94,16 +94,23 @@ class LeNet5(ImageClassifier):
     Args:
         activation: ``"relu"`` or ``"tanh"``.
         dropout: Dropout probability after ``fc1`` and ``fc2`` (modules ``drop1``, ``drop2``), in [0, 1).
+        padding: Zero padding of ``conv1`` (0, 1 or 2). 2, the default, keeps a 28x28 input's 5x5 ``pool2`` maps
+            (400 features); 0 is the original meta-network study's unpadded LeNet5 (``pool2`` 16 x 4 x 4 = 256).
         **kwargs: Further `ImageClassifier` arguments (defaults: 1x28x28 inputs, 10 classes, lr 0.05).
     """
 
-    def __init__(self, activation: Literal["relu", "tanh"] = "relu", dropout: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, activation: Literal["relu", "tanh"] = "relu", dropout: float = 0.0, padding: int = 2,
+                 **kwargs: Any) -> None:
         if activation not in ("relu", "tanh"):
             raise ValueError(f"Expected `activation` to be one of ('relu', 'tanh'), but got {activation!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"Expected `dropout` to be in [0, 1), but got {dropout!r}")
+        if isinstance(padding, bool) or padding not in (0, 1, 2):
+            raise ValueError(f"Expected `padding` to be 0, 1 or 2, but got {padding!r}")
         super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        return LeNet5Net(hp.in_channels, hp.num_classes, hp.input_size, hp.activation, hp.get("dropout", 0.0))
+        # Checkpoints from before `padding` existed have none in their hyper-parameters: they were padded by 2.
+        return LeNet5Net(hp.in_channels, hp.num_classes, hp.input_size, hp.activation, hp.get("dropout", 0.0),
+                         hp.get("padding", 2))

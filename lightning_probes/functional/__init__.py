@@ -1,7 +1,7 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `calibration`,
-`dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is
+`boundary`, `dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is
 importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
@@ -25,6 +25,7 @@ from lightning_probes.functional.alignment import (
     conv_patches,
     layer_rows,
 )
+from lightning_probes.functional.boundary import boundary_distances, linear_stability
 from lightning_probes.functional.calibration import (
     adaptive_bins_from_histogram,
     brier_score,
@@ -69,10 +70,12 @@ from lightning_probes.functional.metanet import (
     LAYER_STATS,
     baseline_scores,
     best_threshold,
+    binomial_nll,
     encode_layer,
     encoded_width,
     error_detection_metrics,
     fpr_at_tpr,
+    r2_ceiling,
     regression_metrics,
     select_by_correctness,
     stack_encoded,
@@ -130,6 +133,8 @@ __all__ = [
     "alignment_summary",
     "baseline_scores",
     "best_threshold",
+    "binomial_nll",
+    "boundary_distances",
     "brier_score",
     "calibration_bin_index",
     "calibration_error",
@@ -169,6 +174,7 @@ __all__ = [
     "l2_norms",
     "layer_rows",
     "linear_cka",
+    "linear_stability",
     "masked_mean_confidence",
     "minibatch_hsic_terms",
     "moving_average",
@@ -185,6 +191,7 @@ __all__ = [
     "predictive_entropy",
     "random_orders",
     "ranked_order",
+    "r2_ceiling",
     "regression_metrics",
     "seed_mean_std",
     "select_by_correctness",

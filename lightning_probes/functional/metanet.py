@@ -19,10 +19,12 @@ __all__ = [
     "LAYER_STATS",
     "baseline_scores",
     "best_threshold",
+    "binomial_nll",
     "encode_layer",
     "encoded_width",
     "error_detection_metrics",
     "fpr_at_tpr",
+    "r2_ceiling",
     "regression_metrics",
     "select_by_correctness",
     "stack_encoded",
@@ -238,3 +240,62 @@ def stack_encoded(layers: Sequence[torch.Tensor], encoding: Encoding, softmax_la
     last = len(layers) - 1
     return [encode_layer(x, encoding, softmax=softmax_last and i == last and encoding != "raw")
             for i, x in enumerate(layers)]
+
+
+def binomial_nll(pred: torch.Tensor, ratio: torch.Tensor, num_draws: int | torch.Tensor) -> torch.Tensor:
+    """Mean binomial negative log-likelihood per draw of stability ratios ``k / n`` under predicted probabilities.
+
+    The ratio of ``n`` noise draws that keep a prediction is ``k / n`` with ``k ~ Binomial(n, p)``; this loss is
+    ``-(k log q + (n - k) log(1 - q)) / n`` averaged over samples (weighted by ``n``): the binomial
+    log-likelihood without its constant ``log C(n, k)``, per draw. Unlike the MSE it weighs an error by
+    how sure the ``n`` draws make the label (it is the cross-entropy with soft target ``k / n``), and it is
+    minimised at ``q = k / n``.
+
+    Args:
+        pred: ``(N,)`` predicted probabilities ``q`` (clamped into ``[eps, 1 - eps]``).
+        ratio: ``(N,)`` observed ratios ``k / n`` in [0, 1].
+        num_draws: ``n``: one integer for every sample, or ``(N,)`` integers; only scales each sample's weight.
+
+    Returns:
+        A scalar tensor (differentiable in ``pred``).
+    """
+    if pred.shape != ratio.shape:
+        raise ValueError(f"Expected `pred` and `ratio` of one shape, but got {tuple(pred.shape)} and "
+                         f"{tuple(ratio.shape)}")
+    n = torch.as_tensor(num_draws, dtype=pred.dtype, device=pred.device)
+    if bool((n < 1).any()):
+        raise ValueError(f"Expected `num_draws` to be at least 1, but got {num_draws!r}")
+    eps = torch.finfo(pred.dtype).eps
+    q = pred.clamp(eps, 1 - eps)
+    per_draw = -(ratio * q.log() + (1 - ratio) * (1 - q).log())
+    weights = n.expand_as(per_draw)
+    return (per_draw * weights).sum() / weights.sum()
+
+
+def r2_ceiling(ratio: torch.Tensor, num_draws: int) -> float:
+    """The highest r2 any predictor of a Monte-Carlo stability ratio can expect: ``1 - mean(p(1-p)/n) / Var(p)``.
+
+    Each label ``k / n`` is the true probability ``p`` plus binomial noise of variance ``p (1 - p) / n``; a perfect
+    predictor of ``p`` still misses that noise, so its expected r2 against the labels is the share of the labels'
+    variance that is not noise. ``p`` is estimated by the labels themselves, with the unbiased noise estimate
+    ``r (1 - r) / (n - 1)`` for ``p (1 - p) / n``.
+
+    Args:
+        ratio: ``(N,)`` observed ratios ``k / n``.
+        num_draws: ``n``, the draws behind each ratio, >= 2.
+
+    Returns:
+        The ceiling (``NaN`` when the labels have no variance).
+
+    Example:
+        >>> round(r2_ceiling(torch.tensor([0.0, 1.0, 0.0, 1.0]), num_draws=10), 3)  # no binomial noise at 0 or 1
+        1.0
+    """
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"Expected `num_draws` to be an integer >= 2, but got {num_draws!r}")
+    r = ratio.double().flatten()
+    var = r.var(unbiased=False)
+    if len(r) < 2 or float(var) == 0.0:
+        return float("nan")
+    noise = (r * (1 - r) / (num_draws - 1)).mean()
+    return float(1 - noise / var)

@@ -110,3 +110,49 @@ def test_regression_metrics_match_scikit_learn_and_scipy():
     assert out["mse"] == pytest.approx(((pred - target) ** 2).mean(), abs=1e-12)
     assert out["r2_correct"] == pytest.approx(r2_score(target[correct], pred[correct]), abs=1e-6)
     assert out["r2_wrong"] == pytest.approx(r2_score(target[~correct], pred[~correct]), abs=1e-6)
+
+
+def test_binomial_nll_is_scipy_binomial_log_likelihood_without_its_constant():
+    from scipy.stats import binom
+
+    from lightning_probes.functional import binomial_nll
+
+    n = np.array([20, 20, 50, 50])
+    k = np.array([0, 7, 50, 31])
+    q = torch.tensor([0.1, 0.4, 0.9, 0.6], dtype=torch.float64, requires_grad=True)
+    loss = binomial_nll(q, torch.as_tensor(k / n), torch.as_tensor(n))
+    log_comb = np.log([float(__import__("math").comb(int(a), int(b))) for a, b in zip(n, k)])
+    expected = -(binom.logpmf(k, n, q.detach().numpy()) - log_comb).sum() / n.sum()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    # d/dq of -(k log q + (n-k) log(1-q)) / sum(n): the gradient vanishes only at q = k/n.
+    grad = -(k / q.detach().numpy() - (n - k) / (1 - q.detach().numpy())) / n.sum()
+    np.testing.assert_allclose(q.grad.numpy(), grad, rtol=1e-10)
+    best = torch.tensor(k / n, dtype=torch.float64)
+    assert binomial_nll(best, best, torch.as_tensor(n)) < binomial_nll(q.detach(), best, torch.as_tensor(n))
+
+
+def test_binomial_nll_rejects_bad_input():
+    from lightning_probes.functional import binomial_nll
+
+    with pytest.raises(ValueError, match="one shape"):
+        binomial_nll(torch.zeros(3), torch.zeros(2), 10)
+    with pytest.raises(ValueError, match="`num_draws`"):
+        binomial_nll(torch.zeros(2), torch.zeros(2), 0)
+
+
+def test_r2_ceiling_matches_a_simulated_perfect_predictor():
+    from lightning_probes.functional import r2_ceiling
+
+    rng = np.random.default_rng(0)
+    p = rng.beta(2, 2, size=200_000)
+    n = 50
+    ratio = rng.binomial(n, p) / n
+    ceiling = r2_ceiling(torch.as_tensor(ratio), n)
+    # The r2 of the true p against the noisy labels is what the ceiling estimates (sampling error ~1e-3 here).
+    assert ceiling == pytest.approx(r2_score(ratio, p), abs=0.01)
+    # Worked by hand: labels 0.2 and 0.8 with n = 5: Var = 0.09, noise = 0.16 / 4 = 0.04 -> 1 - 0.04 / 0.09.
+    assert r2_ceiling(torch.tensor([0.2, 0.8]), 5) == pytest.approx(1 - 0.04 / 0.09)
+    assert np.isnan(r2_ceiling(torch.tensor([0.5, 0.5]), 5))
+    with pytest.raises(ValueError, match="`num_draws`"):
+        r2_ceiling(torch.tensor([0.2, 0.8]), 1)

@@ -83,6 +83,47 @@ def test_sample_split_and_max_models(zoo_dir):
     assert set(dm.splits["test"]) & set(dm.splits["train"])  # the same models on both sides
 
 
+def test_pair_is_the_sample_split(zoo_dir):
+    pair = ZooDataModule(str(zoo_dir), split_by="pair", val_fraction=0.2, test_fraction=0.2)
+    sample = ZooDataModule(str(zoo_dir), split_by="sample", val_fraction=0.2, test_fraction=0.2)
+    pair.setup("fit")
+    sample.setup("fit")
+    for k in ("train", "val", "test"):
+        assert np.array_equal(pair.arrays[k]["sample_index"], sample.arrays[k]["sample_index"])
+        assert np.array_equal(pair.arrays[k]["model_id"], sample.arrays[k]["model_id"])
+
+
+def test_model_and_image_split_keeps_runs_and_images_on_one_side(tmp_path):
+    # 12 models = 6 runs of 2 checkpoints (group), each on the same 40 images (sample_index 0..39).
+    write_zoo_dataset(tmp_path, models=12, per_model=40)
+    for path in sorted(tmp_path.glob("shard_*.npz")):
+        data = dict(np.load(path))
+        data["sample_index"] = np.tile(np.arange(40), len(np.unique(data["model_id"])))
+        data["group"] = data["model_id"] // 2
+        atomic_save_npz(str(path), **data)
+    dm = ZooDataModule(str(tmp_path), split_by="model_and_image", val_fraction=0.2, test_fraction=0.2, split_seed=1)
+    dm.setup("fit")
+    a = dm.arrays
+    runs = {k: set(np.unique(a[k]["model_id"] // 2)) for k in a}
+    images = {k: set(np.unique(a[k]["sample_index"])) for k in a}
+    models = {k: set(np.unique(a[k]["model_id"])) for k in a}
+    for one, other in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not runs[one] & runs[other] and not images[one] & images[other] and not models[one] & models[other]
+    # 6 runs -> 1 test run, 1 val run, 4 train runs; 40 images -> 8 test, 8 val, 24 train: rows = models x images.
+    assert [len(runs[k]) for k in ("train", "val", "test")] == [4, 1, 1]
+    assert [len(images[k]) for k in ("train", "val", "test")] == [24, 8, 8]
+    assert [len(a[k]["model_id"]) for k in ("train", "val", "test")] == [8 * 24, 2 * 8, 2 * 8]
+    assert json.loads((tmp_path / "splits_1.json").read_text()) == dm.splits == {k: sorted(models[k]) for k in a}
+    # Without a group array each model is its own run.
+    for path in sorted(tmp_path.glob("shard_*.npz")):
+        data = dict(np.load(path))
+        del data["group"]
+        atomic_save_npz(str(path), **data)
+    alone = ZooDataModule(str(tmp_path), split_by="model_and_image", val_fraction=0.25, test_fraction=0.25)
+    alone.setup("fit")
+    assert [len(alone.splits[k]) for k in ("train", "val", "test")] == [6, 3, 3]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"task": "ranking"}, "`task`"), ({"val_fraction": 0}, "`val_fraction`"),
     ({"val_fraction": 0.5, "test_fraction": 0.5}, "below 1"), ({"split_by": "class"}, "`split_by`"),

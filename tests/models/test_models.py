@@ -39,6 +39,30 @@ def test_tanh_lenet_uses_tanh():
     assert isinstance(LeNet5(activation="tanh").net.act1, torch.nn.Tanh)
 
 
+@pytest.mark.parametrize(("padding", "pool2"), [(2, (16, 5, 5)), (1, (16, 4, 4)), (0, (16, 4, 4))])
+def test_lenet5_padding_sets_the_pool2_maps(padding, pool2):
+    # Worked by hand for 28x28: padding 2 gives 28 -> conv 28 -> pool 14 -> conv 10 -> pool 5; padding 0 gives
+    # 24 -> 12 -> 8 -> 4 (the original meta-network study's 256 pool2 features); padding 1: 26 -> 13 -> 9 -> 4.
+    model = LeNet5(padding=padding)
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["pool2"] = tuple(output.shape[1:])
+
+    model.net.pool2.register_forward_hook(hook)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert seen["pool2"] == pool2
+    assert model.net.fc1.in_features == pool2[0] * pool2[1] * pool2[2]
+    assert model.hparams.padding == padding
+
+
+def test_lenet5_checkpoint_without_padding_loads_padded():
+    # Checkpoints written before `padding` existed carry no such hyper-parameter: they were padded by 2.
+    model = LeNet5()
+    del model.hparams["padding"]
+    assert model.build_network().conv1.padding == (2, 2)
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
@@ -47,6 +71,7 @@ def test_tanh_lenet_uses_tanh():
         (DropoutNet, {"dropout": 1.0}, r"`dropout`.*\[0, 1\).*1.0"),
         (BaselineNet, {"lr_schedule": "cosine"}, "`lr_schedule`.*cosine"),
         (LeNet5, {"activation": "gelu"}, "`activation`.*gelu"),
+        (LeNet5, {"padding": 3}, "`padding`.*0, 1 or 2.*3"),
         (MLP, {"momentum": 1.5}, "`momentum`"),
         (BaselineNet, {"num_classes": 0}, "`num_classes`"),
     ],
