@@ -5,5 +5,6 @@ training, on saved checkpoints, and are driven by the ``lightning-probes`` comma
 (`lightning_probes.commands`).
 
 - `lightning_probes.analysis.ablation`: drop hidden units in order of their alignment and measure the damage
-  (``lightning-probes ablate``).
+  (``lightning-probes ablate``); `ablation_sites` finds the units and masks them, `ablation_checkpoints` finds,
+  loads and compares checkpoints, `ablation_figures` draws.
 """

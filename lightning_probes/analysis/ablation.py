@@ -21,6 +21,9 @@ batch of inputs and returns ``(N, C)`` logits (the project's LightningModules, a
    restricted to confident predictions, and collapse indicators (`lightning_probes.functional.ablation`).
 5. `compare_checkpoints`: whether networks damaged at different points of training fall onto the same classes.
 
+Steps 1 and 3 live in `lightning_probes.analysis.ablation_sites` (and are importable from here), step 5, with
+finding and loading checkpoints and the console table, in `lightning_probes.analysis.ablation_checkpoints`.
+
 Example:
     >>> batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]  # doctest: +SKIP
     >>> result = ablate(model, batches, AblationSettings(fractions=(0.0, 0.5), random_repeats=2))  # doctest: +SKIP
@@ -29,27 +32,22 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-import os
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_probes.capture import ACTIVATIONS as _PROBE_ACTIVATIONS
+from lightning_probes.analysis.ablation_sites import ACTIVATIONS, UnitSite, drop_units, find_sites
 from lightning_probes.capture import ActivationCapture
 from lightning_probes.functional.ablation import (
     RESCALES,
     class_agreement,
     collapse_indicators,
-    histogram_overlap,
     masked_mean_confidence,
     random_orders,
     ranked_order,
@@ -58,8 +56,6 @@ from lightning_probes.functional.ablation import (
 )
 from lightning_probes.functional.calibration import confusion_confidence, thresholded_confusion
 from lightning_probes.functional.statistics import seed_mean_std
-from lightning_probes.io import read_checkpoint
-from lightning_probes.naming import clean_name
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +64,9 @@ __all__ = [
     "AblationSettings",
     "UnitSite",
     "ablate",
-    "accuracy_table",
-    "check_checkpoint",
-    "compare_checkpoints",
     "drop_units",
     "evaluate",
-    "find_checkpoints",
     "find_sites",
-    "load_weights",
     "measure_alignment",
 ]
 
@@ -83,13 +74,6 @@ Mode = Literal["by_layer", "all_layers"]
 MODES = ("by_layer", "all_layers")
 #: The orders units are dropped in; ``random`` is averaged over seeded permutations.
 ORDERS = ("high", "low", "random")
-#: Layers whose outputs are the units.
-LAYERS = (nn.Linear, nn.Conv2d)
-#: Element-wise activation modules a unit is dropped after (softmax-like modules normalise across units: not
-#: drop points).
-ACTIVATIONS = tuple(a for a in _PROBE_ACTIVATIONS if a is not nn.Softmax) + (
-    nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink,
-    nn.Hardshrink, nn.Threshold, nn.RReLU)
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))
 #: Key of the section where every layer is damaged at once.
 ALL_LAYERS = "all_layers"
@@ -159,124 +143,12 @@ class AblationSettings:
         return 2 + targets * len(self.fractions) * (2 + self.random_repeats)
 
 
-# -- units and drop points -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UnitSite:
-    """A hidden layer whose output units are dropped, and where.
-
-    Attributes:
-        layer: Name of the ``nn.Linear`` / ``nn.Conv2d`` (as in ``model.named_modules()``, wrapper prefixes
-            removed), e.g. ``"net.fc1"``.
-        drop_at: Name of the module whose output is masked, e.g. ``"net.relu1"`` (``layer`` itself when no
-            activation follows it).
-        units: Output features / channels of the layer.
-        kind: ``"linear"`` or ``"conv2d"``.
-        layer_module: The layer.
-        drop_module: The module masked.
-    """
-
-    layer: str
-    drop_at: str
-    units: int
-    kind: Literal["linear", "conv2d"]
-    layer_module: nn.Module = field(compare=False, repr=False)
-    drop_module: nn.Module = field(compare=False, repr=False)
-
-
-def find_sites(model: nn.Module) -> list[UnitSite]:
-    """The hidden ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` in module order, each with its drop point.
-
-    The last Linear/Conv in module order (the classifier) is excluded. A layer's drop point is the first
-    activation module (`ACTIVATIONS`) registered after it and before the next Linear/Conv; the layer itself
-    when there is none.
-
-    Raises:
-        ValueError: If the model has no hidden Linear/Conv2d layer.
-
-    Example:
-        >>> from lightning_probes.models.components import MLPNet
-        >>> [(s.layer, s.drop_at, s.units) for s in find_sites(MLPNet(16, 3, (8, 6, 4)))][0]
-        ('fc1', 'relu1', 8)
-    """
-    named = [(clean_name(name), module) for name, module in model.named_modules() if name]
-    layer_positions = [i for i, (_, module) in enumerate(named) if isinstance(module, LAYERS)]
-    if len(layer_positions) < 2:
-        raise ValueError(f"Expected {type(model).__name__} to have hidden nn.Linear / nn.Conv2d layers besides its "
-                         f"final classifier, but found {len(layer_positions)} Linear/Conv2d layer(s)")
-    sites = []
-    for start, stop in zip(layer_positions[:-1], layer_positions[1:]):
-        name, layer = named[start]
-        drop_name, drop = next(((n, m) for n, m in named[start + 1:stop] if isinstance(m, ACTIVATIONS)), (name, layer))
-        linear = isinstance(layer, nn.Linear)
-        sites.append(UnitSite(layer=name, drop_at=drop_name, units=layer.out_features if linear else layer.out_channels,
-                              kind="linear" if linear else "conv2d", layer_module=layer, drop_module=drop))
-    return sites
-
-
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
         return next((v for v in value if isinstance(v, torch.Tensor)), None)
     return None
-
-
-def _masker(site: UnitSite, mask: torch.Tensor, armed: list[bool]) -> Callable:
-    unit_dim = 1 if site.kind == "conv2d" else -1
-
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if not armed[0]:
-            return None
-        armed[0] = site.drop_module is site.layer_module  # an activation waits for its layer again
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"Expected the drop point {site.drop_at!r} of {site.layer!r} to output a tensor, but it "
-                            f"gave {type(output).__name__}")
-        if output.ndim < 2 or output.shape[unit_dim] != mask.numel():
-            raise ValueError(f"Expected the output of {site.drop_at!r} to have {mask.numel()} units (those of "
-                             f"{site.layer!r}) along dim {unit_dim}, but got shape {tuple(output.shape)}")
-        shape = [1] * output.ndim
-        shape[unit_dim] = mask.numel()
-        return output * mask.to(device=output.device, dtype=output.dtype).view(shape)
-
-    return hook
-
-
-@contextmanager
-def drop_units(model: nn.Module, sites: Sequence[UnitSite], masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Multiply the drop point of each layer in ``masks`` by its mask for the duration of the block.
-
-    Args:
-        model: The network (only used for its modules' hooks).
-        sites: The sites (`find_sites`).
-        masks: ``{layer name: (units,) multiplier}`` (`lightning_probes.functional.unit_mask`); layers not in
-            it are left intact.
-
-    The hooks are removed on exit, exceptions included. A hook registered on a drop module inside the block, after
-    this one, sees the masked output.
-    """
-    handles = []
-    unknown = sorted(set(masks) - {s.layer for s in sites})
-    if unknown:
-        raise ValueError(f"Expected `masks` for layers among the sites, but got {unknown}")
-    try:
-        for site in sites:
-            if site.layer not in masks:
-                continue
-            mask = masks[site.layer]
-            if mask.shape != (site.units,):
-                raise ValueError(f"Expected the mask of {site.layer!r} of shape ({site.units},), but got "
-                                 f"{tuple(mask.shape)}")
-            armed = [site.drop_module is site.layer_module]
-            if site.drop_module is not site.layer_module:
-                def arm(module: nn.Module, args: Any, output: Any, armed: list[bool] = armed) -> None:
-                    armed[0] = True
-
-                handles.append(site.layer_module.register_forward_hook(arm))
-            handles.append(site.drop_module.register_forward_hook(_masker(site, mask, armed)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # -- alignment -------------------------------------------------------------------------------------------------
@@ -505,144 +377,3 @@ def ablate(
         result[ALL_LAYERS] = {"units": sum(s.units for s in sites), "dropped": dropped,
                               **_orders_section(model, batches, sites, orders, intact, settings, device, advance)}
     return result
-
-
-# -- checkpoints -----------------------------------------------------------------------------------------------
-def _natural_key(path: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
-
-
-def find_checkpoints(path: str, pattern: str = "*.ckpt") -> list[str]:
-    """The checkpoint file ``path``, or the files in directory ``path`` matching ``pattern``, in natural order.
-
-    In a directory, ``last*.ckpt`` (a copy of the newest checkpoint that ``ModelCheckpoint(save_last=True)``
-    writes) is left out when other checkpoints match; pass it as a file to analyse it.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist or the directory holds no matching file; the message
-            names ``ckpt_path``.
-
-    Example:
-        >>> find_checkpoints("runs/mlp/version_0/checkpoints")  # doctest: +SKIP
-        ['.../epoch=0-step=23.ckpt', '.../epoch=1-step=46.ckpt', ..., '.../epoch=10-step=253.ckpt']
-    """
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Expected `ckpt_path` to be a checkpoint file or a directory of checkpoints, but "
-                                f"{path!r} does not exist (looked for {os.path.abspath(path)!r})")
-    found = sorted((os.path.join(path, name) for name in os.listdir(path)
-                    if fnmatch.fnmatch(name, pattern) and os.path.isfile(os.path.join(path, name))), key=_natural_key)
-    others = [f for f in found if not os.path.basename(f).startswith("last")]
-    found = others or found
-    if not found:
-        raise FileNotFoundError(f"Expected `ckpt_path` to be a checkpoint file or a directory of checkpoints, but "
-                                f"{path!r} holds no file matching {pattern!r}")
-    return found
-
-
-def check_checkpoint(model: nn.Module, path: str, trust: bool = False) -> dict[str, Any]:
-    """Read the Lightning checkpoint ``path`` and check that its ``state_dict`` fits ``model`` exactly.
-
-    Returns:
-        The checkpoint (``state_dict``, ``epoch``, ``global_step``, ...).
-
-    Raises:
-        ValueError: If it cannot be read or its keys or shapes differ from the model's (the message lists them).
-    """
-    checkpoint = read_checkpoint(path, "ckpt_path", trust=trust)
-    state, own = checkpoint["state_dict"], model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    resized = [k for k in own if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
-    if missing or unexpected or resized:
-        problems = "; ".join(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for label, keys in
-                             (("missing", missing), ("unexpected", unexpected), ("other shape", resized)) if keys)
-        raise ValueError(f"Expected `ckpt_path` {path!r} to hold the weights of the {type(model).__name__} of "
-                         f"`config`, but it does not match: {problems}")
-    return checkpoint
-
-
-def load_weights(model: nn.Module, path: str, trust: bool = False) -> dict[str, Any]:
-    """Load the checkpoint's weights into ``model`` (strictly); return ``{"checkpoint", "epoch", "global_step"}``.
-
-    ``trust`` reads checkpoints holding pickled objects (see `lightning_probes.io.read_checkpoint`)."""
-    checkpoint = check_checkpoint(model, path, trust)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    return {"checkpoint": path, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
-
-
-# -- across checkpoints ----------------------------------------------------------------------------------------
-def targets_of(analysis: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The damaged-network sections of one analysis: ``{layer or "all_layers": {"high", "low", "random"}}``."""
-    targets = {name: layer for name, layer in analysis["layers"].items() if "high" in layer}
-    if ALL_LAYERS in analysis:
-        targets[ALL_LAYERS] = analysis[ALL_LAYERS]
-    return targets
-
-
-def _collapse_row(section: Mapping[str, Any], order: str, key: str) -> list:
-    """Per fraction: ``top_class``/``top_share``/``entropy``/``histogram`` of an order (random: over repeats)."""
-    if order == "random" and key in ("top_share", "entropy"):
-        key = f"{key}_mean"
-    return [c[key] for c in section[order]["collapse"]]
-
-
-def compare_checkpoints(analyses: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """Do networks damaged at different points of training collapse onto the same classes, or scatter?
-
-    Args:
-        analyses: `ablate` results of several checkpoints of one model, with the same settings.
-        names: A name per checkpoint (its file stem).
-
-    Returns:
-        ``{"checkpoints": names, "fractions", "targets": {target: {order: {"top_class", "top_share",
-        "entropy"`` (each ``[checkpoint][fraction]``), ``"modal_class", "agreement"`` (per fraction: the class
-        most checkpoints collapse onto and the share of checkpoints that do, `class_agreement`) and
-        ``"overlap"`` (per fraction: mean pairwise overlap of the checkpoints' predicted-class distributions,
-        `histogram_overlap`; 1 identical, 0 disjoint)}}}``.
-    """
-    if len(analyses) != len(names) or not analyses:
-        raise ValueError(f"Expected one name per analysis, but got {len(names)} names for {len(analyses)} analyses")
-    fractions = analyses[0]["fractions"]
-    if any(a["fractions"] != fractions for a in analyses):
-        raise ValueError("Expected analyses run with the same `fractions`")
-    per_checkpoint = [targets_of(a) for a in analyses]
-    comparison: dict[str, Any] = {}
-    for target in per_checkpoint[0]:
-        comparison[target] = {}
-        for order in ORDERS:
-            sections = [t[target] for t in per_checkpoint]
-            top_class = [_collapse_row(s, order, "top_class") for s in sections]
-            histograms = [_collapse_row(s, order, "histogram") for s in sections]
-            agreement = [class_agreement([row[i] for row in top_class]) for i in range(len(fractions))]
-            overlap = []
-            for i in range(len(fractions)):
-                matrix = histogram_overlap(torch.tensor([h[i] for h in histograms]))
-                off_diagonal = matrix[~torch.eye(len(names), dtype=torch.bool)]
-                overlap.append(float(off_diagonal.mean()) if off_diagonal.numel() else math.nan)
-            comparison[target][order] = {
-                "top_class": top_class, "top_share": [_collapse_row(s, order, "top_share") for s in sections],
-                "entropy": [_collapse_row(s, order, "entropy") for s in sections],
-                "modal_class": [a["modal_class"] for a in agreement], "agreement": [a["agreement"] for a in agreement],
-                "overlap": overlap}
-    return {"checkpoints": list(names), "fractions": list(fractions), "targets": comparison}
-
-
-# -- console ---------------------------------------------------------------------------------------------------
-def accuracy_table(analysis: Mapping[str, Any], title: Optional[str] = None) -> str:
-    """Accuracy per target, order and fraction as a fixed-width text table (random: mean +- std)."""
-    fractions = analysis["fractions"]
-    header = ["layer", "order"] + [f"{f:g}" for f in fractions]
-    rows = [["(intact)", "", *([f"{analysis['intact']['acc']:.3f}"] * len(fractions))]]
-    for target, section in targets_of(analysis).items():
-        for order in ("high", "low"):
-            rows.append([target, order, *(f"{a:.3f}" for a in section[order]["acc"])])
-        means, stds = section["random"]["acc_mean"], section["random"]["acc_std"]
-        rows.append([target, "random", *(f"{m:.3f}" + (f"±{s:.3f}" if s == s else "") for m, s in zip(means, stds))])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    if title:
-        lines.insert(0, title)
-    return "\n".join(lines)

@@ -201,7 +201,7 @@ def write_figures(
     Returns:
         The paths written.
     """
-    from lightning_probes.analysis.ablation import targets_of
+    from lightning_probes.analysis.ablation_checkpoints import targets_of
     from lightning_probes.io import atomic_write_bytes, render_png
 
     written = []

@@ -44,12 +44,6 @@ class PreparedAnalysis:
     data_note: str = ""
 
 
-def _build_datamodule(config: str) -> Any:
-    from lightning_probes.commands.ablate import _build_from_config
-
-    return _build_from_config(config)[1]
-
-
 def prepare(runs: list[str], output: Optional[str] = None, config: Optional[str] = None, num_samples: int = 1000,
             names: Optional[list[str]] = None, seed: int = 0, trust_checkpoints: bool = False,
             progress: bool = True, batch_size: int = 256) -> PreparedAnalysis:
@@ -60,6 +54,7 @@ def prepare(runs: list[str], output: Optional[str] = None, config: Optional[str]
             checkpoint that needs ``--trust_checkpoints``), before any analysis starts.
     """
     from lightning_probes.analysis.forward import load_samples
+    from lightning_probes.build import build_from_config
 
     if not runs:
         raise ValueError("Expected at least one RUN (a run directory or a study output), but got none")
@@ -76,7 +71,7 @@ def prepare(runs: list[str], output: Optional[str] = None, config: Optional[str]
             read_checkpoint(path, "RUN checkpoint", trust=trust_checkpoints)
     samples, note = None, "no --config: the data-dependent analyses use what the probes recorded"
     if config is not None:
-        samples = load_samples(_build_datamodule(config), num_samples, seed)
+        samples = load_samples(build_from_config(config)[1], num_samples, seed)
         note = f"{len(samples.labels)} test samples of {config} (seed {seed})"
     output = output or os.path.join(os.getcwd(), "analysis")
     return PreparedAnalysis(runs=found, skipped_runs=skipped, output=output, config=config, samples=samples,

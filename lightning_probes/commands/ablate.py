@@ -50,22 +50,6 @@ def parse_floats(argument: str, value: Union[str, Sequence[float]]) -> list[floa
                          f"{value!r}") from None
 
 
-def _build_from_config(config: str) -> tuple[Any, Any]:
-    """The model and DataModule of a fit config, built as ``lightning fit --config config`` builds them.
-
-    `ProbesCLI` parses and instantiates with the ``fit`` subcommand (so configs saved by a run, with their
-    ``ckpt_path``, parse too) but runs nothing until ``run()``, which is never called here.
-    """
-    from unittest import mock
-
-    from lightning_probes.cli import _make_cli
-
-    # LightningCLI warns when it gets `args` while sys.argv holds arguments too (here: those of `ablate`).
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = _make_cli(["fit", "--config", config], run=True)
-    return cli.model, cli.datamodule
-
-
 def _default_output(ckpt_path: str) -> str:
     folder = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path))
     return os.path.join(folder, "ablation")
@@ -116,7 +100,9 @@ def prepare(
     """
     import torch
 
-    from lightning_probes.analysis.ablation import AblationSettings, check_checkpoint, find_checkpoints
+    from lightning_probes.analysis.ablation import AblationSettings
+    from lightning_probes.analysis.ablation_checkpoints import check_checkpoint, find_checkpoints
+    from lightning_probes.build import build_from_config
 
     # Everything that can be checked without building anything comes first.
     settings = AblationSettings(fractions=parse_floats("fractions", fractions), mode=mode,
@@ -139,7 +125,7 @@ def prepare(
         torch_device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"Expected `device` to be a torch device such as cpu or cuda, but got {device!r}") from None
-    model, datamodule = _build_from_config(config)
+    model, datamodule = build_from_config(config)
     for path in checkpoints:
         check_checkpoint(model, path, trust_checkpoints)
     datamodule.prepare_data()
@@ -161,7 +147,8 @@ def run(prepared: PreparedAblation) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from lightning_probes.analysis.ablation import ablate as ablate_model
-    from lightning_probes.analysis.ablation import accuracy_table, compare_checkpoints, find_sites, load_weights
+    from lightning_probes.analysis.ablation import find_sites
+    from lightning_probes.analysis.ablation_checkpoints import accuracy_table, compare_checkpoints, load_weights
     from lightning_probes.analysis.ablation_figures import write_figures
     from lightning_probes.io import atomic_write_json
 

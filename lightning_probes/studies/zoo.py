@@ -42,7 +42,6 @@ from lightning_probes.io import (
     atomic_save_npz,
     atomic_write_bytes,
     atomic_write_json,
-    import_class,
     module_from_checkpoint,
 )
 
@@ -149,13 +148,18 @@ def load_model(model: ZooModel, trust: bool = False) -> torch.nn.Module:
     return module_from_checkpoint(model.checkpoint, "zoo", trust=trust, class_path=model.config["model"]["class_path"])
 
 
-def load_test_set(config: Mapping[str, Any], data_dir: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole test set of a trial's DataModule, normalised, as ``(inputs, labels)`` tensors."""
-    data = config["data"]
-    init_args = dict(data.get("init_args") or {})
-    if data_dir is not None:
-        init_args["data_dir"] = data_dir
-    datamodule = import_class(data["class_path"], "data.class_path")(**init_args)
+def load_test_set(config: str, data_dir: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole test set of a trial's DataModule, normalised, as ``(inputs, labels)`` tensors.
+
+    Args:
+        config: The trial's ``config.yaml``; its DataModule is built as ``lightning fit`` builds it
+            (`lightning_probes.build.build_from_config`).
+        data_dir: The DataModule's ``data_dir`` instead of the config's (``None``: the config's).
+    """
+    from lightning_probes.build import build_from_config
+
+    overrides = {"data.init_args.data_dir": data_dir} if data_dir is not None else None
+    datamodule = build_from_config(config, overrides)[1]
     datamodule.setup("test")
     test_set = datamodule.test_set
     inputs = test_set.normalize(test_set.images)
@@ -327,7 +331,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         next_id += 1
         key = json.dumps(zoo_model.config["data"], sort_keys=True)
         if key not in data_cache:
-            data_cache[key] = load_test_set(zoo_model.config, data_dir)
+            data_cache[key] = load_test_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir)
         inputs, labels = data_cache[key]
         model = load_model(zoo_model, trust=trust_checkpoints)
         logits = _batched(model, inputs)

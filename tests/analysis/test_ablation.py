@@ -17,13 +17,12 @@ from torch import nn
 from lightning_probes.analysis.ablation import (
     AblationSettings,
     ablate,
-    compare_checkpoints,
     drop_units,
     evaluate,
-    find_checkpoints,
     find_sites,
     measure_alignment,
 )
+from lightning_probes.analysis.ablation_checkpoints import compare_checkpoints, find_checkpoints
 from lightning_probes.functional import random_orders, unit_mask
 from lightning_probes.models import MLP, BaselineNet, BatchNormNet, DropoutNet, LeNet5
 
