@@ -10,9 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import Metric
 
 from lightning_probes.callbacks.base import (
     DEFAULT_FLUSH_SECS,
@@ -22,26 +20,19 @@ from lightning_probes.callbacks.base import (
     check_plot_every,
     check_positive_int,
 )
+from lightning_probes.callbacks.confidence_record import format_table, stage_figures, summarize
+from lightning_probes.callbacks.confidence_state import ConfidenceState
 from lightning_probes.functional.calibration import (
-    adaptive_bins_from_histogram,
-    calibration_bin_index,
-    calibration_error_from_sums,
-    calibration_values,
     classification_scores,
-    confusion_index,
     flatten_class_dim,
-    normalized_entropy,
     one_hot_to_index,
-    prediction_terms,
-    threshold_level,
 )
-from lightning_probes.plotting import colormapped, heatmap
+from lightning_probes.plotting import colormapped
 
 __all__ = ["HEADLINE_METRICS", "ConfidenceMonitor", "ConfidenceState", "classification_scores", "summarize"]
 
 log = logging.getLogger(__name__)
 
-_HIST_BINS = 20
 #: Put into ``trainer.callback_metrics`` as ``<name>/<stage>/<metric>``, for ``EarlyStopping``/``ModelCheckpoint``.
 HEADLINE_METRICS = ("ece", "accuracy", "prediction_entropy_normalized")
 #: TensorBoard custom-scalars charts: every stage (and data loader) of each listed metric as lines of one chart.
@@ -52,107 +43,6 @@ _LAYOUT = {
     "proper scores": ("brier", "nll"),
     "confidence": ("mean_confidence", "mean_entropy"),
 }
-
-
-class ConfidenceState(Metric):
-    """Constant-memory running sums behind `ConfidenceMonitor`, summed across processes by torchmetrics.
-
-    The per-sample pieces come from `lightning_probes.functional.calibration` (`prediction_terms`,
-    `calibration_bin_index`, `calibration_values`, `confusion_index`, `threshold_level`), the same code the
-    one-shot functions there use; the state only packs them into two ``index_add_`` calls per batch, with no
-    host synchronisation (speed matters: a validation batch of a small model takes milliseconds):
-
-    - ``cells``: per (true class, predicted class, number of ``thresholds`` the confidence reaches):
-      ``[count, sum of confidence]``;
-    - ``bins``: per calibration bin (``n_bins + 1``, torchmetrics' binning), fine bin
-      (``adaptive_resolution + 1``) and histogram bin of correct and of wrong predictions (``21`` each):
-      ``[count, sum of confidence, sum of correct]``;
-    - ``scalars``: sums of Brier score, NLL, predictive entropy and confidence;
-    - ``target_min``/``target_max``/``soft_targets``: the smallest and largest target seen (``ignore_index``
-      left out) and the number of soft-label rows, so that invalid targets are reported after the epoch
-      without a check per batch. Samples whose target is ``ignore_index`` or outside ``[0, C)`` add nothing.
-
-    Args:
-        num_classes: Number of classes.
-        n_bins: Equal-width calibration bins.
-        thresholds: Confidence thresholds of the restricted confusion matrices (sorted here).
-        adaptive_resolution: Fine equal-width bins from which the equal-count (adaptive) bins are formed.
-        ignore_index: Targets equal to it are left out, as torchmetrics' ``ignore_index`` does.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, n_bins: int, thresholds: Sequence[float], adaptive_resolution: int,
-                 ignore_index: Optional[int] = None) -> None:
-        super().__init__()
-        self.num_classes, self.n_bins, self.thresholds = num_classes, n_bins, tuple(sorted(thresholds))
-        self.adaptive_resolution, self.ignore_index = adaptive_resolution, ignore_index
-        levels = len(self.thresholds) + 1
-        self._offsets = (0, n_bins + 1, n_bins + 1 + adaptive_resolution + 1,
-                         n_bins + 1 + adaptive_resolution + 1 + 2 * (_HIST_BINS + 1))
-        self.add_state("cells", torch.zeros(num_classes * num_classes * levels, 2, dtype=torch.float64),
-                       dist_reduce_fx="sum")
-        self.add_state("bins", torch.zeros(self._offsets[-1], 3, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("scalars", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")  # brier, nll, H, conf
-        self.add_state("target_min", torch.tensor(0, dtype=torch.long), dist_reduce_fx="min")
-        self.add_state("target_max", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
-        self.add_state("soft_targets", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.register_buffer("_threshold_values", torch.tensor(self.thresholds, dtype=torch.float32), persistent=False)
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch: ``logits`` ``(N, C)``; ``target`` ``(N,)`` class indices or ``(N, C)`` one-hot."""
-        if target.ndim == 2:
-            target, one_hot = one_hot_to_index(target)
-            self.soft_targets += (~one_hot).sum()
-        target = target.long()
-        if target.numel() == 0:
-            return
-        counted = None if self.ignore_index is None else target != self.ignore_index
-        seen = target if counted is None else torch.where(counted, target, 0)
-        low, high = torch.aminmax(seen)
-        self.target_min = torch.minimum(self.target_min, low)
-        self.target_max = torch.maximum(self.target_max, high)
-        keep = (seen >= 0) & (seen < self.num_classes)
-        if counted is not None:
-            keep &= counted
-        safe = torch.where(keep, seen, 0)  # a valid index everywhere; `keep` zeroes what it adds
-        terms = prediction_terms(logits, safe)
-        confidence, correct = terms["confidence"], terms["correct"]
-        keep = keep.unsqueeze(1)  # (N, 1)
-        values = torch.where(keep, calibration_values(confidence, correct), 0.0)  # (N, 3): [1, conf, correct]
-        levels = len(self.thresholds) + 1
-        cell = confusion_index(safe, terms["predicted"], self.num_classes) * levels \
-            + threshold_level(confidence, self._threshold_values)
-        self.cells.index_add_(0, cell, values[:, :2])
-        hist = calibration_bin_index(confidence, _HIST_BINS) + (1 - correct.long()) * (_HIST_BINS + 1)
-        index = torch.cat([calibration_bin_index(confidence, self.n_bins),
-                           calibration_bin_index(confidence, self.adaptive_resolution) + self._offsets[1],
-                           hist + self._offsets[2]])
-        self.bins.index_add_(0, index, values.repeat(3, 1))
-        per_sample = torch.stack([terms["brier"], terms["nll"], terms["entropy"], confidence], dim=1).double()
-        self.scalars.add_(torch.where(keep, per_sample, 0.0).sum(dim=0))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """Unpack the sums into confusion, confidence, thresholded confusion, bins, scalars and target checks."""
-        c, levels = self.num_classes, len(self.thresholds) + 1
-        cells = self.cells.view(c, c, levels, 2)
-        counts = cells[..., 0]  # (C, C, levels)
-        # Predictions reaching threshold j are those with at least j + 1 thresholds reached.
-        reached = counts.flip(-1).cumsum(-1).flip(-1)[..., 1:]  # (C, C, T)
-        a, b, h, _ = self._offsets
-        return {
-            "confusion": counts.sum(-1).round().long(),
-            "confidence_sums": cells[..., 1].sum(-1),
-            "thresholded": reached.permute(2, 0, 1).round().long(),
-            "calibration": self.bins[a:b],
-            "fine": self.bins[b:h],
-            "hist_correct": self.bins[h:h + _HIST_BINS + 1],
-            "hist_wrong": self.bins[h + _HIST_BINS + 1:],
-            "scalars": self.scalars,
-            "target_min": self.target_min,
-            "target_max": self.target_max,
-            "soft_targets": self.soft_targets,
-        }
 
 
 def _target_problem(low: int, high: int, soft: int, num_classes: int) -> Optional[str]:
@@ -465,152 +355,3 @@ class ConfidenceMonitor(ProbeCallback):
                 suffix = f"/dataloader_idx_{loader}" if several else ""
                 specs += stage_figures(last, stage, suffix, last["epoch"], min_count)
         return specs
-
-
-def stage_figures(results: Mapping[str, Any], stage: str, suffix: str, epoch: int, min_count: int) -> list[FigureSpec]:
-    """The three figures of one stage's results: ``[(filename, tag, draw), ...]``.
-
-    Args:
-        results: One record (`summarize`'s output, as in the JSONL).
-        stage: ``val`` or ``test``.
-        suffix: ``/dataloader_idx_<i>`` with several data loaders, else ``""``.
-        epoch: Epoch label of the titles.
-        min_count: Cells with fewer predictions are masked in the confidence heatmap.
-    """
-    label, file_prefix = f"{stage}{suffix}", f"{stage}{suffix.replace('/', '_')}"
-    return [(f"{file_prefix}_confusion.png", f"{stage}/confusion{suffix}",
-             lambda: confusion_figure(results, label, epoch, min_count)),
-            (f"{file_prefix}_confusion_thresholds.png", f"{stage}/confusion_thresholds{suffix}",
-             lambda: thresholds_figure(results)),
-            (f"{file_prefix}_calibration.png", f"{stage}/calibration{suffix}",
-             lambda: calibration_figure(results, f"{label}, epoch {epoch}"))]
-
-
-def confusion_figure(results: Mapping[str, Any], label: str, epoch: int, min_count: int) -> Figure:
-    """Counts, row-normalised confusion and mean confidence per cell (cells with < ``min_count`` masked)."""
-    counts = np.asarray(results["confusion_matrix"], dtype=float)
-    confidence = np.asarray(results["confidence_matrix"], dtype=float)
-    confidence[counts < min_count] = np.nan
-    with np.errstate(invalid="ignore"):
-        normalised = counts / counts.sum(axis=1, keepdims=True)
-    fig = Figure(figsize=(17, 5))
-    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.1, top=0.86, wspace=0.25)
-    axes = fig.subplots(1, 3)
-    labels = [str(i) for i in range(len(counts))]
-    heatmap(counts, "counts (rows: true, cols: predicted)", labels, labels, annotate=True, ax=axes[0])
-    heatmap(normalised, "row-normalised", labels, labels, vmin=0, vmax=1, ax=axes[1])
-    heatmap(confidence, f"mean confidence (cells with < {min_count} masked)", labels, labels, 0, 1,
-            cmap="magma", annotate=True, ax=axes[2])
-    fig.suptitle(f"{label} confusion, epoch {epoch}")
-    return fig
-
-
-def thresholds_figure(results: Mapping[str, Any]) -> Figure:
-    """The confusion matrices restricted to predictions whose confidence reaches each threshold."""
-    thresholded = results["thresholded"]
-    labels = [str(i) for i in range(len(results["confusion_matrix"]))]
-    fig = Figure(figsize=(5.5 * max(1, len(thresholded)), 5))
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.1, top=0.9, wspace=0.25)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(thresholded))))
-    for ax, (t, entry) in zip(axes, thresholded.items()):
-        heatmap(np.asarray(entry["confusion_matrix"]), f"confidence >= {t}: coverage {entry['coverage']:.1%}",
-                labels, labels, ax=ax)
-    return fig
-
-
-def summarize(state: Mapping[str, torch.Tensor], thresholds: Sequence[float]) -> dict[str, Any]:
-    """Turn the reduced sums into the JSON-friendly record of one epoch."""
-    scores = classification_scores(state["confusion"])
-    confusion = state["confusion"].double()
-    n = float(confusion.sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence_matrix = (state["confidence_sums"] / confusion).numpy()
-    predicted, true = confusion.sum(dim=0), confusion.sum(dim=1)
-    brier, nll, entropy, conf = (float(v) / max(n, 1.0) for v in state["scalars"])
-    calibration = state["calibration"]
-    adaptive = adaptive_bins_from_histogram(state["fine"], calibration.shape[0] - 1)
-    out: dict[str, Any] = {
-        "n": int(n),
-        "accuracy": scores["accuracy"],
-        "macro_precision": scores["macro_precision"],
-        "macro_recall": scores["macro_recall"],
-        "macro_f1": scores["macro_f1"],
-        "ece": float(calibration_error_from_sums(calibration, "l1")),
-        "adaptive_ece": float(calibration_error_from_sums(adaptive, "l1")),
-        "mce": float(calibration_error_from_sums(calibration, "max")),
-        "brier": brier,
-        "nll": nll,
-        "mean_confidence": conf,
-        "mean_entropy": entropy,
-        "prediction_entropy_normalized": float(normalized_entropy(predicted)),
-        "top_class_share": float(predicted.max() / max(n, 1.0)),
-        "predicted_distribution": (predicted / max(n, 1.0)).tolist(),
-        "true_distribution": (true / max(n, 1.0)).tolist(),
-        "per_class_precision": scores["precision"].tolist(),
-        "per_class_recall": scores["recall"].tolist(),
-        "per_class_f1": scores["f1"].tolist(),
-        "confusion_matrix": state["confusion"].tolist(),
-        "confidence_matrix": confidence_matrix.tolist(),
-        "reliability": {"count": calibration[:, 0].tolist(), "confidence_sum": calibration[:, 1].tolist(),
-                        "correct_sum": calibration[:, 2].tolist()},
-        "confidence_histogram": {"correct": state["hist_correct"][:, 0].tolist(),
-                                 "wrong": state["hist_wrong"][:, 0].tolist()},
-        "thresholded": {},
-    }
-    for t, matrix in zip(thresholds, state["thresholded"]):
-        kept = float(matrix.sum())
-        out["thresholded"][str(t)] = {"coverage": kept / max(n, 1.0),
-                                      "accuracy": float(matrix.diagonal().sum()) / kept if kept else None,
-                                      "confusion_matrix": matrix.tolist()}
-    return out
-
-
-def calibration_figure(results: Mapping[str, Any], title: str) -> Figure:
-    """Reliability diagram, confidence histograms of correct vs wrong, predicted vs true class distribution."""
-    fig = Figure(figsize=(16, 4.5))
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.85, wspace=0.25)
-    ax_rel, ax_hist, ax_dist = fig.subplots(1, 3)
-    rel = {k: np.asarray(v, dtype=float) for k, v in results["reliability"].items()}
-    n_bins = len(rel["count"]) - 1
-    edges = np.linspace(0, 1, n_bins + 1)
-    filled = rel["count"][:n_bins] > 0
-    accuracy = np.divide(rel["correct_sum"][:n_bins], rel["count"][:n_bins], out=np.zeros(n_bins), where=filled)
-    ax_rel.bar(edges[:-1], accuracy, width=1 / n_bins, align="edge", edgecolor="k", label="accuracy")
-    ax_rel.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-    ax_rel.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-               title=f"reliability: ECE {results['ece']:.3f}, MCE {results['mce']:.3f}")
-    ax_rel.legend(fontsize=7)
-    h_edges = np.linspace(0, 1, _HIST_BINS + 1)
-    for name, color in (("correct", "tab:green"), ("wrong", "tab:red")):
-        counts = np.asarray(results["confidence_histogram"][name], dtype=float)
-        counts = np.append(counts[:-2], counts[-2] + counts[-1])  # fold confidence == 1 into the last bin
-        ax_hist.stairs(counts, h_edges, label=name, color=color, fill=True, alpha=0.5)
-    ax_hist.set(xlabel="confidence", ylabel="predictions", title="confidence of correct vs wrong")
-    ax_hist.legend(fontsize=7)
-    classes = np.arange(len(results["true_distribution"]))
-    ax_dist.bar(classes - 0.2, results["true_distribution"], 0.4, label="true")
-    ax_dist.bar(classes + 0.2, results["predicted_distribution"], 0.4, label="predicted")
-    ax_dist.set(xlabel="class", ylabel="share",
-                title=f"class distribution: normalised entropy {results['prediction_entropy_normalized']:.2f}")
-    ax_dist.legend(fontsize=7)
-    fig.suptitle(title)
-    return fig
-
-
-def format_table(results: Mapping[str, Any], title: str = "ConfidenceMonitor (test)") -> str:
-    """Plain-text table of the headline numbers."""
-    rows = [("samples", f"{results['n']}"), ("accuracy", f"{results['accuracy']:.4f}"),
-            ("macro F1", f"{results['macro_f1']:.4f}"), ("ECE", f"{results['ece']:.4f}"),
-            ("adaptive ECE", f"{results['adaptive_ece']:.4f}"), ("MCE", f"{results['mce']:.4f}"),
-            ("Brier", f"{results['brier']:.4f}"), ("NLL", f"{results['nll']:.4f}"),
-            ("mean confidence", f"{results['mean_confidence']:.4f}"),
-            ("mean entropy", f"{results['mean_entropy']:.4f}"),
-            ("prediction entropy", f"{results['prediction_entropy_normalized']:.4f}"),
-            ("top class share", f"{results['top_class_share']:.4f}")]
-    for t, entry in results["thresholded"].items():
-        acc = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
-        rows.append((f"conf >= {t}", f"coverage {entry['coverage']:.3f}, accuracy {acc}"))
-    width = max(len(name) for name, _ in rows)
-    lines = [title, "-" * (width + 40)]
-    lines += [f"{name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines)
