@@ -4,6 +4,8 @@ Usage:
     lightning-probes zoo-dataset --zoo <study output> --data.data_dir <MNIST dir> --output <dir>
                                  [--sigma 1.0] [--num_draws 50] [--per_class 10] [--min_accuracy 0.6]
                                  [--layers pool2,fc1,fc2,fc3] [--seed 0] [--models_per_shard 16]
+                                 [--selection random|first] [--noise_bank_seed N] [--features boundary,context]
+                                 [--context_size 1000] [--checkpoints last|epochs]
     python -m lightning_probes.commands.zoo_dataset ...
 
 Reads every finished trial of the zoo (``lightning-probes study --config configs/studies/lenet_zoo.yaml``), tests
@@ -28,7 +30,9 @@ __all__ = ["build_parser", "main", "zoo_dataset"]
 
 def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: float = 1.0, num_draws: int = 50,
                 per_class: int = 10, min_accuracy: float = 0.6, layers: str = "pool2,fc1,fc2,fc3", seed: int = 0,
-                models_per_shard: int = 16, progress: bool = True, trust_checkpoints: bool = False) -> dict[str, Any]:
+                models_per_shard: int = 16, progress: bool = True, trust_checkpoints: bool = False,
+                selection: str = "random", noise_bank_seed: Optional[int] = None, features: str = "",
+                context_size: int = 1000, checkpoints: str = "last") -> dict[str, Any]:
     """Build (or continue) the data set of a zoo.
 
     Args:
@@ -45,6 +49,14 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
         progress: Show a progress bar.
         trust_checkpoints: Read checkpoints that hold pickled objects (``torch.load(weights_only=False)``, which
             can run code); by default they are refused with a clear error.
+        selection: ``"random"`` (seeded per model) or ``"first"`` (the first correct and wrong test samples per
+            class in test-set order, the original study's).
+        noise_bank_seed: Seed of one bank of noise draws reused for every image and model (the original study's);
+            ``None``: fresh noise per image.
+        features: Comma-separated extra arrays: ``boundary`` (linearised boundary distances), ``context`` (the
+            model's confidence profile on reference images).
+        context_size: Reference images (the first of the test set) of ``context``.
+        checkpoints: ``"last"`` (a model per trial) or ``"epochs"`` (every epoch checkpoint is a model).
 
     Returns:
         What ``dataset.json`` holds.
@@ -59,8 +71,11 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Expected `data.data_dir` to be a directory, but {data_dir!r} is not one")
     names = tuple(n.strip() for n in str(layers).split(",") if n.strip())
+    extra = tuple(n.strip() for n in str(features).split(",") if n.strip())
     settings = ZooDatasetSettings(sigma=sigma, num_draws=num_draws, per_class=per_class, min_accuracy=min_accuracy,
-                                  layers=names, seed=seed, models_per_shard=models_per_shard)
+                                  layers=names, seed=seed, models_per_shard=models_per_shard, selection=selection,
+                                  noise_bank_seed=noise_bank_seed, features=extra, context_size=context_size,
+                                  checkpoints=checkpoints)
     return build_zoo_dataset(zoo, output, data_dir=data_dir, settings=settings, progress=progress,
                              trust_checkpoints=trust_checkpoints)
 
@@ -83,6 +98,15 @@ def build_parser():
     parser.add_argument("--layers", type=str, default="pool2,fc1,fc2,fc3", help="Comma-separated modules to store.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sample choice and of the noise.")
     parser.add_argument("--models_per_shard", type=int, default=16, help="Models per shard file.")
+    parser.add_argument("--selection", type=str, default="random",
+                        help="random (seeded per model) or first (in test-set order, the original study's).")
+    parser.add_argument("--noise_bank_seed", type=Optional[int], default=None,
+                        help="Seed of one noise bank reused for every image and model (default: fresh noise).")
+    parser.add_argument("--features", type=str, default="",
+                        help="Comma-separated extra arrays: boundary, context.")
+    parser.add_argument("--context_size", type=int, default=1000, help="Reference images of the context feature.")
+    parser.add_argument("--checkpoints", type=str, default="last",
+                        help="last (a model per trial) or epochs (every epoch checkpoint is a model).")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
     parser.add_argument("--trust_checkpoints", action=ActionYesNo, default=False,
                         help="Read checkpoints holding pickled objects (weights_only=False: can run code).")

@@ -38,12 +38,14 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def select_by_correctness(labels: torch.Tensor, preds: torch.Tensor, per_class: int,
-                          generator: Optional[torch.Generator] = None, num_classes: Optional[int] = None
-                          ) -> torch.Tensor:
+                          generator: Optional[torch.Generator] = None, num_classes: Optional[int] = None,
+                          order: Literal["random", "first"] = "random") -> torch.Tensor:
     """Indices of up to ``per_class`` correctly and ``per_class`` wrongly classified samples of every class.
 
     Within each class (the true label) and kind, the samples are drawn without replacement in the random order of
-    ``generator``; a class with fewer samples of a kind gives all it has.
+    ``generator`` (``order="random"``), or are the first ones in index order (``order="first"``, the original
+    meta-network study's choice: on an unshuffled test set the same images recur across models); a class with
+    fewer samples of a kind gives all it has.
 
     Args:
         labels: ``(N,)`` true classes.
@@ -51,6 +53,7 @@ def select_by_correctness(labels: torch.Tensor, preds: torch.Tensor, per_class: 
         per_class: Most samples of each kind per class, >= 1.
         generator: Random generator of the draw (seed it for a reproducible choice).
         num_classes: Number of classes (default ``labels.max() + 1``).
+        order: ``"random"`` or ``"first"`` (``generator`` is then unused).
 
     Returns:
         ``(M,)`` sorted int64 indices into ``labels``.
@@ -64,8 +67,13 @@ def select_by_correctness(labels: torch.Tensor, preds: torch.Tensor, per_class: 
     if labels.shape != preds.shape or labels.ndim != 1:
         raise ValueError(f"Expected `labels` and `preds` of one shape (N,), but got {tuple(labels.shape)} and "
                          f"{tuple(preds.shape)}")
+    if order not in ("random", "first"):
+        raise ValueError(f"Expected `order` to be 'random' or 'first', but got {order!r}")
     classes = int(labels.max()) + 1 if num_classes is None and len(labels) else int(num_classes or 0)
-    order = torch.randperm(len(labels), generator=generator)
+    if order == "first":
+        order = torch.arange(len(labels))
+    else:
+        order = torch.randperm(len(labels), generator=generator)
     labels_o, correct_o = labels[order], (preds == labels)[order]
     chosen = []
     for cls in range(classes):

@@ -56,6 +56,7 @@ def noisy_logits(
     generator: Optional[torch.Generator] = None,
     chunk_size: int = 1024,
     logits_fn: Optional[Callable[[object, torch.Tensor], torch.Tensor]] = None,
+    noise_bank: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Logits of ``num_draws`` Gaussian-noise copies of every input: ``(D, N, C)``.
 
@@ -71,6 +72,9 @@ def noisy_logits(
         generator: Random generator on the inputs' device.
         chunk_size: Most rows per call.
         logits_fn: ``logits_fn(module, x) -> (n, C)`` logits, for models that return tuples or dicts.
+        noise_bank: ``(num_draws, *inputs.shape[1:])`` standard-normal draws reused for every input (the original
+            meta-network study's one fixed bank: draw ``d`` of every image uses the same noise); ``None`` draws new
+            noise for every input from ``generator``.
 
     Raises:
         TypeError: ``inputs`` are not floating point (e.g. token ids), or the logits are not a floating
@@ -85,9 +89,15 @@ def noisy_logits(
         raise TypeError(f"Gaussian noise needs floating-point inputs, but got {inputs.dtype} inputs (token ids or "
                         "labels?)")
     fn = _call if logits_fn is None else logits_fn
+    if noise_bank is not None and tuple(noise_bank.shape) != (num_draws, *inputs.shape[1:]):
+        raise ValueError(f"Expected `noise_bank` of shape {(num_draws, *inputs.shape[1:])} (num_draws, one input), "
+                         f"but got {tuple(noise_bank.shape)}")
     outputs = []
-    for _ in range(num_draws):
-        noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+    for draw in range(num_draws):
+        if noise_bank is None:
+            noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        else:
+            noise = noise_bank[draw].to(inputs.device, inputs.dtype).expand_as(inputs)
         noisy = inputs + sigma * noise
         outputs.append(torch.cat([check_logits(fn(module, part), len(part)) for part in noisy.split(chunk_size)]))
     return torch.stack(outputs)

@@ -12,10 +12,22 @@ For every finished trial of the zoo (``<zoo>/trials/<trial_id>/`` with ``config.
    forward pass), the prediction and ``correct``;
 5. measures each sample's stability ratio: the share of ``num_draws`` Gaussian-noise copies (``sigma`` in the
    inputs' normalised units) whose prediction equals the clean one (``noisy_logits`` + ``stability_ratio``, the
-   ``NoiseRobustnessMonitor`` maths), the noise drawn from a generator seeded by ``seed`` and the model id.
+   ``NoiseRobustnessMonitor`` maths), the noise drawn from a generator seeded by ``seed`` and the model id, or
+   taken from one bank of ``num_draws`` draws seeded by ``noise_bank_seed`` and reused for every image and model
+   (the original meta-network study's protocol);
+6. with ``features`` ``"boundary"``: each sample's linearised distance to the boundary of every competitor class
+   (``boundary_distance``, ``(n, C)``, ``+inf`` at the prediction; ``functional.boundary_distances``); with
+   ``"context"``: the model's own confidence profile on a fixed reference set (the first ``context_size`` test
+   images), the same for every row of the model (``context``, 8 columns: mean, 10/50/90% quantiles of the max
+   softmax, then of the top-1 minus top-2 margin), so a score can be read relative to its model.
+
+``checkpoints="epochs"`` makes every ``checkpoints/epoch=<e>*.ckpt`` of a trial a model of its own (the original
+study's epoch 1-4 models of one training run); every row carries ``group`` (the id of its trial's first model), so
+``ZooDataModule(split_by="model_and_image")`` keeps a run's checkpoints on one side.
 
 Shards ``shard_<k>.npz`` hold ``models_per_shard`` models each: ``model_id``, ``sample_index`` (into the test set),
-``label``, ``pred``, ``correct`` (0/1), ``ratio`` and one flattened float32 array per layer. ``models.csv`` lists the
+``label``, ``pred``, ``correct`` (0/1), ``ratio``, ``group``, one flattened float32 array per layer and the
+``features``' arrays. ``models.csv`` lists the
 kept models (``model_id``, ``trial_id``, ``checkpoint``, ``test_accuracy``, ``shard``, ``n_samples`` and the trial's
 sampled hyper-parameters and seed); ``excluded.csv`` the models below ``min_accuracy``. Both are rewritten
 atomically after every shard, and ``dataset.json`` records the settings. A rerun skips the models already in a
@@ -47,11 +59,16 @@ from lightning_probes.io import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZooDatasetSettings", "ZooModel", "build_zoo_dataset", "find_zoo_models", "load_model", "load_shards",
-           "load_test_set", "model_record", "seeded"]
+__all__ = ["CHECKPOINTS", "FEATURES", "SELECTIONS", "ZooDatasetSettings", "ZooModel", "build_zoo_dataset",
+           "find_zoo_models", "load_model", "load_shards", "load_test_set", "model_context", "model_record",
+           "noise_bank", "seeded"]
 
 DEFAULT_LAYERS = ("pool2", "fc1", "fc2", "fc3")
 SCALAR_ARRAYS = ("model_id", "sample_index", "label", "pred", "correct", "ratio")
+#: Extra per-sample arrays `model_record` can store (``ZooDatasetSettings.features``).
+FEATURES = ("boundary", "context")
+SELECTIONS = ("random", "first")
+CHECKPOINTS = ("last", "epochs")
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,15 @@ class ZooDatasetSettings:
         layers: Modules whose outputs are stored (their names in the model's network, without ``net.``).
         seed: Seed of the sample choice and of the noise (combined with each model id).
         models_per_shard: Models per ``shard_<k>.npz``.
+        selection: ``"random"`` (seeded per model) or ``"first"`` (the first correct and wrong samples per class
+            in test-set order: the original study's).
+        noise_bank_seed: Seed of one bank of ``num_draws`` noise draws reused for every image and model;
+            ``None``: fresh noise per image, seeded by ``seed`` and the model id.
+        features: Extra arrays from `FEATURES`: ``"boundary"`` (linearised boundary distances), ``"context"``
+            (the model's confidence profile on ``context_size`` reference images).
+        context_size: Reference images (the first of the test set) of the ``"context"`` feature.
+        checkpoints: ``"last"`` (one model per trial, its ``last.ckpt``) or ``"epochs"`` (every epoch checkpoint
+            of a trial is a model; the trials must keep them: ``ModelCheckpoint(save_top_k=-1)``).
     """
 
     sigma: float = 1.0
@@ -75,11 +101,16 @@ class ZooDatasetSettings:
     layers: tuple[str, ...] = DEFAULT_LAYERS
     seed: int = 0
     models_per_shard: int = 16
+    selection: str = "random"
+    noise_bank_seed: Optional[int] = None
+    features: tuple[str, ...] = ()
+    context_size: int = 1000
+    checkpoints: str = "last"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and self.sigma > 0):
             raise ValueError(f"Expected `sigma` to be a positive number, but got {self.sigma!r}")
-        for name in ("num_draws", "per_class", "models_per_shard"):
+        for name in ("num_draws", "per_class", "models_per_shard", "context_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
@@ -89,6 +120,18 @@ class ZooDatasetSettings:
             raise ValueError(f"Expected `layers` to be a non-empty list of module names, but got {self.layers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Expected `seed` to be a non-negative integer, but got {self.seed!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"Expected `selection` to be one of {SELECTIONS}, but got {self.selection!r}")
+        if self.noise_bank_seed is not None and (isinstance(self.noise_bank_seed, bool)
+                                                 or not isinstance(self.noise_bank_seed, int)
+                                                 or self.noise_bank_seed < 0):
+            raise ValueError(f"Expected `noise_bank_seed` to be None or a non-negative integer, but got "
+                             f"{self.noise_bank_seed!r}")
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"Expected `features` to be names from {FEATURES}, but got {list(self.features)!r}")
+        if self.checkpoints not in CHECKPOINTS:
+            raise ValueError(f"Expected `checkpoints` to be one of {CHECKPOINTS}, but got {self.checkpoints!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +144,7 @@ class ZooModel:
         checkpoint: Its ``checkpoints/last.ckpt``.
         config: Its resolved ``config.yaml``.
         params: Its sampled hyper-parameters (``status.json``) and ``seed``.
+        group: The training run it comes from (the trial's name; with epoch checkpoints several models share it).
     """
 
     trial_id: str
@@ -108,10 +152,20 @@ class ZooModel:
     checkpoint: str
     config: dict[str, Any]
     params: dict[str, Any]
+    group: str = ""
 
 
-def find_zoo_models(zoo: str) -> list[ZooModel]:
+def _epoch_of(path: str) -> int:
+    found = re.search(r"epoch=(\d+)", os.path.basename(path))
+    return int(found.group(1)) if found else -1
+
+
+def find_zoo_models(zoo: str, checkpoints: str = "last") -> list[ZooModel]:
     """The finished trials of a zoo (a study output directory, or its ``trials/`` directory), sorted by id.
+
+    With ``checkpoints="epochs"`` every ``checkpoints/epoch=<e>*.ckpt`` of a finished trial is a model of its own
+    (``trial_id`` ``<trial>/epoch=<e>``, in epoch order; ``params`` gain ``epoch``), all with the trial as
+    ``group``; a trial without epoch checkpoints gives none.
 
     Raises:
         FileNotFoundError: If ``zoo`` holds no trial directory.
@@ -135,7 +189,14 @@ def find_zoo_models(zoo: str) -> list[ZooModel]:
         with open(os.path.join(trial_dir, "config.yaml"), encoding="utf-8") as handle:
             config = yaml.safe_load(handle)
         params = {**status.get("params", {}), "seed": status.get("seed")}
-        models.append(ZooModel(os.path.basename(trial_dir), trial_dir, checkpoint, config, params))
+        trial = os.path.basename(trial_dir)
+        if checkpoints == "epochs":
+            epochs = sorted((p for p in glob.glob(os.path.join(trial_dir, "checkpoints", "epoch=*.ckpt"))
+                             if _epoch_of(p) >= 0), key=_epoch_of)
+            models.extend(ZooModel(f"{trial}/epoch={_epoch_of(p)}", trial_dir, p, config,
+                                   {**params, "epoch": _epoch_of(p)}, trial) for p in epochs)
+        else:
+            models.append(ZooModel(trial, trial_dir, checkpoint, config, params, trial))
     return models
 
 
@@ -181,8 +242,26 @@ def seeded(seed: int, model_id: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + model_id + offset)
 
 
+def noise_bank(seed: int, num_draws: int, shape: Sequence[int]) -> torch.Tensor:
+    """``(num_draws, *shape)`` standard-normal draws from a CPU generator seeded by ``seed`` (one bank for all)."""
+    return torch.randn((num_draws, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def model_context(logits: torch.Tensor) -> np.ndarray:
+    """A model's confidence profile on reference images: mean and 10/50/90% quantiles of its max softmax, then of
+    its top-1 minus top-2 softmax margin (8 float32 values)."""
+    p = logits.double().softmax(dim=1)
+    top2 = p.topk(2, dim=1).values
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    parts = []
+    for values in (top2[:, 0], top2[:, 0] - top2[:, 1]):
+        parts.extend([values.mean().reshape(1), torch.quantile(values, q)])
+    return torch.cat(parts).float().numpy()
+
+
 def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, model_id: int,
-                 settings: ZooDatasetSettings, logits: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
+                 settings: ZooDatasetSettings, logits: Optional[torch.Tensor] = None,
+                 group: Optional[int] = None) -> dict[str, np.ndarray]:
     """The data set's rows of one model: chosen samples, their layer outputs, prediction, correctness and ratio.
 
     Args:
@@ -192,27 +271,30 @@ def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
         model_id: The model's id (seeds the choice and the noise with ``settings.seed``: `seeded`).
         settings: The data set's settings.
         logits: The model's logits on ``inputs`` when already computed.
+        group: The id of the model's training run (default: ``model_id``).
 
     Returns:
         Array name -> array, one row per chosen sample (see the module's docstring).
     """
     from lightning_probes.capture import ActivationCapture, select_modules
-    from lightning_probes.functional import noisy_logits, select_by_correctness, stability_ratio
+    from lightning_probes.functional import boundary_distances, noisy_logits, select_by_correctness, stability_ratio
 
     net = getattr(model, "net", model)
     if logits is None:
         logits = _batched(model, inputs)
     preds = logits.argmax(dim=1)
     chosen = select_by_correctness(labels, preds, settings.per_class, seeded(settings.seed, model_id, "choice"),
-                                   num_classes=int(logits.shape[1]))
+                                   num_classes=int(logits.shape[1]), order=settings.selection)
     x = inputs[chosen]
     capture = ActivationCapture(select_modules(net, list(settings.layers)), max_features=None)
     with torch.no_grad(), capture.capturing():
         clean = model(x)
     outputs = capture.pop()
     clean_pred = clean.argmax(dim=1)
+    bank = (None if settings.noise_bank_seed is None
+            else noise_bank(settings.noise_bank_seed, settings.num_draws, inputs.shape[1:]))
     noisy = noisy_logits(model, x, settings.sigma, settings.num_draws,
-                         generator=seeded(settings.seed, model_id, "noise"))
+                         generator=seeded(settings.seed, model_id, "noise"), noise_bank=bank)
     ratio = stability_ratio(clean_pred, noisy.argmax(dim=-1))
     record = {
         "model_id": np.full(len(chosen), model_id, dtype=np.int64),
@@ -221,9 +303,14 @@ def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
         "pred": clean_pred.numpy().astype(np.int64),
         "correct": (clean_pred == labels[chosen]).numpy().astype(np.int64),
         "ratio": ratio.numpy().astype(np.float32),
+        "group": np.full(len(chosen), model_id if group is None else group, dtype=np.int64),
     }
     for name in settings.layers:
         record[name] = outputs[name].flatten(1).float().numpy()
+    if "boundary" in settings.features:
+        record["boundary_distance"] = boundary_distances(model, x)["distance"].float().numpy()
+    if "context" in settings.features:
+        record["context"] = np.tile(model_context(logits[: settings.context_size]), (len(chosen), 1))
     return record
 
 
@@ -255,12 +342,16 @@ _MODEL_COLUMNS = ("model_id", "trial_id", "checkpoint", "test_accuracy", "shard"
 
 def _check_settings(output: str, settings: ZooDatasetSettings) -> None:
     path = os.path.join(output, "dataset.json")
-    ours = {**asdict(settings), "layers": list(settings.layers)}
+    ours = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features)}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle).get("settings", {})
         previous.pop("models_per_shard", None)
         mine = {k: v for k, v in ours.items() if k != "models_per_shard"}
+        # Settings added since a data set was built had their defaults then.
+        defaults = {**asdict(ZooDatasetSettings()), "features": []}
+        previous = {**{k: defaults[k] for k in mine if k not in previous}, **previous} if previous else previous
+        mine = {**mine, "features": list(mine.get("features", ()))}
         if previous and previous != mine:
             changed = sorted(k for k in mine if previous.get(k) != mine[k])
             raise ValueError(f"Expected the settings of the data set already in {output!r}, but "
@@ -290,7 +381,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     from tqdm.auto import tqdm
 
     settings = settings or ZooDatasetSettings()
-    models = find_zoo_models(zoo)
+    models = find_zoo_models(zoo, settings.checkpoints)
     os.makedirs(output, exist_ok=True)
     _check_settings(output, settings)
     kept = _read_csv(os.path.join(output, "models.csv"))
@@ -302,6 +393,10 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
             in_shards.update(int(i) for i in np.unique(data["model_id"]))
     kept = [row for row in kept if int(row["model_id"]) in in_shards]  # a row whose shard never landed: redo it
     ids = {row["trial_id"]: int(row["model_id"]) for row in [*kept, *excluded]}
+    # A run's group id is the id of its first model (kept or not); rows of older data sets have no group.
+    groups: dict[str, int] = {}
+    for row in sorted([*kept, *excluded], key=lambda r: int(r["model_id"])):
+        groups.setdefault(row.get("group") or row["trial_id"], int(row["model_id"]))
     done = {row["trial_id"] for row in [*kept, *excluded]}
     next_id = max(ids.values(), default=-1) + 1
     todo = [m for m in models if m.trial_id not in done]
@@ -336,12 +431,14 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         model = load_model(zoo_model, trust=trust_checkpoints)
         logits = _batched(model, inputs)
         accuracy = float((logits.argmax(1) == labels).double().mean())
+        group = groups.setdefault(zoo_model.group or zoo_model.trial_id, model_id)
         row = {"model_id": model_id, "trial_id": zoo_model.trial_id, "checkpoint": zoo_model.checkpoint,
-               "test_accuracy": round(accuracy, 6), **{_short(k): v for k, v in zoo_model.params.items()}}
+               "test_accuracy": round(accuracy, 6), "group": zoo_model.group or zoo_model.trial_id,
+               **{_short(k): v for k, v in zoo_model.params.items()}}
         if accuracy < settings.min_accuracy:
             excluded.append(row)
             continue
-        record = model_record(model, inputs, labels, model_id, settings, logits=logits)
+        record = model_record(model, inputs, labels, model_id, settings, logits=logits, group=group)
         row["n_samples"] = len(record["model_id"])
         pending.append(record)
         pending_rows.append(row)
@@ -351,7 +448,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     flush()
     summary = {
         "zoo": os.path.abspath(zoo),
-        "settings": {**asdict(settings), "layers": list(settings.layers)},
+        "settings": {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features)},
         "n_trials_finished": len(models),
         "n_kept": len(kept),
         "n_excluded": len(excluded),
@@ -378,6 +475,9 @@ def iter_shards(directory: str) -> Iterator[str]:
 def load_shards(directory: str, layers: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """Every shard of a data set concatenated: the scalar arrays and the given ``layers`` (default: all).
 
+    ``layers`` may also name the optional arrays (``group``, ``boundary_distance``, ``context``); ``group`` of a
+    shard written before it existed is its ``model_id``.
+
     Raises:
         FileNotFoundError: If the directory holds no ``shard_*.npz``.
     """
@@ -393,6 +493,13 @@ def load_shards(directory: str, layers: Optional[Sequence[str]] = None) -> dict[
             missing = [n for n in names if n not in data.files]
             if missing:
                 raise ValueError(f"shard {path!r} lacks the arrays {missing}; found {sorted(data.files)}")
-            for name in names:
-                parts.setdefault(name, []).append(data[name])
+            arrays = {name: data[name] for name in names}
+            if "group" not in arrays and (layers is None or "group" in layers):
+                arrays["group"] = data["model_id"]  # shards from before `group`: each model its own run
+            for name, values in arrays.items():
+                parts.setdefault(name, []).append(values)
+    lengths = {k: sum(len(v) for v in vs) for k, vs in parts.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"Expected every shard of {directory!r} to hold the same arrays, but their row counts "
+                         f"differ: {lengths}")
     return {k: np.concatenate(v) for k, v in parts.items()}

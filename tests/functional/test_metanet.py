@@ -156,3 +156,28 @@ def test_r2_ceiling_matches_a_simulated_perfect_predictor():
     assert np.isnan(r2_ceiling(torch.tensor([0.5, 0.5]), 5))
     with pytest.raises(ValueError, match="`num_draws`"):
         r2_ceiling(torch.tensor([0.2, 0.8]), 1)
+
+
+def test_select_first_takes_the_first_of_each_kind_in_index_order():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 0])
+    preds = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    # class 0 correct at 0, 2, 7; wrong at 1, 3; class 1 correct at 4, 6; wrong at 5.
+    chosen = select_by_correctness(labels, preds, per_class=2, order="first")
+    assert chosen.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert select_by_correctness(labels, preds, per_class=1, order="first").tolist() == [0, 1, 4, 5]
+    with pytest.raises(ValueError, match="`order`"):
+        select_by_correctness(labels, preds, per_class=1, order="last")
+
+
+def test_noisy_logits_with_a_noise_bank_uses_the_same_draw_for_every_input():
+    from lightning_probes.functional import noisy_logits
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    bank = torch.randn(5, 3)
+    out = noisy_logits(model, x, sigma=0.5, num_draws=5, noise_bank=bank)
+    with torch.no_grad():
+        expected = torch.stack([model(x + 0.5 * bank[d]) for d in range(5)])
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="`noise_bank`"):
+        noisy_logits(model, x, sigma=0.5, num_draws=4, noise_bank=bank)

@@ -143,3 +143,72 @@ def test_other_settings_on_an_existing_data_set_are_refused(dataset, tiny_zoo):
     with pytest.raises(ValueError, match="`sigma` is 0.5"):
         zoo_dataset(str(tiny_zoo), str(output), sigma=0.5, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=0.0,
                     progress=False)
+
+
+def test_original_protocol_options_and_new_features(tiny_zoo, tmp_path):
+    """--checkpoints epochs, --selection first, --noise_bank_seed and --features boundary,context, each value
+    recomputed independently."""
+    from lightning_probes.functional import boundary_distances
+    from lightning_probes.studies.zoo import noise_bank
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo / "trials", zoo / "trials")
+    trials = sorted((zoo / "trials").iterdir())
+    for trial in trials:  # two "epoch checkpoints" per trial (copies of the last one)
+        for epoch in (0, 1):
+            shutil.copy(trial / "checkpoints" / "last.ckpt", trial / "checkpoints" / f"epoch={epoch}-step={epoch}.ckpt")
+        for other in (trial / "checkpoints").glob("epoch=*"):
+            if not other.name.startswith(("epoch=0-step=0", "epoch=1-step=1")):
+                other.unlink()
+    out = tmp_path / "ds"
+    summary = zoo_dataset(str(zoo), str(out), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=0.0,
+                          selection="first", noise_bank_seed=42, features="boundary,context", context_size=50,
+                          checkpoints="epochs", models_per_shard=4, progress=False)
+    assert summary["n_kept"] == 2 * len(trials)
+    data = load_shards(str(out))
+    rows = sorted(_rows(out / "models.csv"), key=lambda r: int(r["model_id"]))
+    assert [r["trial_id"] for r in rows] == [f"{t.name}/epoch={e}" for t in trials for e in (0, 1)]
+    assert [r["epoch"] for r in rows] == ["0", "1"] * len(trials)
+    inputs, labels = _digits_test()
+    bank = noise_bank(42, DRAWS, inputs.shape[1:])
+    for row in rows:
+        mine = data["model_id"] == int(row["model_id"])
+        # Both checkpoints of one run share the id of the run's first model as their group.
+        assert set(data["group"][mine]) == {int(row["model_id"]) - int(row["trial_id"].endswith("epoch=1"))}
+        model = LeNet5.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+        with torch.no_grad():
+            logits = model(inputs)
+        pred_all = logits.argmax(1)
+        correct_all = (pred_all == labels).numpy()
+        # "first": for each digit and kind, the first PER_CLASS test indices in order.
+        expected = []
+        for digit in range(10):
+            for kind in (1, 0):
+                expected.extend(np.flatnonzero((labels.numpy() == digit) & (correct_all == kind))[:PER_CLASS])
+        np.testing.assert_array_equal(data["sample_index"][mine], np.sort(expected))
+        idx = torch.as_tensor(data["sample_index"][mine])
+        x, pred = inputs[idx], pred_all[idx]
+        same = np.zeros(len(idx))
+        for d in range(DRAWS):  # the same bank draw d for every image
+            with torch.no_grad():
+                same += (model(x + SIGMA * bank[d]).argmax(1) == pred).numpy()
+        np.testing.assert_allclose(data["ratio"][mine], same / DRAWS, atol=1e-6)
+        ref = boundary_distances(model, x)["distance"].float().numpy()
+        np.testing.assert_allclose(data["boundary_distance"][mine], ref, rtol=1e-5)
+        assert np.isinf(data["boundary_distance"][mine][np.arange(len(idx)), pred.numpy()]).all()
+        p = logits[:50].double().softmax(1)
+        top2 = p.topk(2, dim=1).values
+        ms, margin = top2[:, 0].numpy(), (top2[:, 0] - top2[:, 1]).numpy()
+        context = [ms.mean(), *np.quantile(ms, [0.1, 0.5, 0.9]), margin.mean(), *np.quantile(margin, [0.1, 0.5, 0.9])]
+        np.testing.assert_allclose(data["context"][mine], np.tile(context, (len(idx), 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_new_settings_are_validated():
+    with pytest.raises(ValueError, match="`selection`"):
+        zoo_dataset(".", "x", selection="best", progress=False)
+    with pytest.raises(ValueError, match="`features`"):
+        zoo_dataset(".", "x", features="boundary,gradients", progress=False)
+    with pytest.raises(ValueError, match="`checkpoints`"):
+        zoo_dataset(".", "x", checkpoints="best", progress=False)
+    with pytest.raises(ValueError, match="`noise_bank_seed`"):
+        zoo_dataset(".", "x", noise_bank_seed=-1, progress=False)
