@@ -63,7 +63,7 @@ def weight_statistics(weight: torch.Tensor) -> dict[str, Any]:
     """Norms, spectrum and distribution of one weight tensor.
 
     Returns:
-        ``shape``, ``numel``, ``fan_in`` and, as floats: ``l1`` (sum of |w|), ``l2`` (Frobenius norm),
+        ``shape``, ``numel``, ``fan_in`` and, as floats: ``l1`` (sum of ``|w|``), ``l2`` (Frobenius norm),
         ``spectral_norm`` (largest singular value of `weight_matrix`), ``stable_rank`` (``l2^2 /
         spectral_norm^2``, between 1 and the rank; NaN for an all-zero weight), ``mean``, ``std`` (population,
         ``ddof=0``), ``skewness`` and ``kurtosis`` (``scipy.stats.skew`` and ``scipy.stats.kurtosis``: Fisher's

@@ -1,0 +1,61 @@
+"""Make the figures of the probe pages from a real quick-start run.
+
+Runs ``lightning fit --config configs/quickstart.yaml`` (the real quick start: the MLP, 5 epochs on the bundled
+digits, every probe) in a temporary directory, then ``lightning-probes plot`` on its run into ``--output``
+(``<output>/<probe>/<figure>.png``), and copies the figures drawn during training only (the gradient-sign maps).
+The Sphinx build (``docs/conf.py``) runs it when ``<output>/done.txt`` is missing; about a minute on 2 CPU cores.
+
+Example:
+    python docs/make_figures.py --output docs/_generated/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def make_figures(output: str, config: str = os.path.join(ROOT, "configs", "quickstart.yaml")) -> list[str]:
+    """Train the quick start and draw every probe figure of its run into ``output``.
+
+    Args:
+        output: Directory for ``<probe>/<figure>.png`` and ``done.txt`` (the command and the time it took).
+        config: The fit config (default: the quick start).
+
+    Returns:
+        The PNG files written, relative to ``output``.
+    """
+    start = time.time()
+    cli = [sys.executable, "-m", "lightning_probes.cli"]
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run([*cli, "fit", "--config", config, "--trainer.enable_progress_bar", "false"], cwd=work,
+                       check=True, stdout=subprocess.DEVNULL)
+        (run,) = glob.glob(os.path.join(work, "runs", "*", "version_0"))
+        subprocess.run([*cli, "plot", run, "--output", output, "--no_progress"], check=True, stdout=subprocess.DEVNULL)
+        for png in glob.glob(os.path.join(run, "probes", "*", "*.png")):  # drawn during training only
+            target = os.path.join(output, os.path.basename(os.path.dirname(png)), os.path.basename(png))
+            if not os.path.exists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(png, target)
+    written = sorted(os.path.relpath(p, output) for p in glob.glob(os.path.join(output, "*", "*.png")))
+    with open(os.path.join(output, "done.txt"), "w") as f:
+        f.write(f"lightning fit --config {os.path.relpath(config, ROOT)}; lightning-probes plot RUN "
+                f"--output {output}\n{len(written)} figures in {time.time() - start:.0f} s\n")
+        f.write("\n".join(written) + "\n")
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "_generated", "figures"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.yaml"))
+    args = parser.parse_args()
+    make_figures(args.output, args.config)
