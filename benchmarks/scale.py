@@ -361,16 +361,17 @@ def main() -> None:
                              memory_ratio=probes["peak_rss_mb"] / bare["peak_rss_mb"],
                              hook_seconds=probes["hook_seconds"], memory_fit_seconds={"bare": bare["seconds"],
                                                                                       "probes": probes["seconds"]})
-                if "peak_cuda_mb" in bare:
+                if "peak_cuda_mb" in bare:  # on a GPU the memory that matters is the device's
                     entry["peak_cuda_mb"] = {"bare": bare["peak_cuda_mb"], "probes": probes["peak_cuda_mb"]}
+                    entry["memory_ratio"] = probes["peak_cuda_mb"] / bare["peak_cuda_mb"]
             print(f"{model}: per-step cost (interleaved fits in this process)", flush=True)
             entry["steps"] = step_costs(args, model, skip)
             entry["skipped"] = sorted(skip)
             results["models"][model] = entry
+            if args.json:  # after every model: a run stopped later keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
         report(results, args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -381,11 +382,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         data = results["data"][model]
         print(f"{model}: batch {data['batch']} of {'x'.join(map(str, data['sample']))}, {data['classes']} classes")
     print("| model | parameters / tensors | bare step s (wall / CPU) | every probe: per step, wall | per step, CPU "
-          "| one-off s | peak RSS MB bare / probes | memory |")
+          f"| one-off s | peak {'CUDA' if results['device'] == 'cuda' else 'RSS'} MB bare / probes | memory |")
     print("|---|---|---|---|---|---|---|---|")
     for model, e in results["models"].items():
         s = e["steps"]
-        rss = e.get("peak_rss_mb")
+        rss = e.get("peak_cuda_mb") or e.get("peak_rss_mb")
         memory = (f"{rss['bare']:.0f} / {rss['probes']:.0f}", verdict(e["memory_ratio"], TARGET_MEMORY)) if rss \
             else ("", "")
         size = f"{e['parameters'] / 1e6:.1f}M / {e['tensors']}" if "parameters" in e else ""
