@@ -4,7 +4,7 @@ Usage:
     lightning-probes zoo-dataset --zoo <study output> --data.data_dir <MNIST dir> --output <dir>
                                  [--sigma 1.0] [--num_draws 50] [--per_class 10] [--min_accuracy 0.6]
                                  [--layers pool2,fc1,fc2,fc3] [--seed 0] [--models_per_shard 16]
-                                 [--selection random|first] [--noise_bank_seed N] [--features boundary,context]
+                                 [--selection random|first] [--noise_bank_seed N] [--features boundary,context,probes]
                                  [--context_size 1000] [--checkpoints last|epochs]
     python -m lightning_probes.commands.zoo_dataset ...
 
@@ -32,7 +32,8 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
                 per_class: int = 10, min_accuracy: float = 0.6, layers: str = "pool2,fc1,fc2,fc3", seed: int = 0,
                 models_per_shard: int = 16, progress: bool = True, trust_checkpoints: bool = False,
                 selection: str = "random", noise_bank_seed: Optional[int] = None, features: str = "",
-                context_size: int = 1000, checkpoints: str = "last") -> dict[str, Any]:
+                context_size: int = 1000, checkpoints: str = "last", probe_layers: str = "pool2,fc1,fc2",
+                probe_train_size: int = 2000) -> dict[str, Any]:
     """Build (or continue) the data set of a zoo.
 
     Args:
@@ -54,9 +55,11 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
         noise_bank_seed: Seed of one bank of noise draws reused for every image and model (the original study's);
             ``None``: fresh noise per image.
         features: Comma-separated extra arrays: ``boundary`` (linearised boundary distances), ``context`` (the
-            model's confidence profile on reference images).
+            model's confidence profile on reference images), ``probes`` (class-aligned linear probes per layer).
         context_size: Reference images (the first of the test set) of ``context``.
         checkpoints: ``"last"`` (a model per trial) or ``"epochs"`` (every epoch checkpoint is a model).
+        probe_layers: Comma-separated layers of the ``probes`` feature.
+        probe_train_size: Training images each linear probe is fitted on.
 
     Returns:
         What ``dataset.json`` holds.
@@ -75,7 +78,9 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
     settings = ZooDatasetSettings(sigma=sigma, num_draws=num_draws, per_class=per_class, min_accuracy=min_accuracy,
                                   layers=names, seed=seed, models_per_shard=models_per_shard, selection=selection,
                                   noise_bank_seed=noise_bank_seed, features=extra, context_size=context_size,
-                                  checkpoints=checkpoints)
+                                  checkpoints=checkpoints,
+                                  probe_layers=tuple(n.strip() for n in str(probe_layers).split(",") if n.strip()),
+                                  probe_train_size=probe_train_size)
     return build_zoo_dataset(zoo, output, data_dir=data_dir, settings=settings, progress=progress,
                              trust_checkpoints=trust_checkpoints)
 
@@ -103,10 +108,13 @@ def build_parser():
     parser.add_argument("--noise_bank_seed", type=Optional[int], default=None,
                         help="Seed of one noise bank reused for every image and model (default: fresh noise).")
     parser.add_argument("--features", type=str, default="",
-                        help="Comma-separated extra arrays: boundary, context.")
+                        help="Comma-separated extra arrays: boundary, context, probes.")
     parser.add_argument("--context_size", type=int, default=1000, help="Reference images of the context feature.")
     parser.add_argument("--checkpoints", type=str, default="last",
                         help="last (a model per trial) or epochs (every epoch checkpoint is a model).")
+    parser.add_argument("--probe_layers", type=str, default="pool2,fc1,fc2", help="Layers of the probes feature.")
+    parser.add_argument("--probe_train_size", type=int, default=2000,
+                        help="Training images each linear probe of the probes feature is fitted on.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
     parser.add_argument("--trust_checkpoints", action=ActionYesNo, default=False,
                         help="Read checkpoints holding pickled objects (weights_only=False: can run code).")

@@ -1,8 +1,8 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
-Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `calibration`,
-`boundary`, `dynamics`, `gradients`, `metanet`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is
-importable from here; `tests/functional/test_exports.py` keeps it so.
+Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
+`calibration`, `dynamics`, `gradients`, `linear_probes`, `metanet`, `representations`, `robustness`, `runs`,
+`statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -65,6 +65,7 @@ from lightning_probes.functional.gradients import (
     summary_dtype,
     total_summary,
 )
+from lightning_probes.functional.linear_probes import fit_linear_probe, linear_probe_features
 from lightning_probes.functional.metanet import (
     ENCODINGS,
     LAYER_STATS,
@@ -173,7 +174,9 @@ __all__ = [
     "kl_from_clean",
     "l2_norms",
     "layer_rows",
+    "fit_linear_probe",
     "linear_cka",
+    "linear_probe_features",
     "linear_stability",
     "masked_mean_confidence",
     "minibatch_hsic_terms",

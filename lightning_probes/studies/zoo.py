@@ -19,7 +19,10 @@ For every finished trial of the zoo (``<zoo>/trials/<trial_id>/`` with ``config.
    (``boundary_distance``, ``(n, C)``, ``+inf`` at the prediction; ``functional.boundary_distances``); with
    ``"context"``: the model's own confidence profile on a fixed reference set (the first ``context_size`` test
    images), the same for every row of the model (``context``, 8 columns: mean, 10/50/90% quantiles of the max
-   softmax, then of the top-1 minus top-2 margin), so a score can be read relative to its model.
+   softmax, then of the top-1 minus top-2 margin), so a score can be read relative to its model; with
+   ``"probes"``: a linear probe per layer of ``probe_layers`` fitted on ``probe_train_size`` of the model's own
+   training images (``functional.linear_probes``): ``probe_<layer>`` (class log-probabilities, aligned across
+   models), ``probe_margin`` and ``probe_agree`` (the first layer whose probe agrees with the prediction).
 
 ``checkpoints="epochs"`` makes every ``checkpoints/epoch=<e>*.ckpt`` of a trial a model of its own (the original
 study's epoch 1-4 models of one training run); every row carries ``group`` (the id of its trial's first model), so
@@ -56,83 +59,25 @@ from lightning_probes.io import (
     atomic_write_json,
     module_from_checkpoint,
 )
+from lightning_probes.studies.zoo_record import (
+    CHECKPOINTS,
+    FEATURES,
+    SCALAR_ARRAYS,
+    SELECTIONS,
+    ZooDatasetSettings,
+    batched_logits,
+    fit_probes,
+    model_context,
+    model_record,
+    noise_bank,
+    seeded,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINTS", "FEATURES", "SELECTIONS", "ZooDatasetSettings", "ZooModel", "build_zoo_dataset",
-           "find_zoo_models", "load_model", "load_shards", "load_test_set", "model_context", "model_record",
-           "noise_bank", "seeded"]
-
-DEFAULT_LAYERS = ("pool2", "fc1", "fc2", "fc3")
-SCALAR_ARRAYS = ("model_id", "sample_index", "label", "pred", "correct", "ratio")
-#: Extra per-sample arrays `model_record` can store (``ZooDatasetSettings.features``).
-FEATURES = ("boundary", "context")
-SELECTIONS = ("random", "first")
-CHECKPOINTS = ("last", "epochs")
-
-
-@dataclass(frozen=True)
-class ZooDatasetSettings:
-    """How the data set is built (kept in ``dataset.json``; a rerun must use the same).
-
-    Args:
-        sigma: Standard deviation of the Gaussian input noise, in normalised input units.
-        num_draws: Noisy copies per sample.
-        per_class: Most correctly and most wrongly classified samples per true class and model.
-        min_accuracy: Models whose test accuracy is below this are left out.
-        layers: Modules whose outputs are stored (their names in the model's network, without ``net.``).
-        seed: Seed of the sample choice and of the noise (combined with each model id).
-        models_per_shard: Models per ``shard_<k>.npz``.
-        selection: ``"random"`` (seeded per model) or ``"first"`` (the first correct and wrong samples per class
-            in test-set order: the original study's).
-        noise_bank_seed: Seed of one bank of ``num_draws`` noise draws reused for every image and model;
-            ``None``: fresh noise per image, seeded by ``seed`` and the model id.
-        features: Extra arrays from `FEATURES`: ``"boundary"`` (linearised boundary distances), ``"context"``
-            (the model's confidence profile on ``context_size`` reference images).
-        context_size: Reference images (the first of the test set) of the ``"context"`` feature.
-        checkpoints: ``"last"`` (one model per trial, its ``last.ckpt``) or ``"epochs"`` (every epoch checkpoint
-            of a trial is a model; the trials must keep them: ``ModelCheckpoint(save_top_k=-1)``).
-    """
-
-    sigma: float = 1.0
-    num_draws: int = 50
-    per_class: int = 10
-    min_accuracy: float = 0.6
-    layers: tuple[str, ...] = DEFAULT_LAYERS
-    seed: int = 0
-    models_per_shard: int = 16
-    selection: str = "random"
-    noise_bank_seed: Optional[int] = None
-    features: tuple[str, ...] = ()
-    context_size: int = 1000
-    checkpoints: str = "last"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and self.sigma > 0):
-            raise ValueError(f"Expected `sigma` to be a positive number, but got {self.sigma!r}")
-        for name in ("num_draws", "per_class", "models_per_shard", "context_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
-        if not 0 <= self.min_accuracy <= 1:
-            raise ValueError(f"Expected `min_accuracy` to be in [0, 1], but got {self.min_accuracy!r}")
-        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
-            raise ValueError(f"Expected `layers` to be a non-empty list of module names, but got {self.layers!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"Expected `seed` to be a non-negative integer, but got {self.seed!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"Expected `selection` to be one of {SELECTIONS}, but got {self.selection!r}")
-        if self.noise_bank_seed is not None and (isinstance(self.noise_bank_seed, bool)
-                                                 or not isinstance(self.noise_bank_seed, int)
-                                                 or self.noise_bank_seed < 0):
-            raise ValueError(f"Expected `noise_bank_seed` to be None or a non-negative integer, but got "
-                             f"{self.noise_bank_seed!r}")
-        unknown = [f for f in self.features if f not in FEATURES]
-        if unknown:
-            raise ValueError(f"Expected `features` to be names from {FEATURES}, but got {list(self.features)!r}")
-        if self.checkpoints not in CHECKPOINTS:
-            raise ValueError(f"Expected `checkpoints` to be one of {CHECKPOINTS}, but got {self.checkpoints!r}")
-
+           "find_zoo_models", "fit_probes", "load_model", "load_shards", "load_test_set", "load_train_set",
+           "model_context", "model_record", "noise_bank", "seeded"]
 
 @dataclass(frozen=True)
 class ZooModel:
@@ -227,91 +172,16 @@ def load_test_set(config: str, data_dir: Optional[str]) -> tuple[torch.Tensor, t
     return inputs, test_set.targets.clone()
 
 
-def _batched(model: torch.nn.Module, inputs: torch.Tensor, size: int = 2048) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(part) for part in inputs.split(size)])
+def load_train_set(config: str, data_dir: Optional[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` images of a trial's own training split (as ``lightning fit`` built it), normalised, with
+    their labels."""
+    from lightning_probes.build import build_from_config
 
-
-def seeded(seed: int, model_id: int, purpose: str) -> torch.Generator:
-    """The CPU generator of one model's sample choice (``purpose="choice"``) or noise (``"noise"``).
-
-    Seeded with ``seed * 1_000_003 + model_id`` for the choice and that plus ``500_001`` for the noise, so either
-    can be replayed on its own.
-    """
-    offset = {"choice": 0, "noise": 500_001}[purpose]
-    return torch.Generator().manual_seed(seed * 1_000_003 + model_id + offset)
-
-
-def noise_bank(seed: int, num_draws: int, shape: Sequence[int]) -> torch.Tensor:
-    """``(num_draws, *shape)`` standard-normal draws from a CPU generator seeded by ``seed`` (one bank for all)."""
-    return torch.randn((num_draws, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-def model_context(logits: torch.Tensor) -> np.ndarray:
-    """A model's confidence profile on reference images: mean and 10/50/90% quantiles of its max softmax, then of
-    its top-1 minus top-2 softmax margin (8 float32 values)."""
-    p = logits.double().softmax(dim=1)
-    top2 = p.topk(2, dim=1).values
-    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    parts = []
-    for values in (top2[:, 0], top2[:, 0] - top2[:, 1]):
-        parts.extend([values.mean().reshape(1), torch.quantile(values, q)])
-    return torch.cat(parts).float().numpy()
-
-
-def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, model_id: int,
-                 settings: ZooDatasetSettings, logits: Optional[torch.Tensor] = None,
-                 group: Optional[int] = None) -> dict[str, np.ndarray]:
-    """The data set's rows of one model: chosen samples, their layer outputs, prediction, correctness and ratio.
-
-    Args:
-        model: The classifier (a LightningModule whose network is ``model.net``, or a plain module), in eval mode.
-        inputs: ``(N, ...)`` normalised test inputs.
-        labels: ``(N,)`` their classes.
-        model_id: The model's id (seeds the choice and the noise with ``settings.seed``: `seeded`).
-        settings: The data set's settings.
-        logits: The model's logits on ``inputs`` when already computed.
-        group: The id of the model's training run (default: ``model_id``).
-
-    Returns:
-        Array name -> array, one row per chosen sample (see the module's docstring).
-    """
-    from lightning_probes.capture import ActivationCapture, select_modules
-    from lightning_probes.functional import boundary_distances, noisy_logits, select_by_correctness, stability_ratio
-
-    net = getattr(model, "net", model)
-    if logits is None:
-        logits = _batched(model, inputs)
-    preds = logits.argmax(dim=1)
-    chosen = select_by_correctness(labels, preds, settings.per_class, seeded(settings.seed, model_id, "choice"),
-                                   num_classes=int(logits.shape[1]), order=settings.selection)
-    x = inputs[chosen]
-    capture = ActivationCapture(select_modules(net, list(settings.layers)), max_features=None)
-    with torch.no_grad(), capture.capturing():
-        clean = model(x)
-    outputs = capture.pop()
-    clean_pred = clean.argmax(dim=1)
-    bank = (None if settings.noise_bank_seed is None
-            else noise_bank(settings.noise_bank_seed, settings.num_draws, inputs.shape[1:]))
-    noisy = noisy_logits(model, x, settings.sigma, settings.num_draws,
-                         generator=seeded(settings.seed, model_id, "noise"), noise_bank=bank)
-    ratio = stability_ratio(clean_pred, noisy.argmax(dim=-1))
-    record = {
-        "model_id": np.full(len(chosen), model_id, dtype=np.int64),
-        "sample_index": chosen.numpy().astype(np.int64),
-        "label": labels[chosen].numpy().astype(np.int64),
-        "pred": clean_pred.numpy().astype(np.int64),
-        "correct": (clean_pred == labels[chosen]).numpy().astype(np.int64),
-        "ratio": ratio.numpy().astype(np.float32),
-        "group": np.full(len(chosen), model_id if group is None else group, dtype=np.int64),
-    }
-    for name in settings.layers:
-        record[name] = outputs[name].flatten(1).float().numpy()
-    if "boundary" in settings.features:
-        record["boundary_distance"] = boundary_distances(model, x)["distance"].float().numpy()
-    if "context" in settings.features:
-        record["context"] = np.tile(model_context(logits[: settings.context_size]), (len(chosen), 1))
-    return record
+    overrides = {"data.init_args.data_dir": data_dir} if data_dir is not None else None
+    datamodule = build_from_config(config, overrides)[1]
+    datamodule.setup("fit")
+    train_set = datamodule.train_set
+    return train_set.normalize(train_set.images[:size]), train_set.targets[:size].clone()
 
 
 def _read_csv(path: str) -> list[dict[str, str]]:
@@ -342,14 +212,15 @@ _MODEL_COLUMNS = ("model_id", "trial_id", "checkpoint", "test_accuracy", "shard"
 
 def _check_settings(output: str, settings: ZooDatasetSettings) -> None:
     path = os.path.join(output, "dataset.json")
-    ours = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features)}
+    ours = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
+            "probe_layers": list(settings.probe_layers)}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle).get("settings", {})
         previous.pop("models_per_shard", None)
         mine = {k: v for k, v in ours.items() if k != "models_per_shard"}
         # Settings added since a data set was built had their defaults then.
-        defaults = {**asdict(ZooDatasetSettings()), "features": []}
+        defaults = {**asdict(ZooDatasetSettings()), "features": [], "probe_layers": ["pool2", "fc1", "fc2"]}
         previous = {**{k: defaults[k] for k in mine if k not in previous}, **previous} if previous else previous
         mine = {**mine, "features": list(mine.get("features", ()))}
         if previous and previous != mine:
@@ -401,7 +272,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     next_id = max(ids.values(), default=-1) + 1
     todo = [m for m in models if m.trial_id not in done]
     next_shard = 1 + max((_shard_number(p) for p in shards), default=-1)
-    data_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    data_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     pending: list[dict[str, np.ndarray]] = []
     pending_rows: list[dict[str, Any]] = []
 
@@ -429,7 +300,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
             data_cache[key] = load_test_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir)
         inputs, labels = data_cache[key]
         model = load_model(zoo_model, trust=trust_checkpoints)
-        logits = _batched(model, inputs)
+        logits = batched_logits(model, inputs)
         accuracy = float((logits.argmax(1) == labels).double().mean())
         group = groups.setdefault(zoo_model.group or zoo_model.trial_id, model_id)
         row = {"model_id": model_id, "trial_id": zoo_model.trial_id, "checkpoint": zoo_model.checkpoint,
@@ -438,7 +309,14 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         if accuracy < settings.min_accuracy:
             excluded.append(row)
             continue
-        record = model_record(model, inputs, labels, model_id, settings, logits=logits, group=group)
+        probes = None
+        if "probes" in settings.features:
+            config_path = os.path.join(zoo_model.trial_dir, "config.yaml")
+            train_key = ("train", key)
+            if train_key not in data_cache:
+                data_cache[train_key] = load_train_set(config_path, data_dir, settings.probe_train_size)
+            probes = fit_probes(model, *data_cache[train_key], settings.probe_layers, int(logits.shape[1]))
+        record = model_record(model, inputs, labels, model_id, settings, logits=logits, group=group, probes=probes)
         row["n_samples"] = len(record["model_id"])
         pending.append(record)
         pending_rows.append(row)
@@ -448,7 +326,8 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     flush()
     summary = {
         "zoo": os.path.abspath(zoo),
-        "settings": {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features)},
+        "settings": {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
+                     "probe_layers": list(settings.probe_layers)},
         "n_trials_finished": len(models),
         "n_kept": len(kept),
         "n_excluded": len(excluded),

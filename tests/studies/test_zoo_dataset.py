@@ -8,6 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from lightning_probes.commands.zoo_dataset import main, zoo_dataset
 from lightning_probes.datamodules import DigitsDataModule
@@ -162,8 +165,9 @@ def test_original_protocol_options_and_new_features(tiny_zoo, tmp_path):
                 other.unlink()
     out = tmp_path / "ds"
     summary = zoo_dataset(str(zoo), str(out), sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=0.0,
-                          selection="first", noise_bank_seed=42, features="boundary,context", context_size=50,
-                          checkpoints="epochs", models_per_shard=4, progress=False)
+                          selection="first", noise_bank_seed=42, features="boundary,context,probes",
+                          context_size=50, checkpoints="epochs", models_per_shard=4, probe_layers="pool2,fc2",
+                          probe_train_size=300, progress=False)
     assert summary["n_kept"] == 2 * len(trials)
     data = load_shards(str(out))
     rows = sorted(_rows(out / "models.csv"), key=lambda r: int(r["model_id"]))
@@ -201,6 +205,33 @@ def test_original_protocol_options_and_new_features(tiny_zoo, tmp_path):
         ms, margin = top2[:, 0].numpy(), (top2[:, 0] - top2[:, 1]).numpy()
         context = [ms.mean(), *np.quantile(ms, [0.1, 0.5, 0.9]), margin.mean(), *np.quantile(margin, [0.1, 0.5, 0.9])]
         np.testing.assert_allclose(data["context"][mine], np.tile(context, (len(idx), 1)), rtol=1e-5, atol=1e-6)
+        # Linear probes: refitted here with scikit-learn on the first 300 images of the trial's own training split.
+        trial_dir = zoo / "trials" / row["trial_id"].split("/")[0]
+        init_args = yaml.safe_load((trial_dir / "config.yaml").read_text())["data"]["init_args"]
+        dm = DigitsDataModule(**init_args)
+        dm.setup("fit")
+        train_x = dm.train_set.normalize(dm.train_set.images[:300])
+        train_y = dm.train_set.targets[:300].numpy()
+        seen = {}
+        hooks = [getattr(model.net, n).register_forward_hook(
+            lambda m, i, o, n=n, seen=seen: seen.__setitem__(n, o.flatten(1).double().numpy()))
+            for n in ("pool2", "fc2")]
+        with torch.no_grad():
+            model(train_x)
+            fit = dict(seen)
+            model(x)
+        for h in hooks:
+            h.remove()
+        agree = np.full(len(idx), 2)
+        for depth, name in reversed(list(enumerate(("pool2", "fc2")))):
+            scaler = StandardScaler().fit(fit[name])
+            reference = LogisticRegression(max_iter=200).fit(scaler.transform(fit[name]), train_y)
+            expected = np.full((len(idx), 10), -np.inf)
+            expected[:, reference.classes_] = reference.predict_log_proba(scaler.transform(seen[name]))
+            finite = np.isfinite(expected)
+            np.testing.assert_allclose(data[f"probe_{name}"][mine][finite], expected[finite], rtol=1e-3, atol=1e-4)
+            agree[expected.argmax(1) == pred.numpy()] = depth
+        np.testing.assert_array_equal(data["probe_agree"][mine], agree)
 
 
 def test_new_settings_are_validated():
