@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Optional
 
@@ -116,12 +116,18 @@ class ActivationCapture:
         max_features: Feature cap per layer (see `reduce_features`); ``None`` keeps the raw output shape.
         inputs: Capture each module's first positional input instead of its output (e.g. the inputs of
             ``Linear``/``Conv2d`` layers, for per-unit alignment).
+        reducers: ``{name: reducer(output, batch_size) -> rows}`` per layer (e.g.
+            `lightning_probes.feature_rows.FeatureReducer`), used instead of ``max_features``; ``batch_size`` is
+            the attribute of that name, set by the caller before each forward (``None``: unknown).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int], inputs: bool = False) -> None:
+    def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int], inputs: bool = False,
+                 reducers: Optional[dict[str, Callable[[torch.Tensor, Optional[int]], torch.Tensor]]] = None) -> None:
         self.modules = modules
         self.max_features = max_features
         self.inputs = inputs
+        self.reducers = reducers
+        self.batch_size: Optional[int] = None
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._warned_repeat = False
@@ -144,7 +150,10 @@ class ActivationCapture:
                                        "which holds no tensor; choose other `layers`")
             # Clone: an in-place op later in the network (ReLU(inplace=True)) must not change what we saw.
             tensor = tensor.detach()
-            reduced = tensor if self.max_features is None else reduce_features(tensor, self.max_features)
+            if self.reducers is not None:
+                reduced = self.reducers[name](tensor, self.batch_size)
+            else:
+                reduced = tensor if self.max_features is None else reduce_features(tensor, self.max_features)
             self.outputs[name] = reduced.clone()
 
         return hook

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -12,9 +12,10 @@ from matplotlib.figure import Figure
 
 from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
-from lightning_probes.capture import BOUNDED, reduce_features
+from lightning_probes.capture import BOUNDED
+from lightning_probes.feature_rows import unit_rows
 from lightning_probes.functional.activations import ActivationAccumulator
-from lightning_probes.functional.representations import MomentAccumulator, effective_rank_from_covariance
+from lightning_probes.functional.representations import EffectiveRankAccumulator
 
 _STATS = ("mean", "std", "sparsity", "positive_ratio", "dead_fraction", "saturation", "effective_rank")
 
@@ -26,13 +27,15 @@ class ActivationStatsMonitor(RepresentationProbe):
 
     - ``mean`` and ``std`` (population) over all output entries;
     - ``sparsity``: share of exact zeros; ``positive_ratio``: share of entries > 0;
-    - ``dead_units`` / ``dead_fraction``: units (channels of conv outputs, features otherwise) never non-zero
-      on the probe set;
+    - ``dead_units`` / ``dead_fraction``: units (channels of conv outputs, features otherwise, the last
+      dimension of a ``(batch, tokens, features)`` output) never non-zero on the probe set;
     - ``saturation``: for bounded activations (tanh, sigmoid, hardtanh, ReLU6, softmax), the share of entries
       within 1% of the range of either bound; ``null`` for other layers;
     - ``effective_rank`` (Roy and Vetterli 2007): ``exp(-sum_i p_i log p_i)`` with ``p_i = s_i / sum_j s_j``
-      and ``s`` the singular values of the centred activations (reduced to at most ``max_features`` features,
-      as in `lightning_probes.capture.reduce_features`); computed from the streamed covariance.
+      and ``s`` the singular values of the centred feature rows (a ``(batch, tokens, features)`` output read by
+      ``token_mode``, at most ``max_features`` features, see `lightning_probes.feature_rows`); computed from the
+      ``(rows x rows)`` Gram matrix when the layer is wider than its rows, else from the streamed covariance
+      (`lightning_probes.functional.EffectiveRankAccumulator`).
 
     Records per (epoch, layer) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<layer>``; an overview
     figure of every statistic across layers to ``<name>/overview.png`` (every ``plot_every_n_epochs`` epochs and
@@ -43,6 +46,8 @@ class ActivationStatsMonitor(RepresentationProbe):
         layers: Module names to analyse; default every leaf module with parameters plus activation modules.
         num_samples: Size of the probe set.
         max_features: Features kept per layer for the effective rank.
+        token_mode: ``"samples"``, ``"mean"`` or ``"flatten"``: the rows of a ``(batch, tokens, features)``
+            output for the effective rank (see `RepresentationProbe`).
         every_n_epochs: Analyse after every n-th epoch.
         plot_every_n_epochs: Draw ``overview.png`` every n completed epochs and at the end of the fit; 0: never
             during training.
@@ -69,23 +74,20 @@ class ActivationStatsMonitor(RepresentationProbe):
 
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         probe = self.probe_set(trainer)
-        stats = {name: ActivationAccumulator(next((b for t, b in BOUNDED.items() if isinstance(m, t)), None))
-                 for name, m in self._modules.items()}
-        moments: dict[str, MomentAccumulator] = {}
+        session = self.start_session()
+        self.for_each_batch(pl_module, probe.chunks(self.batch_size), session.consume, raw=True)
+        return session.finish(trainer, epoch)
 
-        def consume(outputs: dict[str, torch.Tensor]) -> None:
-            for name, output in outputs.items():
-                stats[name].update(output)
-                features = reduce_features(output, self.max_features)
-                if name not in moments:
-                    moments[name] = MomentAccumulator(features.shape[1], device=features.device)
-                moments[name].update(features)
+    def start_session(self) -> ActivationStatsSession:
+        """Fresh accumulators for one analysis (see `ActivationStatsSession`)."""
+        return ActivationStatsSession(self)
 
-        self.for_each_batch(pl_module, probe.chunks(self.batch_size), None, consume)
+    def _finish(self, trainer: pl.Trainer, epoch: int, stats: dict[str, ActivationAccumulator],
+                ranks: dict[str, EffectiveRankAccumulator]) -> dict[str, Any]:
         records = []
         for name in self._modules:
             values = stats[name].compute()
-            values["effective_rank"] = float(effective_rank_from_covariance(moments[name].covariance()))
+            values["effective_rank"] = float(ranks[name].compute())
             records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, **values})
         self.write_records(trainer, records)
         step = trainer.global_step
@@ -101,6 +103,33 @@ class ActivationStatsMonitor(RepresentationProbe):
             return []
         last = [r for r in records if (r["epoch"], r["step"]) == (records[-1]["epoch"], records[-1]["step"])]
         return [("overview.png", "overview", lambda: overview_figure(last, last[0]["epoch"]))]
+
+
+class ActivationStatsSession:
+    """One analysis of an `ActivationStatsMonitor`: its accumulators, fed batch by batch with raw layer outputs
+    (`consume`), then turned into records (`finish`)."""
+
+    def __init__(self, probe: ActivationStatsMonitor) -> None:
+        self.probe = probe
+        self.stats = {name: ActivationAccumulator(next((b for t, b in BOUNDED.items() if isinstance(m, t)), None))
+                      for name, m in probe._modules.items()}
+        self.ranks: dict[str, EffectiveRankAccumulator] = {}
+
+    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
+        """Add one batch of raw outputs ``{layer: output}`` (``batch``: its samples; default the probe's)."""
+        probe = self.probe
+        batch = probe.batch_now if batch is None else batch
+        for name, output in outputs.items():
+            layout = probe._layouts[name]
+            self.stats[name].update(unit_rows(output, layout, batch))  # a unit: a channel or a token feature
+            rows = probe._reducers[name](output, batch)
+            if name not in self.ranks:
+                self.ranks[name] = EffectiveRankAccumulator(rows.shape[1], device=rows.device)
+            self.ranks[name].update(rows)
+
+    def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
+        """Records, scalars and figure of this analysis; returns the headline scalars."""
+        return self.probe._finish(trainer, epoch, self.stats, self.ranks)
 
 
 def overview_figure(records: list[dict[str, Any]], epoch: int) -> Figure:

@@ -8,15 +8,20 @@ from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from matplotlib.figure import Figure
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.capture import ActivationCapture, uncompiled
 from lightning_probes.checks import check_float
 from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.feature_rows import subsample_columns, token_rows
 from lightning_probes.functional.alignment import QUANTILES, AlignmentAccumulator, alignment_summary
+from lightning_probes.probe_data import batch_size as samples_in
 
 #: Layers the alignment is defined for.
 LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -39,9 +44,9 @@ class AlignmentMonitor(RepresentationProbe):
     (`lightning_probes.functional.AlignmentAccumulator`); inputs are never kept beyond one batch.
 
     Outputs: records per (epoch, layer) in ``<name>.jsonl`` with ``type``, ``units``, ``features`` (``D`` per
-    group), ``groups``, ``chance``, ``mean``, ``std`` (population), ``q05`` ... ``q95``, ``nan_units`` (units
-    with an all-zero weight vector, left out of the statistics) and ``alignment``, the per-unit list (``null``
-    for those units); the scalars ``<name>/mean/<layer>`` and ``<name>/std/<layer>``; the figure
+    group), ``kept_features``, ``groups``, ``chance``, ``mean``, ``std`` (population), ``q05`` ... ``q95``,
+    ``nan_units`` (units with an all-zero weight vector, left out of the statistics) and ``alignment``, the
+    per-unit list (``null`` for those units); the scalars ``<name>/mean/<layer>`` and ``<name>/std/<layer>``; the figure
     ``<name>/distributions.png``, one panel per layer with a box per analysed epoch (box: quartiles, whiskers:
     5% and 95% quantiles, triangle: mean, dashed line: chance). The headline ``<name>/mean`` (mean over layers of
     the mean alignment) goes to the loggers and to ``trainer.callback_metrics``.
@@ -50,8 +55,16 @@ class AlignmentMonitor(RepresentationProbe):
     buffer of ``D`` input rows (``D`` = ``in_features`` of a ``Linear``, ``in_channels * kh * kw`` of a
     ``Conv2d``; ``D / groups`` per group), about ``12 * D**2`` bytes, on the model's device, all layers at once.
     Layers that see no more than ``D`` rows in all (e.g. wide ``Linear`` layers on 512 samples) never form the
-    ``(D, D)`` sum. At the first analysis a selection whose estimate exceeds ``max_memory_gb`` stops with an
-    error naming the largest layers.
+    ``(D, D)`` sum. At the first analysis a selection whose estimate exceeds ``max_memory_gb`` is reduced when
+    ``layers`` is left at its default: the widest ``groups == 1`` layers keep a seeded subsample of their input
+    features (the largest common number that fits; one warning names them), and their alignment is measured
+    within that subspace (records: ``kept_features`` beside ``features``; ``chance`` is ``1 / kept_features``).
+    With ``layers`` set, it stops with an error naming the largest layers.
+
+    Sequences: a ``Linear`` applied to ``(batch, tokens, D)`` inputs sees ``batch * tokens`` input rows (its
+    input covariance is over every token), with ``token_mode="samples"`` (default); ``token_mode="mean"`` uses one
+    row per sample, its mean token. Under FSDP2 the weights are gathered (``DTensor.full_tensor()``) on every
+    rank.
 
     Args:
         layers: Names of ``nn.Linear``/``nn.Conv2d`` modules to analyse (as in ``named_modules``); default every
@@ -74,6 +87,7 @@ class AlignmentMonitor(RepresentationProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        token_mode: ``"samples"`` (every token of a sequence input is a row) or ``"mean"`` (one row per sample).
 
     Raises:
         ValueError: On a bad argument; at the start of training (`ProbeConfigurationError`) for named ``layers``
@@ -106,16 +120,21 @@ class AlignmentMonitor(RepresentationProbe):
         plot_every_n_epochs: int = 10,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        token_mode: str = "samples",
     ) -> None:
+        if token_mode not in ("samples", "mean"):
+            raise ValueError(f"Expected `token_mode` to be 'samples' or 'mean' for AlignmentMonitor (a Linear's weight "
+                             f"acts on the features of each token), but got {token_mode!r}")
         # max_features=1: the layer check's forward (`RepresentationProbe._prepare`) keeps one output feature.
         super().__init__(layers=layers, num_samples=num_samples, max_features=1, every_n_epochs=every_n_epochs,
                          batch_size=batch_size, seed=seed, search_batches=search_batches, forward_fn=forward_fn,
                          input_key=input_key, target_key=target_key, output_dir=output_dir, name=name,
                          plot_every_n_epochs=plot_every_n_epochs,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode=token_mode)
         check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "layers": {}}
+        self._columns: dict[str, torch.Tensor] = {}
 
     def hparams(self) -> dict[str, Any]:
         settings = super().hparams()
@@ -146,32 +165,58 @@ class AlignmentMonitor(RepresentationProbe):
         self._modules = kept
 
     def check_widths(self, widths: dict[str, int]) -> None:
-        sizes = {n: _sum_bytes(m) for n, m in self._modules.items()}
-        estimate = estimated_bytes(sizes.values()) / 1e9
-        if estimate > self.max_memory_gb:
-            widest = {n: f"{b / 1e9:.2f} GB" for n, b in sorted(sizes.items(), key=lambda kv: -kv[1])[:8]}
+        """Fit the input covariances into ``max_memory_gb``: by default the widest layers keep a seeded subsample
+        of their input features (one warning); with ``layers`` set, an error."""
+        full = {n: _features(m) for n, m in self._modules.items()}
+        estimate = estimated_bytes(_sum_bytes(m) for m in self._modules.values()) / 1e9
+        self._columns = {}
+        if estimate <= self.max_memory_gb:
+            return
+        widest = {n: f"{_sum_bytes(m) / 1e9:.2f} GB" for n, m in
+                  sorted(self._modules.items(), key=lambda kv: -_sum_bytes(kv[1]))[:8]}
+        cap = None if self.layers is not None else _fit_feature_cap(self._modules, self.max_memory_gb * 1e9)
+        if cap is None:
+            hint = ("`layers` is set, so no layer is reduced automatically" if self.layers is not None
+                    else "even the smallest subsample of the widest layers does not fit")
             raise ProbeConfigurationError(
                 f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 input covariances of "
-                f"{len(sizes)} layers, above `max_memory_gb`={self.max_memory_gb:g}. Select fewer `layers` or raise "
-                f"`max_memory_gb`. Largest: {widest}")
+                f"{len(self._modules)} layers, above `max_memory_gb`={self.max_memory_gb:g} ({hint}). Select fewer "
+                f"`layers` or raise `max_memory_gb`. Largest: {widest}")
+        reduced = {n: f"{full[n][0]}->{cap}" for n, m in self._modules.items()
+                   if full[n][1] == 1 and full[n][0] > cap}
+        self._columns = {n: subsample_columns(full[n][0], cap, n) for n in reduced}
+        rank_zero_warn(
+            f"{type(self).__name__}: the float64 input covariances of {len(self._modules)} layers would need about "
+            f"{estimate:.2f} GB, above `max_memory_gb`={self.max_memory_gb:g}; the {len(reduced)} widest layer(s) "
+            f"keep a seeded subsample of {cap} input features (their alignment is within that subspace; records: "
+            f"`kept_features`): {', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `layers` to choose.")
 
     # -- analysis -----------------------------------------------------------------------------------
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         probe = self.probe_set(trainer)
-        accumulators = {name: AlignmentAccumulator.for_layer(m) for name, m in self._modules.items()}
+        session = self.start_session()
         capture = ActivationCapture(self._modules, None, inputs=True)
         with capture.capturing(), uncompiled(pl_module):
             for batch in probe.chunks(self.batch_size):
+                capture.batch_size = samples_in(batch)
                 self.forward(pl_module, batch)
-                for name, inputs in capture.pop().items():
-                    accumulators[name].update_layer(self._modules[name], inputs)
+                session.consume(capture.pop(), capture.batch_size)
+        return session.finish(trainer, epoch)
+
+    def start_session(self) -> AlignmentSession:
+        """Fresh accumulators for one analysis (see `AlignmentSession`)."""
+        return AlignmentSession(self)
+
+    def _finish(self, trainer: pl.Trainer, epoch: int, accumulators: dict[str, AlignmentAccumulator]
+                ) -> dict[str, Any]:
         records = []
         for name, module in self._modules.items():
             accumulator = accumulators.pop(name)  # free each covariance once used
-            values = accumulator.compute(module.weight).cpu()
+            values = accumulator.compute(full_weight(module.weight)).cpu()
             width = accumulator.num_features // accumulator.groups
             records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, "type": type(module).__name__,
-                            "units": int(values.numel()), "features": width, "groups": accumulator.groups,
+                            "units": int(values.numel()), "features": _features(module)[0] // accumulator.groups,
+                            "kept_features": width, "groups": accumulator.groups,
                             "chance": 1.0 / width, **alignment_summary(values), "alignment": values.tolist()})
         self._report(trainer, epoch, records)
         means = [r["mean"] for r in records if r["mean"] is not None]
@@ -208,14 +253,65 @@ class AlignmentMonitor(RepresentationProbe):
         return [("distributions.png", "distributions", lambda: distributions_figure(layers, order))]
 
 
-def _sum_bytes(module: nn.Module) -> int:
-    """Bytes one layer's accumulator holds at most: float64 ``(G, D/G, D/G)`` sums and a float32 row buffer of
-    up to ``D/G`` rows (see `AlignmentAccumulator`)."""
+class AlignmentSession:
+    """One analysis of an `AlignmentMonitor`: one `AlignmentAccumulator` per layer, fed batch by batch with the
+    layers' raw inputs (`consume`), then turned into records (`finish`)."""
+
+    def __init__(self, probe: AlignmentMonitor) -> None:
+        self.probe = probe
+        self.accumulators = {name: AlignmentAccumulator.for_layer(m, probe._columns.get(name))
+                             for name, m in probe._modules.items()}
+
+    def consume(self, inputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
+        """Add one batch of raw layer inputs ``{layer: input}``."""
+        for name, value in inputs.items():
+            module = self.probe._modules[name]
+            if self.probe.token_mode == "mean" and isinstance(module, nn.Linear) and value.ndim > 2:
+                value = token_rows(value, "tokens", "mean", batch)  # one row per sample: its mean token
+            self.accumulators[name].update_layer(module, value)
+
+    def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
+        """Records, scalars and figure of this analysis; returns the headline scalars."""
+        return self.probe._finish(trainer, epoch, self.accumulators)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight: a sharded ``DTensor`` (FSDP2) is gathered with ``full_tensor()``, a collective every rank
+    must enter (the analysis runs on every rank under FSDP2)."""
+    if isinstance(weight, DTensor):
+        return weight.full_tensor()
+    return weight
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(D, groups)``: the input features of one ``nn.Linear`` or ``nn.Conv2d`` and its groups."""
     if isinstance(module, nn.Conv2d):
-        features, groups = module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.groups
-    else:
-        features, groups = module.in_features, 1
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.groups
+    return module.in_features, 1
+
+
+def _sum_bytes(module: nn.Module, cap: Optional[int] = None) -> int:
+    """Bytes one layer's accumulator holds at most: float64 ``(G, D/G, D/G)`` sums and a float32 row buffer of
+    up to ``D/G`` rows (see `AlignmentAccumulator`); with ``cap``, a ``groups == 1`` layer keeps at most ``cap``
+    features."""
+    features, groups = _features(module)
+    if cap is not None and groups == 1:
+        features = min(features, cap)
     return 12 * features * features // groups + 8 * features
+
+
+def _fit_feature_cap(modules: Mapping[str, nn.Module], budget: float) -> Optional[int]:
+    """The largest input-feature cap for ``groups == 1`` layers whose estimate fits ``budget`` bytes, or ``None``."""
+    low, high = 1, max(_features(m)[0] for m in modules.values())
+    if estimated_bytes(_sum_bytes(m, low) for m in modules.values()) > budget:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if estimated_bytes(_sum_bytes(m, middle) for m in modules.values()) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def estimated_bytes(layer_bytes: Iterable[int]) -> int:

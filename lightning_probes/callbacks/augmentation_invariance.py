@@ -85,7 +85,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         num_views: int = 300,
         matrix_views: int = 50,
         layers: Optional[Sequence[str]] = None,
-        max_features: int = 1024,
+        max_features: Optional[int] = None,
         every_n_epochs: int = 1,
         batch_size: int = 128,
         seed: int = 0,
@@ -103,7 +103,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                          every_n_epochs=every_n_epochs, batch_size=batch_size, seed=seed, search_batches=100,
                          forward_fn=forward_fn, input_key=input_key, target_key=target_key, output_dir=output_dir,
                          name=name, plot_every_n_epochs=plot_every_n_epochs,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode="flatten")
         check_positive_int("num_views", num_views)
         check_positive_int("matrix_views", matrix_views)
         if num_images < 2:
@@ -185,7 +185,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                     acc[1] += f.square().sum(0)
                     acc[2] += f.shape[0]
 
-            self.for_each_batch(pl_module, self._view_batches(template, views), self.max_features, consume)
+            self.for_each_batch(pl_module, self._view_batches(template, views), consume)
             for name in names:
                 total, squares, count = sums[name]
                 per_image[name].append((total / count, squares / count, count))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_choice, check_float
 from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.feature_rows import fit_cap
 from lightning_probes.functional.representations import (
     MomentAccumulator,
     cka_from_hsic,
@@ -50,15 +53,23 @@ class LayerCorrelationMonitor(RepresentationProbe):
     correlation and CKA matrices go to the image loggers as colour-mapped images (``<name>/heatmap/...``) at
     every analysis. The cost of one pass is a ``(features x features)`` product per batch.
 
+    Sequence outputs ``(batch, tokens, features)`` are read by ``token_mode`` (default: every token a sample
+    of ``features``; see `lightning_probes.feature_rows`); one covariance needs the same rows from every layer,
+    so a layer with one row per sample (e.g. a classifier after pooling) is paired with every token row of its
+    sample, and layers with different token counts are read as their mean over tokens (with a warning).
+
     Memory: the float64 ``(F x F)`` covariance over all ``F`` kept features of all layers, with the
     correlation derived from it, needs about ``4 * 8 * F**2`` bytes at its peak. At the first analysis, once
-    one forward has shown the layers' widths, a run above ``max_memory_gb`` stops with an error naming the
-    estimate; select fewer ``layers`` or lower ``max_features``.
+    one forward has shown the layers' widths, a selection above ``max_memory_gb`` is reduced when ``layers`` and
+    ``max_features`` were left at their defaults: the widest layers keep fewer features (the largest common cap
+    that fits, by adaptive pooling of channel-first outputs, then a seeded subsample of the features), with one
+    warning naming each reduced layer and its widths. With ``layers`` or ``max_features`` set, it stops with an
+    error naming the estimate and those arguments instead.
 
     Args:
         cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"`` (per ``batch_size`` minibatch).
         max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance pass (> 0).
-        **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``,
+        **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``, ``token_mode``,
             ``every_n_epochs``, ``plot_every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``,
             ``forward_fn``, ``input_key``, ``target_key``, ``output_dir``, ``name``.
 
@@ -91,33 +102,60 @@ class LayerCorrelationMonitor(RepresentationProbe):
     def minimum_samples(self) -> int:
         return 4 if self.cka == "minibatch_unbiased" else 2
 
-    def check_widths(self, widths: dict[str, int]) -> None:
-        features = sum(widths.values())
+    def fit_caps(self, widths: dict[str, int]) -> dict[str, int]:
+        self._fit_token_rows()
+        caps = super().fit_caps(widths)
+        kept = {n: r.width(self._shapes[n], self._check_batch)
+                for n, r in self.make_reducers(self.token_mode, caps).items()}
+        features = sum(kept.values())
         estimate = estimated_bytes(features) / 1e9
-        if estimate > self.max_memory_gb:
+        if estimate <= self.max_memory_gb:
+            return caps
+        explicit = [f"`{a}`" for a, given in (("layers", self.layers is not None),
+                                              ("max_features", self.max_features_set)) if given]
+        budget = int(math.isqrt(int(self.max_memory_gb * 1e9) // estimated_bytes(1)))
+        cap = fit_cap(list(kept.values()), budget)
+        if explicit or cap is None:
             raise ProbeConfigurationError(
                 f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 ({features} x {features}) "
-                f"covariance over the features of {len(widths)} layers, above `max_memory_gb`={self.max_memory_gb:g}. "
-                f"Select fewer `layers`, lower `max_features` (now {self.max_features}), or raise `max_memory_gb`. "
-                f"Widths: {dict(sorted(widths.items(), key=lambda kv: -kv[1])[:8])}")
+                f"covariance over the features of {len(kept)} layers, above `max_memory_gb`={self.max_memory_gb:g}. "
+                f"Select fewer `layers`, lower `max_features` (now {self.max_features}), or raise `max_memory_gb`"
+                f"{' (the set ' + ' and '.join(explicit) + ' are not reduced automatically)' if explicit else ''}. "
+                f"Widths: {dict(sorted(kept.items(), key=lambda kv: -kv[1])[:8])}")
+        fitted = {n: min(caps[n], cap) for n in caps}
+        after = {n: r.width(self._shapes[n], self._check_batch)
+                 for n, r in self.make_reducers(self.token_mode, fitted).items()}
+        reduced = {n: f"{kept[n]}->{after[n]}" for n in kept if after[n] < kept[n]}
+        rank_zero_warn(
+            f"{type(self).__name__}: the float64 ({features} x {features}) covariance over {len(kept)} layers would "
+            f"need about {estimate:.2f} GB, above `max_memory_gb`={self.max_memory_gb:g}; the {len(reduced)} widest "
+            f"layer(s) keep at most {cap} features (adaptive pooling of channel-first outputs, then a seeded "
+            f"subsample of the features), {sum(after.values())} features in all: "
+            f"{', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `max_features` or `layers` to choose.")
+        return fitted
+
+    def _fit_token_rows(self) -> None:
+        """One covariance needs the same rows from every layer: layers with one row per sample are repeated over
+        the tokens of the others; token layers with different token counts are read as their mean over tokens."""
+        counts = {c for c in self.rows_per_sample().values() if c > 1}
+        if len(counts) > 1:
+            rank_zero_warn(f"{type(self).__name__}: the layers have different token counts "
+                           f"({sorted(counts)}); `token_mode='samples'` cannot pair their rows, so every token output "
+                           "is read as its mean over the tokens (`token_mode='mean'`) for this run")
+            self.token_mode = "mean"
+            self._reducers = self.make_reducers("mean")
+
+    def start_session(self) -> LayerCorrelationSession:
+        """Fresh accumulators for one analysis (see `LayerCorrelationSession`)."""
+        return LayerCorrelationSession(self)
 
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         probe = self.probe_set(trainer)
-        state: dict[str, Any] = {"moments": None, "hsic": None, "widths": None}
+        session = self.start_session()
+        self.for_each_batch(pl_module, probe.chunks(self.batch_size), session.consume, raw=True)
+        return session.finish(trainer, epoch)
 
-        def consume(outputs: dict[str, torch.Tensor]) -> None:
-            features = [f.float() for f in outputs.values()]
-            if state["moments"] is None:
-                state["widths"] = [f.shape[1] for f in features]
-                state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device,
-                                                     dtype=torch.float32)  # agrees with float64 to 1e-5
-            state["moments"].update(torch.cat(features, dim=1))  # (batch, all features)
-            if self.cka == "minibatch_unbiased" and features[0].shape[0] > 3:
-                grams = [(f @ f.T).double() for f in features]
-                hsic = minibatch_hsic_terms(grams)
-                state["hsic"] = hsic if state["hsic"] is None else state["hsic"] + hsic
-
-        self.for_each_batch(pl_module, probe.chunks(self.batch_size), self.max_features, consume)
+    def _finish(self, trainer: pl.Trainer, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
         names = list(self._modules)
         cov = state["moments"].covariance()
         corr = correlation_from_covariance(cov).cpu()
@@ -200,6 +238,37 @@ class LayerCorrelationMonitor(RepresentationProbe):
         if len(epochs) > 1:
             specs.append(("corr_means.png", "over_training", lambda: adjacent_figure(epochs, names, pairs)))
         return specs
+
+
+class LayerCorrelationSession:
+    """One analysis of a `LayerCorrelationMonitor`: the streamed covariance (and minibatch HSIC terms), fed
+    batch by batch with raw layer outputs (`consume`), then turned into records (`finish`)."""
+
+    def __init__(self, probe: LayerCorrelationMonitor) -> None:
+        self.probe = probe
+        self.state: dict[str, Any] = {"moments": None, "hsic": None, "widths": None}
+
+    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
+        """Add one batch of raw outputs ``{layer: output}`` (``batch``: its samples; default the probe's)."""
+        probe, state = self.probe, self.state
+        batch = probe.batch_now if batch is None else batch
+        features = [probe._reducers[n](o, batch).float() for n, o in outputs.items()]
+        rows = max(f.shape[0] for f in features)
+        # A per-sample row is paired with every token row of its sample (token rows are sample-major).
+        features = [f if f.shape[0] == rows else f.repeat_interleave(rows // f.shape[0], dim=0) for f in features]
+        if state["moments"] is None:
+            state["widths"] = [f.shape[1] for f in features]
+            state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device,
+                                                 dtype=torch.float32)  # agrees with float64 to 1e-5
+        state["moments"].update(torch.cat(features, dim=1))  # (rows, all features)
+        if probe.cka == "minibatch_unbiased" and features[0].shape[0] > 3:
+            grams = [(f @ f.T).double() for f in features]
+            hsic = minibatch_hsic_terms(grams)
+            state["hsic"] = hsic if state["hsic"] is None else state["hsic"] + hsic
+
+    def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
+        """Records, scalars and figures of this analysis; returns the headline scalars."""
+        return self.probe._finish(trainer, epoch, self.state)
 
 
 def _pair_key(a: str, b: str) -> str:

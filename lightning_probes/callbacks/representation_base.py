@@ -12,8 +12,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, check_plot_every
 from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
-from lightning_probes.checks import check_positive_int
+from lightning_probes.checks import check_choice, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.feature_rows import TOKEN_MODES, FeatureReducer, infer_layouts, recording_calls, rows_per_sample
+from lightning_probes.probe_data import batch_size as samples_in
+
+#: ``max_features`` when the user leaves it out.
+DEFAULT_MAX_FEATURES = 1024
 
 
 class RepresentationProbe(AnalysisProbe):
@@ -37,7 +42,14 @@ class RepresentationProbe(AnalysisProbe):
             module with parameters when the model has no activation module.
         num_samples: Size of the probe set (class-balanced where the batches carry labels, seeded, from the first
             validation batches).
-        max_features: Features kept per layer; wider outputs are reduced by adaptive average pooling.
+        max_features: Features kept per layer (default 1024); wider outputs are reduced by adaptive average pooling
+            (channel-first outputs) and a seeded subsample of the features (see
+            `lightning_probes.feature_rows`). Left at its default, a probe with a memory limit may lower it for
+            its widest layers (with one warning); set explicitly, a selection that does not fit is an error.
+        token_mode: How a ``(batch, tokens, features)`` output becomes feature rows: ``"samples"`` (every token a
+            sample of ``features``), ``"mean"`` (the mean over the tokens, one row per sample) or ``"flatten"``
+            (one row of ``tokens * features`` per sample). Channel-first outputs ``(batch, C, H, W)`` are not
+            token outputs and keep their pooling (see `lightning_probes.feature_rows.infer_layouts`).
         every_n_epochs: Analyse after every n-th epoch.
         plot_every_n_epochs: Draw the matplotlib figures (PNG files and their logger images) every n completed
             epochs and at the end of the fit; 0: none during training (``lightning-probes plot`` draws them from
@@ -63,7 +75,7 @@ class RepresentationProbe(AnalysisProbe):
         self,
         layers: Optional[Sequence[str]] = None,
         num_samples: int = 512,
-        max_features: int = 1024,
+        max_features: Optional[int] = None,
         every_n_epochs: int = 1,
         batch_size: int = 128,
         seed: int = 0,
@@ -76,6 +88,7 @@ class RepresentationProbe(AnalysisProbe):
         plot_every_n_epochs: int = 10,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        token_mode: str = "samples",
     ) -> None:
         super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name,
                          flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
@@ -83,13 +96,21 @@ class RepresentationProbe(AnalysisProbe):
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)
                                    or len(layers) == 0):
             raise ValueError(f"Expected `layers` to be None or a non-empty list of module names, but got {layers!r}")
-        for argument, value in (("max_features", max_features), ("every_n_epochs", every_n_epochs),
-                                ("batch_size", batch_size)):
+        check_positive_int("max_features", max_features, allow_none=True)
+        for argument, value in (("every_n_epochs", every_n_epochs), ("batch_size", batch_size)):
             check_positive_int(argument, value)
+        check_choice("token_mode", token_mode, TOKEN_MODES)
         self.layers = None if layers is None else list(layers)
-        self.max_features, self.every_n_epochs, self.batch_size = max_features, every_n_epochs, batch_size
+        self.max_features_set = max_features is not None  # an explicit cap is never lowered automatically
+        self.max_features = DEFAULT_MAX_FEATURES if max_features is None else max_features
+        self.every_n_epochs, self.batch_size, self.token_mode = every_n_epochs, batch_size, token_mode
         self._modules: dict[str, torch.nn.Module] = {}
         self._widths: Optional[dict[str, int]] = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._layouts: dict[str, str] = {}
+        self._reducers: dict[str, FeatureReducer] = {}
+        self._check_batch: Optional[int] = None
+        self.batch_now: Optional[int] = None  # samples of the batch `for_each_batch` hands to `consume`
 
     # -- layers -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,8 +130,8 @@ class RepresentationProbe(AnalysisProbe):
         if self._widths is not None:
             return
         first = next(self.probe_set(trainer).chunks(self.batch_size))
-        capture = ActivationCapture(self._modules, self.max_features)
-        with capture.capturing(), uncompiled(pl_module):
+        capture = ActivationCapture(self._modules, 1)  # checks that every layer gives a tensor
+        with capture.capturing(), uncompiled(pl_module), recording_calls(pl_module) as calls:
             self.forward(pl_module, first)
             outputs = capture.pop(allow_missing=True)
         missing = [n for n in self._modules if n not in outputs]
@@ -121,9 +142,36 @@ class RepresentationProbe(AnalysisProbe):
             rank_zero_info(f"{type(self).__name__}: {len(missing)} module(s) not called in the forward pass are left "
                            f"out: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
             self._modules = {n: m for n, m in self._modules.items() if n in outputs}
-        widths = {n: int(o[0].numel()) for n, o in outputs.items()}
+        self._check_batch = samples_in(first)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, _, shape in calls:
+            if name in self._modules:
+                shapes.setdefault(name, shape)
+        self._shapes = shapes
+        self._layouts = infer_layouts(calls, list(self._modules))
+        self._reducers = self.make_reducers(self.token_mode)
+        full = {n: r.full_width(shapes[n], self._check_batch) for n, r in self._reducers.items()}
+        caps = self.fit_caps(full)
+        self._reducers = self.make_reducers(self.token_mode, caps)
+        widths = {n: r.width(shapes[n], self._check_batch) for n, r in self._reducers.items()}
         self.check_widths(widths)
         self._widths = widths
+
+    def make_reducers(self, token_mode: str, caps: Optional[dict[str, int]] = None) -> dict[str, FeatureReducer]:
+        """One `FeatureReducer` per selected layer (cap ``max_features`` unless ``caps`` says otherwise)."""
+        caps = caps or {}
+        return {n: FeatureReducer(n, self._layouts[n], token_mode, caps.get(n, self.max_features))
+                for n in self._modules}
+
+    def rows_per_sample(self) -> dict[str, int]:
+        """``{layer: rows one probe sample gives}`` (its tokens with ``token_mode="samples"``, else 1)."""
+        return {n: rows_per_sample(self._shapes[n], self._layouts[n], r.token_mode, self._check_batch)
+                for n, r in self._reducers.items()}
+
+    def fit_caps(self, widths: dict[str, int]) -> dict[str, int]:
+        """``{layer: features kept}`` from ``{layer: features before reduction}``; by default each capped at
+        ``max_features``. A probe with a memory limit lowers the caps of its widest layers here."""
+        return {n: min(w, self.max_features) for n, w in widths.items()}
 
     def check_widths(self, widths: dict[str, int]) -> None:
         """Called once with ``{layer: features kept}`` before the first analysis; raise to refuse them."""
@@ -149,15 +197,17 @@ class RepresentationProbe(AnalysisProbe):
         raise NotImplementedError
 
     # -- the capture pass ---------------------------------------------------------------------------
-    def for_each_batch(self, pl_module: pl.LightningModule, batches: Any, max_features: Optional[int],
-                       consume: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    def for_each_batch(self, pl_module: pl.LightningModule, batches: Any,
+                       consume: Callable[[dict[str, torch.Tensor]], None], raw: bool = False) -> None:
         """Run probe batches (e.g. ``probe_set.chunks(batch_size)``) through the model with `forward`; call
-        ``consume({layer: features})`` after each.
+        ``consume({layer: features})`` after each: each layer's feature rows (its `FeatureReducer`), or with
+        ``raw`` its output as the layer gave it.
 
         The hooks exist only inside this call and are removed on the way out, exceptions included.
         """
-        capture = ActivationCapture(self._modules, max_features)
+        capture = ActivationCapture(self._modules, None, reducers=None if raw else self._reducers)
         with capture.capturing(), uncompiled(pl_module):
             for batch in batches:
+                capture.batch_size = self.batch_now = samples_in(batch)
                 self.forward(pl_module, batch)
                 consume(capture.pop())

@@ -82,6 +82,7 @@ from lightning_probes.functional.metanet import (
     stack_encoded,
 )
 from lightning_probes.functional.representations import (
+    EffectiveRankAccumulator,
     MomentAccumulator,
     cka_from_covariances,
     cka_from_hsic,
@@ -89,6 +90,7 @@ from lightning_probes.functional.representations import (
     cross_correlation,
     effective_rank,
     effective_rank_from_covariance,
+    effective_rank_from_gram,
     linear_cka,
     minibatch_hsic_terms,
 )
@@ -125,6 +127,7 @@ __all__ = [
     "ENCODINGS",
     "HEALTH_FORMULA",
     "LAYER_STATS",
+    "EffectiveRankAccumulator",
     "MomentAccumulator",
     "SPARSITY_TOLERANCE",
     "WEIGHT_STATISTICS",
@@ -160,6 +163,7 @@ __all__ = [
     "cross_correlation",
     "effective_rank",
     "effective_rank_from_covariance",
+    "effective_rank_from_gram",
     "encode_codes",
     "encode_layer",
     "encode_previous",

@@ -303,18 +303,41 @@ class AlignmentAccumulator:
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
 
+    #: Columns of the rows kept (`for_layer` with ``columns``), or ``None`` for all.
+    columns: Optional[torch.Tensor] = None
+
     @classmethod
-    def for_layer(cls, module: nn.Module) -> AlignmentAccumulator:
-        """An accumulator sized for the input rows of one ``nn.Linear`` or ``nn.Conv2d`` (see `layer_rows`)."""
+    def for_layer(cls, module: nn.Module, columns: Optional[torch.Tensor] = None) -> AlignmentAccumulator:
+        """An accumulator sized for the input rows of one ``nn.Linear`` or ``nn.Conv2d`` (see `layer_rows`).
+
+        Args:
+            module: The layer.
+            columns: Sorted indices of the input features to keep (a subsample, for layers too wide for the
+                memory; ``groups == 1`` only). `update` then takes full rows and keeps these columns, and
+                `compute` takes the full weight and keeps the same columns: the alignment within the subspace of
+                the kept features, ``w_S^T C_SS w_S / (|w_S|^2 trace(C_SS))``.
+        """
         if isinstance(module, nn.Linear):
-            return cls(module.in_features)
-        if isinstance(module, nn.Conv2d):
+            features, groups = module.in_features, 1
+        elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            return cls(module.in_channels * kh * kw, module.groups)
-        raise ValueError(f"Alignment is defined for nn.Linear and nn.Conv2d layers, but got {type(module).__name__}")
+            features, groups = module.in_channels * kh * kw, module.groups
+        else:
+            raise ValueError(f"Alignment is defined for nn.Linear and nn.Conv2d layers, but got "
+                             f"{type(module).__name__}")
+        if columns is None:
+            return cls(features, groups)
+        if groups != 1 or columns.ndim != 1 or not 0 < len(columns) <= features:
+            raise ValueError(f"Expected `columns` to be at most {features} feature indices of a layer with groups=1, "
+                             f"but got {len(columns)} for groups={groups}")
+        accumulator = cls(len(columns))
+        accumulator.columns = columns.long()
+        return accumulator
 
     def update(self, rows: torch.Tensor) -> None:
-        """Add a batch of rows ``(n, num_features)``."""
+        """Add a batch of rows ``(n, num_features)`` (with `columns`: full rows, of which those are kept)."""
+        if self.columns is not None and rows.ndim == 2:
+            rows = rows.index_select(1, self.columns.to(rows.device))
         if rows.ndim != 2 or rows.shape[1] != self.num_features:
             raise ValueError(f"Expected rows of shape (n, {self.num_features}), but got shape {tuple(rows.shape)}")
         if rows.shape[0] == 0:
@@ -378,8 +401,12 @@ class AlignmentAccumulator:
         return cov[0] if self.groups == 1 else cov
 
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
-        """Per-unit alignment ``(U,)`` of ``weight`` (``(U, D / groups)``, or a conv weight flattened to it)."""
+        """Per-unit alignment ``(U,)`` of ``weight`` (``(U, D / groups)``, or a conv weight flattened to it; with
+        `columns`, the full weight, of which those columns are kept)."""
         self._check_rows()
+        if self.columns is not None:
+            weight = _flat_weight(weight)
+            weight = weight.index_select(1, self.columns.to(weight.device))
         if self.products is not None or not self._buffer:
             return alignment_from_covariance(self.covariance(), weight)
         # Every row is still buffered: w^T C w = |X_c w|^2 / (n - 1) and trace(C) = |X_c|_F^2 / (n - 1).

@@ -115,7 +115,11 @@ def effective_rank_from_covariance(cov: torch.Tensor) -> torch.Tensor:
     on the scale ``n``. Computed in float64: float32 eigenvalues of a rank-deficient covariance move the rank
     by about 1e-4 (see `MomentAccumulator`).
     """
-    eigenvalues = torch.linalg.eigvalsh(cov.double()).clamp_min(0)
+    eigenvalues = torch.linalg.eigvalsh(cov.double())
+    # Eigenvalues within rounding of zero (as numpy.linalg.matrix_rank's tolerance) are zero: their square roots
+    # (about 1e-8 of the largest singular value each) would otherwise count.
+    tolerance = eigenvalues.abs().max() * cov.shape[-1] * torch.finfo(torch.float64).eps
+    eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
     singular = eigenvalues.sqrt()
     total = singular.sum()
     if total <= 0:
@@ -187,3 +191,62 @@ class MomentAccumulator:
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(1, self.n) + (0 if self.shift is None else self.shift.double())
+
+
+def effective_rank_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Effective rank from the Gram matrix ``X_c X_c^T`` of centred activations ``X_c`` ``(n, p)``.
+
+    ``X_c X_c^T`` and ``X_c^T X_c = (n - 1) cov`` share their non-zero eigenvalues, so this equals
+    `effective_rank_from_covariance` at the cost of an ``(n x n)`` instead of a ``(p x p)`` eigenproblem: the
+    cheaper one for layers wider than the probe set (``p > n``).
+    """
+    return effective_rank_from_covariance(gram)  # p = s / sum(s) does not depend on the scale
+
+
+class EffectiveRankAccumulator:
+    """Streams feature rows and gives their effective rank from the smaller of the two eigenproblems.
+
+    While no more rows than features have come, the centred rows are kept (at most ``p x p`` values, as the
+    covariance would take) and the rank comes from their ``(n x n)`` Gram matrix (`effective_rank_from_gram`);
+    once the rows outnumber the features they are folded into a `MomentAccumulator` (float64) and the rank comes
+    from the ``(p x p)`` covariance.
+
+    Args:
+        num_features: Width ``p`` of the rows.
+        device: Device of the sums.
+    """
+
+    def __init__(self, num_features: int, device: Optional[torch.device] = None) -> None:
+        self.num_features = num_features
+        self.device = device
+        self.rows: list[torch.Tensor] = []
+        self.n = 0
+        self.moments: Optional[MomentAccumulator] = None
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add a batch ``(b, num_features)``."""
+        z = z.detach().double()
+        self.n += z.shape[0]
+        if self.moments is not None:
+            self.moments.update(z)
+            return
+        self.rows.append(z)
+        if self.n > self.num_features:  # the covariance is now the smaller problem
+            self.moments = MomentAccumulator(self.num_features, device=z.device)
+            self.moments.update(torch.cat(self.rows))
+            self.rows = []
+
+    @property
+    def uses_gram(self) -> bool:
+        """Whether the rank will come from the Gram matrix (no more rows than features so far)."""
+        return self.moments is None
+
+    def compute(self) -> torch.Tensor:
+        """The effective rank (0-dim float64)."""
+        if self.moments is not None:
+            return effective_rank_from_covariance(self.moments.covariance())
+        if self.n < 2:
+            raise ValueError(f"Expected at least 2 samples for an effective rank, but got {self.n}")
+        x = torch.cat(self.rows)
+        centred = x - x.mean(dim=0)
+        return effective_rank_from_gram(centred @ centred.T)

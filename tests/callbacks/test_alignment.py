@@ -189,7 +189,8 @@ def test_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"layers": ["net.fc1", "net.relu1"]}, r"nn.Conv2d layers, but `layers` names \{'net.relu1': 'ReLU'\}"),
     ({"layers": ["net.fc_1"]}, "did you mean 'net.fc1'"),
-    ({"max_memory_gb": 1e-6}, r"above `max_memory_gb`=1e-06.*net.fc1"),
+    ({"max_memory_gb": 1e-6, "layers": ["net.fc1", "net.fc2"]},
+     r"above `max_memory_gb`=1e-06 \(`layers` is set.*net.fc1"),
 ])
 def test_configuration_errors(tmp_path, kwargs, match):
     with pytest.raises(ProbeConfigurationError, match=match):
