@@ -201,12 +201,13 @@ def test_resnet50_at_defaults(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.arange(16) % 10)
+    data = TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.arange(16) % 10)
     out = str(tmp_path)
     schedule = dict(output_dir=out, every_n_epochs=2, plot_every_n_epochs=0)  # one analysis: epoch 0
     probes = [lp.LayerCorrelationMonitor(max_memory_gb=0.2, **schedule), lp.ActivationStatsMonitor(**schedule),
               lp.AlignmentMonitor(**schedule), lp.AugmentationInvarianceMonitor(num_views=8, **schedule),
-              lp.ConfidenceMonitor(output_dir=out), lp.NoiseRobustnessMonitor(output_dir=out)]
+              lp.ConfidenceMonitor(output_dir=out, plot_every_n_epochs=0),
+              lp.NoiseRobustnessMonitor(output_dir=out, plot_every_n_epochs=0)]
     with pytest.warns(UserWarning, match=r"LayerCorrelationMonitor: .* keep at most") as warned:
         trainer(tmp_path, probes, max_epochs=1, limit_train_batches=1).fit(
             Net(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
