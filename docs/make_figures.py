@@ -23,6 +23,13 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+def _run(command: list[str], cwd: str) -> None:
+    """Run a command quietly; on failure, raise with the end of its output."""
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
 def make_figures(output: str, config: str = os.path.join(ROOT, "configs", "quickstart.yaml")) -> list[str]:
     """Train the quick start and draw every probe figure of its run into ``output``.
 
@@ -36,10 +43,9 @@ def make_figures(output: str, config: str = os.path.join(ROOT, "configs", "quick
     start = time.time()
     cli = [sys.executable, "-m", "lightning_probes.cli"]
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run([*cli, "fit", "--config", config, "--trainer.enable_progress_bar", "false"], cwd=work,
-                       check=True, stdout=subprocess.DEVNULL)
+        _run([*cli, "fit", "--config", config, "--trainer.enable_progress_bar", "false"], cwd=work)
         (run,) = glob.glob(os.path.join(work, "runs", "*", "version_0"))
-        subprocess.run([*cli, "plot", run, "--output", output, "--no_progress"], check=True, stdout=subprocess.DEVNULL)
+        _run([*cli, "plot", run, "--output", output, "--no_progress"], cwd=work)
         for png in glob.glob(os.path.join(run, "probes", "*", "*.png")):  # drawn during training only
             target = os.path.join(output, os.path.basename(os.path.dirname(png)), os.path.basename(png))
             if not os.path.exists(target):
