@@ -32,6 +32,7 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "_generated/**/*.md"]
 myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 myst_heading_anchors = 3
 suppress_warnings = ["myst.header"]
+smartquotes = False  # `--option` stays two hyphens
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

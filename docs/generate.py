@@ -64,6 +64,14 @@ def api_page(module_name: str, title: str) -> str:
     return "\n".join(lines)
 
 
+def _markdown_text(text: str) -> str:
+    """Help text as literal Markdown: characters Markdown would read escaped, outside `code` spans."""
+    parts = text.replace("\n", " ").split("`")
+    for i in range(0, len(parts), 2):  # even parts lie outside backticks
+        parts[i] = re.sub(r"([\\*_<>\[\]])", r"\\\1", parts[i])
+    return "`".join(parts).replace("|", "\\|")
+
+
 def _option_row(action: argparse.Action) -> str:
     names = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest.upper()}` (positional)"
     if action.required or not action.option_strings:
@@ -72,7 +80,7 @@ def _option_row(action: argparse.Action) -> str:
         default = "-"
     else:
         default = f"`{action.default}`"
-    text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+    text = _markdown_text(action.help or "")
     return f"| {names} | {default} | {text} |"
 
 
