@@ -11,7 +11,9 @@ HTML comment that neither GitHub nor Sphinx shows:
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
+import pkgutil
 import re
 from pathlib import Path
 
@@ -90,6 +92,28 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
         code = prepared(code, marker, where)
         if code is not None:
             exec(compile(code, where, "exec"), namespace)  # noqa: S102  (the documentation's own examples)
+
+
+def package_modules() -> list[str]:
+    """Every module of the installed package (``models`` and ``datamodules`` included)."""
+    import lightning_probes
+
+    return ["lightning_probes"] + sorted(m.name for m in pkgutil.walk_packages(lightning_probes.__path__,
+                                                                               "lightning_probes."))
+
+
+def test_docstring_examples_run():
+    """Every ``Example:`` in a docstring runs and prints what it shows (``# doctest: +SKIP`` marks the ones that
+    need a Trainer run or files), as torchmetrics runs its docstrings."""
+    finder, failures, attempted = doctest.DocTestFinder(), [], 0
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for name in package_modules():
+        module = importlib.import_module(name)
+        for test in finder.find(module, name, globs=dict(vars(module))):
+            result = runner.run(test, out=lambda text: failures.append(text))
+            attempted += result.attempted
+    assert not failures, "".join(failures)
+    assert attempted >= 50  # the examples were found
 
 
 def _generate():

@@ -7,8 +7,8 @@ input patch, so its spectral norm and stable rank are those of that matrix.
 Example:
     >>> import torch
     >>> stats = weight_statistics(torch.eye(3))
-    >>> stats["spectral_norm"], stats["stable_rank"], stats["sparsity"]
-    (1.0, 3.0, 0.6666666666666666)
+    >>> round(stats["spectral_norm"], 6), round(stats["stable_rank"], 6), round(stats["sparsity"], 6)
+    (1.0, 3.0, 0.666667)
 """
 
 from __future__ import annotations
