@@ -19,7 +19,7 @@ from lightning_probes.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPLITS", "ZooDataModule", "split_models", "split_models_and_images"]
+__all__ = ["SPLITS", "ZooDataModule", "aligned_input", "split_models", "split_models_and_images"]
 
 Task = Literal["classification", "regression"]
 _TASKS = ("classification", "regression")
@@ -91,19 +91,33 @@ def split_models_and_images(model_ids: np.ndarray, image_ids: np.ndarray, split_
     return {k: np.isin(groups, by_group[k]) & np.isin(image_ids, by_image[k]) for k in ("train", "val", "test")}
 
 
+def aligned_input(name: str, values: np.ndarray) -> torch.Tensor:
+    """A class-aligned input array as a meta-network reads it: ``boundary_distance`` as ``log`` of the distance
+    clipped to ``[1e-4, 1e4]`` (``+inf`` at the prediction becomes ``log 1e4``), ``probe_<layer>``
+    log-probabilities clamped at -30 (a class the probe never saw is ``-inf``), anything else as float32."""
+    x = torch.as_tensor(np.asarray(values), dtype=torch.float64).reshape(len(values), -1)
+    if name == "boundary_distance":
+        x = x.nan_to_num(posinf=1e4).clamp(1e-4, 1e4).log()
+    elif name.startswith("probe_") and name not in ("probe_margin", "probe_agree"):
+        x = x.clamp_min(-30.0)
+    return x.float()
+
+
 class _ZooDataset(Dataset):
-    """Rows of the zoo data set: ``{"layers": [tensor per layer], "target", "correct", "ratio"}``."""
+    """Rows of the zoo data set: ``{"layers": [tensor per layer], "aligned": [tensor per aligned input], "target",
+    "correct", "ratio"}``."""
 
     def __init__(self, layers: Sequence[torch.Tensor], target: torch.Tensor, correct: torch.Tensor,
-                 ratio: torch.Tensor) -> None:
+                 ratio: torch.Tensor, aligned: Sequence[torch.Tensor] = ()) -> None:
         self.layers, self.target, self.correct, self.ratio = list(layers), target, correct, ratio
+        self.aligned = list(aligned)
 
     def __len__(self) -> int:
         return len(self.target)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"layers": [x[index] for x in self.layers], "target": self.target[index],
-                "correct": self.correct[index], "ratio": self.ratio[index]}
+        return {"layers": [x[index] for x in self.layers], "aligned": [x[index] for x in self.aligned],
+                "target": self.target[index], "correct": self.correct[index], "ratio": self.ratio[index]}
 
 
 class ZooDataModule(pl.LightningDataModule):
@@ -131,6 +145,9 @@ class ZooDataModule(pl.LightningDataModule):
             split file is written for ``"model"`` and ``"model_and_image"``.
         max_models: Use only the first ``max_models`` model ids (to measure how results grow with the zoo);
             ``None`` uses all.
+        aligned: Class-aligned input arrays of the data set (``zoo-dataset --features``: ``boundary_distance``,
+            ``probe_<layer>``, ``probe_margin``, ``context``), read as they are (`aligned_input`) and given to the
+            meta-network beside the layers (batch key ``aligned``; `MetaNet`'s ``aligned_dims``).
         num_workers: DataLoader worker processes.
     """
 
@@ -146,6 +163,7 @@ class ZooDataModule(pl.LightningDataModule):
         split_by: Split = "model",
         max_models: Optional[int] = None,
         num_workers: int = 0,
+        aligned: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if task not in _TASKS:
@@ -165,6 +183,9 @@ class ZooDataModule(pl.LightningDataModule):
         if isinstance(layers, str) or not layers:
             raise ValueError(f"Expected `layers` to be a list of layer names such as ['pool2', 'fc3'], but got "
                              f"{layers!r}")
+        if isinstance(aligned, str):
+            raise ValueError(f"Expected `aligned` to be a list of array names such as ['boundary_distance'], but got "
+                             f"{aligned!r}")
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.splits: Optional[dict[str, list[int]]] = None
@@ -181,6 +202,21 @@ class ZooDataModule(pl.LightningDataModule):
         """Units of each layer, after ``setup``."""
         return [int(self.arrays["train"][name].shape[1]) for name in self.hparams.layers]
 
+    @property
+    def aligned_dims(self) -> list[int]:
+        """Width of each aligned input, after ``setup``."""
+        return [int(np.prod(self.arrays["train"][name].shape[1:])) for name in self.hparams.aligned]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The data set's settings from its ``dataset.json`` (``sigma``, ``num_draws``, ...); empty without one."""
+        path = os.path.join(self.data_dir, "dataset.json")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return dict(json.load(handle).get("settings", {}))
+        except (OSError, ValueError):
+            return {}
+
     def setup(self, stage: Optional[str] = None) -> None:
         from lightning_probes.studies.zoo import load_shards
 
@@ -189,13 +225,13 @@ class ZooDataModule(pl.LightningDataModule):
         hp = self.hparams
         # A `group` array (the training run of each row), where the data set has one, keeps a run's checkpoints on
         # one side of the "model_and_image" split.
-        data = load_shards(self.data_dir, layers=[*hp.layers, "group"])
-        missing = [n for n in hp.layers if n not in data]
+        data = load_shards(self.data_dir, layers=[*hp.layers, *hp.aligned, "group"])
+        missing = [n for n in [*hp.layers, *hp.aligned] if n not in data]
         if missing:
             found = sorted(k for k in data if k not in ("model_id", "sample_index", "label", "pred", "correct",
                                                         "ratio", "group"))
-            raise ValueError(f"Expected `layers` to name arrays of the data set, but {missing} are not in "
-                             f"{self.data_dir!r} (it has {found})")
+            raise ValueError(f"Expected `layers` and `aligned` to name arrays of the data set, but {missing} are not "
+                             f"in {self.data_dir!r} (it has {found})")
         model_ids = np.unique(data["model_id"])
         if hp.max_models is not None:
             model_ids = model_ids[: hp.max_models]
@@ -225,7 +261,8 @@ class ZooDataModule(pl.LightningDataModule):
             ratio = torch.as_tensor(a["ratio"], dtype=torch.float32)
             target = correct.float() if hp.task == "classification" else ratio
             layers = [torch.as_tensor(a[name], dtype=torch.float32) for name in hp.layers]
-            self._sets[split] = _ZooDataset(layers, target, correct, ratio)
+            aligned = [aligned_input(name, a[name]) for name in hp.aligned]
+            self._sets[split] = _ZooDataset(layers, target, correct, ratio, aligned)
 
     @rank_zero_only
     def _write_split(self) -> None:

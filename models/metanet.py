@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_probes.functional.boundary import linear_stability
 from lightning_probes.functional.metanet import (
     ENCODINGS,
     baseline_scores,
     best_threshold,
+    binomial_nll,
     encoded_width,
     error_detection_metrics,
+    r2_ceiling,
     regression_metrics,
     stack_encoded,
 )
@@ -70,6 +73,15 @@ class MetaNet(pl.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         cosine: Anneal the learning rate to 0 over ``max_epochs`` (cosine).
+        aligned_dims: Widths of the class-aligned inputs (`ZooDataModule`'s ``aligned``: boundary distances, linear
+            probes, model context), each projected like a layer and read as one more token after the layers, as
+            they are (no encoding: their columns mean the same in every model).
+        loss: Regression loss: ``"mse"`` or ``"binomial"`` (`functional.binomial_nll`: the cross-entropy with
+            the soft target ``k / n``, the likelihood of the ``k`` of ``n`` draws that kept the prediction).
+
+    With ``regression`` the test also logs ``test/r2_ceiling`` (`functional.r2_ceiling`, the label-noise ceiling of
+    r2, when the data set's ``dataset.json`` gives ``num_draws``); with a ``boundary_distance`` array and ``sigma``
+    in the data set, the baselines gain ``linear_stability`` (``Phi(min_j d_j / sigma)``, no training).
 
     Raises:
         ValueError: For an argument out of range, naming it.
@@ -89,6 +101,8 @@ class MetaNet(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         cosine: bool = True,
+        aligned_dims: Sequence[int] = (),
+        loss: Literal["mse", "binomial"] = "mse",
     ) -> None:
         super().__init__()
         if encoder not in _ENCODERS:
@@ -108,13 +122,20 @@ class MetaNet(pl.LightningModule):
         if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 2 for d in dims):
             raise ValueError(f"Expected `layer_dims` to be a list of layer widths >= 2 such as [400, 120, 84, 10], "
                              f"but got {layer_dims!r}")
+        aligned = list(aligned_dims)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in aligned):
+            raise ValueError(f"Expected `aligned_dims` to be a list of positive widths, but got {aligned_dims!r}")
+        if loss not in ("mse", "binomial"):
+            raise ValueError(f"Expected `loss` to be 'mse' or 'binomial', but got {loss!r}")
         if not lr > 0 or weight_decay < 0:
             raise ValueError(f"Expected `lr` > 0 and `weight_decay` >= 0, but got {lr!r} and {weight_decay!r}")
         self.save_hyperparameters()
         self.projections = nn.ModuleList(
             nn.Sequential(nn.Linear(encoded_width(d, encoding), d_model), nn.LayerNorm(d_model)) for d in dims)
+        self.aligned_projections = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, d_model), nn.LayerNorm(d_model)) for d in aligned)
         if encoder == "transformer":
-            self.position = nn.Parameter(torch.zeros(len(dims), d_model))
+            self.position = nn.Parameter(torch.zeros(len(dims) + len(aligned), d_model))
             nn.init.normal_(self.position, std=0.02)
             layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=2 * d_model, dropout=dropout,
                                                batch_first=True, norm_first=True)
@@ -142,32 +163,41 @@ class MetaNet(pl.LightningModule):
                        for i, x in enumerate(encoded)]
         return encoded
 
-    def forward(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, layers: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """``(B,)`` raw head outputs: the logit of ``correct``, or the pre-sigmoid ratio."""
-        tokens = torch.stack([proj(x) for proj, x in zip(self.projections, self.encode(layers))], dim=1)
+        dims = list(self.hparams.get("aligned_dims", ()))
+        if len(aligned) != len(dims) or any(x.flatten(1).shape[1] != d for x, d in zip(aligned, dims)):
+            got = [x.flatten(1).shape[1] for x in aligned]
+            raise ValueError(f"Expected {len(dims)} aligned inputs of widths {dims} (`aligned_dims`), but the batch "
+                             f"has widths {got}; set `model.init_args.aligned_dims` to the data set's `aligned`")
+        tokens = [proj(x) for proj, x in zip(self.projections, self.encode(layers))]
+        tokens += [proj(x.flatten(1)) for proj, x in zip(self.aligned_projections, aligned)]
+        tokens = torch.stack(tokens, dim=1)
         if self.hparams.encoder == "transformer":
             hidden = self.norm(self.encoder(tokens + self.position).mean(dim=1))
         else:
             hidden = self.encoder(tokens)[0][:, -1]
         return self.head(hidden).squeeze(-1)
 
-    def predict_scores(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    def predict_scores(self, layers: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """``(B,)`` predictions in [0, 1]: P(correct), or the predicted ratio."""
-        return torch.sigmoid(self(layers))
+        return torch.sigmoid(self(layers, aligned))
 
     # -- training ------------------------------------------------------------------------------------------
     def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.task == "classification":
             return F.binary_cross_entropy_with_logits(out, target)
+        if self.hparams.get("loss", "mse") == "binomial":
+            return binomial_nll(torch.sigmoid(out), target, 1)  # the same n for every sample: only a scale
         return F.mse_loss(torch.sigmoid(out), target)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self(batch["layers"]), batch["target"])
+        loss = self._loss(forward_on_batch(self, batch), batch["target"])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
         return loss
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = self(batch["layers"])
+        out = forward_on_batch(self, batch)
         loss = self._loss(out, batch["target"])
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val",
                  batch_size=len(batch["target"]))
@@ -201,6 +231,9 @@ class MetaNet(pl.LightningModule):
         if self.trainer.world_size > 1:  # every process's samples (DistributedSampler gives each as many)
             cat = {k: self.all_gather(v.to(self.device)).flatten(0, 1).cpu() for k, v in cat.items()}
         values = self.metrics(cat["score"], cat["correct"], cat["ratio"])
+        num_draws = self._settings().get("num_draws")
+        if self.hparams.task == "regression" and stage == "test" and isinstance(num_draws, int) and num_draws >= 2:
+            values["r2_ceiling"] = r2_ceiling(cat["ratio"], num_draws)
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, rank_zero_only=True)
         return values
@@ -215,6 +248,10 @@ class MetaNet(pl.LightningModule):
             for metric, value in values.items():
                 self.log(f"test/baseline/{name}/{metric}", value, rank_zero_only=True)
 
+    def _settings(self) -> dict[str, Any]:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return dict(getattr(datamodule, "settings", None) or {})
+
     def baselines(self) -> Optional[dict[str, dict[str, float]]]:
         """The baselines of the test split (see the class docstring), or ``None`` without a ``ZooDataModule``."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -222,7 +259,8 @@ class MetaNet(pl.LightningModule):
         if not arrays or "train" not in arrays or "test" not in arrays:
             return None
         logits_layer = datamodule.hparams.layers[-1]
-        return compute_baselines(arrays["train"], arrays["test"], logits_layer, self.hparams.task)
+        return compute_baselines(arrays["train"], arrays["test"], logits_layer, self.hparams.task,
+                                 sigma=self._settings().get("sigma"))
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -234,7 +272,7 @@ class MetaNet(pl.LightningModule):
 
 
 def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer: str,
-                      task: str) -> dict[str, dict[str, float]]:
+                      task: str, sigma: Optional[float] = None) -> dict[str, dict[str, float]]:
     """The confidence baselines of a test split, thresholds and fits learnt on the train split.
 
     Args:
@@ -243,6 +281,9 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
         logits_layer: Name of the logits layer (``fc3``).
         task: ``"classification"`` (``max_softmax``, ``entropy``, ``margin``, ``doctor`` with their
             error-detection metrics) or ``"regression"`` (``isotonic_max_softmax`` with the regression metrics).
+        sigma: The data set's noise level; with it and a ``boundary_distance`` array, ``linear_stability``
+            (``Phi(min_j d_j / sigma)``) is a baseline too: its AUROC and best-threshold accuracy for
+            ``correct``, its r2 for the ratio, with nothing fitted.
 
     Returns:
         Baseline name -> metric -> value.
@@ -251,6 +292,10 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
     test_scores = baseline_scores(torch.as_tensor(test[logits_layer]).double())
     train_correct = torch.as_tensor(train["correct"])
     test_correct = torch.as_tensor(test["correct"])
+    if sigma is not None and "boundary_distance" in train and "boundary_distance" in test:
+        for scores, split in ((train_scores, train), (test_scores, test)):
+            distance = torch.as_tensor(split["boundary_distance"]).double().min(dim=1).values
+            scores["linear_stability"] = linear_stability(distance, float(sigma))
     if task == "classification":
         return {name: error_detection_metrics(test_scores[name], test_correct,
                                               threshold=best_threshold(train_scores[name], train_correct))
@@ -260,11 +305,16 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
     fit = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
     fit.fit(train_scores["max_softmax"].numpy(), train["ratio"].astype("float64"))
     pred = torch.as_tensor(fit.predict(test_scores["max_softmax"].numpy()))
-    return {"isotonic_max_softmax": regression_metrics(
-        pred, torch.as_tensor(test["ratio"]), groups={"correct": test_correct > 0, "wrong": test_correct == 0})}
+    groups = {"correct": test_correct > 0, "wrong": test_correct == 0}
+    out = {"isotonic_max_softmax": regression_metrics(pred, torch.as_tensor(test["ratio"]), groups=groups)}
+    if "linear_stability" in test_scores:
+        out["linear_stability"] = regression_metrics(test_scores["linear_stability"], torch.as_tensor(test["ratio"]),
+                                                     groups=groups)
+    return out
 
 
 def forward_on_batch(module: MetaNet, batch: dict[str, Any]) -> torch.Tensor:
-    """``module(batch["layers"])``: the ``forward_fn`` that lets the representation probes run a `MetaNet` on a
-    `ZooDataModule` batch (``forward_fn: lightning_probes.models.metanet.forward_on_batch`` in a config)."""
-    return module(batch["layers"])
+    """``module(batch["layers"], batch["aligned"])``: the ``forward_fn`` that lets the representation probes run a
+    `MetaNet` on a `ZooDataModule` batch (``forward_fn: lightning_probes.models.metanet.forward_on_batch`` in a
+    config)."""
+    return module(batch["layers"], batch.get("aligned", ()))

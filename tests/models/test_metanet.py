@@ -160,7 +160,8 @@ def test_sorted_encoding_makes_the_meta_network_blind_to_unit_order(encoder):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"encoder": "gru"}, "`encoder`"), ({"task": "x"}, "`task`"), ({"encoding": "mean"}, "`encoding`"),
     ({"d_model": 0}, "`d_model`"), ({"encoder": "transformer", "d_model": 10, "nhead": 4}, "`nhead`"),
-    ({"layer_dims": [1]}, "`layer_dims`"), ({"dropout": 1.0}, "`dropout`")])
+    ({"layer_dims": [1]}, "`layer_dims`"), ({"dropout": 1.0}, "`dropout`"), ({"aligned_dims": [0]}, "`aligned_dims`"),
+    ({"loss": "l1"}, "`loss`")])
 def test_bad_metanet_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetaNet(**kwargs)
@@ -219,6 +220,60 @@ def test_regression_metrics_and_isotonic_baseline_equal_scikit_learn(zoo_dir):
     iso = fit.predict(msp(test["fc3"].astype(np.float64)))
     assert results["test/baseline/isotonic_max_softmax/r2"] == pytest.approx(r2_score(test["ratio"], iso), abs=1e-4)
     assert results["test/r2"] > 0.3
+
+
+def _add_aligned_arrays(directory, sigma=0.9, num_draws=20):
+    """A boundary distance that decides the ratio, a probe with an unseen class, and the data set's settings."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(5)
+    for path in sorted(directory.glob("shard_*.npz")):
+        data = dict(np.load(path))
+        n = len(data["model_id"])
+        distance = rng.gamma(2.0, 0.5, (n, 10))
+        distance[np.arange(n), data["pred"]] = np.inf
+        p = norm.cdf(distance.min(1) / sigma)
+        data["ratio"] = (rng.binomial(num_draws, p) / num_draws).astype(np.float32)
+        data["boundary_distance"] = distance.astype(np.float32)
+        probe = np.log(rng.dirichlet(np.ones(10), n))
+        probe[:, 3] = -np.inf
+        data["probe_fc1"] = probe.astype(np.float32)
+        atomic_save_npz(str(path), **data)
+    (directory / "dataset.json").write_text(json.dumps({"settings": {"sigma": sigma, "num_draws": num_draws}}))
+
+
+def test_aligned_inputs_binomial_loss_ceiling_and_linear_baseline(zoo_dir):
+    from scipy.stats import norm
+
+    from lightning_probes.datamodules.zoo import aligned_input
+    from lightning_probes.functional import r2_ceiling
+
+    _add_aligned_arrays(zoo_dir)
+    pl.seed_everything(0)
+    dm = ZooDataModule(str(zoo_dir), task="regression", split_seed=1, val_fraction=0.25, test_fraction=0.25,
+                       batch_size=32, aligned=["boundary_distance", "probe_fc1"])
+    dm.setup("fit")
+    assert dm.aligned_dims == [10, 10]
+    batch = next(iter(dm.train_dataloader()))
+    assert [x.shape[1] for x in batch["aligned"]] == [10, 10]
+    assert torch.isfinite(batch["aligned"][0]).all() and torch.isfinite(batch["aligned"][1]).all()
+    # log of the clipped distance; the prediction's +inf becomes log(1e4); unseen probe classes -30.
+    d = dm.arrays["train"]["boundary_distance"][:3]
+    np.testing.assert_allclose(aligned_input("boundary_distance", d).numpy(),
+                               np.log(np.clip(np.nan_to_num(d, posinf=1e4), 1e-4, 1e4)), rtol=1e-6)
+    assert (aligned_input("probe_fc1", dm.arrays["train"]["probe_fc1"][:3])[:, 3] == -30).all()
+    model = MetaNet(task="regression", layer_dims=DIMS, d_model=16, lr=3e-3, aligned_dims=dm.aligned_dims,
+                    loss="binomial")
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, datamodule=dm)
+    results = trainer.test(model, datamodule=dm, verbose=False)[0]
+    test = dm.arrays["test"]
+    assert results["test/r2_ceiling"] == pytest.approx(r2_ceiling(torch.as_tensor(test["ratio"]), 20), abs=1e-6)
+    linear = norm.cdf(test["boundary_distance"].astype(np.float64).min(1) / 0.9)
+    assert results["test/baseline/linear_stability/r2"] == pytest.approx(r2_score(test["ratio"], linear), abs=1e-4)
+    with pytest.raises(ValueError, match="aligned_dims"):
+        model([torch.randn(2, d) for d in DIMS], [torch.randn(2, 10)])
 
 
 def test_configs_fit_and_test_from_the_command_line(zoo_dir, tmp_path):
