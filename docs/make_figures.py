@@ -63,5 +63,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=os.path.join(ROOT, "docs", "_generated", "figures"))
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.yaml"))
+    parser.add_argument("--readme_picture", default=None,
+                        help="Also copy confidence/val_confusion.png here (the README's picture: "
+                             "docs/images/quickstart_confusion.png).")
     args = parser.parse_args()
     make_figures(args.output, args.config)
+    if args.readme_picture:
+        shutil.copyfile(os.path.join(args.output, "confidence", "val_confusion.png"), args.readme_picture)
