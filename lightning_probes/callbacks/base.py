@@ -31,6 +31,7 @@ from lightning_probes.io import (
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
 from lightning_probes.record_buffer import Produce, RecordBuffer
 from lightning_probes.run_dir import run_directory
+from lightning_probes.sharding import ShardLayout, check_strategy, is_dtensor, shard_layout
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +538,13 @@ class ParameterProbe(ProbeCallback):
     to the tracked parameters it steps, and counts each optimiser's steps so that a probe logs at every
     ``every_n_steps``-th step of each optimiser (one optimiser: every ``every_n_steps``-th global step).
     Parameters are looked up again at the start of training, after the strategy has moved and converted the
-    module (device, dtype), so no state is tied to where the parameters were at ``setup``.
+    module (device, dtype) and FSDP2 has sharded it, so no state is tied to where the parameters were at ``setup``.
+
+    Strategies: under DDP (and one process) the gradients are the same on every rank and only global rank 0
+    computes. Under FSDP2 (``fully_shard``; the parameters are ``DTensor``s sharded on dim 0) every rank computes
+    partial sums over its local shard and the probe combines them with a constant number of all-reduces on the
+    steps it reads gradients (`sharded` is then true; see `lightning_probes.sharding`). DeepSpeed, FSDP1 and
+    tensor parallelism are refused at ``setup`` (`lightning_probes.sharding.check_strategy`).
 
     Args:
         every_n_steps: Log at every n-th optimiser step.
@@ -569,6 +576,10 @@ class ParameterProbe(ProbeCallback):
         self._params: list[torch.nn.Parameter] = []
         self._by_optimizer: dict[int, tuple[int, list[int]]] = {}
         self._optimizer_steps: dict[int, int] = {}
+        #: Whether the tracked parameters are sharded (FSDP2): every rank computes, partial sums are all-reduced.
+        self.sharded = False
+        self._may_shard = False
+        self._layouts: list[ShardLayout] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer_steps": dict(self._optimizer_steps)}
@@ -579,11 +590,23 @@ class ParameterProbe(ProbeCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._may_shard = check_strategy(type(self).__name__, trainer.strategy)
         self._select(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._select(pl_module)  # the strategy may have replaced parameters since `setup` (dtype, device, wrap)
+        self.sharded = any(is_dtensor(p) for p in self._params)
+        self._layouts = [shard_layout(type(self).__name__, name, p, trainer.global_rank, trainer.world_size)
+                         for name, p in zip(self._names, self._params)]
+        self._on_layout(trainer)
+
+    def _on_layout(self, trainer: pl.Trainer) -> None:
+        """Called at the start of training once `sharded` and the shard layouts are known (for subclasses)."""
+
+    def computes(self, trainer: pl.Trainer) -> bool:
+        """Whether this rank computes statistics: global rank 0, or every rank when the parameters are sharded."""
+        return self.sharded or trainer.is_global_zero
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         named = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -611,6 +634,29 @@ class ParameterProbe(ProbeCallback):
         count = self._optimizer_steps.get(optimizer_index, 0)
         self._optimizer_steps[optimizer_index] = count + 1
         return count
+
+    @staticmethod
+    def loss_scale_inverse(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+        """``1 / loss scale`` (a 0-d tensor on the scale's device) when the gradients reach
+        ``on_before_optimizer_step`` still multiplied by an AMP ``GradScaler``'s scale, else ``None``.
+
+        Lightning's ``MixedPrecision`` unscales the gradients before the hook, except for optimizers that unscale
+        inside their own ``step`` (fused optimizers such as ``Adam(fused=True)``): there the probe divides by the
+        scale itself. Read from the scaler's per-optimizer stage, so no host synchronisation.
+        """
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if scale is None or states is None:
+            return None
+        from torch.amp.grad_scaler import OptState
+
+        stage = states[id(optimizer)]["stage"] if id(optimizer) in states else OptState.READY
+        if stage is OptState.UNSCALED:
+            return None
+        return scale.double().reciprocal()
 
     def _base_record(self, trainer: pl.Trainer, optimizer_index: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch}

@@ -5,13 +5,23 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_probes.callbacks._entries import (
+    EntrySelection,
+    auto_max_entries,
+    bytes_per_entry,
+    draw_subsets,
+    gather_selected,
+    megabytes,
+    pick_columns,
+    select_entries,
+)
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional._fused import (
@@ -27,10 +37,13 @@ from lightning_probes.functional.dynamics import COUNT_NAMES, zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.plotting import line_panels, sign_map
+from lightning_probes.sharding import ShardLayout, all_reduce_sum, local_tensor
 
 log = logging.getLogger(__name__)
 
-_INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings")
+_INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings", "sampled_entries")
+#: Above this many tracked entries, ``max_entries="auto"`` follows a subset of each large tensor.
+_AUTO_ABOVE = 100_000_000
 _FRACTIONS = ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction")
 _EPOCH_MEANS = (*_FRACTIONS, "update_norm")
 
@@ -66,8 +79,8 @@ class _Pending:
         step: ``trainer.global_step`` of the step.
         epoch: ``trainer.current_epoch`` of the step.
         finite: 0-d bool tensor: every gradient finite.
-        grad_norm: ``(P,)`` gradient norm per tracked tensor.
-        sizes: Number of entries of each tracked tensor.
+        grad_norm: ``(P,)`` squared gradient norm per tracked tensor (this rank's part, unscaled).
+        sizes: Number of this rank's followed entries of each tracked tensor.
         before: The flat weights before the step (freed after the step).
         current: `current_codes` of the step's gradients, ``int8``: flat, or a list per tensor from the compiled
             kernel (only on a snapshot step; freed after the step).
@@ -75,8 +88,9 @@ class _Pending:
         has_previous: A `_Previous` of the step before existed for the same tensors (logged steps).
         previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
         sample: The sign-map columns of this step's gradients (logged steps).
-        update_norm: ``(P,)`` ``||w_after - w_before||`` (set after the step).
-        weight_norm: ``(P,)`` ``||w_after||`` (set after the step).
+        update_norm: ``(P,)`` ``||w_after - w_before||**2`` over the followed entries (set after the step).
+        weight_norm: ``(P,)`` ``||w_after||**2`` (set after the step).
+        scale: ``1 / loss scale`` when the gradients were still scaled by an AMP GradScaler, else ``None``.
     """
 
     count: int
@@ -96,6 +110,7 @@ class _Pending:
     sample: Optional[torch.Tensor] = None
     update_norm: Optional[torch.Tensor] = None
     weight_norm: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
 
 
 class GradientDynamicsMonitor(ParameterProbe):
@@ -137,6 +152,20 @@ class GradientDynamicsMonitor(ParameterProbe):
     No state is tied to where the parameters were at ``setup``: the index tensors of the sign-map columns
     follow the gradients' device, and norms are taken in float32 (float64 for float64 gradients).
 
+    Large models: ``max_entries`` follows, per tensor, a seeded fixed subset of at most that many entries (the
+    same at every step and on every rank). Every record carries ``sampled_entries``, the number of entries its
+    counts are over; ``zero_count``, ``minima_crossings``, ``maxima_crossings`` are counts over the subset (not
+    scaled), the fractions are over the subset, and so is ``update_norm`` (the weights are copied only there);
+    ``grad_norm`` and ``weight_norm`` need no state and stay over the whole tensors. The default ``"auto"``
+    follows every entry up to 100M tracked entries; above that it picks the cap that keeps the probe's peak
+    memory (about 11 bytes per followed float32 entry: state, codes, the weights' and gradients' copies) under
+    10% of the parameters' memory, and says so in one info line. The memory estimate is logged at ``setup``.
+
+    Strategies: under FSDP2 every rank compares the entries of its own shards and one all-reduce (a sum over one
+    stacked tensor: counts, squared norms, non-finite flags and the sign-map columns each rank holds) per logged
+    step gives the full tensors' records. Under AMP with an optimizer that unscales inside its ``step`` (fused
+    Adam) the gradients reach the hook still scaled: they are divided by the loss scale before they are compared.
+
     Args:
         every_n_steps: Log at every n-th optimiser step (of each optimiser).
         zero_threshold: Magnitude below which a gradient entry counts as zero. Dtype-aware: for bf16/fp16
@@ -153,7 +182,11 @@ class GradientDynamicsMonitor(ParameterProbe):
             gradients and the state before the step, one over the weights after it) instead of a few eager
             passes. The first step pays the compilation once (seconds; see `compile_seconds`); where compiling
             is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
-            agree to float rounding (they are summed in another order, in float64).
+            agree to float rounding (they are summed in another order, in float64). Compiled only where one
+            process holds whole tensors and follows every entry (else eager).
+        max_entries: Most entries followed per tensor (a seeded fixed subset); ``None``: all; ``"auto"``: all up
+            to 100M tracked entries, else the cap that keeps the probe under 10% of the parameters' memory.
+        seed: Seed of the ``max_entries`` subsets.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
@@ -183,6 +216,8 @@ class GradientDynamicsMonitor(ParameterProbe):
         compile: bool = False,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        max_entries: Union[int, None, Literal["auto"]] = "auto",
+        seed: int = 0,
     ) -> None:
         super().__init__(every_n_steps, include, exclude, output_dir, name,
                          flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
@@ -210,14 +245,24 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._sign_rows: list[np.ndarray] = []
         self._sign_epochs: list[int] = []
         self._latest_row: Optional[np.ndarray] = None
-        # Sign-map columns: per tracked tensor, the picked entries (CPU) and where they start in a map row.
+        if max_entries != "auto" and max_entries is not None and (
+                isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1):
+            raise ValueError(f"Expected `max_entries` to be a positive integer, None (every entry) or 'auto', but got "
+                             f"{max_entries!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}")
+        self.max_entries = max_entries
+        self.seed = seed
+        # Per tracked tensor: the followed subset (None: every entry), the count of followed entries, the sign-map
+        # columns (positions in the followed entries, CPU) and where they start in a map row.
+        self._subsets: list[Optional[np.ndarray]] = []
+        self._selected_counts: list[int] = []
+        self._auto_cap: Optional[int] = None
         self._columns: list[torch.Tensor] = []
         self._column_offsets: list[int] = []
         self._n_columns = 0
-        # Per (tracked indices, device): the picked entries' positions in the flat gradient of those tensors (on
-        # the device) and their columns in a map row (NumPy).
-        self._sample_index: dict[tuple[tuple[int, ...], torch.device],
-                                 tuple[torch.Tensor, np.ndarray, list[torch.Tensor]]] = {}
+        # Per (tracked indices, device): the index tensors of `_entries.select_entries`.
+        self._selections: dict[tuple[tuple[int, ...], torch.device], EntrySelection] = {}
         self._warned_nonfinite = False
         self.compile = bool(compile)
         self._kernel_before = FusedKernel(fused_dynamics_before, enabled=self.compile,
@@ -247,38 +292,55 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._previous = {}  # the first step after a restore has no previous gradient
 
     # -- setup and teardown -------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        followed = sum(self._selected_counts)
+        itemsize = max((p.element_size() for p in self._params), default=4)
+        rank_zero_info(
+            f"{type(self).__name__} {self.name!r}: follows {followed:,} of {sum(p.numel() for p in self._params):,} "
+            f"gradient entries; memory: {megabytes(followed)} between steps (one byte per followed entry), about "
+            f"{megabytes(followed * bytes_per_entry(itemsize))} at the peak of a compared step (state, codes, the "
+            f"weights' and gradients' copies), across all ranks together under FSDP2.")
+
     def _select(self, pl_module: pl.LightningModule) -> None:
         super()._select(pl_module)
-        sizes = [p.numel() for p in self._params]
-        total = sum(sizes)
-        picks = torch.unique(torch.linspace(0, total - 1, min(self.max_columns, total)).round().long())
-        offsets = np.cumsum([0, *sizes])
-        self._columns, self._column_offsets = [], []
-        for i in range(len(self._params)):
-            self._columns.append(picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - int(offsets[i]))
-            self._column_offsets.append(int(np.searchsorted(picks.numpy(), offsets[i])))
-        if self._latest_row is not None and len(self._latest_row) != len(picks):
+        numels = [p.numel() for p in self._params]
+        cap: Optional[int] = None if self.max_entries == "auto" else self.max_entries
+        if self.max_entries == "auto" and sum(numels) > _AUTO_ABOVE:
+            itemsize = max(p.element_size() for p in self._params)
+            cap = auto_max_entries(numels, itemsize)
+            if cap != self._auto_cap:
+                rank_zero_info(
+                    f"{type(self).__name__} {self.name!r}: {sum(numels):,} tracked entries (over {_AUTO_ABOVE:,}): "
+                    f"following at most {cap:,} seeded entries per tensor (max_entries='auto') keeps the probe "
+                    f"under 10% of the parameters' memory; set `max_entries` to choose.")
+        self._auto_cap = cap
+        self._subsets = draw_subsets(numels, cap, self.seed)
+        self._selected_counts = [n if s is None else len(s) for n, s in zip(numels, self._subsets)]
+        self._columns, self._column_offsets, n_columns = pick_columns(self._selected_counts, self.max_columns)
+        if self._latest_row is not None and len(self._latest_row) != n_columns:
             self._latest_row = None
-        self._n_columns = len(picks)
-        self._sample_index = {}
+        self._n_columns = n_columns
+        self._selections = {}
 
-    def _sample_index_for(self, tracked: list[int], device: torch.device
-                          ) -> tuple[torch.Tensor, np.ndarray, list[torch.Tensor]]:
-        """The sign-map columns of the ``tracked`` tensors: their positions in ``cat(grads of tracked)`` (on
-        ``device``, created at the first step that meets it), in a map row, and in each tensor's flat gradient
-        (on ``device``); built once per key."""
+    def _selection_for(self, tracked: list[int], device: torch.device) -> EntrySelection:
+        """The index tensors of the ``tracked`` tensors on ``device`` (built at the first step that meets them)."""
         key = (tuple(tracked), device)
-        if key not in self._sample_index:
-            starts = np.cumsum([0] + [self._params[i].numel() for i in tracked[:-1]])
-            index = torch.cat([self._columns[i] + int(start) for i, start in zip(tracked, starts)]).to(device)
-            row = np.concatenate([self._column_offsets[i] + np.arange(len(self._columns[i])) for i in tracked])
-            self._sample_index[key] = (index, row, [self._columns[i].to(device) for i in tracked])
-        return self._sample_index[key]
+        if key not in self._selections:
+            layouts = self._layouts or [None] * len(self._params)
+            if layouts[0] is None:  # no training start yet (direct use): every entry is local
+                layouts = [ShardLayout(0, p.numel(), p.numel(), True) for p in self._params]
+            self._selections[key] = select_entries(tracked, layouts, self._subsets, self._columns,
+                                                   self._column_offsets, device, self.sharded)
+        return self._selections[key]
+
+    def _on_layout(self, trainer: pl.Trainer) -> None:
+        self._selections = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)  # re-selects the parameters the strategy may have replaced
         self._remove_hooks()
-        if trainer.is_global_zero:
+        if self.computes(trainer):
             for optimizer in trainer.optimizers:
                 self._hooks.append(optimizer.register_step_post_hook(functools.partial(self._after_step, trainer)))
         self._previous, self._pending = {}, {}
@@ -300,7 +362,7 @@ class GradientDynamicsMonitor(ParameterProbe):
     # -- the step -----------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not trainer.is_global_zero:
+        if not self.computes(trainer):
             return
         opt_index, tracked = self._tracked_for(trainer, optimizer)
         self._resolve_skipped(trainer, opt_index)
@@ -313,37 +375,42 @@ class GradientDynamicsMonitor(ParameterProbe):
         tracked = [i for i in tracked if self._params[i].grad is not None]
         if not tracked:
             return
-        params = [self._params[i].detach() for i in tracked]
-        grads = [self._params[i].grad.detach() for i in tracked]
-        sizes = [g.numel() for g in grads]
+        params = [local_tensor(self._params[i]).detach() for i in tracked]  # this rank's shards under FSDP2
+        grads = [local_tensor(self._params[i].grad).detach() for i in tracked]
+        device = grads[0].device
+        selection = self._selection_for(tracked, device)
+        sizes = selection.sizes
         has_previous = (log_now and previous is not None and previous.count == count - 1
                         and previous.tracked == tracked)
         state = previous.state if has_previous else None
-        index, _, indices = self._sample_index_for(tracked, grads[0].device)
+        scale = self.loss_scale_inverse(trainer, optimizer)
         current: Any
-        if self._compiled(grads, self._kernel_before):
+        if self._compiled(grads, self._kernel_before) and scale is None:
             # One graph for every step: a step without a previous state compares with zeros (unused counts).
             if state is None:
-                state = torch.zeros(sum(sizes), dtype=torch.int8, device=grads[0].device)
+                state = torch.zeros(sum(sizes), dtype=torch.int8, device=device)
             states = list(state.split(sizes))
             counts, squares, current, sample = self._kernel_before(
-                grads, states, indices, zero_threshold_for(grads[0].dtype, self.zero_threshold),
+                grads, states, selection.tensor_index, zero_threshold_for(grads[0].dtype, self.zero_threshold),
                 self.release_threshold)  # current: a list of per-tensor codes
-            grad_norm = squares.sqrt()
             counts = counts.double()
         else:
-            flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) every tracked entry of this optimiser
+            flat = gather_selected(grads, selection)  # (N,) this rank's followed entries of this optimiser
             zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
             if flat.dtype not in (torch.float32, torch.float64):
                 flat = flat.float()
-            grad_norm = l2_norms(grads)  # (P,)
+            if scale is not None:  # still multiplied by the AMP loss scale (fused optimizer): compare unscaled
+                flat = flat * scale.to(flat.dtype)
+            squares = self._owned(l2_norms(grads).double().square(), tracked, device)  # (P,)
+            if scale is not None:
+                squares = squares * scale.square()
             current = current_codes(flat, zero_threshold, self.release_threshold)
             counts = counts_from_keys(key_histogram(state, current, sizes)) if log_now else None
-            sample = flat[index] if log_now else None
+            sample = self._sample(flat, selection) if log_now else None
         pending = _Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
                            step=trainer.global_step, epoch=trainer.current_epoch,
-                           finite=torch.isfinite(grad_norm).all(), grad_norm=grad_norm, sizes=sizes,
-                           before=torch.cat([p.reshape(-1) for p in params]))  # a copy
+                           finite=torch.isfinite(squares).all(), grad_norm=squares, sizes=sizes,
+                           before=gather_selected(params, selection), scale=scale)  # a copy
         if log_now:
             pending.has_previous = has_previous
             pending.counts = counts  # (P, 7)
@@ -353,9 +420,26 @@ class GradientDynamicsMonitor(ParameterProbe):
             pending.current = current
         self._pending[opt_index] = pending
 
+    def _owned(self, values: torch.Tensor, tracked: list[int], device: torch.device) -> torch.Tensor:
+        """``values`` (one per tracked tensor) with the tensors another rank contributes set to 0 (FSDP2)."""
+        if not self.sharded or all(self._layouts[i].owner for i in tracked):
+            return values
+        mask = torch.tensor([float(self._layouts[i].owner) for i in tracked], dtype=values.dtype, device=device)
+        return values * mask
+
+    @staticmethod
+    def _sample(flat: torch.Tensor, selection: EntrySelection) -> torch.Tensor:
+        """The sign-map columns of the step; under FSDP2 those this rank holds, zeros elsewhere (summed later)."""
+        values = flat[selection.sample_src]
+        if selection.sample_dst is None:
+            return values
+        return torch.zeros(selection.n_sample, dtype=flat.dtype, device=flat.device).index_copy_(
+            0, selection.sample_dst, values)
+
     def _compiled(self, tensors: list[torch.Tensor], kernel: FusedKernel) -> bool:
-        """Whether ``kernel`` runs compiled on ``tensors`` (all float32 or all float64; else the eager path)."""
-        if not kernel.active:
+        """Whether ``kernel`` runs compiled on ``tensors``: all float32 or all float64, every entry followed, one
+        process holding the whole tensors (else the eager path)."""
+        if not kernel.active or self.sharded or any(s is not None for s in self._subsets):
             return False
         dtype = tensors[0].dtype
         return dtype in (torch.float32, torch.float64) and all(t.dtype == dtype for t in tensors)
@@ -366,7 +450,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         pending = self._pending.pop(opt_index, None)
         if pending is None:
             return
-        params = [self._params[i].detach() for i in pending.tracked]
+        params = [local_tensor(self._params[i]).detach() for i in pending.tracked]
         before, pending.before = pending.before, None
         current, pending.current = pending.current, None
         state = None
@@ -379,16 +463,18 @@ class GradientDynamicsMonitor(ParameterProbe):
                 params, list(before.split(pending.sizes)), current, True)
             state = torch.cat(states) if pending.snapshot else None
             if pending.log:
-                pending.update_norm, pending.weight_norm = update_squares.sqrt(), weight_squares.sqrt()
+                pending.update_norm, pending.weight_norm = update_squares, weight_squares
         else:
-            after = torch.cat([p.reshape(-1) for p in params])
+            selection = self._selection_for(pending.tracked, before.device)
+            after = gather_selected(params, selection)
             if pending.snapshot:
                 if not isinstance(current, torch.Tensor):
                     current = torch.cat(current)
                 state = state_codes(current, after, before)
             if pending.log:
-                pending.update_norm = l2_norms(list((after - before).split(pending.sizes)))
-                pending.weight_norm = l2_norms(params)
+                pending.update_norm = l2_norms(list((after - before).split(pending.sizes))).double().square()
+                pending.weight_norm = self._owned(l2_norms(params).double().square(), pending.tracked,
+                                                  before.device)
         if pending.snapshot:
             self._previous[opt_index] = _Previous(state=state, finite=pending.finite, count=pending.count,
                                                   tracked=pending.tracked)
@@ -397,7 +483,7 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
         """A pending step whose post-step hook never ran was skipped (AMP found non-finite gradients)."""
-        for index in [opt_index] if opt_index is not None else list(self._pending):
+        for index in [opt_index] if opt_index is not None else sorted(self._pending):
             pending = self._pending.pop(index, None)
             if pending is None:
                 continue
@@ -407,7 +493,7 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.is_global_zero:
+        if self.computes(trainer):
             self._resolve_skipped(trainer)
 
     # -- records ------------------------------------------------------------------------------------
@@ -416,18 +502,24 @@ class GradientDynamicsMonitor(ParameterProbe):
         n_layers = len(tracked)
         device = pending.counts.device
         missing = torch.full((n_layers,), float("nan"), dtype=torch.float64, device=device)
-        flags = torch.stack([pending.finite, pending.previous_finite])
-        packed = torch.cat([  # everything the records need, in one transfer
-            pending.counts.reshape(-1),
+        not_finite = torch.stack([~pending.finite, ~pending.previous_finite])  # summed over ranks under FSDP2
+        packed = torch.cat([  # everything the records need: one all-reduce under FSDP2, one transfer
+            pending.counts.reshape(-1).double(),
             pending.grad_norm.double(),
             (missing if pending.update_norm is None else pending.update_norm).double(),
             (missing if pending.weight_norm is None else pending.weight_norm).double(),
-            flags.double(),
+            not_finite.double(),
             pending.sample.double(),
-        ]).cpu().numpy()
+        ])
+        if self.sharded:
+            packed = all_reduce_sum(packed)
+        if not trainer.is_global_zero:
+            return
+        packed = packed.cpu().numpy()
         sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
         counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
-        finite, previous_finite = bool(flags[0]), bool(flags[1])
+        grad_norm, update_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(update_norm), np.sqrt(weight_norm)
+        finite, previous_finite = flags[0] == 0, flags[1] == 0
         if not finite and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {pending.step}"
@@ -436,8 +528,8 @@ class GradientDynamicsMonitor(ParameterProbe):
         counts = counts.reshape(n_layers, len(COUNT_NAMES)).round().astype(np.int64)
         counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
         c = dict(zip(COUNT_NAMES, counts.T))
-        sizes = np.array([self._params[i].numel() for i in tracked] + [0], dtype=float)
-        sizes[-1] = sizes[:-1].sum()
+        sizes = np.array([self._selected_counts[i] for i in tracked] + [0], dtype=float)
+        sizes[-1] = sizes[:-1].sum()  # entries the counts are over (all, or the max_entries subsets)
         comparable = pending.has_previous and previous_finite and finite and not skipped
         with np.errstate(divide="ignore", invalid="ignore"):
             columns: dict[str, Any] = {"zero_count": c["zero"], "zero_fraction": c["zero"] / sizes}
@@ -448,6 +540,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             columns["sign_flip_fraction"] = c["flips"] / c["both_nonzero"] if comparable else nan
             columns["minima_crossings"] = c["minima"] if comparable else nan
             columns["maxima_crossings"] = c["maxima"] if comparable else nan
+            columns["sampled_entries"] = sizes
         for key, values in (("grad_norm", grad_norm), ("update_norm", nan[:-1] if skipped else update_norm),
                             ("weight_norm", weight_norm)):
             columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
@@ -466,7 +559,8 @@ class GradientDynamicsMonitor(ParameterProbe):
         self._accumulate_epoch(records[-1])
         self.write_records(trainer, records)
         if self.logger_due(trainer, pending.step):
-            self.log_scalars(trainer, self.scalars(records, (*keys, "grad_norm_ema", "weight_norm_ema")),
+            logged = [k for k in keys if k != "sampled_entries"]  # a constant: in the JSONL only
+            self.log_scalars(trainer, self.scalars(records, (*logged, "grad_norm_ema", "weight_norm_ema")),
                              pending.step)
 
     def _update_ema(self, name: str, record: dict[str, Any]) -> None:
@@ -488,7 +582,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         """Put a logged step's sign-map columns into the latest row (the epoch's row at its end)."""
         if self._latest_row is None:
             self._latest_row = np.full(self._n_columns, np.nan)
-        self._latest_row[self._sample_index_for(tracked, device)[1]] = sample
+        self._latest_row[self._selection_for(tracked, device).row] = sample
 
     # -- epoch and fit end --------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

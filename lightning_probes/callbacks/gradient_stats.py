@@ -13,9 +13,17 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe, check_positive_int
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
-from lightning_probes.functional.gradients import nonfinite_counts, norm_summary, stats_from_summary, total_summary
+from lightning_probes.functional.gradients import (
+    nonfinite_counts,
+    norm_summary,
+    partial_summary,
+    stats_from_summary,
+    summary_from_partials,
+    total_summary,
+)
 from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.plotting import grouped_bars
+from lightning_probes.sharding import all_reduce_max, all_reduce_sum, local_tensor
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,13 @@ class GradientStatsMonitor(ParameterProbe):
     ``__total__`` record (global norm over all tracked entries) to ``gradient_stats.jsonl``, and logs the same
     values as ``gradient_stats/<stat>/<layer>``. ``grad_abs_std`` is the population standard deviation of
     ``|g|``. All statistics are computed on the device; a logged step costs one device-to-host transfer.
+    Under AMP with an optimizer that unscales inside its own ``step`` (fused Adam), the gradients reach the hook
+    still multiplied by the loss scale: the statistics are divided by it (`loss_scale_inverse`).
+
+    Under FSDP2 (sharded ``DTensor`` parameters) the records are those of the full tensors: every rank sums
+    ``|g|`` and ``g**2`` and takes ``max |g|`` over its local shard, and two all-reduces (one sum of a stacked
+    tensor, one max) per step the probe reads gradients combine them; the mean, std (from the sums, in float64)
+    and norm follow. Histograms need the full gradients and are refused there.
 
     It also accumulates the mean and std of ``|g|`` per layer, pooled over all entries of the first ``window``
     optimiser steps of training and of the last ``window`` steps of the final epoch, and at the end of fit
@@ -98,6 +113,7 @@ class GradientStatsMonitor(ParameterProbe):
         # Headline metrics (global rank 0), see `on_train_epoch_end`: (epoch, non-finite entries counted in it).
         self._nonfinite_count: tuple[int, int] = (-1, 0)
         self._last_total_norm: Optional[float] = None
+        self._owned: dict[tuple[tuple[int, ...], torch.device], Optional[torch.Tensor]] = {}
         self.compile = bool(compile)
         self._kernel = FusedKernel(fused_abs_summary, enabled=self.compile, name=f"{type(self).__name__} summary")
 
@@ -123,9 +139,18 @@ class GradientStatsMonitor(ParameterProbe):
         self._nonfinite_count = (int(epoch), int(count))
         self._last_total_norm = state_dict.get("last_total_norm")
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._may_shard and self.histogram_every_n_steps is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot send gradient histograms under {type(trainer.strategy).__name__}: a "
+                f"histogram needs the full gradient, and the parameters may be sharded. Set "
+                f"`histogram_every_n_steps=None` (got {self.histogram_every_n_steps}).")
+
     def _select(self, pl_module: pl.LightningModule) -> None:
         super()._select(pl_module)
         self._window_index = {}
+        self._owned = {}
 
     def _windows_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The first/last window sums, ``(P, 3)`` float64 on ``device``: allocated at the first use, restored
@@ -163,7 +188,7 @@ class GradientStatsMonitor(ParameterProbe):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not trainer.is_global_zero:
+        if not self.computes(trainer):
             return
         opt_index, tracked = self._tracked_for(trainer, optimizer)
         count = self._next_step(opt_index)
@@ -176,31 +201,52 @@ class GradientStatsMonitor(ParameterProbe):
         tracked = [i for i in tracked if self._params[i].grad is not None]
         if not tracked:
             return
-        grads = [self._params[i].grad for i in tracked]
-        summary = self._summary(grads)  # (P, 3) on the device: sum|g|, ||g||_2, max|g|
+        grads = [local_tensor(self._params[i].grad) for i in tracked]  # this rank's shards under FSDP2
+        sizes = [self._params[i].numel() for i in tracked]  # entries of the full tensors
+        summary = self._summary(tracked, grads)  # (P, 3) on the device: sum|g|, ||g||_2, max|g|
+        inverse = self.loss_scale_inverse(trainer, optimizer)
+        if inverse is not None:  # still scaled by the AMP GradScaler (fused optimizer): every column is linear
+            summary = summary.double() * inverse
         if in_first or in_last:
-            self._accumulate_windows(tracked, grads, summary, in_first, in_last)
+            self._accumulate_windows(tracked, sizes, summary, in_first, in_last)
         if log_now:
-            self._log_step(trainer, opt_index, tracked, grads, summary)
+            self._log_step(trainer, opt_index, tracked, grads, sizes, summary)
         if histogram:
-            self._log_histograms(trainer, tracked, grads)
+            self._log_histograms(trainer, tracked, grads, inverse)
 
-    def _summary(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """`norm_summary` of ``grads``: compiled when asked and all are float32 or all float64."""
+    def _summary(self, tracked: list[int], grads: list[torch.Tensor]) -> torch.Tensor:
+        """`norm_summary` of the full tensors: of ``grads`` themselves (compiled when asked and all float32 or
+        all float64), or under FSDP2 combined from every rank's `partial_summary` (two all-reduces)."""
+        if self.sharded:
+            partial = partial_summary(grads)  # (P, 3) float64 over the local shards
+            owned = self._owned_rows(tracked, partial.device)
+            if owned is not None:
+                partial = partial * owned
+            sums = all_reduce_sum(partial[:, :2].contiguous())
+            maxima = all_reduce_max(partial[:, 2].contiguous())
+            return summary_from_partials(sums, maxima)
         dtype = grads[0].dtype
         if (self._kernel.active and dtype in (torch.float32, torch.float64)
                 and all(g.dtype == dtype for g in grads)):
             return self._kernel([g.detach() for g in grads])
         return norm_summary(grads)
 
-    def _accumulate_windows(self, tracked: list[int], grads: list[torch.Tensor], summary: torch.Tensor,
+    def _owned_rows(self, tracked: list[int], device: torch.device) -> Optional[torch.Tensor]:
+        """``(P, 1)`` 1/0 mask of the tensors whose partial sums this rank contributes (``None``: all of them)."""
+        key = (tuple(tracked), device)
+        if key not in self._owned:
+            owners = [self._layouts[i].owner for i in tracked]
+            self._owned[key] = None if all(owners) else torch.tensor(
+                [[float(o)] for o in owners], dtype=torch.float64, device=device)
+        return self._owned[key]
+
+    def _accumulate_windows(self, tracked: list[int], sizes: list[int], summary: torch.Tensor,
                             in_first: bool, in_last: bool) -> None:
         first, last = self._windows_on(summary.device)
         key = (tuple(tracked), summary.device)
         if key not in self._window_index:
             self._window_index[key] = (torch.tensor(tracked, device=summary.device),
-                                       torch.tensor([g.numel() for g in grads], dtype=torch.float64,
-                                                    device=summary.device))
+                                       torch.tensor(sizes, dtype=torch.float64, device=summary.device))
         index, numel = self._window_index[key]
         rows = torch.stack([summary[:, 0].double(), summary[:, 1].double().square(), numel], dim=1)  # (P', 3)
         finite = torch.isfinite(rows).all(dim=1, keepdim=True)  # a non-finite step is left out, without a sync
@@ -211,13 +257,19 @@ class GradientStatsMonitor(ParameterProbe):
             last.index_add_(0, index, rows)
 
     def _log_step(self, trainer: pl.Trainer, opt_index: int, tracked: list[int], grads: list[torch.Tensor],
-                  summary: torch.Tensor) -> None:
+                  sizes: list[int], summary: torch.Tensor) -> None:
         summary = torch.cat([summary.double(), total_summary(summary)]).cpu()  # the one transfer
-        numel = torch.tensor([g.numel() for g in grads] + [sum(g.numel() for g in grads)])
+        numel = torch.tensor([*sizes, sum(sizes)])
         stats = stats_from_summary(summary, numel)
         nonfinite = torch.zeros(len(tracked) + 1, dtype=torch.int64)
-        if not torch.isfinite(summary).all():
-            counts = nonfinite_counts(grads).cpu()
+        if not torch.isfinite(summary).all():  # the same on every rank under FSDP2: all of them count
+            counts = nonfinite_counts(grads)
+            if self.sharded:
+                owned = self._owned_rows(tracked, counts.device)
+                if owned is not None:
+                    counts = counts * owned[:, 0].long()
+                counts = all_reduce_sum(counts)
+            counts = counts.cpu()
             nonfinite = torch.cat([counts, counts.sum().view(1)])
             epoch, seen = self._nonfinite_count
             seen = seen if epoch == trainer.current_epoch else 0
@@ -227,6 +279,8 @@ class GradientStatsMonitor(ParameterProbe):
                 rank_zero_warn(f"GradientStatsMonitor {self.name!r}: non-finite gradients at step "
                                f"{trainer.global_step} ({int(counts.sum())} entries); they are counted in "
                                f"`nonfinite` (warned once).")
+        if not trainer.is_global_zero:
+            return
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = self._base_record(trainer, opt_index)
         keys = list(stats)
@@ -244,13 +298,15 @@ class GradientStatsMonitor(ParameterProbe):
         if self.logger_due(trainer, trainer.global_step):
             self.log_scalars(trainer, self.scalars(records, (*keys, "nonfinite")), trainer.global_step)
 
-    def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor]) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, tracked: list[int], grads: list[torch.Tensor],
+                        inverse: Optional[torch.Tensor]) -> None:
         for logger in trainer.loggers:
             add_histogram = getattr(getattr(logger, "experiment", None), "add_histogram", None)
             if callable(add_histogram):
                 for i, grad in zip(tracked, grads):
-                    add_histogram(f"{self.name}/histogram/{self._names[i]}", grad.detach().float().cpu(),
-                                  trainer.global_step)
+                    values = grad.detach().float()
+                    values = values * inverse.float() if inverse is not None else values
+                    add_histogram(f"{self.name}/histogram/{self._names[i]}", values.cpu(), trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every rank calls `publish` (rank 0's values are broadcast): only rank 0 computes the statistics.

@@ -61,8 +61,10 @@ from lightning_probes.functional.gradients import (
     l2_norms,
     nonfinite_counts,
     norm_summary,
+    partial_summary,
     stats_from_summary,
     summary_dtype,
+    summary_from_partials,
     total_summary,
 )
 from lightning_probes.functional.linear_probes import fit_linear_probe, linear_probe_features
@@ -192,6 +194,7 @@ __all__ = [
     "one_hot_to_index",
     "overfitting_start",
     "pareto_front",
+    "partial_summary",
     "pca_map",
     "per_epoch_mean_std",
     "prediction_terms",
@@ -209,6 +212,7 @@ __all__ = [
     "stats_from_summary",
     "student_t_interval",
     "summary_dtype",
+    "summary_from_partials",
     "threshold_level",
     "thresholded_confusion",
     "total_summary",

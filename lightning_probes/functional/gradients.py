@@ -42,6 +42,43 @@ def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def partial_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(P, 3)`` float64 partial sums ``[sum |g|, sum g^2, max |g|]`` per tensor, to be combined across shards.
+
+    The sums add over the shards of a tensor and the maxima combine by ``max`` (0 for an empty shard, the
+    identity for magnitudes), so the full tensor's `norm_summary` is ``[sum, sqrt(sum of squares), max]`` of the
+    combined rows (`summary_from_partials`). Reductions run in `summary_dtype` like `norm_summary`.
+
+    Example:
+        >>> partial_summary([torch.tensor([3.0, -4.0]), torch.zeros(0)]).tolist()
+        [[7.0, 25.0, 4.0], [0.0, 0.0, 0.0]]
+    """
+    if len(tensors) == 0:
+        raise ValueError("Expected at least one tensor, but got none")
+    dtype = summary_dtype(tensors)
+    rows = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        if flat.numel() == 0:
+            rows.append(torch.zeros(3, dtype=dtype, device=flat.device))
+            continue
+        magnitude = flat.abs()
+        rows.append(torch.stack([magnitude.sum(), torch.dot(flat, flat), magnitude.amax()]))
+    return torch.stack(rows).double()
+
+
+def summary_from_partials(sums: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
+    """The `norm_summary` rows ``(P, 3)`` of full tensors from combined `partial_summary` columns.
+
+    Args:
+        sums: ``(P, 2)`` ``[sum |g|, sum g^2]`` summed over the shards.
+        maxima: ``(P,)`` ``max |g|`` over the shards.
+    """
+    return torch.stack([sums[:, 0], sums[:, 1].sqrt(), maxima], dim=1)
+
+
 def l2_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor as a ``(P,)`` tensor of dtype `summary_dtype`, in one fused pass, on the device.
 

@@ -1,0 +1,92 @@
+"""The gradient probes under FSDP2 (2 CPU processes, gloo) report what the same model reports under DDP.
+
+Each run is a script in its own process group, killed whole after a timeout: a collective entered by one rank
+only would otherwise hang the suite (the other rank keeps the port).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import read
+
+ROOT = Path(__file__).parents[2]
+TIMEOUT = 300
+GRADIENT_PROBES = ["gradient_stats", "gradient_dynamics", "gradient_dynamics_sampled", "gradient_stats_every_3"]
+
+
+def run(out: Path, kind: str, probes: list[str]) -> Path:
+    """Run ``tests/fsdp_run.py`` in a new session; on timeout kill its whole process group and fail."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fsdp_run.py"), str(out), kind, ",".join(probes)],
+                            env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the {kind} run did not finish in {TIMEOUT} s (a collective some rank never entered?):\n"
+                    f"{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    return out
+
+
+def _same(a, b, key):
+    if a is None or b is None or isinstance(a, (bool, str)):
+        assert a == b, key
+    else:
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9), key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp")
+    return run(base / "ddp", "ddp", GRADIENT_PROBES), run(base / "fsdp2", "fsdp2", GRADIENT_PROBES)
+
+
+@pytest.mark.parametrize("name", GRADIENT_PROBES)
+def test_fsdp2_records_equal_the_ddp_records(runs, name):
+    ddp, fsdp = (read(out / f"{name}.jsonl") for out in runs)
+    assert len(ddp) == len(fsdp) > 0
+    assert [(r["step"], r["layer"]) for r in ddp] == [(r["step"], r["layer"]) for r in fsdp]  # model's own names
+    assert {r["layer"] for r in fsdp} == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias",
+                                          "net.5.weight", "net.5.bias", "__total__"}
+    for a, b in zip(ddp, fsdp):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key], (name, a["step"], a["layer"], key))
+    if name.startswith("gradient_dynamics"):
+        assert any(r["sign_flip_fraction"] for r in fsdp)  # the comparison ran, not only zeros
+        assert any(r["has_previous"] for r in fsdp)
+
+
+def test_fsdp2_headlines_and_files_equal_ddp(runs):
+    import json
+
+    ddp, fsdp = runs
+    flows = [json.loads((out / "gradient_stats" / "gradient_flow.json").read_text()) for out in runs]
+    for window in ("first", "last"):
+        for stat in ("mean", "std"):
+            assert flows[1][window][stat] == pytest.approx(flows[0][window][stat], rel=1e-5)
+    metrics = [json.loads((fsdp / f"callback_metrics_rank{r}.json").read_text()) for r in (0, 1)]
+    reference = json.loads((ddp / "callback_metrics_rank0.json").read_text())
+    for key in ("gradient_stats/grad_norm/__total__", "gradient_dynamics/epoch_mean_sign_flip_fraction/__total__"):
+        assert metrics[0][key] == metrics[1][key] == pytest.approx(reference[key], rel=1e-5), key
+    assert not list(fsdp.glob("*.20*.jsonl"))  # one writer
+
+
+def test_sampled_records_follow_max_entries(runs):
+    records = read(runs[1] / "gradient_dynamics_sampled.jsonl")
+    sampled = {r["layer"]: r["sampled_entries"] for r in records}
+    assert sampled["net.1.weight"] == 7 and sampled["net.1.bias"] == 7 and sampled["net.5.bias"] == 7
+    assert sampled["__total__"] == 6 * 7
+    for r in records:
+        assert 0 <= r["zero_count"] <= 7 * (6 if r["layer"] == "__total__" else 1)
