@@ -300,7 +300,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             f"{type(self).__name__} {self.name!r}: follows {followed:,} of {sum(p.numel() for p in self._params):,} "
             f"gradient entries; memory: {megabytes(followed)} between steps (one byte per followed entry), about "
             f"{megabytes(followed * bytes_per_entry(itemsize))} at the peak of a compared step (state, codes, the "
-            f"weights' and gradients' copies), across all ranks together under FSDP2.")
+            f"weights' and gradients' copies; under FSDP2 shared among the ranks).")
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         super()._select(pl_module)

@@ -316,3 +316,88 @@ def test_compile_failure_runs_eagerly(tmp_path, monkeypatch):
         assert (r["zero_count"], r["minima_crossings"], r["maxima_crossings"]) == (
             ref["zero_count"], ref["minima_crossings"], ref["maxima_crossings"])
         assert r["sign_flip_fraction"] == pytest.approx(ref["sign_flip_fraction"], rel=1e-9)
+
+
+def test_max_entries_follows_a_fixed_seeded_subset(tmp_path):
+    """With ``max_entries`` the counts, fractions and update norm are those of the NumPy reference on the subset
+    (the same subset at every step), norms that need no state those of the whole tensors."""
+    from lightning_probes.callbacks._entries import draw_subsets
+
+    recorder = GradRecorder()
+    probe = GradientDynamicsMonitor(every_n_steps=2, max_entries=20, seed=3, release_threshold=1e-3,
+                                    output_dir=str(tmp_path))
+    model = small_mlp(momentum=0.9, lr=0.2)
+    names = [n for n, _ in model.named_parameters()]
+    numels = [p.numel() for _, p in model.named_parameters()]
+    trainer(tmp_path, [recorder, probe], max_epochs=1).fit(model, RandomDataModule())
+    subsets = dict(zip(names, draw_subsets(numels, 20, 3)))
+    assert all(len(s) == 20 for n, s in subsets.items() if s is not None)
+    assert sum(s is None for s in subsets.values()) == sum(n <= 20 for n in numels) > 0
+
+    def on_subset(step):
+        out = {}
+        for key in ("grads", "before", "after"):
+            out[key] = {n: (v.reshape(-1) if subsets[n] is None else v.reshape(-1)[torch.from_numpy(
+                subsets[n].astype(np.int64))]) for n, v in step[key].items()}
+        return out
+
+    steps = recorder.by_step()
+    records = read(tmp_path / "gradient_dynamics.jsonl")
+    checked = 0
+    for r in records:
+        full = numels[names.index(r["layer"])] if r["layer"] != "__total__" else sum(numels)
+        expected = (min(full, 20) if r["layer"] != "__total__" else sum(min(n, 20) for n in numels))
+        assert r["sampled_entries"] == expected
+        if not r["has_previous"]:
+            continue
+        ref = _reference(on_subset(steps[r["step"] - 1]), on_subset(steps[r["step"]]), r["layer"], rel_thr=1e-3)
+        whole = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
+        for key in ("zero_count", "minima_crossings", "maxima_crossings"):
+            assert r[key] == ref[key], (r["step"], r["layer"], key)
+        assert r["zero_fraction"] == pytest.approx(ref["zero_count"] / expected)
+        for key in ("sign_flip_fraction", "released_fraction", "update_norm"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-12), (r["step"], r["layer"], key)
+        for key in ("grad_norm", "weight_norm"):  # no state needed: over the whole tensors
+            assert r[key] == pytest.approx(whole[key], rel=1e-5), (r["step"], r["layer"], key)
+        checked += 1
+    assert checked == 2 * 12  # steps 2 and 4 compare with 1 and 3; 11 tensors and the total
+
+
+def test_auto_max_entries_rule(monkeypatch):
+    """``max_entries='auto'``: every entry below the threshold; above it, the largest cap within 10% of the
+    parameters' memory at about 11 bytes per followed float32 entry, said in one info line."""
+    from lightning_probes.callbacks import gradient_dynamics
+    from lightning_probes.callbacks._entries import auto_max_entries, bytes_per_entry
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        numels = rng.integers(1, 5000, size=rng.integers(1, 30)).tolist()
+        cap = auto_max_entries(numels, itemsize=4)
+        budget = 0.1 * 4 * sum(numels)
+        assert sum(min(n, cap) for n in numels) * bytes_per_entry(4) <= budget or cap == 1
+        if cap < max(numels):
+            assert sum(min(n, cap + 1) for n in numels) * bytes_per_entry(4) > budget
+    assert bytes_per_entry(4) == 11
+
+    model = small_mlp()
+    probe = GradientDynamicsMonitor()
+    probe._select(model)
+    assert probe._selected_counts == [p.numel() for p in model.parameters()]  # small: everything followed
+    monkeypatch.setattr(gradient_dynamics, "_AUTO_ABOVE", 100)
+    messages = []
+    monkeypatch.setattr(gradient_dynamics, "rank_zero_info", messages.append)
+    probe._select(model)
+    probe._select(model)  # selected again at the start of training: said once
+    cap = auto_max_entries([p.numel() for p in model.parameters()], 4)
+    assert probe._selected_counts == [min(p.numel(), cap) for p in model.parameters()]
+    assert cap < 300 and len(messages) == 1 and f"following at most {cap:,} seeded entries per tensor" in messages[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_entries": 0}, "`max_entries` to be a positive integer, None .* or 'auto', but got 0"),
+    ({"max_entries": "all"}, "`max_entries`.*but got 'all'"),
+    ({"seed": -1}, "`seed` to be a non-negative integer, but got -1"),
+])
+def test_bad_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientDynamicsMonitor(**kwargs)
