@@ -16,12 +16,21 @@ def summary_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+#: On CPU, tensors of at most this many entries on average go through the multi-tensor (``torch._foreach_*``)
+#: path, larger ones through a loop of plain reductions (measured, 1 thread: a 147-tensor transformer of 605k
+#: entries 1.97 ms foreach vs 2.47 ms loop; an 8-tensor MLP of 243k entries 0.34 ms foreach vs 0.22 ms loop).
+FOREACH_CPU_MEAN_NUMEL = 16384
+
+
 def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``[sum |g|, ||g||_2, max |g|]`` of each tensor into a ``(len(tensors), 3)`` tensor.
 
-    Three reductions per tensor, in float32 (low-precision gradients are upcast first; float64 gradients stay
-    float64, see `summary_dtype`), all on the tensors' device: no host synchronisation. (On CPU this loop is
-    ~3x faster than three ``torch._foreach_norm`` calls, whose infinity norm is slow there.)
+    All on the tensors' device, no host synchronisation, in float32 (low-precision gradients are upcast inside
+    the reductions; float64 gradients stay float64, see `summary_dtype`). On an accelerator it takes a constant
+    number of multi-tensor kernels whatever the tensor count (``torch._foreach_abs``, ``_foreach_norm``,
+    ``_foreach_max``). On CPU, where those ops loop over the tensors anyway, the same multi-tensor path is used
+    for many small tensors and a loop of three reductions per tensor for fewer, larger ones
+    (`FOREACH_CPU_MEAN_NUMEL`, the faster of the two as measured).
 
     Args:
         tensors: Gradient tensors of any shape and floating dtype, all on one device.
@@ -32,9 +41,19 @@ def norm_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(tensors) == 0:
         raise ValueError("Expected at least one tensor, but got none")
     dtype = summary_dtype(tensors)
+    tensors = [t.detach() for t in tensors]
+    mean_numel = sum(t.numel() for t in tensors) / len(tensors)
+    same_dtype = all(t.dtype == tensors[0].dtype for t in tensors)
+    if same_dtype and all(t.numel() > 0 for t in tensors) and (
+            tensors[0].device.type != "cpu" or mean_numel <= FOREACH_CPU_MEAN_NUMEL):
+        magnitudes = torch._foreach_abs(tensors)
+        sums = torch._foreach_norm(magnitudes, 1, dtype=dtype)
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+        maxima = torch._foreach_max(magnitudes)
+        return torch.stack([torch.stack(sums), torch.stack(norms), torch.stack(maxima).to(dtype)], dim=1)
     rows = []
     for tensor in tensors:
-        flat = tensor.detach().reshape(-1)
+        flat = tensor.reshape(-1)
         if flat.dtype != dtype:
             flat = flat.to(dtype)
         magnitude = flat.abs()

@@ -200,3 +200,17 @@ def test_fused_kernel_falls_back_to_eager_once(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "Could not compile doubler (RuntimeError: no compiler here); running it eagerly."]
     assert FusedKernel(lambda x: x, enabled=False).active is False
+
+
+def test_offset_key_histogram_equals_one_histogram_per_segment():
+    """The accelerator path (one histc over keys offset by segment) counts what one bincount per segment does."""
+    from lightning_probes.functional._fused import key_histogram, offset_key_histogram
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [5, 300, 1, 77, 12]
+    state = torch.randint(0, 27, (sum(sizes),), dtype=torch.int8, generator=g)
+    current = torch.randint(0, 9, (sum(sizes),), dtype=torch.int8, generator=g)
+    per_segment = key_histogram(state, current, sizes)  # CPU: one bincount per segment
+    keys = (current * 27 + state).view(torch.uint8)
+    assert torch.equal(offset_key_histogram(keys, sizes), per_segment)
+    assert per_segment.sum(dim=1).tolist() == sizes

@@ -87,3 +87,37 @@ def test_fused_abs_summary_matches_norm_summary(dtype):
     assert fused.dtype == dtype and fused.shape == (2, 3)
     torch.testing.assert_close(fused, norm_summary(tensors), rtol=1e-6 if dtype == torch.float32 else 1e-12,
                                atol=0)
+
+
+@pytest.mark.parametrize("sizes", [[(300, 200), (5,)], [(7, 3)] * 40])
+def test_both_summary_paths_match_numpy(sizes, monkeypatch):
+    """The multi-tensor (foreach) path and the per-tensor loop give the NumPy values, whichever is chosen."""
+    from lightning_probes.functional import gradients
+
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(*s, generator=g) for s in sizes]
+    reference = np.array([[np.abs(t.numpy()).sum(), np.linalg.norm(t.numpy()), np.abs(t.numpy()).max()]
+                          for t in tensors])
+    for threshold in (0, 10**9):  # 0: always the loop on CPU; 10**9: always foreach
+        monkeypatch.setattr(gradients, "FOREACH_CPU_MEAN_NUMEL", threshold)
+        np.testing.assert_allclose(norm_summary(tensors).numpy(), reference, rtol=1e-5)
+        half = [t.to(torch.bfloat16) for t in tensors]
+        bf16 = np.array([[np.abs(h.float().numpy()).sum(), np.linalg.norm(h.float().numpy()),
+                          np.abs(h.float().numpy()).max()] for h in half])
+        summary = norm_summary(half)
+        assert summary.dtype == torch.float32
+        np.testing.assert_allclose(summary.numpy(), bf16, rtol=1e-5)
+
+
+def test_partial_sums_of_shards_give_the_full_summary():
+    """Row blocks of a tensor (FSDP2's dim-0 shards, one empty) combine exactly into the whole tensor's summary."""
+    from lightning_probes.functional.gradients import partial_summary, summary_from_partials
+
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randn(9, 4, generator=g), torch.randn(3, generator=g)]
+    shards = [[full[0][:5], full[1][:3]], [full[0][5:], full[1][3:]]]  # the second rank holds none of the bias
+    partials = [partial_summary(s) for s in shards]
+    sums = partials[0][:, :2] + partials[1][:, :2]
+    maxima = torch.maximum(partials[0][:, 2], partials[1][:, 2])
+    np.testing.assert_allclose(summary_from_partials(sums, maxima).numpy(), norm_summary(full).double().numpy(),
+                               rtol=1e-6)
