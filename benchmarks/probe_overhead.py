@@ -1,4 +1,5 @@
-"""Overhead of the gradient probes on the MNIST MLP (random MNIST-shaped data), against a bare run.
+"""Overhead of the gradient probes on the MNIST MLP (random MNIST-shaped data) or a 12-block transformer (random
+tokens), against a bare run.
 
 Every configuration runs in this one process, twice per repeat: ``--steps`` optimiser steps (long) and
 ``--short-steps`` (short). The runs are interleaved (each repeat runs every configuration and length once, in a
@@ -15,28 +16,90 @@ The table shows, per configuration:
   kernels took in the first run of the process (later runs reuse the graphs);
 - the most bytes a probe holds between steps, and per tracked entry.
 
-Configurations ``+compile`` run the probes with ``compile=True``. The machine may be shared: read the ratios as
-medians of interleaved repeats, not as exact figures.
+Configurations ``+compile`` run the probes with ``compile=True``. With ``--baseline SRC`` (a source tree of an
+older version, e.g. ``git archive <commit> lightning_probes | tar -x -C SRC``) every configuration also runs with
+that version's probes (``old:`` rows) in the same process, interleaved with the others: before/after side by side.
+Every run writes into its own directory under ``--output`` (default: a temporary directory). ``--smoke`` runs the
+smallest setting (seconds). The machine may be shared: read the ratios as medians of interleaved repeats, not as
+exact figures.
 
-    python benchmarks/probe_overhead.py --steps 150 --repeats 5 --every 1 50 --no-tensorboard
+    python benchmarks/probe_overhead.py --threads 1 --steps 150 --repeats 5 --every 1 50 --no-tensorboard
+    python benchmarks/probe_overhead.py --model transformer --threads 1 --steps 120 --every 1 50 --baseline SRC
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import random
 import statistics
+import sys
 import time
 import warnings
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from _common import add_output_argument, output_dir
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_probes import GradientDynamicsMonitor, GradientStatsMonitor
+import lightning_probes
 from lightning_probes.models import MLP
+
+#: The probe classes of each version: "" (this tree) and, with --baseline, "old".
+PROBES: dict[str, tuple[Any, Any]] = {"": (lightning_probes.GradientStatsMonitor,
+                                           lightning_probes.GradientDynamicsMonitor)}
+
+
+def load_baseline(source: str) -> None:
+    """Import the probes of another source tree (``SRC/lightning_probes``) beside this tree's, as ``old``."""
+    if not os.path.isdir(os.path.join(source, "lightning_probes")):
+        raise SystemExit(f"--baseline {source!r}: expected a directory holding lightning_probes/")
+    saved = {k: v for k, v in sys.modules.items() if k == "lightning_probes" or k.startswith("lightning_probes.")}
+    for key in saved:
+        del sys.modules[key]
+    sys.path.insert(0, os.path.abspath(source))
+    try:
+        old = importlib.import_module("lightning_probes")
+        PROBES["old"] = (old.GradientStatsMonitor, old.GradientDynamicsMonitor)
+    finally:
+        sys.path.pop(0)
+        for key in [k for k in sys.modules if k == "lightning_probes" or k.startswith("lightning_probes.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+class TinyTransformer(pl.LightningModule):
+    """12 pre-norm-free encoder blocks, d_model 64, 4 heads, feed-forward 128, vocabulary 100: 147 parameter
+    tensors, 414,564 parameters; predicts each next token of a random sequence."""
+
+    def __init__(self, vocab: int = 100, d_model: int = 64, layers: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        block = nn.TransformerEncoderLayer(d_model, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]  # (batch, tokens)
+        logits = self.head(self.blocks(self.embed(tokens[:, :-1])))  # (batch, tokens - 1, vocab)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def make_model(kind: str) -> pl.LightningModule:
+    return TinyTransformer() if kind == "transformer" else MLP()
+
+
+def make_data(kind: str, n: int) -> TensorDataset:
+    if kind == "transformer":
+        return TensorDataset(torch.randint(0, 100, (n, 33)))  # 32 input tokens and their successors
+    return TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
 
 
 class StepTimer(pl.Callback):
@@ -92,19 +155,23 @@ def _time_hooks(probe, timer: StepTimer) -> None:
         setattr(probe, name, wrapper)
 
 
-#: Targets of issue 13 for both gradient probes: (every_n_steps, most ratio to the bare step).
-TARGETS = {1: 1.10, 50: 1.02}
+#: Targets of issue 22 for both gradient probes: (model, every_n_steps, compiled) -> most ratio to the bare step.
+TARGETS = {("mlp", 1, False): 1.30, ("mlp", 1, True): 1.15, ("transformer", 1, False): 1.15,
+           ("mlp", 50, False): 1.02, ("transformer", 50, False): 1.02}
+_RUN_IDS = iter(range(10**9))
 
 
 def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data: TensorDataset, tb: bool,
-        root: str) -> StepTimer:
-    kind, _, option = config.partition("+")
-    options = {"compile": True} if option == "compile" else {}
+        root: str, model: str = "mlp") -> StepTimer:
+    version, _, config_name = config.rpartition(":")
+    kind, _, option = config_name.partition("+")
+    options = {"compile": option == "compile"}
+    stats_class, dynamics_class = PROBES[version]
     probes = []
     if kind in ("stats", "both"):
-        probes.append(GradientStatsMonitor(every_n_steps=every, **options))
+        probes.append(stats_class(every_n_steps=every, **options))
     if kind in ("dynamics", "both"):
-        probes.append(GradientDynamicsMonitor(every_n_steps=every, **options))
+        probes.append(dynamics_class(every_n_steps=every, **options))
     timer = StepTimer(warmup)
     for probe in probes:
         _time_hooks(probe, timer)
@@ -118,13 +185,15 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
                 timer.epoch_end_seconds += time.perf_counter() - start
 
         probe.on_train_epoch_end = epoch_end
-    logger = pl.loggers.TensorBoardLogger(root, name=f"{config}_every{every}") if tb else False
+    # Every run in a directory of its own: no run finds (and moves aside) an earlier run's files.
+    run_dir = os.path.join(root, f"{config.replace(':', '_')}_every{every}_{steps}steps_{next(_RUN_IDS)}")
+    logger = pl.loggers.TensorBoardLogger(run_dir, name="tb") if tb else False
     trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir,
                          callbacks=[timer, *probes], accelerator="cpu", log_every_n_steps=50)
     torch.manual_seed(0)
     start = time.perf_counter()
-    trainer.fit(MLP(), DataLoader(data, batch_size=batch_size, shuffle=True))
+    trainer.fit(make_model(model), DataLoader(data, batch_size=batch_size, shuffle=True))
     timer.fit_seconds = time.perf_counter() - start
     timer.compile_seconds = sum(getattr(p, "compile_seconds", 0.0) for p in probes)
     return timer
@@ -132,10 +201,16 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
+                        help="the MNIST MLP (8 tensors) or a 12-block transformer (147 tensors, batch 16)")
+    parser.add_argument("--baseline", default=None, metavar="SRC",
+                        help="also run the probes of the source tree SRC (holding lightning_probes/) as 'old:' rows")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest setting (seconds): 14 and 12 steps, 1 repeat, every 1, eager, no logger")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (MLP) or 16 (transformer)")
     parser.add_argument("--every", type=int, nargs="+", default=[1, 4, 16, 50])
     parser.add_argument("--no-tensorboard", action="store_true", help="run without a logger")
     parser.add_argument("--short-steps", type=int, default=None,
@@ -147,6 +222,13 @@ def main() -> None:
                         help="torch.set_num_threads for every run (default: PyTorch's default)")
     add_output_argument(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.short_steps, args.warmup, args.repeats, args.every = 14, 12, 2, 1, [1]
+        args.compile, args.no_tensorboard = "off", True
+    if args.batch_size is None:
+        args.batch_size = 16 if args.model == "transformer" else 128
+    if args.baseline:
+        load_baseline(args.baseline)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -160,9 +242,11 @@ def measure(args: argparse.Namespace, root: str) -> None:
     if not args.warmup + 2 <= short < args.steps:
         raise SystemExit(f"need warmup + 2 <= short steps ({short}) < steps ({args.steps})")
     n = args.batch_size * args.steps
-    data = TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
+    data = make_data(args.model, n)
     kinds = {"off": ["stats", "dynamics", "both"], "on": ["stats+compile", "dynamics+compile", "both+compile"],
              "both": ["stats", "dynamics", "both", "both+compile"]}[args.compile]
+    if "old" in PROBES:  # before/after side by side: the old version's "both" rows beside this one's
+        kinds = kinds + [f"old:{k}" for k in kinds if k.startswith("both")]
     configs = [("bare", 0)] + [(c, e) for e in args.every for c in kinds]
     lengths = (args.steps, short)
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
@@ -178,7 +262,8 @@ def measure(args: argparse.Namespace, root: str) -> None:
         order = [(c, s) for c in configs for s in lengths]
         rng.shuffle(order)
         for config, steps in order:
-            timer = run(*config, steps, args.warmup, args.batch_size, data, not args.no_tensorboard, root)
+            timer = run(*config, steps, args.warmup, args.batch_size, data, not args.no_tensorboard, root,
+                        args.model)
             fits[config, steps].append(timer.fit_seconds)
             compile_first.setdefault(config, timer.compile_seconds)
             if steps != args.steps:
@@ -191,12 +276,14 @@ def measure(args: argparse.Namespace, root: str) -> None:
             held[config] = timer.held_bytes
     bare = times[("bare", 0)]
     bare_step = statistics.median(bare)
-    entries = sum(p.numel() for p in MLP().parameters())
+    model = make_model(args.model)
+    entries = sum(p.numel() for p in model.parameters())
 
     def marginal(config: tuple[str, int], repeat: int) -> float:
         return (fits[config, args.steps][repeat] - fits[config, short][repeat]) / (args.steps - short)
 
-    print(f"MLP ({entries:,} parameters), batch {args.batch_size}, {args.steps} (long) and {short} (short) steps x "
+    print(f"{type(model).__name__} ({entries:,} parameters, {len(list(model.parameters()))} tensors), "
+          f"batch {args.batch_size}, {args.steps} (long) and {short} (short) steps x "
           f"{args.repeats} repeats, {torch.get_num_threads()} threads, "
           f"logger: {'TensorBoard' if not args.no_tensorboard else 'none'}")
     bare_marginal = statistics.median(marginal(("bare", 0), r) for r in range(args.repeats))
@@ -216,7 +303,8 @@ def measure(args: argparse.Namespace, root: str) -> None:
         extra = [marginal(config, r) - marginal(("bare", 0), r) for r in range(args.repeats)]
         one_off = [fits[config, short][r] - fits[("bare", 0), short][r] - short * extra[r]
                    for r in range(args.repeats)]
-        target = TARGETS.get(config[1]) if config[0].startswith("both") else None
+        target = TARGETS.get((args.model, config[1], "compile" in config[0])) \
+            if config[0].startswith("both") else None
         print(f"| {config[0]} | {config[1]} | {statistics.median(ratios):.3f}x | "
               f"{statistics.median(cpu_ratios):.3f}x | {'-' if target is None else f'<= {target:.2f}x'} | "
               f"{hook_ms:.2f} / {hook_cpu_ms:.2f} | {1 + hook_cpu_ms / (bare_cpu * 1e3):.3f}x | "

@@ -600,6 +600,30 @@ class ParameterProbe(ProbeCallback):
         self._layouts = [shard_layout(type(self).__name__, name, p, trainer.global_rank, trainer.world_size)
                          for name, p in zip(self._names, self._params)]
         self._on_layout(trainer)
+        if getattr(self, "compile", None) == "auto":
+            self._decide_compile(trainer)
+
+    def _kernels(self) -> list[Any]:
+        """The probe's `FusedKernel`s (for ``compile="auto"``)."""
+        return []
+
+    def _decide_compile(self, trainer: pl.Trainer) -> bool:
+        """``compile="auto"``: compile the kernels when the fit will log enough steps for the compilation to pay
+        (`lightning_probes.functional._fused.should_compile`) and the parameters are not sharded."""
+        from lightning_probes.functional._fused import COMPILE_MIN_LOGGED_STEPS, should_compile
+
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - a length Lightning cannot estimate: stay eager
+            total = math.inf
+        device = self._params[0].device if self._params else torch.device("cpu")
+        enabled = not self.sharded and should_compile(total, self.every_n_steps, device)
+        for kernel in self._kernels():
+            kernel.enable(enabled)
+        if enabled:
+            rank_zero_info(f"{type(self).__name__} {self.name!r}: compile='auto' compiles its kernels (about "
+                           f"{total / self.every_n_steps:,.0f} logged steps, at least {COMPILE_MIN_LOGGED_STEPS:,}).")
+        return enabled
 
     def _on_layout(self, trainer: pl.Trainer) -> None:
         """Called at the start of training once `sharded` and the shard layouts are known (for subclasses)."""

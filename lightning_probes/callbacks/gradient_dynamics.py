@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, Pending, Previous, record_columns
 from lightning_probes.callbacks._entries import (
     EntrySelection,
     auto_max_entries,
@@ -22,7 +23,13 @@ from lightning_probes.callbacks._entries import (
     pick_columns,
     select_entries,
 )
-from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe
+from lightning_probes.callbacks._gradient_figures import (
+    dynamics_specs,
+    over_training_figure,
+    sign_categories,
+    sign_map_specs,
+)
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional._fused import (
     FusedKernel,
@@ -36,81 +43,14 @@ from lightning_probes.functional._fused import (
 from lightning_probes.functional.dynamics import COUNT_NAMES, zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.naming import TOTAL, Patterns
-from lightning_probes.plotting import line_panels, sign_map
 from lightning_probes.sharding import ShardLayout, all_reduce_sum, local_tensor
 
 log = logging.getLogger(__name__)
 
-_INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings", "sampled_entries")
 #: Above this many tracked entries, ``max_entries="auto"`` follows a subset of each large tensor.
 _AUTO_ABOVE = 100_000_000
 _FRACTIONS = ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction")
 _EPOCH_MEANS = (*_FRACTIONS, "update_norm")
-
-
-@dataclass
-class _Previous:
-    """What a step leaves for the comparison at the next (logged) step of the same optimiser.
-
-    Attributes:
-        state: ``int8`` code per tracked entry (`lightning_probes.functional._fused.state_codes`): gradient sign
-            and level (below the release / zero threshold), update direction. One byte per entry: the only
-            per-entry state kept between steps.
-        finite: 0-d bool tensor (on the device): whether every gradient of the step was finite.
-        count: The optimiser's step count of the step.
-        tracked: Indices (into the probe's parameters) of the tensors the state covers, in order.
-    """
-
-    state: torch.Tensor
-    finite: torch.Tensor
-    count: int
-    tracked: list[int]
-
-
-@dataclass
-class _Pending:
-    """A step between ``on_before_optimizer_step`` and the optimiser's post-step hook (device tensors only).
-
-    Attributes:
-        count: The optimiser's step count of this step.
-        tracked: Indices of the tracked tensors that have a gradient, in order.
-        log: The step is logged (a record is written).
-        snapshot: The next step is logged: this step leaves a `_Previous`.
-        step: ``trainer.global_step`` of the step.
-        epoch: ``trainer.current_epoch`` of the step.
-        finite: 0-d bool tensor: every gradient finite.
-        grad_norm: ``(P,)`` squared gradient norm per tracked tensor (this rank's part, unscaled).
-        sizes: Number of this rank's followed entries of each tracked tensor.
-        before: The flat weights before the step (freed after the step).
-        current: `current_codes` of the step's gradients, ``int8``: flat, or a list per tensor from the compiled
-            kernel (only on a snapshot step; freed after the step).
-        counts: ``(P, 7)`` float64 transition counts in the order of ``COUNT_NAMES`` (logged steps).
-        has_previous: A `_Previous` of the step before existed for the same tensors (logged steps).
-        previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
-        sample: The sign-map columns of this step's gradients (logged steps).
-        update_norm: ``(P,)`` ``||w_after - w_before||**2`` over the followed entries (set after the step).
-        weight_norm: ``(P,)`` ``||w_after||**2`` (set after the step).
-        scale: ``1 / loss scale`` when the gradients were still scaled by an AMP GradScaler, else ``None``.
-    """
-
-    count: int
-    tracked: list[int]
-    log: bool
-    snapshot: bool
-    step: int
-    epoch: int
-    finite: torch.Tensor
-    grad_norm: torch.Tensor
-    sizes: list[int]
-    before: Optional[torch.Tensor] = None
-    current: Optional[Any] = None
-    counts: Optional[torch.Tensor] = None
-    has_previous: bool = False
-    previous_finite: Optional[torch.Tensor] = None
-    sample: Optional[torch.Tensor] = None
-    update_norm: Optional[torch.Tensor] = None
-    weight_norm: Optional[torch.Tensor] = None
-    scale: Optional[torch.Tensor] = None
 
 
 class GradientDynamicsMonitor(ParameterProbe):
@@ -146,8 +86,9 @@ class GradientDynamicsMonitor(ParameterProbe):
     last layer, deterministically subsampled to ``max_columns``): white where ``|g| > release_threshold``, red
     for small negative, green for small positive, black for exact zeros. It is drawn whole and zoomed on
     ``zoom_columns`` to ``<name>/gradient_sign_map.png`` / ``<name>/gradient_sign_map_zoom.png`` and TensorBoard;
-    its rows are kept in ``state_dict``. At the end of fit it plots zero counts, released fraction, flip
-    fraction and update norm over the whole history (a resumed run's included) to ``<name>/gradient_dynamics.png``.
+    its rows are kept in ``state_dict`` and in ``<name>/sign_map.npz`` (``lightning-probes plot`` redraws it).
+    At the end of fit it plots zero counts, released fraction, flip fraction and update norm over the whole
+    history (a resumed run's included) to ``<name>/gradient_dynamics.png``.
 
     No state is tied to where the parameters were at ``setup``: the index tensors of the sign-map columns
     follow the gradients' device, and norms are taken in float32 (float64 for float64 gradients).
@@ -183,13 +124,14 @@ class GradientDynamicsMonitor(ParameterProbe):
             passes. The first step pays the compilation once (seconds; see `compile_seconds`); where compiling
             is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
             agree to float rounding (they are summed in another order, in float64). Compiled only where one
-            process holds whole tensors and follows every entry (else eager).
-        max_entries: Most entries followed per tensor (a seeded fixed subset); ``None``: all; ``"auto"``: all up
-            to 100M tracked entries, else the cap that keeps the probe under 10% of the parameters' memory.
-        seed: Seed of the ``max_entries`` subsets.
+            process holds whole tensors and follows every entry (else eager). ``"auto"`` (default): compile when the
+            fit will log at least 2,000 steps and ``torch.compile`` can build kernels here.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        max_entries: Most entries followed per tensor (a seeded fixed subset); ``None``: all; ``"auto"``: all up
+            to 100M tracked entries, else the cap that keeps the probe under 10% of the parameters' memory.
+        seed: Seed of the ``max_entries`` subsets.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -213,7 +155,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
-        compile: bool = False,
+        compile: Union[bool, Literal["auto"]] = "auto",
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
         max_entries: Union[int, None, Literal["auto"]] = "auto",
@@ -237,8 +179,8 @@ class GradientDynamicsMonitor(ParameterProbe):
         self.ema_decay = float(ema_decay)
         self.max_columns = max_columns
         self.zoom_columns = tuple(zoom_columns)
-        self._previous: dict[int, _Previous] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._previous: dict[int, Previous] = {}
+        self._pending: dict[int, Pending] = {}
         self._hooks: list[Any] = []
         self._ema: dict[str, dict[str, float]] = {}
         self._epoch_sums: dict[str, list[float]] = {}
@@ -264,11 +206,16 @@ class GradientDynamicsMonitor(ParameterProbe):
         # Per (tracked indices, device): the index tensors of `_entries.select_entries`.
         self._selections: dict[tuple[tuple[int, ...], torch.device], EntrySelection] = {}
         self._warned_nonfinite = False
-        self.compile = bool(compile)
-        self._kernel_before = FusedKernel(fused_dynamics_before, enabled=self.compile,
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"Expected `compile` to be True, False or 'auto', but got {compile!r}")
+        self.compile = compile
+        self._kernel_before = FusedKernel(fused_dynamics_before, enabled=self.compile is True,
                                           name=f"{type(self).__name__} statistics")
-        self._kernel_after = FusedKernel(fused_dynamics_after, enabled=self.compile,
+        self._kernel_after = FusedKernel(fused_dynamics_after, enabled=self.compile is True,
                                          name=f"{type(self).__name__} state update")
+
+    def _kernels(self) -> list[FusedKernel]:
+        return [self._kernel_before, self._kernel_after]
 
     @property
     def compile_seconds(self) -> float:
@@ -407,7 +354,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             current = current_codes(flat, zero_threshold, self.release_threshold)
             counts = counts_from_keys(key_histogram(state, current, sizes)) if log_now else None
             sample = self._sample(flat, selection) if log_now else None
-        pending = _Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
+        pending = Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
                            step=trainer.global_step, epoch=trainer.current_epoch,
                            finite=torch.isfinite(squares).all(), grad_norm=squares, sizes=sizes,
                            before=gather_selected(params, selection), scale=scale)  # a copy
@@ -476,7 +423,7 @@ class GradientDynamicsMonitor(ParameterProbe):
                 pending.weight_norm = self._owned(l2_norms(params).double().square(), pending.tracked,
                                                   before.device)
         if pending.snapshot:
-            self._previous[opt_index] = _Previous(state=state, finite=pending.finite, count=pending.count,
+            self._previous[opt_index] = Previous(state=state, finite=pending.finite, count=pending.count,
                                                   tracked=pending.tracked)
         if pending.log:
             self._write(trainer, opt_index, pending, skipped=False)
@@ -497,7 +444,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             self._resolve_skipped(trainer)
 
     # -- records ------------------------------------------------------------------------------------
-    def _write(self, trainer: pl.Trainer, opt_index: int, pending: _Pending, skipped: bool) -> None:
+    def _write(self, trainer: pl.Trainer, opt_index: int, pending: Pending, skipped: bool) -> None:
         tracked = pending.tracked
         n_layers = len(tracked)
         device = pending.counts.device
@@ -525,25 +472,9 @@ class GradientDynamicsMonitor(ParameterProbe):
             rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {pending.step}"
                            f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
         self._store_sample(tracked, sample, device)
-        counts = counts.reshape(n_layers, len(COUNT_NAMES)).round().astype(np.int64)
-        counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
-        c = dict(zip(COUNT_NAMES, counts.T))
-        sizes = np.array([self._selected_counts[i] for i in tracked] + [0], dtype=float)
-        sizes[-1] = sizes[:-1].sum()  # entries the counts are over (all, or the max_entries subsets)
+        sizes = [self._selected_counts[i] for i in tracked]
         comparable = pending.has_previous and previous_finite and finite and not skipped
-        with np.errstate(divide="ignore", invalid="ignore"):
-            columns: dict[str, Any] = {"zero_count": c["zero"], "zero_fraction": c["zero"] / sizes}
-            nan = np.full(n_layers + 1, np.nan)
-            released = c["released"] / c["prev_below"] if comparable else nan
-            columns["released_fraction"] = released
-            columns["retained_fraction"] = 1.0 - released
-            columns["sign_flip_fraction"] = c["flips"] / c["both_nonzero"] if comparable else nan
-            columns["minima_crossings"] = c["minima"] if comparable else nan
-            columns["maxima_crossings"] = c["maxima"] if comparable else nan
-            columns["sampled_entries"] = sizes
-        for key, values in (("grad_norm", grad_norm), ("update_norm", nan[:-1] if skipped else update_norm),
-                            ("weight_norm", weight_norm)):
-            columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
+        columns = record_columns(counts, sizes, grad_norm, update_norm, weight_norm, comparable, skipped)
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = self._base_record(trainer, opt_index)
         base.update(step=pending.step, epoch=pending.epoch, skipped=skipped, has_previous=comparable)
@@ -553,7 +484,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         for name, row in zip(names, rows):
             record = {**base, "layer": name}
             for key, value in zip(keys, row):
-                record[key] = None if value != value else (int(value) if key in _INTEGER_KEYS else value)
+                record[key] = None if value != value else (int(value) if key in INTEGER_KEYS else value)
             self._update_ema(name, record)
             records.append(record)
         self._accumulate_epoch(records[-1])
@@ -601,32 +532,26 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     def _add_sign_row(self, trainer: pl.Trainer) -> None:
         if self._latest_row is not None:
-            row = self._latest_row
-            categories = np.where(np.abs(row) > self.release_threshold, 0,
-                                  np.where(row < 0, 1, np.where(row > 0, 2, 3))).astype(np.int8)
-            self._sign_rows.append(categories)
+            self._sign_rows.append(sign_categories(self._latest_row, self.release_threshold))
             self._sign_epochs.append(trainer.current_epoch)
-            self._draw_sign_maps(trainer)
-
-    def _draw_sign_maps(self, trainer: pl.Trainer) -> None:
-        rows = np.stack(self._sign_rows)
-        title = f"Gradient-sign map, threshold {self.release_threshold:g}"
-        self.save_figure(trainer, sign_map(rows, self._sign_epochs, title), "gradient_sign_map.png",
-                         "sign_map", trainer.global_step)
-        start, stop = self.zoom_columns
-        stop = min(stop, rows.shape[1])
-        if start < stop:
-            fig = sign_map(rows, self._sign_epochs, title + f" (columns {start}-{stop})", (start, stop))
-            self.save_figure(trainer, fig, "gradient_sign_map_zoom.png", "sign_map_zoom",
-                             trainer.global_step)
+            rows = np.stack(self._sign_rows)
+            self.save_npz(trainer, "sign_map.npz", rows=rows, epochs=np.asarray(self._sign_epochs),
+                          release_threshold=np.asarray(self.release_threshold),
+                          zoom_columns=np.asarray(self.zoom_columns))
+            for filename, tag, draw in sign_map_specs(rows, self._sign_epochs, self.release_threshold,
+                                                      self.zoom_columns):
+                self.save_figure(trainer, draw(), filename, tag, trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         totals = [r for r in self.read_history() if r.get("layer") == TOTAL]
-        if not totals:
-            return
-        series = {key: [np.nan if r.get(key) is None else r[key] for r in totals]
-                  for key in ("zero_count", "released_fraction", "sign_flip_fraction", "update_norm")}
-        fig = line_panels([r["step"] for r in totals], series, "optimiser step", "Gradient dynamics (all layers)")
-        self.save_figure(trainer, fig, "gradient_dynamics.png", "over_training", trainer.global_step)
+        if totals:
+            self.save_figure(trainer, over_training_figure(totals), "gradient_dynamics.png", "over_training",
+                             trainer.global_step)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """The sign maps (from ``<name>/sign_map.npz``) and the all-layer dynamics over the steps (from the
+        JSONL's ``__total__`` records)."""
+        return dynamics_specs(directory, name, cls.records_of(directory, name))

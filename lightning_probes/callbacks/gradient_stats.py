@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ParameterProbe, check_positive_int
+from lightning_probes.callbacks._gradient_figures import flow_figure, flow_specs
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, ParameterProbe, check_positive_int
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
 from lightning_probes.functional.gradients import (
     nonfinite_counts,
@@ -22,7 +24,6 @@ from lightning_probes.functional.gradients import (
     total_summary,
 )
 from lightning_probes.naming import TOTAL, Patterns
-from lightning_probes.plotting import grouped_bars
 from lightning_probes.sharding import all_reduce_max, all_reduce_sum, local_tensor
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class GradientStatsMonitor(ParameterProbe):
         compile: Compute the per-tensor sums, norms and maxima as one ``torch.compile``'d pass per tensor
             instead of four eager ones (float32 or float64 gradients; others stay eager). The first step pays
             the compilation once (seconds; see `compile_seconds`); where compiling is unavailable or fails, it
-            runs eagerly (logged once). The statistics agree with the eager ones to float rounding.
+            runs eagerly (logged once). The statistics agree with the eager ones to float rounding. ``"auto"``
+            (default): compile when the fit will log at least 2,000 steps (``estimated_stepping_batches /
+            every_n_steps``) and ``torch.compile`` can build kernels here, where it pays for the seconds it takes.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
@@ -93,7 +96,7 @@ class GradientStatsMonitor(ParameterProbe):
         exclude: Patterns = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
-        compile: bool = False,
+        compile: Union[bool, Literal["auto"]] = "auto",
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
     ) -> None:
@@ -114,8 +117,14 @@ class GradientStatsMonitor(ParameterProbe):
         self._nonfinite_count: tuple[int, int] = (-1, 0)
         self._last_total_norm: Optional[float] = None
         self._owned: dict[tuple[tuple[int, ...], torch.device], Optional[torch.Tensor]] = {}
-        self.compile = bool(compile)
-        self._kernel = FusedKernel(fused_abs_summary, enabled=self.compile, name=f"{type(self).__name__} summary")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"Expected `compile` to be True, False or 'auto', but got {compile!r}")
+        self.compile = compile
+        self._kernel = FusedKernel(fused_abs_summary, enabled=self.compile is True,
+                                   name=f"{type(self).__name__} summary")
+
+    def _kernels(self) -> list[FusedKernel]:
+        return [self._kernel]
 
     @property
     def compile_seconds(self) -> float:
@@ -329,9 +338,9 @@ class GradientStatsMonitor(ParameterProbe):
                               "std": [float(v) if s else None for v, s in zip(std, seen)]}
         summary = {"window": self.window, "layers": self._names, **windows}
         self.save_json(trainer, summary, "gradient_flow.json")
-        nan = float("nan")
-        panels = {f"{stat} |grad| per layer": {w: [nan if v is None else v for v in windows[w][stat]]
-                                               for w in ("first", "last")}
-                  for stat in ("mean", "std")}
-        fig = grouped_bars(self._names, panels, title=f"Gradient flow: first vs last {self.window} optimiser steps")
-        self.save_figure(trainer, fig, "gradient_flow.png", "gradient_flow", trainer.global_step)
+        self.save_figure(trainer, flow_figure(summary), "gradient_flow.png", "gradient_flow", trainer.global_step)
+
+    @classmethod
+    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
+        """The gradient-flow figure, from ``<name>/gradient_flow.json``."""
+        return flow_specs(directory, name)

@@ -29,9 +29,6 @@ __all__ = ["PreparedPlot", "build_parser", "main", "plot", "prepare", "run"]
 
 # Errors that mean "bad input" (arguments, run directory): one `error:` line, exit 2.
 _INPUT_ERRORS = (ValueError, FileNotFoundError)
-# Figures of the gradient probes that their files do not hold the data for (the sign-map rows are not saved).
-_NOT_REDRAWABLE = {"GradientDynamicsMonitor": ("gradient_sign_map.png", "gradient_sign_map_zoom.png")}
-
 
 @dataclass
 class PreparedPlot:
@@ -70,37 +67,6 @@ def _probe_class(saved: Mapping[str, Any], name: str) -> Optional[type]:
     return next((c for c in shipped if isinstance(c, type) and getattr(c, "probe_name", None) == name), None)
 
 
-def _gradient_figures(cls: type, directory: str, name: str) -> list[tuple[str, str, Callable[[], Any]]]:
-    """The gradient probes' figures whose data their files hold: ``gradient_flow.png`` (from
-    ``gradient_flow.json``) and ``gradient_dynamics.png`` (from the JSONL's all-layer records). These probes do
-    not define ``figures_from_files`` yet; the drawing calls mirror theirs."""
-    import numpy as np
-
-    from lightning_probes.naming import TOTAL
-    from lightning_probes.plotting import grouped_bars, line_panels
-
-    specs = []
-    if cls.__name__ == "GradientStatsMonitor":
-        path = os.path.join(directory, name, "gradient_flow.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                summary = json.load(f)
-            panels = {f"{stat} |grad| per layer": {w: [np.nan if v is None else v for v in summary[w][stat]]
-                                                   for w in ("first", "last")} for stat in ("mean", "std")}
-            title = f"Gradient flow: first vs last {summary['window']} optimiser steps"
-            specs.append(("gradient_flow.png", "gradient_flow",
-                          lambda: grouped_bars(summary["layers"], panels, title=title)))
-    elif cls.__name__ == "GradientDynamicsMonitor":
-        totals = [r for r in cls.records_of(directory, name) if r.get("layer") == TOTAL]
-        if totals:
-            series = {key: [np.nan if r.get(key) is None else r[key] for r in totals]
-                      for key in ("zero_count", "released_fraction", "sign_flip_fraction", "update_norm")}
-            steps = [r["step"] for r in totals]
-            specs.append(("gradient_dynamics.png", "over_training",
-                          lambda: line_panels(steps, series, "optimiser step", "Gradient dynamics (all layers)")))
-    return specs
-
-
 def prepare(run_dir: str, output: Optional[str] = None, probes: Optional[str] = None,
             progress: bool = True) -> PreparedPlot:
     """Find the run's probes and the figures each can redraw from its files; nothing is drawn or written.
@@ -136,11 +102,8 @@ def prepare(run_dir: str, output: Optional[str] = None, probes: Optional[str] = 
         if cls is None:
             skipped[name] = "its probe class is unknown (no settings.json, not a shipped probe's default name)"
             continue
-        specs = cls.figures_from_files(directory, name, saved.get("settings", {})) or \
-            _gradient_figures(cls, directory, name)
-        if cls.__name__ in _NOT_REDRAWABLE:
-            skipped[name] = f"{', '.join(_NOT_REDRAWABLE[cls.__name__])} cannot be redrawn: the data is not saved"
-        if not specs and name not in skipped:
+        specs = cls.figures_from_files(directory, name, saved.get("settings", {}))
+        if not specs:
             skipped[name] = "no figure data in its files"
         figures += [(name, filename, draw) for filename, _tag, draw in specs]
     return PreparedPlot(figures, output, skipped, progress)

@@ -108,3 +108,39 @@ def test_amp_scaled_gradients_are_reported_unscaled(tmp_path, fused):
         checked += 1
     assert checked == 3 * 12  # three compared steps, 11 tensors and the total
     assert any(r["zero_count"] for r in dynamics)  # the thresholds matter: scaled gradients would count none
+
+
+def test_compile_auto_rule(monkeypatch):
+    """``compile="auto"`` (the default) compiles only when the fit will log at least COMPILE_MIN_LOGGED_STEPS
+    steps and the platform can build kernels; the rule, not the timing, is tested."""
+    from types import SimpleNamespace
+
+    from lightning_probes.functional import _fused
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_fused, "compile_supported", lambda device: True)
+    bar = _fused.COMPILE_MIN_LOGGED_STEPS
+    assert not _fused.should_compile(bar - 1, 1, cpu) and _fused.should_compile(bar, 1, cpu)
+    assert not _fused.should_compile(50 * bar - 50, 50, cpu) and _fused.should_compile(50 * bar, 50, cpu)
+    assert not _fused.should_compile(float("inf"), 1, cpu)  # a fit of unknown length stays eager
+    for probe, kernels in ((GradientStatsMonitor(every_n_steps=2), "_kernel"),
+                           (GradientDynamicsMonitor(every_n_steps=2), "_kernel_before")):
+        assert probe.compile == "auto"
+        probe._select(small_mlp())
+        assert probe._decide_compile(SimpleNamespace(estimated_stepping_batches=2 * bar))
+        assert getattr(probe, kernels).active
+        assert not probe._decide_compile(SimpleNamespace(estimated_stepping_batches=2 * bar - 2))
+        assert not getattr(probe, kernels).active
+        probe.sharded = True  # FSDP2: the compiled kernels assume whole tensors
+        assert not probe._decide_compile(SimpleNamespace(estimated_stepping_batches=10**9))
+    monkeypatch.setattr(_fused, "compile_supported", lambda device: False)
+    assert not _fused.should_compile(10**9, 1, cpu)
+    with pytest.raises(ValueError, match="`compile` to be True, False or 'auto', but got 'yes'"):
+        GradientStatsMonitor(compile="yes")
+
+
+def test_short_fit_with_compile_auto_stays_eager(tmp_path):
+    stats, dynamics = GradientStatsMonitor(every_n_steps=1), GradientDynamicsMonitor(every_n_steps=1)
+    trainer(tmp_path, [stats, dynamics], max_steps=3).fit(small_mlp(), RandomDataModule())
+    assert not stats._kernel.active and not dynamics._kernel_before.active
+    assert stats.compile_seconds == dynamics.compile_seconds == 0.0

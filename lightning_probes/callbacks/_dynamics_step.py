@@ -1,0 +1,118 @@
+"""What `GradientDynamicsMonitor` keeps between the hooks of a step and between steps, and how a logged step's
+combined numbers become the columns of its records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lightning_probes.functional.dynamics import COUNT_NAMES
+
+#: Record keys holding integers.
+INTEGER_KEYS = ("zero_count", "minima_crossings", "maxima_crossings", "sampled_entries")
+
+
+@dataclass
+class Previous:
+    """What a step leaves for the comparison at the next (logged) step of the same optimiser.
+
+    Attributes:
+        state: ``int8`` code per tracked entry (`lightning_probes.functional._fused.state_codes`): gradient sign
+            and level (below the release / zero threshold), update direction. One byte per entry: the only
+            per-entry state kept between steps.
+        finite: 0-d bool tensor (on the device): whether every gradient of the step was finite.
+        count: The optimiser's step count of the step.
+        tracked: Indices (into the probe's parameters) of the tensors the state covers, in order.
+    """
+
+    state: torch.Tensor
+    finite: torch.Tensor
+    count: int
+    tracked: list[int]
+
+
+@dataclass
+class Pending:
+    """A step between ``on_before_optimizer_step`` and the optimiser's post-step hook (device tensors only).
+
+    Attributes:
+        count: The optimiser's step count of this step.
+        tracked: Indices of the tracked tensors that have a gradient, in order.
+        log: The step is logged (a record is written).
+        snapshot: The next step is logged: this step leaves a `Previous`.
+        step: ``trainer.global_step`` of the step.
+        epoch: ``trainer.current_epoch`` of the step.
+        finite: 0-d bool tensor: every gradient finite.
+        grad_norm: ``(P,)`` squared gradient norm per tracked tensor (this rank's part, unscaled).
+        sizes: Number of this rank's followed entries of each tracked tensor.
+        before: The flat weights before the step (freed after the step).
+        current: `current_codes` of the step's gradients, ``int8``: flat, or a list per tensor from the compiled
+            kernel (only on a snapshot step; freed after the step).
+        counts: ``(P, 7)`` float64 transition counts in the order of ``COUNT_NAMES`` (logged steps).
+        has_previous: A `Previous` of the step before existed for the same tensors (logged steps).
+        previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
+        sample: The sign-map columns of this step's gradients (logged steps).
+        update_norm: ``(P,)`` ``||w_after - w_before||**2`` over the followed entries (set after the step).
+        weight_norm: ``(P,)`` ``||w_after||**2`` (set after the step).
+        scale: ``1 / loss scale`` when the gradients were still scaled by an AMP GradScaler, else ``None``.
+    """
+
+    count: int
+    tracked: list[int]
+    log: bool
+    snapshot: bool
+    step: int
+    epoch: int
+    finite: torch.Tensor
+    grad_norm: torch.Tensor
+    sizes: list[int]
+    before: Optional[torch.Tensor] = None
+    current: Optional[Any] = None
+    counts: Optional[torch.Tensor] = None
+    has_previous: bool = False
+    previous_finite: Optional[torch.Tensor] = None
+    sample: Optional[torch.Tensor] = None
+    update_norm: Optional[torch.Tensor] = None
+    weight_norm: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+
+
+def record_columns(counts: np.ndarray, sizes: Sequence[int], grad_norm: np.ndarray, update_norm: np.ndarray,
+                   weight_norm: np.ndarray, comparable: bool, skipped: bool) -> dict[str, np.ndarray]:
+    """The columns of a logged step's records, one entry per tracked tensor and a last one for all of them.
+
+    Args:
+        counts: ``(P * 7,)`` transition counts (``COUNT_NAMES`` per tensor), combined over the ranks.
+        sizes: Per tensor, the entries the counts are over (all of them, or the ``max_entries`` subset).
+        grad_norm: ``(P,)`` gradient norms.
+        update_norm: ``(P,)`` update norms over the followed entries (NaN when unknown).
+        weight_norm: ``(P,)`` weight norms.
+        comparable: The step has a finite previous step to compare with.
+        skipped: The AMP GradScaler skipped the step (no update).
+
+    Returns:
+        ``{key: (P + 1,) array}``; NaN where a value is undefined.
+    """
+    n_layers = len(sizes)
+    counts = counts.reshape(n_layers, len(COUNT_NAMES)).round().astype(np.int64)
+    counts = np.vstack([counts, counts.sum(axis=0, keepdims=True)])  # (P + 1, 7), last row: all layers
+    c = dict(zip(COUNT_NAMES, counts.T))
+    entries = np.array([*sizes, sum(sizes)], dtype=float)
+    nan = np.full(n_layers + 1, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns: dict[str, Any] = {"zero_count": c["zero"], "zero_fraction": c["zero"] / entries}
+        released = c["released"] / c["prev_below"] if comparable else nan
+        columns["released_fraction"] = released
+        columns["retained_fraction"] = 1.0 - released
+        columns["sign_flip_fraction"] = c["flips"] / c["both_nonzero"] if comparable else nan
+        columns["minima_crossings"] = c["minima"] if comparable else nan
+        columns["maxima_crossings"] = c["maxima"] if comparable else nan
+        columns["sampled_entries"] = entries
+    for key, values in (("grad_norm", grad_norm), ("update_norm", nan[:-1] if skipped else update_norm),
+                        ("weight_norm", weight_norm)):
+        columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
+    return columns
