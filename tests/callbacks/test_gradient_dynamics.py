@@ -126,16 +126,16 @@ def test_amp_skipped_step(tmp_path):
 
 
 def test_resume_marks_first_step_without_previous(tmp_path, monkeypatch):
-    from lightning_probes.callbacks import gradient_dynamics
+    from lightning_probes.callbacks import _gradient_figures
 
     drawn = []
-    original = gradient_dynamics.line_panels
+    original = _gradient_figures.line_panels
 
     def spy(x, *args, **kwargs):
         drawn.append(list(x))
         return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(gradient_dynamics, "line_panels", spy)
+    monkeypatch.setattr(_gradient_figures, "line_panels", spy)
     out = tmp_path / "out"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
     trainer(tmp_path, [GradientDynamicsMonitor(every_n_steps=1, output_dir=str(out)), ckpt], max_epochs=3,
