@@ -326,3 +326,36 @@ def test_metrics_under_ddp_cover_every_process(tmp_path):
     assert results["test/auroc"] == pytest.approx(roc_auc_score(test["correct"], scores), abs=1e-4)
     assert results["test/accuracy"] == pytest.approx(((scores >= 0.5) == test["correct"]).mean(), abs=1e-4)
     assert json.loads((data / "splits_1.json").read_text()) == dm.splits
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT / "configs" / "metanet"))
+                                        for p in (ROOT / "configs" / "metanet").glob("*/*.yaml")
+                                        if p.name != "zoo.yaml"))
+def test_protocol_configs_parse(path):
+    from lightning_probes.cli import build_cli
+
+    cli = build_cli(["--config", str(ROOT / "configs" / "metanet" / path), "--data.data_dir", "unused"], run=False)
+    protocol, name = path.split("/")
+    encoder, task = name[:-5].split("_")
+    assert cli.model.hparams.encoder == encoder and cli.model.hparams.task == task
+    dm = cli.datamodule.hparams
+    assert dm.task == task and dm.split_by == {"original": "pair", "honest": "model_and_image"}[protocol]
+    assert list(cli.model.hparams.layer_dims) == [256, 120, 84, 10]  # the unpadded LeNet5's pool2
+    # One aligned width per aligned array: 10 class distances, 3 probes of 10 classes, 3 probe margins, 8 context.
+    assert len(cli.model.hparams.aligned_dims) == len(dm.aligned)
+    if protocol == "honest":
+        assert list(cli.model.hparams.aligned_dims) == [10, 10, 10, 10, 3, 8]
+
+
+def test_original_zoo_study_trains_unpadded_lenet5s_and_keeps_every_epoch(tmp_path):
+    from lightning_probes.studies.spec import load_study
+    from lightning_probes.studies.trial_config import TrialConfigResolver
+    from lightning_probes.studies.trials import expand_trials
+
+    spec = load_study(str(ROOT / "configs" / "metanet" / "original" / "zoo.yaml"), output=str(tmp_path), num_samples=2)
+    trials = expand_trials(spec)
+    config = TrialConfigResolver(spec).resolve(trials[0], str(tmp_path / "t0"))
+    assert config["model"]["init_args"]["padding"] == 0 and config["trainer"]["max_epochs"] == 4
+    checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoints) == 1 and checkpoints[0]["init_args"]["save_top_k"] == -1
+    assert checkpoints[0]["init_args"]["every_n_epochs"] == 1
