@@ -70,6 +70,7 @@ class ActivationStatsMonitor(RepresentationProbe):
     """
 
     probe_name = "activation_stats"
+    shares_pass = True
     layout_stats = _STATS
 
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:

@@ -100,6 +100,8 @@ class AlignmentMonitor(RepresentationProbe):
     """
 
     probe_name = "alignment"
+    shares_pass = True
+    captures_inputs = True
     layout_stats = _STATS
     default_layers = "all"  # every Linear/Conv2d is kept below; "blocks" would leave only the classifier
 

@@ -79,6 +79,7 @@ class LayerCorrelationMonitor(RepresentationProbe):
     """
 
     probe_name = "layer_correlation"
+    shares_pass = True
     layout_stats = ("mean_abs_correlation", "cka")
 
     def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear", max_memory_gb: float = 2.0,

@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, check_plot_every
+from lightning_probes.callbacks.shared_pass import SharedSessions, partners, run_shared_pass
 from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
 from lightning_probes.checks import check_choice, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
@@ -70,6 +71,10 @@ class RepresentationProbe(AnalysisProbe):
 
     #: Selection without ``layers``: ``"blocks"`` or ``"all"`` (see `lightning_probes.capture.select_modules`).
     default_layers = "blocks"
+    #: Whether the probe joins a shared pass (it has ``start_session``; see `lightning_probes.callbacks.shared_pass`).
+    shares_pass = False
+    #: Whether its sessions consume the layers' inputs (AlignmentMonitor) instead of their outputs.
+    captures_inputs = False
 
     def __init__(
         self,
@@ -110,6 +115,7 @@ class RepresentationProbe(AnalysisProbe):
         self._layouts: dict[str, str] = {}
         self._reducers: dict[str, FeatureReducer] = {}
         self._check_batch: Optional[int] = None
+        self._shared = SharedSessions()
         self.batch_now: Optional[int] = None  # samples of the batch `for_each_batch` hands to `consume`
 
     # -- layers -------------------------------------------------------------------------------------
@@ -187,8 +193,23 @@ class RepresentationProbe(AnalysisProbe):
         if done % self.every_n_epochs == 0:
             self.run_analysis(trainer, pl_module, epoch=done)
 
+    def due(self, epoch: int) -> bool:
+        """Whether the probe analyses at the epoch label ``epoch`` (0: the start of training)."""
+        return epoch == 0 or epoch % self.every_n_epochs == 0
+
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> Optional[dict[str, Any]]:
         self._prepare(trainer, pl_module)
+        if self.shares_pass:
+            session = self._shared.take(epoch, trainer.global_step)  # fed by an earlier probe's pass
+            if session is None:
+                others = partners(trainer, self, epoch)
+                if others:
+                    sessions = run_shared_pass(trainer, pl_module, [self, *others])
+                    for other, fed in zip(others, sessions[1:]):
+                        other._shared.put(epoch, trainer.global_step, fed)
+                    session = sessions[0]
+            if session is not None:
+                return session.finish(trainer, epoch)
         return self.analyse_layers(trainer, pl_module, epoch)
 
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
