@@ -12,6 +12,7 @@ cadence: every pass for probes without ``plot_every_n_epochs``, one pass in ``pl
 not included).
 
     python benchmarks/representation_cost.py [--repeats 3] [--threads 1] [--probes LayerCorrelationMonitor ...]
+    python benchmarks/representation_cost.py --smoke --output DIR   # seconds: that it runs
 """
 
 from __future__ import annotations
@@ -107,9 +108,13 @@ def main() -> None:
     parser.add_argument("--probes", nargs="+",
                         default=["LayerCorrelationMonitor", "ActivationStatsMonitor", "AlignmentMonitor"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="that it runs: 32 samples, 1 repeat, 10 bare steps, the MLP only")
     add_output_argument(parser)
     add_threads_argument(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.repeats, args.steps, args.models = 32, 1, 10, ["MLP"]
     set_threads(args.threads)
     quiet()
     with output_dir(args.output) as root:
