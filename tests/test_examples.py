@@ -44,6 +44,8 @@ def test_two_inputs_with_forward_fn(tmp_path, monkeypatch):
     assert {"image.2", "side.1", "head"} <= layers  # both input branches were run by forward_fn
     noise = table[table.probe == "noise_robustness"]
     assert len(noise) == 1 and 0.0 <= noise.stability_ratio_mean.iloc[0] <= 1.0
+    # The batch's second element is the side vector, not labels: no correct/wrong split (as docs/own-model.md says).
+    assert noise.stability_ratio_mean_correct.isna().all()
 
 
 def test_dict_batches_with_keys(tmp_path, monkeypatch):
