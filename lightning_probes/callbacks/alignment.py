@@ -12,6 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
@@ -216,7 +217,7 @@ class AlignmentMonitor(RepresentationProbe):
             accumulator = accumulators.pop(name)  # free each covariance once used
             values = accumulator.compute(full_weight(module.weight)).cpu()
             width = accumulator.num_features // accumulator.groups
-            records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, "type": type(module).__name__,
+            records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, "type": _type_name(module),
                             "units": int(values.numel()), "features": _features(module)[0] // accumulator.groups,
                             "kept_features": width, "groups": accumulator.groups,
                             "chance": 1.0 / width, **alignment_summary(values), "alignment": values.tolist()})
@@ -275,6 +276,14 @@ class AlignmentSession:
     def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
         """Records, scalars and figure of this analysis; returns the headline scalars."""
         return self.probe._finish(trainer, epoch, self.accumulators)
+
+
+def _type_name(module: nn.Module) -> str:
+    """The layer's class name; FSDP2's ``FSDP<Class>`` wrapper class reports the class it wraps."""
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls.__name__
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:

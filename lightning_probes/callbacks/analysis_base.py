@@ -6,11 +6,18 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_positive_int
 from lightning_probes.probe_data import MissingValidationDataError, ProbeSet, analysis_mode, run_forward
+from lightning_probes.sharding import is_dtensor
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2's ``fully_shard``)."""
+    return any(is_dtensor(p) for p in module.parameters())
 
 
 class AnalysisProbe(ProbeCallback):
@@ -28,7 +35,9 @@ class AnalysisProbe(ProbeCallback):
       ``no_grad``, forked random state, every module's mode restored) and then publishes the headline scalars
       that `analyse` returned on every rank (rank 0's values are broadcast), so ``EarlyStopping`` and
       ``ModelCheckpoint`` can monitor them under DDP too. Without validation data the probe warns once and
-      skips the run.
+      skips the run. Under FSDP2 (a model whose parameters are sharded ``DTensor``s) every forward needs an
+      all-gather per layer that every rank must enter: then EVERY rank runs `analyse` on rank 0's probe set
+      (broadcast once), in the same order, and only rank 0 writes files and logs.
 
     A subclass sets the schedule (calls `run_analysis` from its hooks on every rank) and implements `analyse`.
 
@@ -81,11 +90,14 @@ class AnalysisProbe(ProbeCallback):
         self.forward_fn, self.input_key, self.target_key = forward_fn, input_key, target_key
         self._probe: Optional[ProbeSet] = None
         self._skipped = False
+        self._every_rank = False  # the model is sharded (FSDP2): every rank runs the analysis's forward passes
 
     def probe_set(self, trainer: pl.Trainer) -> ProbeSet:
         """The probe set, collected at the first call."""
         if self._probe is None:
             probe = ProbeSet.collect(trainer, self.num_samples, self.seed, self.search_batches, self.target_key)
+            if self._every_rank and trainer.world_size > 1:
+                probe = trainer.strategy.broadcast(probe, src=0)  # every rank runs rank 0's samples
             minimum = self.minimum_samples()
             if len(probe) < minimum:
                 raise ValueError(f"{type(self).__name__} needs at least {minimum} probe samples, but the validation "
@@ -104,16 +116,17 @@ class AnalysisProbe(ProbeCallback):
     def run_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         """Analyse on global rank 0, then publish the headline scalars on every rank (call it on every rank)."""
         headline: Optional[Mapping[str, Optional[float]]] = None
-        if trainer.is_global_zero and not self._skipped:
+        self._every_rank = is_sharded(pl_module)
+        if (trainer.is_global_zero or self._every_rank) and not self._skipped:
             try:
                 with analysis_mode(pl_module):
                     headline = self.analyse(trainer, pl_module, epoch)
             except MissingValidationDataError as err:
                 self._skipped = True
                 rank_zero_warn(f"{type(self).__name__} is skipped for this run: {err}.")
-        if headline:
+        if headline and trainer.is_global_zero:
             self.log_scalars(trainer, headline, trainer.global_step)
-        self.publish(trainer, headline, from_rank_zero=True)
+        self.publish(trainer, headline if trainer.is_global_zero else None, from_rank_zero=True)
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 epoch: int) -> Optional[Mapping[str, Optional[float]]]:
