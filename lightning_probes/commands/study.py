@@ -2,7 +2,8 @@
 
 Usage:
     lightning-probes study --config configs/studies/quick.yaml [--engine sequential|ray] [--max_concurrent N]
-                           [--output DIR] [--dry_run] [--num_samples N]
+                           [--output DIR] [--dry_run] [--num_samples N] [--workers N] [--isolate]
+                           [--address HOST:PORT|auto] [--num_cpus N] [--cpus_per_trial X]
     python -m lightning_probes.commands.study --config configs/studies/quick.yaml
 
 Writes ``<output>/trials/<trial_id>/`` (one ordinary Lightning run each), ``trials.csv``, ``summary.json``,
@@ -34,6 +35,8 @@ def study(
     cpus_per_trial: float = 1.0,
     progress: bool = True,
     num_samples: Optional[int] = None,
+    workers: int = 1,
+    isolate: bool = False,
 ) -> int:
     """Run a study and write its summary.
 
@@ -49,6 +52,10 @@ def study(
         cpus_per_trial: CPUs Ray reserves for each trial.
         progress: Show a progress bar (sequential engine).
         num_samples: Draws of a study with ``sample:``, overriding the file's ``num_samples``.
+        workers: Long-lived worker processes of the sequential engine, each running trial after trial in-process
+            (imports once instead of once per trial).
+        isolate: Run every trial as its own ``lightning fit``/``test`` processes (either engine), for code that
+            leaks global state from one trial into the next.
 
     Returns:
         The exit status: 0 when every trial finished, 1 when some failed.
@@ -59,28 +66,45 @@ def study(
         raise ValueError(f"Expected `max_concurrent` to be a positive integer, but got {max_concurrent}")
     if not cpus_per_trial > 0:
         raise ValueError(f"Expected `cpus_per_trial` to be positive, but got {cpus_per_trial}")
-    prepared = prepare_study(config, output=output, write=not dry_run, num_samples=num_samples)
-    spec = prepared.spec
-    if dry_run:
-        from lightning_probes.studies.runner import is_finished
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"Expected `workers` to be a positive integer (long-lived trial processes), but got "
+                         f"{workers!r}; use --isolate for one process per trial")
+    if address is not None and engine != "ray":
+        raise ValueError(f"`address` ({address!r}) joins a Ray cluster: it needs `--engine ray`, but got engine "
+                         f"{engine!r}")
+    pool = None
+    if engine == "sequential" and not isolate and not dry_run:
+        from lightning_probes.studies.workers import TrialWorkers
 
-        lines = [f"study {spec.name}: {len(prepared.trials)} trials -> {spec.output}"]
-        for job in prepared.jobs:
-            state = "finished" if is_finished(job.trial_dir) else "to run"
-            lines.append(f"  {job.trial_id}\t{state}")
-        sys.stdout.write("\n".join(lines) + "\n")
-        return 0
-    log.info("study %s: %d trials -> %s (engine %s)", spec.name, len(prepared.jobs), spec.output, engine)
+        pool = TrialWorkers(workers).launch()  # the workers import torch and Lightning while the configs resolve
     try:
-        if engine == "ray":
-            statuses = run_ray(prepared.jobs, storage=os.path.join(spec.output, "ray"), max_concurrent=max_concurrent,
-                               cpus_per_trial=cpus_per_trial, address=address, num_cpus=num_cpus)
-        else:
-            statuses = run_sequential(prepared.jobs, progress=progress)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished trials are kept; rerun the same command to continue\n")
-        write_study_summary(prepared, figures=False)
-        raise
+        prepared = prepare_study(config, output=output, write=not dry_run, num_samples=num_samples)
+        spec = prepared.spec
+        if dry_run:
+            from lightning_probes.studies.runner import is_finished
+
+            lines = [f"study {spec.name}: {len(prepared.trials)} trials -> {spec.output}"]
+            for job in prepared.jobs:
+                state = "finished" if is_finished(job.trial_dir) else "to run"
+                lines.append(f"  {job.trial_id}\t{state}")
+            sys.stdout.write("\n".join(lines) + "\n")
+            return 0
+        log.info("study %s: %d trials -> %s (engine %s)", spec.name, len(prepared.jobs), spec.output, engine)
+        try:
+            if engine == "ray":
+                statuses = run_ray(prepared.jobs, storage=os.path.join(spec.output, "ray"),
+                                   max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, address=address,
+                                   num_cpus=num_cpus, isolate=isolate)
+            else:
+                statuses = run_sequential(prepared.jobs, progress=progress, workers=workers, isolate=isolate,
+                                          pool=pool)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted: finished trials are kept; rerun the same command to continue\n")
+            write_study_summary(prepared, figures=False)
+            raise
+    finally:
+        if pool is not None:
+            pool.close()
     summary = write_study_summary(prepared)
     failed = [s for s in statuses if s.get("status") != "finished"]
     sys.stdout.write(f"study {spec.name}: {summary['n_finished']} finished, {len(failed)} failed; summary in "
@@ -108,6 +132,12 @@ def build_parser():
                         help="Ray cluster address (`auto` joins a running cluster); default: start Ray locally.")
     parser.add_argument("--num_cpus", type=Optional[int], default=None, help="CPUs of a local Ray instance.")
     parser.add_argument("--cpus_per_trial", type=float, default=1.0, help="CPUs Ray reserves for each trial.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Long-lived worker processes of the sequential engine, each running trial after trial "
+                             "in-process (default 1).")
+    parser.add_argument("--isolate", action=ActionYesNo, default=False,
+                        help="One lightning fit/test process per trial (either engine), for code that leaks global "
+                             "state.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
     parser.add_argument("--num_samples", type=Optional[int], default=None,
                         help="Draws of a study with `sample:` (overrides the file's num_samples).")
@@ -122,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             ``Ctrl-C``.
     """
     from lightning_probes.studies.spec import StudyError
+    from lightning_probes.studies.workers import WorkerStartError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
@@ -129,10 +160,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     kwargs = {k: v for k, v in vars(args).items() if k in study.__code__.co_varnames}
     try:
         code = study(**kwargs)
-    except (StudyError, ValueError, ImportError) as err:
+    except (StudyError, ValueError, ImportError, WorkerStartError, ConnectionError) as err:
         if os.environ.get("LIGHTNING_PROBES_DEBUG"):
             raise
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}\n")
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -68,6 +68,10 @@ class TrialJob:
     python: str = sys.executable
     config_digest: str = ""
 
+    def cli_prefix(self) -> list[str]:
+        """The command that starts ``lightning`` in a subprocess: ``[python, "-m", "lightning_probes.cli"]``."""
+        return [self.python, "-m", "lightning_probes.cli"]
+
 
 def read_status(trial_dir: str) -> Optional[dict[str, Any]]:
     """The trial's ``status.json``, or ``None`` if it never ended (or the file is unreadable)."""
@@ -103,10 +107,14 @@ def _error_line(log_path: str) -> str:
     return tail[-1].strip() if tail else "no output"
 
 
-def _run(job: TrialJob, args: list[str], log_name: str) -> int:
+def _run(job: TrialJob, args: list[str], log_name: str, in_process: bool = False) -> int:
+    log_path = os.path.join(job.trial_dir, log_name)
+    if in_process:
+        from lightning_probes.studies.in_process import run_cli_in_process
+
+        return run_cli_in_process(args[len(job.cli_prefix()):], log_path, job.cwd)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("LIGHTNING_PROBES_DEBUG", None)
-    log_path = os.path.join(job.trial_dir, log_name)
     with open(log_path, "a", encoding="utf-8") as out:
         out.write(f"$ {' '.join(args)}\n")
         out.flush()
@@ -145,7 +153,7 @@ def log_trial_hparams(trial_dir: str, params: Mapping[str, Any], seed: int) -> N
         writer.close()
 
 
-def run_trial(job: TrialJob) -> dict[str, Any]:
+def run_trial(job: TrialJob, in_process: bool = False) -> dict[str, Any]:
     """Run one trial to its end (skipped if already finished) and write its ``status.json``.
 
     ``fit`` runs as ``python -m lightning_probes.cli fit --config <trial_dir>/config.yaml`` (with ``--ckpt_path
@@ -154,6 +162,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     Args:
         job: The trial.
+        in_process: Run ``fit`` and ``test`` in this process (``lightning_probes.studies.in_process``: a long-lived
+            worker) instead of one subprocess each; the same files either way.
 
     Returns:
         The trial's status (as written to ``status.json``).
@@ -164,7 +174,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     started = time.time()
     config = os.path.join(job.trial_dir, "config.yaml")
     last = os.path.join(job.trial_dir, "checkpoints", "last.ckpt")
-    cli = [job.python, "-m", "lightning_probes.cli"]
+    cli = job.cli_prefix()
     fit = [*cli, "fit", "--config", config]
     resumed = os.path.isfile(last)
     if resumed:
@@ -172,7 +182,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         fit += ["--ckpt_path", last]
     status: dict[str, Any] = {"trial_id": job.trial_id, "params": job.params, "seed": job.seed,
                               "config_digest": job.config_digest, "resumed": resumed}
-    code = _run(job, fit, "fit.log")
+    code = _run(job, fit, "fit.log", in_process)
     if code == 0 and job.test:
         if not os.path.isfile(last):
             code, status["error"] = -1, f"no {last} to test"
@@ -181,7 +191,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             _rotate_metrics(test_dir)
             test = [*cli, "test", "--config", config, "--ckpt_path", last,
                     "--trainer.logger", json.dumps(trial_loggers(job.trial_dir, csv_dir=test_dir))]
-            code = _run(job, test, "test.log")
+            code = _run(job, test, "test.log", in_process)
             if code != 0:
                 status["error"] = _error_line(os.path.join(job.trial_dir, "test.log"))
     elif code != 0:
@@ -197,22 +207,39 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     return status
 
 
-def run_sequential(jobs: Sequence[TrialJob], progress: bool = True) -> list[dict[str, Any]]:
-    """Run the trials one after another, each in its own processes.
+def run_sequential(jobs: Sequence[TrialJob], progress: bool = True, workers: int = 1,
+                   isolate: bool = False, pool: Optional[Any] = None) -> list[dict[str, Any]]:
+    """Run the trials on this machine: in ``workers`` long-lived processes, or one process per trial.
 
-    A failed trial does not stop the others. ``KeyboardInterrupt`` stops at once: the running trial's
-    subprocess is killed and gets no ``status.json`` (it restarts from its last checkpoint next time);
-    finished trials are untouched.
+    By default ``workers`` long-lived processes (``lightning_probes.studies.workers.TrialWorkers``) import once and
+    run the trials from a queue, in-process; with ``isolate`` each trial runs as its own ``lightning fit`` (and
+    ``test``) subprocess, one after another, as for code that leaks global state. Either way a failed trial does
+    not stop the others. ``KeyboardInterrupt`` stops at once: the running trials are killed and get no
+    ``status.json`` (they restart from their last checkpoint next time); finished trials are untouched.
 
     Args:
         jobs: The trials.
         progress: Show a tqdm progress bar.
+        workers: Long-lived worker processes (ignored with ``isolate``).
+        isolate: One process per trial instead of long-lived workers.
+        pool: Already launched ``TrialWorkers`` to use (the caller closes them); default: start ``workers`` here.
 
     Returns:
         The status of every trial, in order.
+
+    Raises:
+        ValueError: If ``workers`` is not a positive integer.
+        WorkerStartError: If a worker cannot start (before any trial runs).
     """
     from tqdm.auto import tqdm
 
+    if pool is not None:
+        return pool.run(jobs, progress=progress)
+    if not isolate:
+        from lightning_probes.studies.workers import TrialWorkers
+
+        with TrialWorkers(workers) as own:
+            return own.run(jobs, progress=progress)
     statuses = []
     bar = tqdm(jobs, desc="trials", unit="trial", disable=not progress)
     for job in bar:
@@ -224,33 +251,73 @@ def run_sequential(jobs: Sequence[TrialJob], progress: bool = True) -> list[dict
     return statuses
 
 
-def _ray_trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
+def _ray_trainable(config: dict[str, Any], jobs: dict[str, TrialJob], isolate: bool = False) -> None:
     from ray import tune
 
-    status = run_trial(jobs[config["trial_id"]])
+    status = run_trial(jobs[config["trial_id"]], in_process=not isolate)
     tune.report({"finished": status.get("status") == FINISHED, "returncode": status.get("returncode", 0)})
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with one message, when ``address`` (``host:port`` of a Ray head) accepts no connection.
+
+    ``auto``, ``local`` and ``ray://`` (Ray Client) addresses are left to ``ray.init``.
+
+    Raises:
+        ConnectionError: If nothing listens at ``host:port``, or it is not ``host:port``.
+    """
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"Expected `address` to be `host:port` of a running Ray head (`ray start --head "
+                              f"--port PORT`), `auto` or `ray://host:port`, but got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(f"Expected `address` {address!r} to be a running Ray cluster, but it cannot be "
+                              f"reached ({err}); start one with `ray start --head --port {port}` or leave "
+                              f"`--address` out to start Ray locally") from None
+
+
+def _lost_ray_trial(job: TrialJob, error: str) -> dict[str, Any]:
+    """Mark a trial whose Ray worker (or node) died ``failed`` with Ray's reason; it resumes on a rerun."""
+    status = {"trial_id": job.trial_id, "params": job.params, "seed": job.seed, "config_digest": job.config_digest,
+              "status": FAILED, "error": error, "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(os.path.join(job.trial_dir, STATUS_FILE), status)
+    return status
+
+
 def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int] = None, cpus_per_trial: float = 1,
-            address: Optional[str] = None, num_cpus: Optional[int] = None) -> list[dict[str, Any]]:
+            address: Optional[str] = None, num_cpus: Optional[int] = None,
+            isolate: bool = False) -> list[dict[str, Any]]:
     """Run the trials as Ray Tune trials: ``tune.Tuner`` over a function trainable that calls ``run_trial``.
 
-    Each trial still runs ``lightning fit`` in its own subprocess, so both engines write the same files; Tune
-    schedules them (``max_concurrent_trials``, ``tune.with_resources``) locally or on a cluster.
+    The trainable runs each trial in the Ray worker process itself (``run_trial(in_process=True)``), and Tune
+    reuses its actors (``reuse_actors=True``), so a worker imports torch and Lightning once for many trials; with
+    ``isolate`` each trial runs ``lightning fit`` in its own subprocess instead. Both write the same files as the
+    sequential engine. Tune schedules the trials (``max_concurrent_trials``, ``tune.with_resources``) locally or
+    on a cluster. A trial whose worker or node dies (Ray reports the error) is marked ``failed`` with Ray's reason;
+    rerunning the study resumes it from its ``last.ckpt``.
 
     Args:
         jobs: The trials (finished ones are skipped by ``run_trial`` itself).
         storage: Directory for Tune's own bookkeeping (``<output>/ray``).
         max_concurrent: Trials at a time (default: as many as the resources allow).
         cpus_per_trial: CPUs Tune reserves per trial.
-        address: ``"auto"`` to join a running cluster; ``None`` starts Ray locally.
+        address: ``host:port`` of a running cluster's head, or ``"auto"``; ``None`` starts Ray locally.
         num_cpus: CPUs of the local Ray instance (default: all).
+        isolate: One subprocess per trial instead of running it in the Ray worker.
 
     Returns:
         The status of every trial, in order, read back from the trials' ``status.json``.
 
     Raises:
         ImportError: If Ray Tune is not installed, saying how to install it.
+        ConnectionError: If ``address`` cannot be reached (before any trial starts).
     """
     try:
         import ray
@@ -260,22 +327,35 @@ def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int
                           "(or pip install 'ray[tune]')") from err
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address:
+        check_ray_address(address)
     pending = [job for job in jobs if not is_finished(job.trial_dir)]
+    errors: dict[str, str] = {}
     if pending:
         started_here = not ray.is_initialized()
         if started_here:
             kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus}
-            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            try:
+                ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            except ConnectionError as err:
+                raise ConnectionError(f"Expected `address` {address!r} to be a running Ray cluster, but "
+                                      f"ray.init failed: {str(err).splitlines()[0]}") from None
         try:
-            trainable = tune.with_resources(tune.with_parameters(_ray_trainable, jobs={j.trial_id: j for j in pending}),
-                                            {"cpu": cpus_per_trial})
+            trainable = tune.with_resources(
+                tune.with_parameters(_ray_trainable, jobs={j.trial_id: j for j in pending}, isolate=isolate),
+                {"cpu": cpus_per_trial})
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial_id": tune.grid_search([j.trial_id for j in pending])},
-                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent),
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
+                                            reuse_actors=not isolate),
                 run_config=tune.RunConfig(name="tune", storage_path=os.path.abspath(storage), verbose=0),
             )
-            tuner.fit()
+            for result in tuner.fit():
+                if result.error is not None:
+                    trial_id = (result.config or {}).get("trial_id")
+                    first = str(result.error).strip().splitlines()
+                    errors[trial_id] = f"Ray: {type(result.error).__name__}: {first[0] if first else ''}".strip()
         finally:
             if started_here:
                 ray.shutdown()
@@ -283,7 +363,7 @@ def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int
     for job in jobs:
         status = read_status(job.trial_dir)
         if status is None:  # the worker died before writing it
-            status = {"trial_id": job.trial_id, "params": job.params, "seed": job.seed, "status": FAILED,
-                      "error": "the Ray worker ended before the trial did"}
+            status = _lost_ray_trial(job, (errors.get(job.trial_id) or "the Ray worker ended before the trial did")
+                                     + "; rerun the study to resume it from its last checkpoint")
         statuses.append(status)
     return statuses
