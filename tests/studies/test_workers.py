@@ -15,8 +15,8 @@ import pytest
 
 from lightning_probes import read_probes
 from lightning_probes.commands.study import main, study
+from lightning_probes.reading import read_epoch_metrics
 from lightning_probes.studies import prepare_study, run_sequential, workers
-from lightning_probes.studies.aggregate import read_epoch_metrics
 from lightning_probes.studies.runner import check_ray_address
 from tests.studies.conftest import OVERRIDES, write_study
 
