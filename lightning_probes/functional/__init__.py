@@ -1,7 +1,7 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
-`calibration`, `dynamics`, `gradients`, `linear_probes`, `metanet`, `representations`, `robustness`, `runs`,
+`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `representations`, `robustness`, `runs`,
 `statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
@@ -67,6 +67,7 @@ from lightning_probes.functional.gradients import (
     summary_from_partials,
     total_summary,
 )
+from lightning_probes.functional.importance import encode_features, forest_importance, variance_shares
 from lightning_probes.functional.linear_probes import fit_linear_probe, linear_probe_features
 from lightning_probes.functional.metanet import (
     ENCODINGS,
@@ -124,6 +125,9 @@ from lightning_probes.functional.weights import (
 )
 
 __all__ = [
+    "encode_features",
+    "forest_importance",
+    "variance_shares",
     "ActivationAccumulator",
     "AlignmentAccumulator",
     "ENCODINGS",

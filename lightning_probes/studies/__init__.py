@@ -24,6 +24,7 @@ import yaml
 
 from lightning_probes.io import atomic_write_bytes, atomic_write_json
 from lightning_probes.studies.aggregate import build_summary, summary_markdown, trials_table
+from lightning_probes.studies.importance import importance_summary
 from lightning_probes.studies.results import collect_results
 from lightning_probes.studies.runner import TrialJob, is_finished, read_status, run_ray, run_sequential, run_trial
 from lightning_probes.studies.spec import StudyError, StudySpec, load_study
@@ -103,7 +104,9 @@ def write_study_summary(study: PreparedStudy, figures: bool = True) -> dict[str,
     """Rebuild ``trials.csv``, ``summary.json``, ``summary.md`` and the figures from every finished trial.
 
     Trials that ran a ``GradientStatsMonitor`` add a ``gradient_flow`` section to ``summary.json`` and the figure
-    ``figures/gradient_flow.png``.
+    ``figures/gradient_flow.png``. When a key varies, the ``importance`` section
+    (``lightning_probes.studies.importance``) says which keys decided the monitor, with the figures
+    ``figures/parallel_coordinates.png`` and ``figures/importance.png``.
 
     Returns:
         The summary (as in ``summary.json``).
@@ -116,6 +119,13 @@ def write_study_summary(study: PreparedStudy, figures: bool = True) -> dict[str,
     atomic_write_bytes(os.path.join(spec.output, "trials.csv"), table.to_csv(index=False).encode())
     summary = build_summary(results, grid_keys, spec.monitor, spec.mode, name=spec.name)
     summary["study_file"] = spec.path
+    try:
+        importance = importance_summary(results, grid_keys, spec.monitor, sampled=bool(spec.sample))
+    except Exception as err:  # a view of the trials: never lose the tables for it
+        log.warning("could not compute the hyper-parameter importance: %s", err)
+        importance = None
+    if importance is not None:
+        summary["importance"] = importance
     atomic_write_json(os.path.join(spec.output, "summary.json"), summary)
     atomic_write_bytes(os.path.join(spec.output, "summary.md"), summary_markdown(summary).encode())
     if figures:

@@ -24,6 +24,7 @@ from lightning_probes.functional.statistics import (
 )
 from lightning_probes.reading import TEST_PREFIX
 from lightning_probes.studies.gradient_flow import gradient_flow_markdown, gradient_flow_summary
+from lightning_probes.studies.importance import importance_markdown
 from lightning_probes.studies.results import TrialResult
 from lightning_probes.studies.trials import scalar_value, setting_key, setting_label
 
@@ -189,6 +190,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     lines.append(f"{summary['n_finished']} of {summary['n_trials']} trials finished, {summary['n_failed']} failed.")
     if summary.get("gradient_flow"):
         lines += ["", *gradient_flow_markdown(summary["gradient_flow"])]
+    if summary.get("importance"):
+        lines += ["", *importance_markdown(summary["importance"])]
     return "\n".join(lines) + "\n"
 
 

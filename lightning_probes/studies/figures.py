@@ -220,6 +220,19 @@ def sampled_figure(summary: Mapping[str, Any]) -> Any:
     return fig
 
 
+def hparams_figures(summary: Mapping[str, Any], results: Sequence[Any]) -> dict[str, Any]:
+    """``parallel_coordinates`` and ``importance`` (``lightning_probes.studies.hparams_figures``), to draw."""
+    from lightning_probes.studies.hparams_figures import importance_figure, parallel_coordinates_figure
+    from lightning_probes.studies.importance import trial_points
+
+    section = summary["importance"]
+    keys = [k for k in section["keys"] if k != "seed"]
+    columns, metric = trial_points(results, keys, section["monitor"])
+    return {"parallel_coordinates": lambda: parallel_coordinates_figure(columns, metric, section["monitor"],
+                                                                        summary.get("mode", "max")),
+            "importance": lambda: importance_figure(section)}
+
+
 def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any], smoothing: int,
                   sampled: bool = False) -> list[str]:
     """Draw the figures, save them as PNG in ``<output>/figures/`` and add them to TensorBoard ``<output>/summary/``.
@@ -248,6 +261,8 @@ def write_figures(output: str, summary: Mapping[str, Any], results: Sequence[Any
         figures = {"sampled": lambda: sampled_figure(summary)}
     elif summary.get("gradient_flow"):
         figures["gradient_flow"] = lambda: gradient_flow_figure(summary)
+    if summary.get("importance"):
+        figures.update(hparams_figures(summary, results))
     paths = []
     writer = SummaryWriter(log_dir=os.path.join(output, "summary"))
     try:

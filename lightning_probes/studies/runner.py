@@ -7,7 +7,8 @@ write the same files into ``<output>/trials/<trial_id>/``:
 - TensorBoard events, ``metrics.csv`` (``CSVLogger``), ``probes/``, ``checkpoints/last.ckpt``;
 - ``test/metrics.csv`` when the study tests;
 - ``fit.log`` / ``test.log``: the subprocesses' output;
-- ``status.json``, written atomically when the trial ends: ``finished`` or ``failed`` (with the error).
+- ``status.json``, written atomically when the trial ends: ``finished`` or ``failed`` (with the error), its wall
+  time ``wall_s`` and CPU time ``cpu_s`` (user + system, every thread of its process(es)).
 
 A trial whose ``status.json`` says ``finished`` is skipped; any other restarts, from ``checkpoints/last.ckpt`` if
 there is one (the previous ``metrics.csv`` is kept as ``metrics.part<k>.csv``, which
@@ -129,6 +130,16 @@ def _rotate_metrics(trial_dir: str) -> None:
         os.replace(current, os.path.join(trial_dir, f"metrics.part{k}.csv"))
 
 
+def _cpu_seconds(in_process: bool) -> float:
+    """CPU seconds (user + system) of this process (a trial in-process) or of its ended children (subprocesses)."""
+    import resource
+
+    if in_process:
+        return time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def log_trial_hparams(trial_dir: str, params: Mapping[str, Any], seed: int) -> None:
     """Write the trial's grid values and seed with its final metrics as TensorBoard hparams (HPARAMS tab).
 
@@ -171,7 +182,7 @@ def run_trial(job: TrialJob, in_process: bool = False) -> dict[str, Any]:
     previous = read_status(job.trial_dir)
     if previous and previous.get("status") == FINISHED:
         return {**previous, "skipped": True}
-    started = time.time()
+    started, cpu_started = time.time(), _cpu_seconds(in_process)
     config = os.path.join(job.trial_dir, "config.yaml")
     last = os.path.join(job.trial_dir, "checkpoints", "last.ckpt")
     cli = job.cli_prefix()
@@ -197,7 +208,7 @@ def run_trial(job: TrialJob, in_process: bool = False) -> dict[str, Any]:
     elif code != 0:
         status["error"] = _error_line(os.path.join(job.trial_dir, "fit.log"))
     status.update(status=FINISHED if code == 0 else FAILED, returncode=code, wall_s=round(time.time() - started, 2),
-                  ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  cpu_s=round(_cpu_seconds(in_process) - cpu_started, 2), ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if code == 0:
         try:
             log_trial_hparams(job.trial_dir, job.params, job.seed)
