@@ -1,4 +1,4 @@
-"""A callback that makes chosen trials of a study fail: by killing their own process, or by raising.
+"""Callbacks that make chosen trials of a study fail (by killing their own process, or by raising) or run slowly.
 
 The trial's seed (``PL_GLOBAL_SEED``, set by ``seed_everything``) picks the fault, so one override serves a whole
 study: at the start of training epoch ``at_epoch`` (after the previous epoch's checkpoint), the trial with seed
@@ -35,3 +35,16 @@ class Fault(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if seed == self.raise_seed:
             raise RuntimeError("boom from the trial's own code")
+
+
+class Slow(pl.Callback):
+    """Sleep ``seconds`` after every training batch, so that a test can act while a trial is running."""
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -1,0 +1,185 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` and a second `ray start --address`, loopback only,
+one CPU each, separate temporary directories): a study runs on it with `--address`, the second node's raylet is
+`kill -9`ed while it runs a trial, the study ends with that trial marked failed, the rerun resumes it from its
+checkpoint, and no finished trial's files are touched. Every Ray process this test started is killed at the end.
+
+`ray stop` is not used: it stops every Ray process of the machine (other users' included); the test kills the process
+trees of its own two nodes instead, found by their temporary directories, and checks that none is left.
+Skipped without Ray (CI installs only the `dev` extra) and off Linux (it reads `/proc`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.studies.conftest import OVERRIDES, write_study
+
+pytest.importorskip("ray.tune")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find Ray's processes")
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def _processes_of(temp_dirs: list[str]) -> set[int]:
+    """Every process started for our nodes: those naming a temporary directory, and all their descendants."""
+    roots = {pid for pid in _pids() if any(t in _cmdline(pid) for t in temp_dirs)}
+    return {pid for pid in _pids() if any(_descends_from(pid, r) for r in roots)} | roots
+
+
+def _kill_nodes(temp_dirs: list[str]) -> set[int]:
+    for _ in range(3):
+        pids = _processes_of(temp_dirs)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.5)
+    return _processes_of(temp_dirs)
+
+
+def _node_args(temp_dir: str) -> list[str]:
+    ports = _free_ports(7)
+    base = random.randint(20000, 59000)
+    return ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats",
+            "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+            "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
+            "--runtime-env-agent-port", str(ports[4]), "--metrics-export-port", str(ports[5]),
+            "--min-worker-port", str(base), "--max-worker-port", str(base + 60)], ports
+
+
+def _raylet_of(temp_dir: str) -> int:
+    found = [pid for pid in _pids() if "raylet" in _cmdline(pid).split(" ", 1)[0] and temp_dir in _cmdline(pid)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _worker_pid(trial: Path) -> int | None:
+    try:
+        lines = [line for line in (trial / "fit.log").read_text().splitlines() if "long-lived worker, pid" in line]
+    except OSError:
+        return None
+    return int(lines[-1].rsplit("pid ", 1)[1]) if lines else None
+
+
+def test_study_on_a_two_node_cluster_survives_a_killed_node(tmp_path):
+    short = tempfile.mkdtemp(prefix="lpray", dir="/tmp")  # Ray's socket paths must stay short
+    head_dir, node_dir = os.path.join(short, "h"), os.path.join(short, "n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+    overrides = {**OVERRIDES, "trainer.max_epochs": 3,
+                 "trainer.callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}},
+                                       {"class_path": "tests.studies.faults.Slow", "init_args": {"seconds": 0.7}}]}
+    config = write_study(tmp_path / "cluster.yaml", grid={"model.init_args.lr": [0.05, 0.2]}, seeds=[1, 2],
+                         overrides=overrides, test=False)
+    output = tmp_path / "out"
+    study, log = None, None
+    try:
+        head_args, _ = _node_args(head_dir)
+        (port,) = _free_ports(1)
+        subprocess.run([*RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                        "--ray-client-server-port", str(_free_ports(1)[0]), *head_args],
+                       env=env, check=True, capture_output=True, timeout=240)
+        address = f"127.0.0.1:{port}"
+        node_args, _ = _node_args(node_dir)
+        subprocess.run([*RAY, "start", "--address", address, *node_args], env=env, check=True, capture_output=True,
+                       timeout=240)
+        raylet = _raylet_of(node_dir)
+        command = [sys.executable, "-m", "lightning_probes.cli", "study", "--config", str(config), "--output",
+                   str(output), "--engine", "ray", "--address", address, "--max_concurrent", "2", "--no_progress"]
+        log = open(tmp_path / "study.log", "wb")  # noqa: SIM115 (closed in finally)
+        study = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
+        # Wait until a trial runs on the second node and has checkpointed its first epoch, then kill its raylet.
+        victim, deadline = None, time.monotonic() + 400
+        while victim is None:
+            assert study.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial ran on the second node"
+            for trial in sorted((output / "trials").glob("*")) if (output / "trials").exists() else []:
+                pid = _worker_pid(trial)
+                if (pid and _descends_from(pid, raylet) and (trial / "checkpoints" / "last.ckpt").exists()
+                        and not (trial / "status.json").exists()):
+                    victim = trial
+                    break
+            time.sleep(0.2)
+        os.kill(raylet, signal.SIGKILL)
+        assert study.wait(timeout=600) == 1, (tmp_path / "study.log").read_text()[-3000:]
+        statuses = {t.name: json.loads((t / "status.json").read_text()) for t in (output / "trials").iterdir()}
+        assert len(statuses) == 4
+        assert statuses[victim.name]["status"] == "failed", statuses[victim.name]
+        assert "rerun the study to resume it" in statuses[victim.name]["error"]
+        finished = [name for name, s in statuses.items() if s["status"] == "finished"]
+        assert set(finished) | {victim.name} == set(statuses), statuses  # only the lost trial failed
+        before = {p: (p.stat().st_size, p.stat().st_mtime_ns)
+                  for name in finished for p in (output / "trials" / name).rglob("*") if p.is_file()}
+
+        rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+        status = json.loads((victim / "status.json").read_text())
+        assert status["status"] == "finished" and status["resumed"], status
+        after = {p: (p.stat().st_size, p.stat().st_mtime_ns)
+                 for name in finished for p in (output / "trials" / name).rglob("*") if p.is_file()}
+        assert after == before  # no finished trial's file lost, added or rewritten
+        from lightning_probes.reading import read_epoch_metrics
+
+        for name in statuses:
+            epochs = read_epoch_metrics(str(output / "trials" / name))
+            assert list(epochs.index) == [0, 1, 2] and epochs["val/acc"].notna().all(), name  # every epoch once
+        summary = json.loads((output / "summary.json").read_text())
+        assert summary["n_finished"] == 4 and summary["n_failed"] == 0
+    finally:
+        if log is not None:
+            log.close()
+        if study is not None and study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+            study.wait()
+        left = _kill_nodes([head_dir, node_dir])
+        assert not left, f"Ray processes left running: {left}"
