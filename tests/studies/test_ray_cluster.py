@@ -3,8 +3,8 @@ one CPU each, separate temporary directories): a study runs on it with `--addres
 `kill -9`ed while it runs a trial, the study ends with that trial marked failed, the rerun resumes it from its
 checkpoint, and no finished trial's files are touched. Every Ray process this test started is killed at the end.
 
-`ray stop` is not used: it stops every Ray process of the machine (other users' included); the test kills the process
-trees of its own two nodes instead, found by their temporary directories, and checks that none is left.
+`ray stop` is not used: it stops every Ray process of the machine (other users' included); the test kills its own
+nodes' processes instead (every one inherits a marker in its environment) and checks that none is left.
 Skipped without Ray (CI installs only the `dev` extra) and off Linux (it reads `/proc`).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -69,22 +70,37 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _processes_of(temp_dirs: list[str]) -> set[int]:
-    """Every process started for our nodes: those naming a temporary directory, and all their descendants."""
-    roots = {pid for pid in _pids() if any(t in _cmdline(pid) for t in temp_dirs)}
-    return {pid for pid in _pids() if any(_descends_from(pid, r) for r in roots)} | roots
+def _processes_of(marker: str) -> set[int]:
+    """Every process started for our nodes: they all inherit ``LP_RAY_CLUSTER_TEST=<marker>`` in their environment
+    (Ray renames its processes, ``ray::IDLE``, so their command lines do not say whose they are)."""
+    needle = f"LP_RAY_CLUSTER_TEST={marker}".encode()
+    found = set()
+    for pid in _pids():
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except OSError:
+            pass
+    return found - {os.getpid()}
 
 
-def _kill_nodes(temp_dirs: list[str]) -> set[int]:
+def _kill_nodes(marker: str) -> set[int]:
     for _ in range(3):
-        pids = _processes_of(temp_dirs)
-        for pid in pids:
+        for pid in _processes_of(marker):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         time.sleep(0.5)
-    return _processes_of(temp_dirs)
+    alive = set()
+    for pid in _processes_of(marker):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":  # a zombie is dead, waiting for its parent to reap it
+            alive.add(pid)
+    return alive
 
 
 def _node_args(temp_dir: str) -> list[str]:
@@ -95,6 +111,11 @@ def _node_args(temp_dir: str) -> list[str]:
             "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
             "--runtime-env-agent-port", str(ports[4]), "--metrics-export-port", str(ports[5]),
             "--min-worker-port", str(base), "--max-worker-port", str(base + 60)], ports
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run([*RAY, "start", *args], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
 def _raylet_of(temp_dir: str) -> int:
@@ -114,8 +135,11 @@ def _worker_pid(trial: Path) -> int | None:
 def test_study_on_a_two_node_cluster_survives_a_killed_node(tmp_path):
     short = tempfile.mkdtemp(prefix="lpray", dir="/tmp")  # Ray's socket paths must stay short
     head_dir, node_dir = os.path.join(short, "h"), os.path.join(short, "n")
+    # Token authentication with a token of our own (a real cluster's setting; `ray start --head` turns it on when
+    # ~/.ray/auth_token exists, and then the second node needs the token too).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore", "LP_RAY_CLUSTER_TEST": short,
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     overrides = {**OVERRIDES, "trainer.max_epochs": 3,
                  "trainer.callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True}},
                                        {"class_path": "tests.studies.faults.Slow", "init_args": {"seconds": 0.7}}]}
@@ -126,13 +150,11 @@ def test_study_on_a_two_node_cluster_survives_a_killed_node(tmp_path):
     try:
         head_args, _ = _node_args(head_dir)
         (port,) = _free_ports(1)
-        subprocess.run([*RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                        "--ray-client-server-port", str(_free_ports(1)[0]), *head_args],
-                       env=env, check=True, capture_output=True, timeout=240)
+        _ray_start(["--head", "--port", str(port), "--include-dashboard", "false",
+                    "--ray-client-server-port", str(_free_ports(1)[0]), *head_args], env)
         address = f"127.0.0.1:{port}"
         node_args, _ = _node_args(node_dir)
-        subprocess.run([*RAY, "start", "--address", address, *node_args], env=env, check=True, capture_output=True,
-                       timeout=240)
+        _ray_start(["--address", address, *node_args], env)
         raylet = _raylet_of(node_dir)
         command = [sys.executable, "-m", "lightning_probes.cli", "study", "--config", str(config), "--output",
                    str(output), "--engine", "ray", "--address", address, "--max_concurrent", "2", "--no_progress"]
@@ -181,5 +203,5 @@ def test_study_on_a_two_node_cluster_survives_a_killed_node(tmp_path):
         if study is not None and study.poll() is None:
             os.killpg(study.pid, signal.SIGKILL)
             study.wait()
-        left = _kill_nodes([head_dir, node_dir])
+        left = _kill_nodes(short)
         assert not left, f"Ray processes left running: {left}"
