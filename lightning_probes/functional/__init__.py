@@ -1,8 +1,8 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
-`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `representations`, `robustness`, `runs`,
-`statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
+`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `representations`, `robustness`,
+`runs`, `statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
