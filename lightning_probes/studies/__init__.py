@@ -26,10 +26,11 @@ from lightning_probes.io import atomic_write_bytes, atomic_write_json
 from lightning_probes.studies.aggregate import build_summary, summary_markdown, trials_table
 from lightning_probes.studies.importance import importance_summary
 from lightning_probes.studies.results import collect_results
-from lightning_probes.studies.runner import TrialJob, is_finished, read_status, run_ray, run_sequential, run_trial
+from lightning_probes.studies.runner import TrialJob, is_finished, read_status, run_ray, run_trial
 from lightning_probes.studies.spec import StudyError, StudySpec, load_study
 from lightning_probes.studies.trial_config import TrialConfigResolver, config_digest
 from lightning_probes.studies.trials import Trial, expand_trials, sampled_keys, tune_search_space
+from lightning_probes.studies.workers import run_sequential
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
-"""Running the trials of a study: one trial (``lightning fit`` and ``test`` in a subprocess), and the two engines.
+"""Running the trials of a study: one trial (``run_trial``: ``fit``, then ``test``), and the Ray engine.
 
-Every trial is an ordinary LightningCLI run in its own process, whichever engine starts it, so both engines
-write the same files into ``<output>/trials/<trial_id>/``:
+A trial runs either in the current process (``in_process=True``: a long-lived worker of
+``lightning_probes.studies.workers`` or a Ray actor, through ``lightning_probes.studies.in_process``) or as
+``lightning fit``/``lightning test`` subprocesses (``--isolate``); either way it writes the same files into
+``<output>/trials/<trial_id>/``:
 
 - ``config.yaml``: the resolved config (written before the trial starts);
 - TensorBoard events, ``metrics.csv`` (``CSVLogger``), ``probes/``, ``checkpoints/last.ckpt``;
 - ``test/metrics.csv`` when the study tests;
-- ``fit.log`` / ``test.log``: the subprocesses' output;
+- ``fit.log`` / ``test.log``: the runs' output (a traceback when the trial's code raised);
 - ``status.json``, written atomically when the trial ends: ``finished`` or ``failed`` (with the error), its wall
   time ``wall_s`` and CPU time ``cpu_s`` (user + system, every thread of its process(es)).
 
@@ -15,8 +17,9 @@ there is one (the previous ``metrics.csv`` is kept as ``metrics.part<k>.csv``, w
 ``lightning_probes.reading`` reads back in order). A finished trial's grid values and final metrics are also
 written as TensorBoard hparams (``log_trial_hparams``).
 
-Engines: ``sequential`` runs the trials one after another; ``ray`` runs them as Ray Tune trials
-(``tune.Tuner`` over a function trainable that calls ``run_trial``), ``max_concurrent`` at a time.
+Engines: ``sequential`` (``lightning_probes.studies.workers.run_sequential``) runs the trials in long-lived local
+workers; ``ray`` (``run_ray``) runs them as Ray Tune trials (``tune.Tuner`` over a function trainable that calls
+``run_trial`` in the Ray worker), ``max_concurrent`` at a time, locally or on a cluster.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from lightning_probes.studies.trials import scalar_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialJob", "is_finished", "log_trial_hparams", "read_status", "run_ray", "run_sequential", "run_trial"]
+__all__ = ["TrialJob", "is_finished", "log_trial_hparams", "read_status", "run_ray", "run_trial"]
 
 STATUS_FILE = "status.json"
 FINISHED, FAILED = "finished", "failed"
@@ -216,50 +219,6 @@ def run_trial(job: TrialJob, in_process: bool = False) -> dict[str, Any]:
             log.warning("could not write the hparams of %s: %s", job.trial_id, err)
     atomic_write_json(os.path.join(job.trial_dir, STATUS_FILE), status)
     return status
-
-
-def run_sequential(jobs: Sequence[TrialJob], progress: bool = True, workers: int = 1,
-                   isolate: bool = False, pool: Optional[Any] = None) -> list[dict[str, Any]]:
-    """Run the trials on this machine: in ``workers`` long-lived processes, or one process per trial.
-
-    By default ``workers`` long-lived processes (``lightning_probes.studies.workers.TrialWorkers``) import once and
-    run the trials from a queue, in-process; with ``isolate`` each trial runs as its own ``lightning fit`` (and
-    ``test``) subprocess, one after another, as for code that leaks global state. Either way a failed trial does
-    not stop the others. ``KeyboardInterrupt`` stops at once: the running trials are killed and get no
-    ``status.json`` (they restart from their last checkpoint next time); finished trials are untouched.
-
-    Args:
-        jobs: The trials.
-        progress: Show a tqdm progress bar.
-        workers: Long-lived worker processes (ignored with ``isolate``).
-        isolate: One process per trial instead of long-lived workers.
-        pool: Already launched ``TrialWorkers`` to use (the caller closes them); default: start ``workers`` here.
-
-    Returns:
-        The status of every trial, in order.
-
-    Raises:
-        ValueError: If ``workers`` is not a positive integer.
-        WorkerStartError: If a worker cannot start (before any trial runs).
-    """
-    from tqdm.auto import tqdm
-
-    if pool is not None:
-        return pool.run(jobs, progress=progress)
-    if not isolate:
-        from lightning_probes.studies.workers import TrialWorkers
-
-        with TrialWorkers(workers) as own:
-            return own.run(jobs, progress=progress)
-    statuses = []
-    bar = tqdm(jobs, desc="trials", unit="trial", disable=not progress)
-    for job in bar:
-        bar.set_postfix_str(job.trial_id)
-        status = run_trial(job)
-        if status.get("status") == FAILED:
-            log.warning("trial %s failed: %s", job.trial_id, status.get("error"))
-        statuses.append(status)
-    return statuses
 
 
 def _ray_trainable(config: dict[str, Any], jobs: dict[str, TrialJob], isolate: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Long-lived trial workers: ``N`` processes that import torch and Lightning once and run trial after trial.
+"""The sequential engine: ``N`` long-lived worker processes that import torch and Lightning once and run trial after
+trial (``run_sequential``; with ``isolate``, one ``lightning fit`` process per trial instead).
 
 ``TrialWorkers`` starts ``N`` worker processes (``multiprocessing``, ``spawn``), waits until each has imported
 ``lightning_probes.cli`` (a worker that cannot start raises ``WorkerStartError`` before any trial runs), then feeds
@@ -35,7 +36,7 @@ from lightning_probes.studies.runner import FAILED, STATUS_FILE, TrialJob, is_fi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PRELOAD", "TrialWorkers", "WorkerStartError", "describe_exit"]
+__all__ = ["DEFAULT_PRELOAD", "TrialWorkers", "WorkerStartError", "describe_exit", "run_sequential"]
 
 # Imported by every worker before it says it is ready: the CLI imports torch, Lightning, the models, DataModules
 # and probes (seconds, once per worker instead of once per trial).
@@ -293,3 +294,45 @@ class TrialWorkers:
             if not self._workers:
                 raise
             log.warning("a replacement trial worker could not start; going on with %d", len(self._workers))
+
+
+def run_sequential(jobs: Sequence[TrialJob], progress: bool = True, workers: int = 1,
+                   isolate: bool = False, pool: Optional[TrialWorkers] = None) -> list[dict[str, Any]]:
+    """Run the trials on this machine: in ``workers`` long-lived processes, or one process per trial.
+
+    By default ``workers`` long-lived processes (``TrialWorkers``) import once and
+    run the trials from a queue, in-process; with ``isolate`` each trial runs as its own ``lightning fit`` (and
+    ``test``) subprocess, one after another, as for code that leaks global state. Either way a failed trial does
+    not stop the others. ``KeyboardInterrupt`` stops at once: the running trials are killed and get no
+    ``status.json`` (they restart from their last checkpoint next time); finished trials are untouched.
+
+    Args:
+        jobs: The trials.
+        progress: Show a tqdm progress bar.
+        workers: Long-lived worker processes (ignored with ``isolate``).
+        isolate: One process per trial instead of long-lived workers.
+        pool: Already launched ``TrialWorkers`` to use (the caller closes them); default: start ``workers`` here.
+
+    Returns:
+        The status of every trial, in order.
+
+    Raises:
+        ValueError: If ``workers`` is not a positive integer.
+        WorkerStartError: If a worker cannot start (before any trial runs).
+    """
+    from tqdm.auto import tqdm
+
+    if pool is not None:
+        return pool.run(jobs, progress=progress)
+    if not isolate:
+        with TrialWorkers(workers) as own:
+            return own.run(jobs, progress=progress)
+    statuses = []
+    bar = tqdm(jobs, desc="trials", unit="trial", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.trial_id)
+        status = run_trial(job)
+        if status.get("status") == FAILED:
+            log.warning("trial %s failed: %s", job.trial_id, status.get("error"))
+        statuses.append(status)
+    return statuses
