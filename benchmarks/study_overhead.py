@@ -146,7 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of every trial per mode")
     parser.add_argument("--workers", type=int, default=2, help="--workers of the end-to-end study")
     parser.add_argument("--no-isolate", action="store_true", help="skip the one-process-per-trial comparison")
-    parser.add_argument("--smoke", action="store_true", help="2 tiny trials, in-process only, tiny study")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 tiny trials, in-process only; the tiny study end to end with 1 worker")
     add_threads_argument(parser)
     add_output_argument(parser)
     args = parser.parse_args()
@@ -157,7 +158,7 @@ def main() -> None:
     with output_dir(args.output) as root:
         study_file = smoke_study(root) if args.smoke else os.path.abspath(args.config)
         overhead = trial_overhead(study_file, root, args.repeats, isolate=not (args.smoke or args.no_isolate))
-        end_to_end = study_wall(study_file, root, args.workers, args.threads)
+        end_to_end = study_wall(study_file, root, 1 if args.smoke else args.workers, args.threads)
         results = {"study": study_file, "threads": args.threads, "overhead": overhead, "study_run": end_to_end,
                    "cpu_count": os.cpu_count()}
         with open(os.path.join(root, "study_overhead.json"), "w") as f:

@@ -179,7 +179,8 @@ def test_study_on_a_two_node_cluster_survives_a_killed_node(tmp_path):
         assert statuses[victim.name]["status"] == "failed", statuses[victim.name]
         assert "rerun the study to resume it" in statuses[victim.name]["error"]
         finished = [name for name, s in statuses.items() if s["status"] == "finished"]
-        assert set(finished) | {victim.name} == set(statuses), statuses  # only the lost trial failed
+        logs = {n: (output / "trials" / n / "fit.log").read_text()[-3000:] for n in statuses if n not in finished}
+        assert set(finished) | {victim.name} == set(statuses), logs  # only the lost trial failed
         before = {p: (p.stat().st_size, p.stat().st_mtime_ns)
                   for name in finished for p in (output / "trials" / name).rglob("*") if p.is_file()}
 
