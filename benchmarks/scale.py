@@ -201,6 +201,7 @@ def child(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"model": args.model, "variant": args.variant, "failures": [],
                               "parameters": sum(p.numel() for p in module.parameters()),
                               "tensors": sum(1 for _ in module.parameters())}
+    steps = 1 if args.discover else args.memory_steps  # discovery: which probes fail, one step per attempt
     for attempt in range(len(PROBES) + 1):  # a probe that fails is left out of the next attempt
         seconds: dict[str, float] = {}
         callbacks = []
@@ -210,8 +211,8 @@ def child(args: argparse.Namespace) -> None:
                 instrument(probe, seconds)
         start = time.perf_counter()
         try:
-            trainer(args.device, callbacks, args.memory_steps, val_batches, args.root).fit(
-                module, loader(spec, args.memory_steps * spec.batch, 1), loader(spec, val_batches * spec.batch, 2))
+            trainer(args.device, callbacks, steps, val_batches, args.root).fit(
+                module, loader(spec, steps * spec.batch, 1), loader(spec, val_batches * spec.batch, 2))
             break
         except ProbeFailedError as err:
             result["failures"].append({"probe": err.probe, "error": str(err).split(": ", 1)[1][:300]})
@@ -229,7 +230,8 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str]) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str], discover: bool = False
+              ) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--variant", variant,
                "--device", args.device, "--memory-steps", str(args.memory_steps), "--probe-samples",
                str(args.probe_samples), "--root", args.root]
@@ -242,6 +244,8 @@ def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str]
         command += ["--threads", str(args.threads)]
     if skip:
         command += ["--skip", *sorted(skip)]
+    if discover:
+        command.append("--discover")
     done = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -250,15 +254,13 @@ def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str]
 
 
 def memory_and_analyses(args: argparse.Namespace, model: str) -> tuple[dict, dict, list[dict]]:
-    """The bare and the probes process. A probe that fails is reported and left out of the next attempt (in the
-    same process: then one more process without the failing probes measures the memory cleanly)."""
+    """The bare and the probes process. A first process finds the probes that fail at their defaults (one
+    training step and the analyses per attempt, each failing probe left out of the next), so that the probes
+    process measures the memory of the probes that work, without the failed attempts'."""
     bare = run_child(args, model, "bare", set())
-    probes = run_child(args, model, "probes", set())
-    failures = probes.get("failures", [])
-    if failures and not args.smoke:  # the failed attempts' memory is not that of the probes that work
-        probes = run_child(args, model, "probes", set(probes["skipped"]))
-        failures += probes.get("failures", [])
-    return bare, probes, failures
+    found = run_child(args, model, "probes", set(), discover=True)
+    probes = run_child(args, model, "probes", set(found["skipped"]))
+    return bare, probes, found["failures"] + probes["failures"]
 
 
 # -- per-step cost: one process, interleaved -----------------------------------------------------------------
@@ -313,7 +315,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=None,
                         help="steps of each memory process (default 52: past a snapshot and a logged step)")
     parser.add_argument("--probe-samples", type=int, default=None,
-                        help="validation samples of the memory processes (default 512, the probes' probe set)")
+                        help="validation samples (images or sequences) of the memory processes, from which the "
+                             "analyses draw their probe sets (default 512, the probes' default probe set)")
     parser.add_argument("--batch", type=int, default=None, help="samples per batch (default: resnet50 4, gpt 1)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side of resnet50 and tokens of gpt (default 64 each)")
@@ -325,6 +328,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--skip", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--discover", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     add_output_argument(parser)
     add_threads_argument(parser)
