@@ -66,7 +66,10 @@ def test_activation_stats_match_a_plain_forward(tmp_path):
     feats = _features(model, probe._probe.inputs(), [r["layer"] for r in records])
     for r in records:
         a = feats[r["layer"]].numpy()
-        assert r["mean"] == pytest.approx(a.mean(), abs=1e-7) and r["std"] == pytest.approx(a.std(), rel=1e-6)
+        # The probe's float32 forward runs in batches of 16, the reference's on all 48 at once: the kernels may
+        # round each value differently (about 1e-7 of it), so the bounds are relative.
+        assert r["mean"] == pytest.approx(a.mean(), rel=1e-6, abs=1e-7)
+        assert r["std"] == pytest.approx(a.std(), rel=1e-6)
         assert r["sparsity"] == pytest.approx((a == 0).mean())
         assert r["dead_units"] == int((~(a != 0).any(axis=0)).sum())
         s = np.linalg.svd(a - a.mean(0), compute_uv=False)

@@ -85,7 +85,9 @@ def test_fused_abs_summary_matches_norm_summary(dtype):
     tensors = [torch.randn(6, 9, generator=g).to(dtype), -torch.rand(5, generator=g).to(dtype) * 1e-3]
     fused = fused_abs_summary(tensors)  # run eagerly here; the probe may compile it
     assert fused.dtype == dtype and fused.shape == (2, 3)
-    torch.testing.assert_close(fused, norm_summary(tensors), rtol=1e-6 if dtype == torch.float32 else 1e-12,
+    # Two float32 reductions of 54 values in different orders: each within 54 * 2**-24 = 3.2e-6 of the exact sum
+    # whatever the order (the kernels decide it), so 1e-5 holds on any machine.
+    torch.testing.assert_close(fused, norm_summary(tensors), rtol=1e-5 if dtype == torch.float32 else 1e-12,
                                atol=0)
 
 
