@@ -46,6 +46,22 @@ def add_output_argument(parser: argparse.ArgumentParser) -> None:
                              "directory, deleted at the end")
 
 
+def add_smoke_argument(parser: argparse.ArgumentParser) -> None:
+    """``--smoke``: the benchmark's smallest setting (seconds), to check that it runs; its numbers mean nothing.
+    Everything it writes goes under ``--output`` or a temporary directory, as always."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the smallest setting (seconds) to check that the benchmark works; the numbers "
+                             "it prints mean nothing")
+
+
+def apply_smoke(args: argparse.Namespace, **smallest: object) -> argparse.Namespace:
+    """With ``--smoke``, replace the parsed settings by the benchmark's smallest ones (``smallest``)."""
+    if getattr(args, "smoke", False):
+        for name, value in smallest.items():
+            setattr(args, name, value)
+    return args
+
+
 @contextmanager
 def output_dir(path: Optional[str]) -> Iterator[str]:
     """Yield ``path`` (created if needed) or, when it is ``None``, a temporary directory removed afterwards."""

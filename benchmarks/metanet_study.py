@@ -9,6 +9,10 @@ meta-net and baselines side by side.
     python benchmarks/metanet_study.py --data_dir runs/zoo_dataset --output runs/metanet_study \
         [--encoders rnn,lstm,transformer] [--tasks classification,regression] [--seeds 0,1,2,3,4] \
         [--split_by model] [--max_models 0] [--epochs 20] [--encoding sorted]
+
+``--smoke`` runs one encoder, task and seed for one epoch on a tiny random zoo data set it writes under
+``--output`` (seconds; the numbers mean nothing). Every run's own files (checkpoints, the config LightningCLI saves)
+go to a temporary directory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_smoke_argument, apply_smoke, output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"classification": ["accuracy", "auroc", "aupr_err", "fpr_at_95tpr"],
@@ -36,7 +41,8 @@ def run_one(config: str, data_dir: str, seed: int, split_by: str, max_models: in
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = ('[{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": "'
                      + tmp + '", "monitor": "val/loss", "mode": "min", "save_last": false}}]')
-        args = ["fit", "--config", config, "--data.data_dir", data_dir, "--data.split_seed", str(seed),
+        args = ["fit", "--config", config, "--trainer.default_root_dir", tmp,
+                "--data.data_dir", data_dir, "--data.split_seed", str(seed),
                 "--data.split_by", split_by, "--seed_everything", str(seed), "--trainer.logger", "false",
                 "--trainer.callbacks", callbacks, "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.max_epochs", str(epochs),
@@ -53,6 +59,27 @@ def run_one(config: str, data_dir: str, seed: int, split_by: str, max_models: in
         results["n_test_samples"] = len(cli.datamodule.arrays["test"]["model_id"])
         results["epochs_run"] = cli.trainer.current_epoch
     return {k: float(v) for k, v in results.items()}
+
+
+SMOKE_DIMS = (8, 6, 5, 10)  # pool2, fc1, fc2, fc3 of the tiny random zoo data set
+
+
+def write_smoke_dataset(directory: Path, models: int = 12, per_model: int = 20) -> str:
+    """A tiny zoo data set of random activations in the shards' format (``lightning-probes zoo-dataset``)."""
+    from lightning_probes.io import atomic_save_npz
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    n = models * per_model
+    logits = rng.normal(0, 2, (n, SMOKE_DIMS[-1])).astype(np.float32)
+    arrays = {"model_id": np.repeat(np.arange(models), per_model),
+              "sample_index": np.tile(np.arange(per_model), models),
+              "label": rng.integers(0, 10, n), "pred": logits.argmax(1), "correct": rng.integers(0, 2, n),
+              "ratio": rng.random(n).astype(np.float32), "fc3": logits}
+    for name, width in zip(("pool2", "fc1", "fc2"), SMOKE_DIMS[:3]):
+        arrays[name] = rng.normal(0, 1, (n, width)).astype(np.float32)
+    atomic_save_npz(str(directory / "shard_0000.npz"), **arrays)
+    return str(directory)
 
 
 def _fmt(values: list[float]) -> str:
@@ -93,8 +120,9 @@ def table(rows: list[dict[str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--data_dir", default=None, help="the zoo data set (required unless --smoke)")
+    parser.add_argument("--output", default=None, help="where runs.csv and table.md go (required unless --smoke: "
+                                                       "then a temporary directory by default)")
     parser.add_argument("--encoders", default="rnn,lstm,transformer")
     parser.add_argument("--tasks", default="classification,regression")
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -103,7 +131,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--encoding", default="sorted")
     parser.add_argument("--extra", default="", help="Further LightningCLI arguments, space-separated.")
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if not args.smoke and (args.data_dir is None or args.output is None):
+        parser.error("--data_dir and --output are required (or --smoke)")
+    with output_dir(args.output) as output:
+        if args.smoke:
+            dims = "[" + ",".join(map(str, SMOKE_DIMS)) + "]"
+            apply_smoke(args, data_dir=write_smoke_dataset(Path(output) / "smoke_zoo_dataset"), encoders="rnn",
+                        tasks="classification", seeds="0", max_models="0", epochs=1,
+                        extra=f"{args.extra} --model.init_args.layer_dims {dims}".strip())
+        args.output = output
+        study(args)
+
+
+def study(args: argparse.Namespace) -> None:
+    """Run every (max_models, task, encoder, seed) not yet in ``<output>/runs.csv``; write the table."""
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     os.makedirs(args.output, exist_ok=True)

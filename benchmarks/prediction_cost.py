@@ -17,7 +17,17 @@ import statistics
 import time
 
 import torch
-from _common import Stopwatch, add_output_argument, bare_trainer, output_dir, quiet, random_loader, timed_method
+from _common import (
+    Stopwatch,
+    add_output_argument,
+    add_smoke_argument,
+    apply_smoke,
+    bare_trainer,
+    output_dir,
+    quiet,
+    random_loader,
+    timed_method,
+)
 
 from lightning_probes import ConfidenceMonitor, NoiseRobustnessMonitor
 from lightning_probes.models import MLP
@@ -34,8 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--noise-repeats", type=int, default=3, help="NoiseRobustnessMonitor fits timed")
+    parser.add_argument("--noise-samples", type=int, default=200, help="NoiseRobustnessMonitor num_samples")
+    parser.add_argument("--noise-draws", type=int, default=50, help="NoiseRobustnessMonitor num_draws")
     add_output_argument(parser)
-    args = parser.parse_args()
+    add_smoke_argument(parser)
+    args = apply_smoke(parser.parse_args(), samples=128, repeats=1, noise_repeats=1, noise_samples=16,
+                       noise_draws=4)
     quiet()
     with output_dir(args.output) as root:
         measure(args, root)
@@ -67,8 +82,9 @@ def measure(args: argparse.Namespace, root: str) -> None:
         print(f"| {kind} | {statistics.median(ratios):.3f}x |")
 
     seconds, drawing = [], []
-    for _ in range(3):
-        probe = NoiseRobustnessMonitor(output_dir=f"{root}/noise")
+    for _ in range(args.noise_repeats):
+        probe = NoiseRobustnessMonitor(num_samples=args.noise_samples, num_draws=args.noise_draws,
+                                       output_dir=f"{root}/noise")
         analysis, figures = Stopwatch(), Stopwatch()
         timed_method(probe, "analyse", analysis)
         timed_method(probe, "save_figure", figures)
@@ -76,7 +92,8 @@ def measure(args: argparse.Namespace, root: str) -> None:
         trainer.fit(MLP(), random_loader(64, (1, 28, 28), 64), random_loader(1000, (1, 28, 28), 128))
         seconds.append(analysis.seconds)
         drawing.append(figures.seconds)  # drawn at the end of the fit (plot_every_n_epochs=10 by default)
-    print(f"NoiseRobustnessMonitor at defaults (200 samples x 50 draws, MLP): {statistics.median(seconds):.3f} s "
+    print(f"NoiseRobustnessMonitor ({args.noise_samples} samples x {args.noise_draws} draws, MLP; defaults 200 x 50): "
+          f"{statistics.median(seconds):.3f} s "
           f"per analysis, and {statistics.median(drawing):.3f} s per drawing of its figure (every "
           f"{probe.plot_every_n_epochs} epochs and at the end of the fit)")
 
