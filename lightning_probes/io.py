@@ -195,18 +195,37 @@ class JsonlWriter:
             self._handle = None
 
 
-def read_checkpoint(path: str, argument: str, trust: bool = False) -> dict[str, Any]:
+# Lines of torch's wrapping of a weights-only refusal that are not the unpickler's own words.
+_TORCH_WRAPPING = ("Weights only load failed", "Check the documentation", "In PyTorch 2.6", "(1)", "(2)",
+                   "Please file an issue")
+# Said where a caller has no way to trust a checkpoint (``init_from``).
+_NO_TRUST = ("`init_from` never unpickles objects (--trust_checkpoints is for the commands that read checkpoints: "
+             "analyze, ablate, zoo-dataset); save the checkpoint's state_dict alone with torch.save")
+
+
+def _refusal_reason(message: str) -> str:
+    """The weights-only unpickler's own words in torch's message, in one line, whatever torch wraps them in."""
+    lines = [line.strip() for line in message.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(_TORCH_WRAPPING)] or lines or ["refused"]
+    return useful[0].split(" was not an allowed global")[0].rstrip(".")[:300]
+
+
+def read_checkpoint(path: str, argument: str, trust: bool = False, trust_option: bool = True) -> dict[str, Any]:
     """Read a Lightning checkpoint on the CPU, safely, and check it has a ``state_dict``.
 
     Checkpoints are pickles, and unpickling an arbitrary object can run code. The file is read with
     ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers (enough for the state dict
-    and plain hyper-parameters). A checkpoint that needs more (a pickled object of some class) is refused unless
-    ``trust`` is set, in which case it is read with ``weights_only=False``: only do so for files of known origin.
+    and plain hyper-parameters). A checkpoint that needs more (a pickled object of some class, a blocked function
+    such as ``os.system``) is refused unless ``trust`` is set, in which case it is read with ``weights_only=False``:
+    only do so for files of known origin. Every refusal of the weights-only unpickler (a ``pickle.UnpicklingError``
+    from it, however torch words it) is reported as one, naming ``--trust_checkpoints``.
 
     Args:
         path: The checkpoint file.
         argument: The argument that named it, for the error messages (``init_from``, ``ckpt_path``).
         trust: Read checkpoints that ``weights_only=True`` cannot read with full unpickling.
+        trust_option: Whether the caller offers ``--trust_checkpoints``; without it (``init_from``) the refusal
+            says how to save a checkpoint that needs no trust.
 
     Raises:
         ValueError: Naming ``argument``, when the file cannot be read, needs full unpickling without ``trust``
@@ -218,20 +237,19 @@ def read_checkpoint(path: str, argument: str, trust: bool = False) -> dict[str, 
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # not a refused object: the file is no checkpoint torch can read
-            raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read "
-                             f"with torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
+    except pickle.UnpicklingError as err:  # only the weights-only unpickler raises it here: a refusal
         if not trust:
-            reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            reason = reason.split(" was not an allowed global")[0]
+            advice = ("If you trust where the file comes from, pass --trust_checkpoints" if trust_option
+                      else _NO_TRUST)
             raise ValueError(f"Expected `{argument}` to be a checkpoint that torch.load(weights_only=True) can read, "
-                             f"but {path!r} holds pickled objects ({reason}); unpickling them could run code. If "
-                             "you trust where the file comes from, pass --trust_checkpoints") from None
+                             f"but {path!r} holds pickled objects ({_refusal_reason(str(err))}) that its unpickler "
+                             f"refuses (or is no checkpoint at all); unpickling them could run code. {advice}"
+                             ) from None
         checkpoint = _load_trusted(path, argument)
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
         raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read with "
-                         f"torch.load(weights_only=True): {str(err).splitlines()[0]}") from None
+                         f"torch.load(weights_only=True): {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else None
         found = (f"keys {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" if keys is not None

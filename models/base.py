@@ -185,7 +185,7 @@ class ImageClassifier(pl.LightningModule):
 
     def _load_checkpoint_weights(self, path: str) -> None:
         """Load the ``state_dict`` of the Lightning checkpoint ``path`` into this model, strictly."""
-        state = read_checkpoint(path, "init_from")["state_dict"]
+        state = read_checkpoint(path, "init_from", trust_option=False)["state_dict"]
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]

@@ -100,3 +100,88 @@ def test_zoo_models_are_loaded_safely(tmp_path):
     with pytest.raises(ValueError, match="--trust_checkpoints"):
         load_model(zoo_model)
     assert isinstance(load_model(zoo_model, trust=True), MLP)
+
+
+# -- every refusal of the weights-only unpickler names --trust_checkpoints (torch words them differently) ---------
+class _SystemCall:
+    """Unpickling it calls ``os.system``: a checkpoint must never run it unless trusted."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+class _StateDict(collections.OrderedDict):
+    """A ``collections.OrderedDict`` subclass: the weights-only unpickler rebuilds only the plain class."""
+
+
+def _payload(kind: str, marker: Path, monkeypatch) -> object:
+    if kind == "os.system":
+        return _SystemCall(marker)
+    if kind == "__main__ class":
+        import sys
+
+        main_class = type("LightningProbesTestThing", (), {"__module__": "__main__"})
+        monkeypatch.setattr(sys.modules["__main__"], "LightningProbesTestThing", main_class, raising=False)
+        return main_class()
+    return _StateDict(a=torch.ones(2))
+
+
+PAYLOADS = ["os.system", "__main__ class", "OrderedDict subclass"]
+
+
+def test_the_os_system_payload_runs_when_unpickled(tmp_path):
+    """The marker check below means something: plain unpickling of the payload does create the file."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_SystemCall(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_every_refusal_names_trust_checkpoints(kind, tmp_path, monkeypatch, capsys):
+    from lightning_probes.analysis.analyzer import prepare
+    from lightning_probes.commands.ablate import main as ablate_main
+    from lightning_probes.studies.zoo import ZooModel, load_model
+    from tests.commands.test_ablate import FIT_CONFIG
+
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    path = _checkpoint(run / "checkpoints", extra=_payload(kind, marker, monkeypatch))
+    path = path.rename(run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match=r"holds pickled objects \(.+\).*--trust_checkpoints"):
+        read_checkpoint(str(path), "ckpt_path")
+    with pytest.raises(ValueError, match="--trust_checkpoints"):
+        module_from_checkpoint(str(path))
+    with pytest.raises(ValueError, match="--trust_checkpoints"):  # analyze reads every checkpoint first
+        prepare([str(run)], output=str(tmp_path / "analysis"))
+    with pytest.raises(ValueError, match="--trust_checkpoints"):  # zoo-dataset's model loading
+        load_model(ZooModel("t", str(run), str(path), {"model": {"class_path": "lightning_probes.models.MLP"}}, {}))
+    with pytest.raises(ValueError, match=r"holds pickled objects.*init_from` never unpickles.*--trust_checkpoints"):
+        MLP(hidden=(8, 6, 4), input_size=8, init_from=str(path))
+    (tmp_path / "fit.yaml").write_text(FIT_CONFIG.format(root=tmp_path / "fit"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        ablate_main(["--config", str(tmp_path / "fit.yaml"), "--ckpt_path", str(path), "--no_progress",
+                     "--output", str(tmp_path / "ablation")])
+    assert exit_info.value.code == 2 and "--trust_checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "analysis").exists() and not (tmp_path / "ablation").exists()
+    assert not marker.exists()  # nothing was unpickled
+
+
+def test_a_file_that_is_no_checkpoint_gives_one_error_naming_it(tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(_checkpoint(tmp_path).read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.ckpt' could not be read with torch.load"):
+        read_checkpoint(str(truncated), "ckpt_path")
+    for n, text in enumerate(["not a checkpoint\n" * 5, "hello, this is not a checkpoint\n" * 5]):
+        path = tmp_path / f"notes{n}.ckpt"  # torch's weights-only unpickler refuses one, the other is a KeyError
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"`ckpt_path`.*notes{n}.ckpt"):
+            read_checkpoint(str(path), "ckpt_path")
