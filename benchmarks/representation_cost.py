@@ -64,39 +64,48 @@ def bare_step(steps: int, root: str) -> float:
     return timer.seconds
 
 
-def probe_fit(probe_cls, model: str, samples: int, root: str) -> dict:
-    """One fit with analyses at epochs 0, 1 and 2: seconds of each pass (figures excluded) and of each drawing of
-    the figure set."""
-    probe = probe_cls(num_samples=samples, every_n_epochs=1)
-    passes: list[float] = []
+def probe_fit(probe_classes, model: str, samples: int, root: str) -> dict:
+    """One fit with analyses at epochs 0, 1 and 2 with the given probes (together: one shared pass where they
+    share it): per analysis, the seconds of every probe's pass summed (figures excluded; wall and CPU time), and
+    the seconds of each drawing of the figure sets."""
+    probes = [cls(num_samples=samples, every_n_epochs=1) for cls in probe_classes]
+    passes: dict[int, list[float]] = {}
     draws: dict[object, float] = {}
-    state = {"in_pass": None}
-    analyse, save_figure = probe.analyse, probe.save_figure
+    state = {"in_pass": None, "epoch_of": {}}
 
-    def timed_analyse(*args, **kwargs):
-        state["in_pass"] = len(passes)
-        start = time.perf_counter()
-        try:
-            return analyse(*args, **kwargs)
-        finally:
-            passes.append(time.perf_counter() - start)
-            state["in_pass"] = None
+    for probe in probes:
+        analyse, save_figure = probe.analyse, probe.save_figure
 
-    def timed_save_figure(*args, **kwargs):
-        watch = Stopwatch()
-        with watch.timing():
-            save_figure(*args, **kwargs)
-        key = state["in_pass"] if state["in_pass"] is not None else "fit_end"
-        draws[key] = draws.get(key, 0.0) + watch.seconds
+        def timed_analyse(trainer, pl_module, epoch, analyse=analyse):
+            state["in_pass"] = epoch
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                return analyse(trainer, pl_module, epoch)
+            finally:
+                wall, used = passes.setdefault(epoch, [0.0, 0.0])
+                passes[epoch] = [wall + time.perf_counter() - start, used + time.process_time() - cpu]
+                state["in_pass"] = None
 
-    probe.analyse, probe.save_figure = timed_analyse, timed_save_figure
+        def timed_save_figure(*args, save_figure=save_figure, **kwargs):
+            watch = Stopwatch()
+            start = time.process_time()
+            with watch.timing():
+                save_figure(*args, **kwargs)
+            key = state["in_pass"] if state["in_pass"] is not None else "fit_end"
+            wall, used = draws.get(key, (0.0, 0.0))
+            draws[key] = (wall + watch.seconds, used + time.process_time() - start)
+
+        probe.analyse, probe.save_figure = timed_analyse, timed_save_figure
     cls, shape = MODELS[model]
-    trainer = bare_trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, callbacks=[probe],
+    trainer = bare_trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, callbacks=probes,
                            default_root_dir=root)
     trainer.fit(cls(), random_loader(64, shape, 64), random_loader(samples, shape, 128))
-    net = [p - draws.get(i, 0.0) for i, p in enumerate(passes)]
-    return {"first_s": net[0], "marginal_s": statistics.median(net[1:]), "draw_s": max(draws.values(), default=0.0),
-            "every": getattr(probe, "plot_every_n_epochs", 1), "layers": len(probe._modules)}
+    net = [[p[0] - draws.get(e, (0.0, 0.0))[0], p[1] - draws.get(e, (0.0, 0.0))[1]]
+           for e, p in sorted(passes.items())]
+    return {"first_s": net[0][0], "marginal_s": statistics.median(n[0] for n in net[1:]),
+            "marginal_cpu_s": statistics.median(n[1] for n in net[1:]),
+            "draw_s": max((d[0] for d in draws.values()), default=0.0),
+            "every": getattr(probes[0], "plot_every_n_epochs", 1), "layers": len(probes[0]._modules)}
 
 
 def main() -> None:
@@ -124,6 +133,8 @@ def main() -> None:
 def measure(args: argparse.Namespace, root: str) -> None:
     probes = [getattr(lightning_probes, name) for name in args.probes]
     jobs = [("bare", None, None)] + [("probe", p, m) for p in probes for m in args.models]
+    if len(probes) > 1:
+        jobs += [("together", None, m) for m in args.models]  # every probe in one fit: one shared pass
     results: dict[tuple, list] = {}
     rng = random.Random(0)
     for _ in range(args.repeats):
@@ -132,29 +143,46 @@ def measure(args: argparse.Namespace, root: str) -> None:
         for kind, probe_cls, model in order:
             if kind == "bare":
                 results.setdefault(("bare",), []).append(bare_step(args.steps, root))
+            elif kind == "together":
+                results.setdefault(("together", model), []).append(probe_fit(probes, model, args.samples, root))
             else:
-                results.setdefault((probe_cls, model), []).append(probe_fit(probe_cls, model, args.samples, root))
+                results.setdefault((probe_cls, model), []).append(probe_fit([probe_cls], model, args.samples, root))
     steps = math.ceil(args.epoch_samples / 128)
     epoch = statistics.median(results["bare",]) * steps
     each = ", ".join(f"{s * steps:.1f}" for s in results["bare",])
     print(f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, medians. Bare MLP epoch on "
           f"{args.epoch_samples} MNIST-shaped samples (batch 128): {epoch:.2f} s ({steps} steps x "
           f"{epoch / steps * 1000:.1f} ms; per repeat: {each} s)")
-    print("| probe | model | layers | marginal pass s | one-off s (first pass extra) | figures s per drawing | "
+    print("| probe | model | layers | marginal pass s (CPU s) | one-off s (first pass extra) | figures s per drawing | "
           "drawn every n passes | share of the epoch: pass / with figures at that cadence / drawn every pass |")
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for probe_cls in probes:
         for model in args.models:
             runs = results[probe_cls, model]
-            r = {key: statistics.median(run[key] for run in runs) for key in ("first_s", "marginal_s", "draw_s")}
+            r = {key: statistics.median(run[key] for run in runs)
+                 for key in ("first_s", "marginal_s", "marginal_cpu_s", "draw_s")}
             r["every"], r["layers"] = runs[0]["every"], runs[0]["layers"]
             r["per_pass_figures"] = r["draw_s"] / r["every"] if r["every"] > 0 else 0.0
             summary[probe_cls.__name__, model] = r
-            print(f"| {probe_cls.__name__} | {model} | {r['layers']} | {r['marginal_s']:.3f} | "
+            print(f"| {probe_cls.__name__} | {model} | {r['layers']} | "
+                  f"{r['marginal_s']:.3f} ({r['marginal_cpu_s']:.3f}) | "
                   f"{r['first_s'] - r['marginal_s']:.3f} | {r['draw_s']:.3f} | {r['every'] or 'never'} | "
                   f"{r['marginal_s'] / epoch:.1%} / {(r['marginal_s'] + r['per_pass_figures']) / epoch:.1%} / "
                   f"{(r['marginal_s'] + r['draw_s']) / epoch:.1%} |")
+    if len(probes) > 1:
+        print(f"\nShared pass: the {len(probes)} probes in one fit (one forward pass per analysis) against the sum of "
+              "their passes run alone (figures excluded; medians of the marginal analyses)")
+        print("| model | alone: summed pass s (CPU s) | together: pass s (CPU s) | together / alone wall (CPU) |")
+        print("|---|---|---|---|")
+        for model in args.models:
+            alone = [summary[p.__name__, model] for p in probes]
+            runs = results["together", model]
+            wall = statistics.median(run["marginal_s"] for run in runs)
+            cpu = statistics.median(run["marginal_cpu_s"] for run in runs)
+            alone_wall, alone_cpu = sum(r["marginal_s"] for r in alone), sum(r["marginal_cpu_s"] for r in alone)
+            print(f"| {model} | {alone_wall:.3f} ({alone_cpu:.3f}) | {wall:.3f} ({cpu:.3f}) | "
+                  f"{wall / alone_wall:.2f}x ({cpu / alone_cpu:.2f}x) |")
     pair = ("LayerCorrelationMonitor", "ActivationStatsMonitor")
     if not all((p, m) in summary for p in pair for m in args.models):
         return
