@@ -207,7 +207,7 @@ def test_resnet50_at_defaults(tmp_path):
     probes = [lp.LayerCorrelationMonitor(max_memory_gb=0.2, **schedule), lp.ActivationStatsMonitor(**schedule),
               lp.AlignmentMonitor(**schedule), lp.AugmentationInvarianceMonitor(num_views=8, **schedule),
               lp.ConfidenceMonitor(output_dir=out, plot_every_n_epochs=0),
-              lp.NoiseRobustnessMonitor(output_dir=out, plot_every_n_epochs=0)]
+              lp.NoiseRobustnessMonitor(num_draws=4, output_dir=out, plot_every_n_epochs=0)]
     with pytest.warns(UserWarning, match=r"LayerCorrelationMonitor: .* keep at most") as warned:
         trainer(tmp_path, probes, max_epochs=1, limit_train_batches=1).fit(
             Net(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
