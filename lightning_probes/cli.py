@@ -85,10 +85,11 @@ class ProbesCLI(LightningCLI):
             LightningCLI._run_subcommand(self, self.subcommand)
 
 
-def _make_cli(args: Optional[list[str]], run: bool) -> ProbesCLI:
+def _make_cli(args: Optional[list[str]], run: bool, cli_class: type[ProbesCLI] = ProbesCLI) -> ProbesCLI:
     # Any LightningModule and LightningDataModule: the image classifiers and the meta-networks alike (`--model
-    # LeNet5`, `--model MetaNet`: short names resolve among the imported subclasses).
-    return ProbesCLI(
+    # LeNet5`, `--model MetaNet`: short names resolve among the imported subclasses). `cli_class`: a subclass, e.g.
+    # the long-lived trial workers' one, which builds its parsers once per process.
+    return cli_class(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,

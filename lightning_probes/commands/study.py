@@ -69,6 +69,9 @@ def study(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"Expected `workers` to be a positive integer (long-lived trial processes), but got "
                          f"{workers!r}; use --isolate for one process per trial")
+    if engine == "ray" and workers != 1:
+        raise ValueError(f"`workers` ({workers}) sets the sequential engine's long-lived processes; with `--engine "
+                         f"ray` Ray starts (and reuses) them: set `--max_concurrent` instead")
     if address is not None and engine != "ray":
         raise ValueError(f"`address` ({address!r}) joins a Ray cluster: it needs `--engine ray`, but got engine "
                          f"{engine!r}")

@@ -117,6 +117,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize(("args", "message"), [
     (["--workers", "0"], r"Expected `workers` to be a positive integer .* but got 0"),
     (["--address", "127.0.0.1:6379"], r"`address` \('127.0.0.1:6379'\) joins a Ray cluster: it needs `--engine ray`"),
+    (["--engine", "ray", "--workers", "3"], r"`workers` \(3\) sets the sequential engine's .* `--max_concurrent`"),
 ])
 def test_bad_worker_arguments_give_one_error_line(tmp_path, capsys, args, message):
     config = write_study(tmp_path / "tiny.yaml")
