@@ -58,8 +58,8 @@ def variance_shares(factors: Mapping[str, Sequence[Any]], y: Sequence[float]) ->
         y: The metric of each trial.
 
     Returns:
-        ``{"shares": {key: share}, "interactions": float, "seeds": float, "total_variance": float, "n": int,
-        "balanced": bool}``; shares are NaN when ``y`` does not vary.
+        ``{"shares": {key: share}, "interactions": float, "seeds": float,``
+        ``"total_variance": float, "n": int, "balanced": bool}``; shares are NaN when ``y`` does not vary.
 
     Raises:
         ValueError: If ``factors`` is empty or a column's length differs from ``y``'s.
