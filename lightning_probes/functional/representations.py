@@ -155,8 +155,8 @@ class MomentAccumulator:
     with float64 to 1e-5 for the covariance (relative to each pair's scale), correlation and linear CKA. The
     effective rank of rank-deficient layers (e.g. a 10-class classifier fed by 8 units) keeps float64 sums:
     float32 rounding can lift the zero eigenvalues to about 1e-7 of the largest, and their square roots can then
-    move the rank by up to about 1e-4 (measured from 2e-7 to 4e-4 over six seeds on one CPU: it depends on the
-    data and the kernels), while float64 sums match NumPy's SVD to 1e-6 (tested). `LayerCorrelationMonitor`
+    move the rank by up to about 1e-4 (how far depends on the data and the kernels), while float64 sums match
+    NumPy's SVD, with the same cutoff of near-zero eigenvalues, to 1e-6 (tested). `LayerCorrelationMonitor`
     accumulates in float32; the effective rank keeps float64.
 
     Args:

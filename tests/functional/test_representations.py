@@ -199,10 +199,15 @@ def test_float32_accumulation_agrees_with_float64_to_1e_5(batch):
                 cka_from_covariances(reference[bj, bi], reference[bi, bi], reference[bj, bj]).item(), abs=1e-5)
 
 
-def _numpy_effective_rank(x: np.ndarray) -> float:
-    """Independent reference: exp(entropy) of the normalised singular values of the centred data, in float64."""
+def _numpy_effective_rank(x: np.ndarray, cutoff: bool) -> float:
+    """Independent reference: exp(entropy) of the normalised singular values of the centred data, in float64.
+
+    With ``cutoff``, singular values whose squares are within ``p * eps`` of the largest (numpy.linalg.matrix_rank's
+    tolerance, on the covariance's eigenvalues) count as zero, as `effective_rank_from_covariance` counts them."""
     x = np.asarray(x, dtype=np.float64)
     s = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+    if cutoff:
+        s = np.where(s ** 2 > s.max() ** 2 * x.shape[1] * np.finfo(np.float64).eps, s, 0.0)
     p = s[s > 0] / s.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
 
@@ -214,10 +219,12 @@ def test_effective_rank_from_float64_sums_matches_numpy(seed, rank):
     rank of NumPy's float64 SVD of the whole data, for full-rank and rank-deficient layers (a 10-class classifier
     fed by 8 or 3 units).
 
-    A zero eigenvalue of the covariance comes out of float64 round-off as about 1e-16 of the largest, and its square
-    root is then 1e-8 of the largest singular value: on rank-deficient data that moves the rank by up to about 1e-7
-    (measured here: 3e-9 to 3e-8 over these cases; NumPy's own covariance route differs from its SVD by 2e-9 to
-    8e-9), so the bound there is 1e-6; full-rank data has no such term (measured 2e-15) and is held to 1e-9.
+    The null directions of float32 activations keep singular values of about 2e-8 of the largest (the data's own
+    rounding, eigenvalues 1e-16 to 1e-15 of the largest): below the cutoff of `effective_rank_from_covariance`
+    (2.2e-15 for 10 features), so the reference applies the same cutoff. Measured here: 2e-16 to 2e-15 from the
+    reference. The bound on rank-deficient data is 1e-6: were one null direction to land on the other side of the
+    cutoff on another machine, it would move the rank by about 3e-7. The one-shot SVD (`effective_rank`, no cutoff)
+    matches NumPy's plain SVD to 1e-9.
     """
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(48, rank, generator=g) @ torch.randn(rank, 10, generator=g) + 3.0).float()
@@ -225,6 +232,7 @@ def test_effective_rank_from_float64_sums_matches_numpy(seed, rank):
     for chunk in logits.split(16):
         moments.update(chunk)
     got = effective_rank_from_covariance(moments.covariance()).item()
-    reference = _numpy_effective_rank(logits.numpy())
+    reference = _numpy_effective_rank(logits.numpy(), cutoff=True)
     assert got == pytest.approx(reference, rel=1e-9 if rank == 10 else 1e-6)
-    assert effective_rank(logits.double()).item() == pytest.approx(reference, rel=1e-9)  # the one-shot path
+    plain = _numpy_effective_rank(logits.numpy(), cutoff=False)
+    assert effective_rank(logits.double()).item() == pytest.approx(plain, rel=1e-9)  # the one-shot path
