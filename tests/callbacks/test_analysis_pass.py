@@ -202,10 +202,16 @@ def test_memory_estimate_stops_before_allocating(tmp_path):
         def __init__(self):
             super().__init__(hidden=(1024, 1024, 1024), input_size=8)
 
-    probe = LayerCorrelationMonitor(num_samples=8, max_memory_gb=0.05, output_dir=str(tmp_path))
+    # A cap the user set is never lowered: an error naming the estimate and the arguments.
+    probe = LayerCorrelationMonitor(num_samples=8, max_memory_gb=0.05, max_features=1024, output_dir=str(tmp_path))
     with pytest.raises(ProbeConfigurationError,
                        match=r"about \d+\.\d+ GB .*above `max_memory_gb`=0.05.*`layers`.*`max_features`"):
         _fit(tmp_path, Wide(), [probe], RandomDataModule())
+    # At the defaults the widest layers are reduced to fit, with one warning (0.05 GB: at most 1250 features).
+    probe = LayerCorrelationMonitor(num_samples=8, max_memory_gb=0.05, output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"keep at most \d+ features"):
+        _fit(tmp_path, Wide(), [probe], RandomDataModule())
+    assert 32 * sum(probe._widths.values()) ** 2 <= 0.05e9
     with pytest.raises(ValueError, match="`max_memory_gb`"):
         LayerCorrelationMonitor(max_memory_gb=0)
 
