@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,20 @@ def write_variants(config_path: str, root: str, without: Optional[list[str]] = N
     return paths
 
 
+def importable(code: str, root: str) -> str:
+    """A directory that, first on ``PYTHONPATH``, imports ``lightning_probes`` (with the ``models`` and
+    ``datamodules`` subpackages the installed package maps from the checkout's top-level folders), ``models`` and
+    ``datamodules`` from the checkout ``code``: a copy of its ``lightning_probes`` with links to the two folders."""
+    overlay = os.path.join(root, "compare_code")
+    if not os.path.isdir(overlay):
+        shutil.copytree(os.path.join(code, "lightning_probes"), os.path.join(overlay, "lightning_probes"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("models", "datamodules"):
+            os.symlink(os.path.join(code, name), os.path.join(overlay, "lightning_probes", name))
+            os.symlink(os.path.join(code, name), os.path.join(overlay, name))
+    return overlay
+
+
 def timed_fit(config: str, epochs: int, extra: list[str], root: str, code: Optional[str] = None
               ) -> tuple[float, float]:
     """``(wall seconds, CPU seconds)`` of one ``lightning fit`` subprocess (CPU: its user + system time and its
@@ -96,7 +111,8 @@ def measure(config: str, args: argparse.Namespace, root: str) -> list[dict[str, 
     target = args.target if args.target is not None else (1.3 if quickstart else 1.2)
     codes = [("this", None, config)]
     if args.compare:
-        codes.append(("compare", args.compare, os.path.join(args.compare, os.path.relpath(config, ROOT))))
+        codes.append(("compare", importable(args.compare, root),
+                      os.path.join(args.compare, os.path.relpath(config, ROOT))))
     variants: dict[tuple[str, str], tuple[str, Optional[str]]] = {}
     for label, code, path in codes:
         directory = os.path.join(root, name, label)
@@ -123,7 +139,7 @@ def measure(config: str, args: argparse.Namespace, root: str) -> list[dict[str, 
     span = args.long - args.short
     results = []
     for label, code, _ in codes:
-        result: dict[str, Any] = {"config": name, "code": code or ROOT, "target": target,
+        result: dict[str, Any] = {"config": name, "code": args.compare if code else ROOT, "target": target,
                                   "judged_on": "whole fit" if quickstart else "marginal epoch", "variants": {}}
         for (lab, variant) in variants:
             if lab != label:
