@@ -258,6 +258,9 @@ def memory_and_analyses(args: argparse.Namespace, model: str) -> tuple[dict, dic
     training step and the analyses per attempt, each failing probe left out of the next), so that the probes
     process measures the memory of the probes that work, without the failed attempts'."""
     bare = run_child(args, model, "bare", set())
+    if args.no_discover:  # one process; a failing probe is retried without in it (its memory counts too)
+        probes = run_child(args, model, "probes", set())
+        return bare, probes, probes["failures"]
     found = run_child(args, model, "probes", set(), discover=True)
     probes = run_child(args, model, "probes", set(found["skipped"]))
     return bare, probes, found["failures"] + probes["failures"]
@@ -323,6 +326,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--smoke", action="store_true", help="tiny models and runs (seconds): that it works")
     parser.add_argument("--skip-memory", action="store_true", help="per-step cost only")
+    parser.add_argument("--skip-steps", action="store_true", help="memory and analyses only")
+    parser.add_argument("--no-discover", action="store_true",
+                        help="no separate process to find the probes that fail: the memory process retries without "
+                             "them (faster; the failed attempts' memory counts in its peak)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -368,8 +375,9 @@ def main() -> None:
                 if "peak_cuda_mb" in bare:  # on a GPU the memory that matters is the device's
                     entry["peak_cuda_mb"] = {"bare": bare["peak_cuda_mb"], "probes": probes["peak_cuda_mb"]}
                     entry["memory_ratio"] = probes["peak_cuda_mb"] / bare["peak_cuda_mb"]
-            print(f"{model}: per-step cost (interleaved fits in this process)", flush=True)
-            entry["steps"] = step_costs(args, model, skip)
+            if not args.skip_steps:
+                print(f"{model}: per-step cost (interleaved fits in this process)", flush=True)
+                entry["steps"] = step_costs(args, model, skip)
             entry["skipped"] = sorted(skip)
             results["models"][model] = entry
             if args.json:  # after every model: a run stopped later keeps what it measured
@@ -389,7 +397,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
           f"| one-off s | peak {'CUDA' if results['device'] == 'cuda' else 'RSS'} MB bare / probes | memory |")
     print("|---|---|---|---|---|---|---|---|")
     for model, e in results["models"].items():
-        s = e["steps"]
+        s = e.get("steps") or {k: {"bare_step_s": math.nan, "ratio": None, "one_off_s": math.nan}
+                               for k in ("wall", "cpu")}
         rss = e.get("peak_cuda_mb") or e.get("peak_rss_mb")
         memory = (f"{rss['bare']:.0f} / {rss['probes']:.0f}", verdict(e["memory_ratio"], TARGET_MEMORY)) if rss \
             else ("", "")
