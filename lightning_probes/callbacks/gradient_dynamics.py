@@ -125,7 +125,7 @@ class GradientDynamicsMonitor(ParameterProbe):
             is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
             agree to float rounding (they are summed in another order, in float64). Compiled only where one
             process holds whole tensors and follows every entry (else eager). ``"auto"`` (default): compile when the
-            fit will log at least 2,000 steps and ``torch.compile`` can build kernels here.
+            fit will log at least 5,000 steps and ``torch.compile`` can build kernels here.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.

@@ -73,7 +73,7 @@ class GradientStatsMonitor(ParameterProbe):
             instead of four eager ones (float32 or float64 gradients; others stay eager). The first step pays
             the compilation once (seconds; see `compile_seconds`); where compiling is unavailable or fails, it
             runs eagerly (logged once). The statistics agree with the eager ones to float rounding. ``"auto"``
-            (default): compile when the fit will log at least 2,000 steps (``estimated_stepping_batches /
+            (default): compile when the fit will log at least 5,000 steps (``estimated_stepping_batches /
             every_n_steps``) and ``torch.compile`` can build kernels here, where it pays for the seconds it takes.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.

@@ -261,10 +261,10 @@ def fused_abs_summary(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 #: ``compile="auto"`` compiles when a fit will log at least this many steps (per probe). Measured on the 2-core CI
-#: machine (MNIST MLP, both probes every step, 1 thread): compiling costs 9-70 s once per process and saves about
-#: 3-6 ms per logged step, so it pays for itself after roughly 2,000-10,000 logged steps; the bar is the low end,
-#: where a shorter fit loses at most seconds.
-COMPILE_MIN_LOGGED_STEPS = 2000
+#: machine (MNIST MLP, both probes every step, 1 thread): compiling took 9-70 s on a quiet to busy machine (144 s
+#: at load 13) and saved 5.8-10.6 ms of CPU per logged step, so it pays for itself after about 1,500 (quiet) to
+#: 14,000 (load 13) logged steps; the bar sits between them.
+COMPILE_MIN_LOGGED_STEPS = 5000
 
 
 def compile_supported(device: torch.device) -> bool:
