@@ -223,8 +223,9 @@ class GradientDynamicsMonitor(ParameterProbe):
         return self._kernel_before.compile_seconds + self._kernel_after.compile_seconds
 
     def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()  # writes the pending records first: the EMAs, sums and row below follow them
         latest = None if self._latest_row is None else self._latest_row.tolist()
-        return {**super().state_dict(), "ema": {k: dict(v) for k, v in self._ema.items()},
+        return {**state, "ema": {k: dict(v) for k, v in self._ema.items()},
                 "sign_rows": [r.tolist() for r in self._sign_rows], "sign_epochs": list(self._sign_epochs),
                 "latest_row": latest, "epoch_sums": {k: list(v) for k, v in self._epoch_sums.items()}}
 
@@ -462,22 +463,36 @@ class GradientDynamicsMonitor(ParameterProbe):
             packed = all_reduce_sum(packed)
         if not trainer.is_global_zero:
             return
-        packed = packed.cpu().numpy()
+        base = self._base_record(trainer, opt_index)
+        base.update(step=pending.step, epoch=pending.epoch, skipped=skipped)
+        due = self.logger_due(trainer, pending.step)
+        # The block stays on the device until the buffer is written (one host copy for every pending block); a
+        # step whose scalars go to the loggers now (every `log_every_n_steps`) is written at once.
+        self.defer_records(trainer, functools.partial(self._records, trainer, tracked, pending.has_previous, base,
+                                                      device, due), packed)
+        if due:
+            self.flush_records()
+
+    def _records(self, trainer: pl.Trainer, tracked: list[int], has_previous: bool, base: dict[str, Any],
+                 device: torch.device, log_scalars: bool, packed: torch.Tensor) -> list[dict[str, Any]]:
+        """The records of a logged step from its combined block (on the host), when the buffer is written."""
+        n_layers = len(tracked)
+        packed = packed.numpy()
         sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
         counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
         grad_norm, update_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(update_norm), np.sqrt(weight_norm)
         finite, previous_finite = flags[0] == 0, flags[1] == 0
+        skipped = base["skipped"]
         if not finite and not self._warned_nonfinite:
             self._warned_nonfinite = True
-            rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {pending.step}"
+            rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {base['step']}"
                            f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
         self._store_sample(tracked, sample, device)
         sizes = [self._selected_counts[i] for i in tracked]
-        comparable = pending.has_previous and previous_finite and finite and not skipped
+        comparable = has_previous and previous_finite and finite and not skipped
         columns = record_columns(counts, sizes, grad_norm, update_norm, weight_norm, comparable, skipped)
         names = [self._names[i] for i in tracked] + [TOTAL]
-        base = self._base_record(trainer, opt_index)
-        base.update(step=pending.step, epoch=pending.epoch, skipped=skipped, has_previous=comparable)
+        base = {**base, "has_previous": comparable}
         keys = list(columns)
         rows = np.stack([np.asarray(columns[k], dtype=float) for k in keys], axis=1).tolist()
         records = []
@@ -488,11 +503,11 @@ class GradientDynamicsMonitor(ParameterProbe):
             self._update_ema(name, record)
             records.append(record)
         self._accumulate_epoch(records[-1])
-        self.write_records(trainer, records)
-        if self.logger_due(trainer, pending.step):
+        if log_scalars:
             logged = [k for k in keys if k != "sampled_entries"]  # a constant: in the JSONL only
             self.log_scalars(trainer, self.scalars(records, (*logged, "grad_norm_ema", "weight_norm_ema")),
-                             pending.step)
+                             base["step"])
+        return records
 
     def _update_ema(self, name: str, record: dict[str, Any]) -> None:
         ema = self._ema.setdefault(name, {})
@@ -521,8 +536,10 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         means = None
+        if self.computes(trainer):
+            self._resolve_skipped(trainer)  # under FSDP2 every rank enters the step's all-reduce
         if trainer.is_global_zero:
-            self._resolve_skipped(trainer)
+            self.flush_records()  # the pending blocks fill the epoch means and the sign-map row
             means = self.scalars([{"layer": TOTAL, **{k: s / n for k, (s, n) in self._epoch_sums.items() if n}}],
                                  _EPOCH_MEANS, prefix="epoch_mean_")
             self.log_scalars(trainer, means, trainer.global_step)

@@ -401,3 +401,22 @@ def test_auto_max_entries_rule(monkeypatch):
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientDynamicsMonitor(**kwargs)
+
+
+def test_logged_steps_stay_device_blocks_until_the_flush(tmp_path):
+    """Records of steps whose scalars do not go to the loggers now wait as device blocks and are written at the
+    flush (epoch end here); a step due to the loggers is written at once. Every record is written once."""
+    seen = []
+
+    class Peek(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            path = tmp_path / "gradient_dynamics.jsonl"
+            seen.append(sorted({r["step"] for r in read(path)}) if path.exists() else [])
+
+    probe = GradientDynamicsMonitor(every_n_steps=1, flush_every_n_steps=100, flush_secs=None,
+                                    output_dir=str(tmp_path))
+    trainer(tmp_path, [probe, Peek()], logger=CaptureLogger(), log_every_n_steps=4, max_epochs=1).fit(
+        small_mlp(), RandomDataModule())
+    assert seen[:5] == [[0], [0], [0], [0], [0, 1, 2, 3, 4]]  # step 4 is due to the loggers: written with 1-3
+    records = read(tmp_path / "gradient_dynamics.jsonl")
+    assert [r["step"] for r in records if r["layer"] == "__total__"] == list(range(6))
