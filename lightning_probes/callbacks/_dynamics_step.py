@@ -3,7 +3,7 @@ combined numbers become the columns of its records."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -79,6 +79,38 @@ class Pending:
     update_norm: Optional[torch.Tensor] = None
     weight_norm: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
+
+
+class Deferred:
+    """A logged step's records, made from its block once: at the flush (``__call__`` with the block on the host)
+    or earlier, when a later step needs them made first (`materialise_all`); made records are kept and returned
+    again, so each step's records are made once and written once, in order.
+
+    Args:
+        produce: Makes the records from the block on the host.
+        block: The step's block on its device.
+    """
+
+    def __init__(self, produce: Callable[[torch.Tensor], list[dict[str, Any]]], block: torch.Tensor) -> None:
+        self.produce = produce
+        self.block: Optional[torch.Tensor] = block
+        self.records: Optional[list[dict[str, Any]]] = None
+
+    def __call__(self, host: Optional[torch.Tensor] = None) -> list[dict[str, Any]]:
+        if self.records is None:
+            self.records = self.produce(host if host is not None else self.block.cpu())
+            self.block = None
+        return self.records
+
+    @staticmethod
+    def materialise_all(items: Sequence[Deferred]) -> None:
+        """Make the records of every item not made yet, in order, from one host copy of their blocks."""
+        todo = [d for d in items if d.records is None]
+        if not todo:
+            return
+        flat = torch.cat([d.block.reshape(-1) for d in todo]).cpu()  # one transfer
+        for item, host in zip(todo, flat.split([d.block.numel() for d in todo])):
+            item(host)
 
 
 def record_columns(counts: np.ndarray, sizes: Sequence[int], grad_norm: np.ndarray, update_norm: np.ndarray,

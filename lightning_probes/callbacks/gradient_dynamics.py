@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, Pending, Previous, record_columns
+from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, Deferred, Pending, Previous, record_columns
 from lightning_probes.callbacks._entries import (
     EntrySelection,
     auto_max_entries,
@@ -206,6 +206,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         # Per (tracked indices, device): the index tensors of `_entries.select_entries`.
         self._selections: dict[tuple[tuple[int, ...], torch.device], EntrySelection] = {}
         self._warned_nonfinite = False
+        self._unproduced: list[Deferred] = []  # deferred blocks whose records are not made yet (rank 0)
         if compile not in (True, False, "auto"):
             raise ValueError(f"Expected `compile` to be True, False or 'auto', but got {compile!r}")
         self.compile = compile
@@ -300,11 +301,11 @@ class GradientDynamicsMonitor(ParameterProbe):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
-        self._pending, self._previous = {}, {}
+        self._pending, self._previous, self._unproduced = {}, {}, []  # the buffer still makes queued records
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        self._pending, self._previous = {}, {}
+        self._pending, self._previous, self._unproduced = {}, {}, []
         super().teardown(trainer, pl_module, stage)
 
     # -- the step -----------------------------------------------------------------------------------
@@ -466,12 +467,18 @@ class GradientDynamicsMonitor(ParameterProbe):
         base = self._base_record(trainer, opt_index)
         base.update(step=pending.step, epoch=pending.epoch, skipped=skipped)
         due = self.logger_due(trainer, pending.step)
-        # The block stays on the device until the buffer is written (one host copy for every pending block); a
-        # step whose scalars go to the loggers now (every `log_every_n_steps`) is written at once.
-        self.defer_records(trainer, functools.partial(self._records, trainer, tracked, pending.has_previous, base,
-                                                      device, due), packed)
+        # The block stays on the device until the buffer is written (one host copy for all pending blocks). A step
+        # whose scalars go to the loggers now (every `log_every_n_steps`) makes its records at once, after those of
+        # the blocks before it (the EMAs run in step order), and they are still written with the buffer.
+        item = Deferred(functools.partial(self._records, trainer, tracked, pending.has_previous, base, device, due),
+                        packed)
+        self._unproduced = [d for d in self._unproduced if d.records is None]
         if due:
-            self.flush_records()
+            Deferred.materialise_all([*self._unproduced, item])
+            self._unproduced = []
+        else:
+            self._unproduced.append(item)
+        self.defer_records(trainer, item, None if due else packed)
 
     def _records(self, trainer: pl.Trainer, tracked: list[int], has_previous: bool, base: dict[str, Any],
                  device: torch.device, log_scalars: bool, packed: torch.Tensor) -> list[dict[str, Any]]:
