@@ -117,9 +117,10 @@ def test_partial_sums_of_shards_give_the_full_summary():
 
     g = torch.Generator().manual_seed(2)
     full = [torch.randn(9, 4, generator=g), torch.randn(3, generator=g)]
-    shards = [[full[0][:5], full[1][:3]], [full[0][5:], full[1][3:]]]  # the second rank holds none of the bias
-    partials = [partial_summary(s) for s in shards]
-    sums = partials[0][:, :2] + partials[1][:, :2]
-    maxima = torch.maximum(partials[0][:, 2], partials[1][:, 2])
-    np.testing.assert_allclose(summary_from_partials(sums, maxima).numpy(), norm_summary(full).double().numpy(),
-                               rtol=1e-6)
+    for split in (3, 2):  # 3: the second rank holds none of the bias (the loop path); 2: every shard has entries
+        shards = [[full[0][:5], full[1][:split]], [full[0][5:], full[1][split:]]]
+        partials = [partial_summary(s) for s in shards]
+        sums = partials[0][:, :2] + partials[1][:, :2]
+        maxima = torch.maximum(partials[0][:, 2], partials[1][:, 2])
+        np.testing.assert_allclose(summary_from_partials(sums, maxima).numpy(),
+                                   norm_summary(full).double().numpy(), rtol=1e-6)
