@@ -92,7 +92,7 @@ def trial_overhead(study_file: str, root: str, repeats: int, isolate: bool) -> d
         for mode in ("in_process", "isolate") if isolate else ("in_process",):
             out = os.path.join(root, f"trials_{mode}_{repeat}")
             shutil.rmtree(out, ignore_errors=True)
-            prepared = prepare_study(study_file, output=out)
+            prepared = prepare_study(study_file, output=out, cwd=root)
             for job in prepared.jobs:
                 clock.reset()
                 wall, cpu, child = time.perf_counter(), time.process_time(), _children_cpu()
