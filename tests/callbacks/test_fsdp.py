@@ -90,3 +90,30 @@ def test_sampled_records_follow_max_entries(runs):
     assert sampled["__total__"] == 6 * 7
     for r in records:
         assert 0 <= r["zero_count"] <= 7 * (6 if r["layer"] == "__total__" else 1)
+
+
+ALL_PROBES = ["gradient_stats", "gradient_dynamics", "confidence", "noise_robustness", "layer_correlation",
+              "activation_stats", "alignment", "augmentation_invariance"]
+
+
+def test_every_probe_together_under_fsdp2_finishes(runs, tmp_path):
+    """All eight probes in one FSDP2 run: no collective is left waiting (the run ends within the timeout), each
+    probe writes its records once, and the other probes' passes leave the gradient records as they were."""
+    out = run(tmp_path / "all", "fsdp2", ALL_PROBES)
+    for name in ALL_PROBES:
+        records = read(out / f"{name}.jsonl")
+        assert records, name
+        assert len({json_key(r) for r in records}) == len(records), name  # none written twice
+    for name in ("gradient_stats", "gradient_dynamics"):
+        alone = read(runs[1] / f"{name}.jsonl")
+        together = read(out / f"{name}.jsonl")
+        assert [(r["step"], r["layer"]) for r in alone] == [(r["step"], r["layer"]) for r in together]
+        for a, b in zip(alone, together):
+            for key in a:
+                _same(a[key], b[key], (name, a["step"], a["layer"], key))
+
+
+def json_key(record: dict) -> str:
+    import json
+
+    return json.dumps(record, sort_keys=True)
