@@ -10,9 +10,10 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, Deferred, Pending, Previous, record_columns
+from lightning_probes.callbacks._dynamics_records import EPOCH_MEANS, DynamicsRecords
+from lightning_probes.callbacks._dynamics_step import Deferred, Pending, Previous
 from lightning_probes.callbacks._entries import (
     EntrySelection,
     auto_max_entries,
@@ -40,7 +41,7 @@ from lightning_probes.functional._fused import (
     key_histogram,
     state_codes,
 )
-from lightning_probes.functional.dynamics import COUNT_NAMES, zero_threshold_for
+from lightning_probes.functional.dynamics import zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.naming import TOTAL, Patterns
 from lightning_probes.sharding import ShardLayout, all_reduce_sum, local_tensor
@@ -49,11 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Above this many tracked entries, ``max_entries="auto"`` follows a subset of each large tensor.
 _AUTO_ABOVE = 100_000_000
-_FRACTIONS = ("zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction")
-_EPOCH_MEANS = (*_FRACTIONS, "update_norm")
 
 
-class GradientDynamicsMonitor(ParameterProbe):
+class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
     """Tracks how the optimiser moves: near-zero gradients, their release, sign flips and weight updates.
 
     At every ``every_n_steps``-th optimiser step ``t`` it compares the gradient with the one at step ``t-1``
@@ -480,63 +479,6 @@ class GradientDynamicsMonitor(ParameterProbe):
             self._unproduced.append(item)
         self.defer_records(trainer, item, None if due else packed)
 
-    def _records(self, trainer: pl.Trainer, tracked: list[int], has_previous: bool, base: dict[str, Any],
-                 device: torch.device, log_scalars: bool, packed: torch.Tensor) -> list[dict[str, Any]]:
-        """The records of a logged step from its combined block (on the host), when the buffer is written."""
-        n_layers = len(tracked)
-        packed = packed.numpy()
-        sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
-        counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
-        grad_norm, update_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(update_norm), np.sqrt(weight_norm)
-        finite, previous_finite = flags[0] == 0, flags[1] == 0
-        skipped = base["skipped"]
-        if not finite and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(f"GradientDynamicsMonitor {self.name!r}: non-finite gradients at step {base['step']}"
-                           f"{' (step skipped by the AMP GradScaler)' if skipped else ''}; warned once.")
-        self._store_sample(tracked, sample, device)
-        sizes = [self._selected_counts[i] for i in tracked]
-        comparable = has_previous and previous_finite and finite and not skipped
-        columns = record_columns(counts, sizes, grad_norm, update_norm, weight_norm, comparable, skipped)
-        names = [self._names[i] for i in tracked] + [TOTAL]
-        base = {**base, "has_previous": comparable}
-        keys = list(columns)
-        rows = np.stack([np.asarray(columns[k], dtype=float) for k in keys], axis=1).tolist()
-        records = []
-        for name, row in zip(names, rows):
-            record = {**base, "layer": name}
-            for key, value in zip(keys, row):
-                record[key] = None if value != value else (int(value) if key in INTEGER_KEYS else value)
-            self._update_ema(name, record)
-            records.append(record)
-        self._accumulate_epoch(records[-1])
-        if log_scalars:
-            logged = [k for k in keys if k != "sampled_entries"]  # a constant: in the JSONL only
-            self.log_scalars(trainer, self.scalars(records, (*logged, "grad_norm_ema", "weight_norm_ema")),
-                             base["step"])
-        return records
-
-    def _update_ema(self, name: str, record: dict[str, Any]) -> None:
-        ema = self._ema.setdefault(name, {})
-        for key in ("grad_norm", "weight_norm"):
-            value = record[key]
-            if value is not None:
-                ema[key] = value if key not in ema else self.ema_decay * ema[key] + (1 - self.ema_decay) * value
-            record[f"{key}_ema"] = ema.get(key)
-
-    def _accumulate_epoch(self, total: dict[str, Any]) -> None:
-        for key in _EPOCH_MEANS:
-            if total.get(key) is not None:
-                acc = self._epoch_sums.setdefault(key, [0.0, 0])
-                acc[0] += total[key]
-                acc[1] += 1
-
-    def _store_sample(self, tracked: list[int], sample: np.ndarray, device: torch.device) -> None:
-        """Put a logged step's sign-map columns into the latest row (the epoch's row at its end)."""
-        if self._latest_row is None:
-            self._latest_row = np.full(self._n_columns, np.nan)
-        self._latest_row[self._selection_for(tracked, device).row] = sample
-
     # -- epoch and fit end --------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_sums = {}
@@ -548,7 +490,7 @@ class GradientDynamicsMonitor(ParameterProbe):
         if trainer.is_global_zero:
             self.flush_records()  # the pending blocks fill the epoch means and the sign-map row
             means = self.scalars([{"layer": TOTAL, **{k: s / n for k, (s, n) in self._epoch_sums.items() if n}}],
-                                 _EPOCH_MEANS, prefix="epoch_mean_")
+                                 EPOCH_MEANS, prefix="epoch_mean_")
             self.log_scalars(trainer, means, trainer.global_step)
             self._add_sign_row(trainer)
         # Every rank calls `publish` (rank 0's values are broadcast): only rank 0 computes the statistics.
