@@ -170,7 +170,9 @@ def test_studies_without_gradient_stats_have_no_gradient_flow(tmp_path, caplog):
     assert "gradient_flow" not in summary
     assert "gradient_flow" not in json.loads((tmp_path / "out" / "summary.json").read_text())
     figures = tmp_path / "out" / "figures"
-    assert sorted(p.name for p in figures.iterdir()) == ["curves.png", "smoothed.png", "test.png"]
+    # No gradient-flow figure; the study's own figures, with what mattered across its trials (a grid varies lr).
+    assert sorted(p.name for p in figures.iterdir()) == ["curves.png", "importance.png", "parallel_coordinates.png",
+                                                         "smoothed.png", "test.png"]
     assert "study/gradient_flow" not in _summary_images(tmp_path / "out")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
