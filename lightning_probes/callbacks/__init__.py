@@ -3,12 +3,13 @@
 from lightning_probes.callbacks.activation_stats import ActivationStatsMonitor
 from lightning_probes.callbacks.alignment import AlignmentMonitor
 from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
-from lightning_probes.callbacks.base import ParameterProbe, ProbeCallback
+from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
 from lightning_probes.callbacks.gradient_dynamics import GradientDynamicsMonitor
 from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
 from lightning_probes.callbacks.layer_correlation import LayerCorrelationMonitor
 from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
+from lightning_probes.callbacks.parameter_probe import ParameterProbe
 
 __all__ = [
     "ActivationStatsMonitor",

@@ -30,7 +30,8 @@ from lightning_probes.callbacks._gradient_figures import (
     sign_categories,
     sign_map_specs,
 )
-from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, ParameterProbe
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
+from lightning_probes.callbacks.parameter_probe import ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
 from lightning_probes.functional._fused import (
     FusedKernel,

@@ -13,7 +13,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_probes.callbacks._gradient_figures import flow_figure, flow_specs
-from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, ParameterProbe, check_positive_int
+from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_positive_int
+from lightning_probes.callbacks.parameter_probe import ParameterProbe
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
 from lightning_probes.functional.gradients import (
     nonfinite_counts,
