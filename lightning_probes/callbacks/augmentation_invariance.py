@@ -17,7 +17,7 @@ from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_positive_int
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
 from lightning_probes.plotting import colormapped, heatmap
-from lightning_probes.probe_data import ProbeSet, replace_inputs, select_balanced
+from lightning_probes.probe_data import ProbeInputError, ProbeSet, replace_inputs, select_balanced
 
 
 def _generic_augmentation() -> v2.Transform:
@@ -141,6 +141,12 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
             self._templates = [self._templates[k % len(self._templates)] for k in range(len(raw))]
             return [lambda img=img: val_set.normalize(transform(img)) for img in raw]
         inputs = probe.inputs(self.input_key)
+        if self.transform is None and (not inputs.is_floating_point() or inputs.ndim < 3):
+            where = f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
+            raise ProbeInputError(f"{type(self).__name__} augments images, but the input tensor ({where}) holds "
+                                  f"{inputs.dtype} values of shape {tuple(inputs.shape)} (token ids or flat "
+                                  "features?); pass `transform` for these inputs, choose an image input with "
+                                  "`input_key`, or leave this probe out for this model")
         return [lambda img=inputs[i]: transform(img) for i in chosen]
 
     def _view_batches(self, template: Any, views: torch.Tensor) -> list[Any]:

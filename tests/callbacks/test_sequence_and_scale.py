@@ -217,3 +217,13 @@ def test_resnet50_at_defaults(tmp_path):
         assert read(tmp_path / f"{name}.jsonl"), name
     assert len(probes[0]._widths) == 18  # 17 ReLU modules and the classifier
     assert sum(probes[0]._widths.values()) ** 2 * 32 <= 0.2e9
+
+
+def test_augmentation_invariance_refuses_token_inputs_with_one_error(tmp_path):
+    """Token ids cannot be augmented as images: one configuration error naming the probe and the fix, at the first
+    analysis (before any training step), not a bare TypeError from torchvision."""
+    probe = lp.AugmentationInvarianceMonitor(forward_fn=_forward, output_dir=str(tmp_path / "probes"))
+    model = SequenceModel()
+    with pytest.raises(ProbeConfigurationError, match="AugmentationInvarianceMonitor augments images.*`transform`"):
+        trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(model, _tokens(16, 0), _tokens(32, 1))
+    assert model.trainer.global_step == 0
