@@ -210,6 +210,20 @@ def _refusal_reason(message: str) -> str:
     return useful[0].split(" was not an allowed global")[0].rstrip(".")[:300]
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """Whether a file is what ``torch.save`` writes: a zip archive, or (the legacy format) a pickle stream, which
+    starts with the PROTO opcode ``0x80``."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
 def read_checkpoint(path: str, argument: str, trust: bool = False, trust_option: bool = True) -> dict[str, Any]:
     """Read a Lightning checkpoint on the CPU, safely, and check it has a ``state_dict``.
 
@@ -238,6 +252,10 @@ def read_checkpoint(path: str, argument: str, trust: bool = False, trust_option:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # only the weights-only unpickler raises it here: a refusal
+        if not _looks_like_torch_save(path):  # a text file, say: no pickle to refuse, just not a checkpoint
+            raise ValueError(f"Expected `{argument}` to be a Lightning checkpoint, but {path!r} could not be read "
+                             f"with torch.load(weights_only=True): it is neither a torch.save zip archive nor a "
+                             f"pickle ({_refusal_reason(str(err))})") from None
         if not trust:
             advice = ("If you trust where the file comes from, pass --trust_checkpoints" if trust_option
                       else _NO_TRUST)
