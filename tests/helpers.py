@@ -76,3 +76,17 @@ class GradRecorder(pl.Callback):
 
     def by_step(self) -> dict[int, dict[str, Any]]:
         return {s["step"]: s for s in self.steps}
+
+
+def approx(expected: Any, **tolerances: Any) -> Any:
+    """``pytest.approx`` for numbers, recursively through lists, tuples and dicts; ``None``, strings and bools are
+    compared exactly (pytest >= 9.1 refuses ``approx(None)`` and ``approx("text")``)."""
+    import pytest
+
+    if expected is None or isinstance(expected, (str, bool)):
+        return expected
+    if isinstance(expected, dict):
+        return {k: approx(v, **tolerances) for k, v in expected.items()}
+    if isinstance(expected, (list, tuple)):
+        return type(expected)(approx(v, **tolerances) for v in expected)
+    return pytest.approx(expected, **tolerances)

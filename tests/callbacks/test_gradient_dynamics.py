@@ -7,7 +7,7 @@ from pytorch_lightning.plugins import MixedPrecision
 
 from lightning_probes import GradientDynamicsMonitor
 from tests.conftest import CaptureLogger
-from tests.helpers import GradRecorder, RandomDataModule, read, small_mlp, trainer
+from tests.helpers import GradRecorder, RandomDataModule, approx, read, small_mlp, trainer
 
 
 def _reference(prev, now, layer, zero_thr=1e-7, rel_thr=1e-5):
@@ -60,9 +60,9 @@ def test_records_match_an_independent_recorder(tmp_path):
             if ref[key] is None:
                 assert r[key] is None
             else:
-                assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (r["step"], r["layer"], key)
-        assert r["retained_fraction"] == pytest.approx(None if ref["released_fraction"] is None
-                                                       else 1 - ref["released_fraction"])
+                assert r[key] == approx(ref[key], rel=1e-5, abs=1e-9), (r["step"], r["layer"], key)
+        assert r["retained_fraction"] == approx(None if ref["released_fraction"] is None
+                                                else 1 - ref["released_fraction"])
         checked += 1
     assert checked == 3 * 12  # three compared steps, 11 tensors + total
     # With momentum, some flips cross maxima: both kinds occur over the run.
@@ -197,7 +197,7 @@ def test_float64_training_matches_the_recorder(tmp_path):
         for key in ("zero_count", "minima_crossings", "maxima_crossings"):
             assert r[key] == ref[key], (r["step"], r["layer"], key)
         for key in ("sign_flip_fraction", "update_norm", "weight_norm", "grad_norm"):
-            assert r[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), (r["step"], r["layer"], key)
+            assert r[key] == approx(ref[key], rel=1e-9, abs=1e-12), (r["step"], r["layer"], key)
     assert len(probe._sign_rows) == 1 and probe._sign_rows[0].shape == (probe._n_columns,)
 
 
@@ -284,7 +284,7 @@ def test_compiled_kernels_give_the_eager_records(tmp_path):
     for a, b in zip(eager, fused):
         for key, value in a.items():
             if "norm" in key:
-                assert b[key] == pytest.approx(value, rel=1e-6), (a["step"], a["layer"], key)
+                assert b[key] == approx(value, rel=1e-6), (a["step"], a["layer"], key)
             else:
                 assert b[key] == value, (a["step"], a["layer"], key)
         if b["has_previous"]:
@@ -292,11 +292,11 @@ def test_compiled_kernels_give_the_eager_records(tmp_path):
             for key in ("zero_count", "minima_crossings", "maxima_crossings"):
                 assert b[key] == ref[key]
             for key in ("update_norm", "weight_norm", "grad_norm"):
-                assert b[key] == pytest.approx(ref[key], rel=1e-6)
+                assert b[key] == approx(ref[key], rel=1e-6)
     for a, b in zip(eager_stats, fused_stats):
         assert a.keys() == b.keys() and a["layer"] == b["layer"] and a["nonfinite"] == b["nonfinite"]
         for key in ("grad_abs_mean", "grad_abs_std", "grad_norm", "grad_abs_max"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-12), (a["step"], a["layer"], key)
+            assert b[key] == approx(a[key], rel=1e-5, abs=1e-12), (a["step"], a["layer"], key)
 
 
 def test_compile_failure_runs_eagerly(tmp_path, monkeypatch):
@@ -315,7 +315,7 @@ def test_compile_failure_runs_eagerly(tmp_path, monkeypatch):
         ref = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
         assert (r["zero_count"], r["minima_crossings"], r["maxima_crossings"]) == (
             ref["zero_count"], ref["minima_crossings"], ref["maxima_crossings"])
-        assert r["sign_flip_fraction"] == pytest.approx(ref["sign_flip_fraction"], rel=1e-9)
+        assert r["sign_flip_fraction"] == approx(ref["sign_flip_fraction"], rel=1e-9)
 
 
 def test_max_entries_follows_a_fixed_seeded_subset(tmp_path):
@@ -354,11 +354,11 @@ def test_max_entries_follows_a_fixed_seeded_subset(tmp_path):
         whole = _reference(steps[r["step"] - 1], steps[r["step"]], r["layer"], rel_thr=1e-3)
         for key in ("zero_count", "minima_crossings", "maxima_crossings"):
             assert r[key] == ref[key], (r["step"], r["layer"], key)
-        assert r["zero_fraction"] == pytest.approx(ref["zero_count"] / expected)
+        assert r["zero_fraction"] == approx(ref["zero_count"] / expected)
         for key in ("sign_flip_fraction", "released_fraction", "update_norm"):
-            assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-12), (r["step"], r["layer"], key)
+            assert r[key] == approx(ref[key], rel=1e-5, abs=1e-12), (r["step"], r["layer"], key)
         for key in ("grad_norm", "weight_norm"):  # no state needed: over the whole tensors
-            assert r[key] == pytest.approx(whole[key], rel=1e-5), (r["step"], r["layer"], key)
+            assert r[key] == approx(whole[key], rel=1e-5), (r["step"], r["layer"], key)
         checked += 1
     assert checked == 2 * 12  # steps 2 and 4 compare with 1 and 3; 11 tensors and the total
 

@@ -12,7 +12,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning_probes import GradientDynamicsMonitor, GradientStatsMonitor
 from lightning_probes.sharding import check_strategy
 from tests.callbacks.test_gradient_dynamics import _reference
-from tests.helpers import GradRecorder, RandomDataModule, read, small_mlp, trainer
+from tests.helpers import GradRecorder, RandomDataModule, approx, read, small_mlp, trainer
 
 
 class DeepSpeedStrategy(SingleDeviceStrategy):
@@ -104,7 +104,7 @@ def test_amp_scaled_gradients_are_reported_unscaled(tmp_path, fused):
         for key in ("zero_count", "minima_crossings", "maxima_crossings"):
             assert r[key] == ref[key], (r["step"], r["layer"], key)
         for key in ("grad_norm", "sign_flip_fraction", "released_fraction"):
-            assert r[key] == pytest.approx(ref[key], rel=1e-5), (r["step"], r["layer"], key)
+            assert r[key] == approx(ref[key], rel=1e-5), (r["step"], r["layer"], key)
         checked += 1
     assert checked == 3 * 12  # three compared steps, 11 tensors and the total
     assert any(r["zero_count"] for r in dynamics)  # the thresholds matter: scaled gradients would count none

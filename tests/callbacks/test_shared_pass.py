@@ -1,10 +1,9 @@
 """Representation probes that analyse at the same moment share one forward pass over the probe set."""
 
-import pytest
 import pytorch_lightning as pl
 
 from lightning_probes import ActivationStatsMonitor, AlignmentMonitor, LayerCorrelationMonitor
-from tests.helpers import RandomDataModule, read, small_mlp, trainer
+from tests.helpers import RandomDataModule, approx, read, small_mlp, trainer
 
 PROBES = {"layer_correlation": LayerCorrelationMonitor, "activation_stats": ActivationStatsMonitor,
           "alignment": AlignmentMonitor}
@@ -35,7 +34,7 @@ def test_one_pass_for_every_probe_and_the_same_records(tmp_path):
         for a, b in zip(shared, separate):
             assert a.keys() == b.keys()
             for key in a:
-                assert a[key] == (pytest.approx(b[key], rel=1e-9, abs=1e-12) if a[key] is not None else None), \
+                assert a[key] == approx(b[key], rel=1e-9, abs=1e-12), \
                     (name, key)
 
 
