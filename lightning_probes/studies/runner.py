@@ -7,7 +7,8 @@ A trial runs either in the current process (``in_process=True``: a long-lived wo
 
 - ``config.yaml``: the resolved config (written before the trial starts);
 - TensorBoard events, ``metrics.csv`` (``CSVLogger``), ``probes/``, ``checkpoints/last.ckpt``;
-- ``test/metrics.csv`` when the study tests;
+- ``test/`` when the study tests: the test run's ``metrics.csv``, TensorBoard events and its own ``config.yaml``
+  (the test run's log directory, so that ``config.yaml`` of the trial stays the ``fit`` config a rerun resumes);
 - ``fit.log`` / ``test.log``: the runs' output (a traceback when the trial's code raised);
 - ``status.json``, written atomically when the trial ends: ``finished`` or ``failed`` (with the error), its wall
   time ``wall_s`` and CPU time ``cpu_s`` (user + system, every thread of its process(es)).
@@ -204,7 +205,7 @@ def run_trial(job: TrialJob, in_process: bool = False) -> dict[str, Any]:
             test_dir = os.path.join(job.trial_dir, "test")
             _rotate_metrics(test_dir)
             test = [*cli, "test", "--config", config, "--ckpt_path", last,
-                    "--trainer.logger", json.dumps(trial_loggers(job.trial_dir, csv_dir=test_dir))]
+                    "--trainer.logger", json.dumps(trial_loggers(test_dir))]
             code = _run(job, test, "test.log", in_process)
             if code != 0:
                 status["error"] = _error_line(os.path.join(job.trial_dir, "test.log"))

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -129,8 +129,8 @@ class _ParseError(Exception):
     pass
 
 
-def trial_loggers(trial_dir: str, csv_dir: Optional[str] = None) -> list[dict[str, Any]]:
-    """A TensorBoardLogger and a CSVLogger writing straight into ``trial_dir`` (``csv_dir`` for the CSV).
+def trial_loggers(trial_dir: str) -> list[dict[str, Any]]:
+    """A TensorBoardLogger and a CSVLogger writing straight into ``trial_dir``.
 
     ``name`` and ``version`` are empty, so ``trainer.log_dir`` is the trial directory itself and a resumed run
     keeps writing there. Lightning saves the CSV after its own logging calls; the probes log their scalars straight
@@ -141,7 +141,7 @@ def trial_loggers(trial_dir: str, csv_dir: Optional[str] = None) -> list[dict[st
         {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
          "init_args": {"save_dir": trial_dir, "name": "", "version": "", "default_hp_metric": False}},
         {"class_path": "pytorch_lightning.loggers.CSVLogger",
-         "init_args": {"save_dir": csv_dir or trial_dir, "name": "", "version": "", "flush_logs_every_n_steps": 1}},
+         "init_args": {"save_dir": trial_dir, "name": "", "version": "", "flush_logs_every_n_steps": 1}},
     ]
 
 

@@ -36,7 +36,8 @@ from lightning_probes.studies.runner import FAILED, STATUS_FILE, TrialJob, is_fi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PRELOAD", "TrialWorkers", "WorkerStartError", "describe_exit", "run_sequential"]
+__all__ = ["DEFAULT_PRELOAD", "TrialWorkers", "WorkerStartError", "describe_exit", "run_sequential",
+           "threads_per_worker"]
 
 # Imported by every worker before it says it is ready: the CLI imports torch, Lightning, the models, DataModules
 # and probes (seconds, once per worker instead of once per trial).
@@ -61,12 +62,34 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exited with status {exitcode}"
 
 
-def _worker_main(conn: Any, preload: Sequence[str]) -> None:
-    """A worker's life: import ``preload``, say ``ready``, then run each trial it receives until ``None``."""
+def threads_per_worker(num_workers: int) -> int:
+    """Intra-op threads of each of ``num_workers`` workers: this process's CPUs shared out, at least 1.
+
+    ``N`` workers each running torch's default (one thread per CPU) oversubscribe the machine ``N``-fold, and
+    torch's OpenMP threads then wait on each other: on 2 cores, 2 workers of 2 threads each took 10-20x the CPU time
+    per trial of 2 workers of 1 thread. Ray Tune does the same for its trials (``OMP_NUM_THREADS`` = the trial's
+    CPUs).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, num_workers))
+
+
+def _worker_main(conn: Any, preload: Sequence[str], threads: Optional[int] = None) -> None:
+    """A worker's life: import ``preload``, say ``ready``, then run each trial it receives until ``None``.
+
+    ``threads``: intra-op threads of torch in this worker (``OMP_NUM_THREADS`` too, before torch is imported);
+    ``None`` leaves torch's default.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the study's to handle: it kills the workers
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         for name in preload:
             importlib.import_module(name)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     except BaseException as err:
         conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
         return
@@ -90,9 +113,9 @@ def _worker_main(conn: Any, preload: Sequence[str]) -> None:
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
-    def __init__(self, context: Any, preload: Sequence[str], index: int) -> None:
+    def __init__(self, context: Any, preload: Sequence[str], index: int, threads: Optional[int] = None) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, tuple(preload)),
+        self.process = context.Process(target=_worker_main, args=(child, tuple(preload), threads),
                                        name=f"lightning-probes-trial-worker-{index}", daemon=False)
         self.process.start()
         child.close()
@@ -133,18 +156,25 @@ class TrialWorkers:
         num_workers: Worker processes (at least 1).
         preload: Modules every worker imports before it is ready (default ``DEFAULT_PRELOAD``).
         start_timeout: Seconds a worker may take to import ``preload``.
+        threads: Intra-op threads of torch in each worker; default `threads_per_worker` (the CPUs shared out), or
+            torch's own default when ``OMP_NUM_THREADS`` is set in the environment (the user's choice).
 
     Raises:
         ValueError: If ``num_workers`` is not a positive integer.
     """
 
     def __init__(self, num_workers: int = 1, preload: Optional[Sequence[str]] = None,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, threads: Optional[int] = None) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"Expected `workers` to be a positive integer (long-lived trial processes), but got "
                              f"{num_workers!r}; use --isolate for one process per trial")
         if not start_timeout > 0:
             raise ValueError(f"Expected `start_timeout` to be positive seconds, but got {start_timeout!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"Expected `threads` to be a positive integer or None, but got {threads!r}")
+        if threads is None and "OMP_NUM_THREADS" not in os.environ:
+            threads = threads_per_worker(num_workers)
+        self.threads = threads
         self.num_workers = num_workers
         self.preload = tuple(DEFAULT_PRELOAD if preload is None else preload)
         self.start_timeout = float(start_timeout)
@@ -154,7 +184,7 @@ class TrialWorkers:
         self.replaced = 0
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._context, self.preload, len(self._workers) + self.replaced)
+        return _Worker(self._context, self.preload, len(self._workers) + self.replaced, self.threads)
 
     def launch(self) -> TrialWorkers:
         """Start the worker processes without waiting for them (they import while the caller does other work)."""

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from lightning_probes import read_probes
 from lightning_probes.commands.study import main, study
 from lightning_probes.reading import read_epoch_metrics
 from lightning_probes.studies import prepare_study, run_sequential, workers
 from lightning_probes.studies.runner import check_ray_address
+from lightning_probes.studies.trial_config import config_digest
 from tests.studies.conftest import OVERRIDES, write_study
 
 CHECKPOINT = {"class_path": "ModelCheckpoint", "init_args": {"save_last": True}}
@@ -70,6 +72,10 @@ def test_trial_after_another_in_one_worker_equals_a_fresh_process(tmp_path, monk
         pd.testing.assert_frame_equal(_numeric(left).reset_index(drop=True), _numeric(right).reset_index(drop=True),
                                       check_exact=False, rtol=1e-6, atol=1e-7)
     assert _listing(a) == _listing(b)
+    for trial in (a, b):  # the test run saves its config in test/: the trial's config.yaml stays the fit config
+        status = json.loads((trial / "status.json").read_text())
+        assert config_digest(yaml.safe_load((trial / "config.yaml").read_text())) == status["config_digest"]
+        assert "verbose" in yaml.safe_load((trial / "test" / "config.yaml").read_text())
 
 
 def test_killed_and_raising_trials_fail_with_their_reason_and_resume(tmp_path, monkeypatch):
@@ -162,3 +168,39 @@ def test_worker_that_cannot_start_fails_before_any_trial(tmp_path, capsys, monke
     assert not list((tmp_path / "out" / "trials").glob("*/fit.log"))
     with pytest.raises(ValueError, match="Expected `workers` to be a positive integer"):
         workers.TrialWorkers(0)
+
+
+def test_workers_share_the_cpus_out_as_torch_threads(monkeypatch):
+    """N workers of torch's default thread count would oversubscribe the machine N-fold: each worker gets the CPUs
+    divided by N (at least 1), unless OMP_NUM_THREADS says otherwise; the worker really runs with that many."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert workers.threads_per_worker(1) == cpus
+    assert workers.threads_per_worker(cpus) == 1
+    assert workers.threads_per_worker(4 * cpus) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert workers.TrialWorkers(2).threads == max(1, cpus // 2)
+    assert workers.TrialWorkers(2, threads=3).threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert workers.TrialWorkers(2).threads is None
+    with pytest.raises(ValueError, match="Expected `threads` to be a positive integer or None, but got 0"):
+        workers.TrialWorkers(1, threads=0)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with workers.TrialWorkers(1, preload=("torch",), threads=1) as pool:
+        worker = pool._workers[0]
+        worker.conn.send(_ThreadsJob())
+        kind, status, _ = worker.conn.recv()
+    assert kind == "done" and status["status"] == "failed" and "threads=1" in status["error"], status
+
+
+class _ThreadsJob:
+    """A job whose `run_trial` fails with the worker's torch thread count in its message (read back by the test)."""
+
+    trial_id, params, seed = "threads", {}, 0
+
+    @property
+    def trial_dir(self):
+        import torch
+
+        raise RuntimeError(f"threads={torch.get_num_threads()}")
