@@ -68,7 +68,7 @@ from lightning_probes.functional.gradients import (
     total_summary,
 )
 from lightning_probes.functional.importance import encode_features, forest_importance, variance_shares
-from lightning_probes.functional.linear_probes import fit_linear_probe, linear_probe_features
+from lightning_probes.functional.linear_probes import LinearProbe, fit_linear_probe, linear_probe_features
 from lightning_probes.functional.metanet import (
     ENCODINGS,
     LAYER_STATS,
@@ -133,6 +133,7 @@ __all__ = [
     "ENCODINGS",
     "HEALTH_FORMULA",
     "LAYER_STATS",
+    "LinearProbe",
     "EffectiveRankAccumulator",
     "MomentAccumulator",
     "SPARSITY_TOLERANCE",

@@ -19,19 +19,39 @@ def _data(seed=0, n=300, d=12, classes=4):
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
 
 
+def _reference(x, y, c=1.0):
+    """scikit-learn's fit of the same model, converged far below its default tolerance (1e-4 stops it early: 13
+    iterations here against 28 to convergence, probabilities off by up to 2%)."""
+    xs = x.double().numpy()
+    scaler = StandardScaler().fit(xs)
+    return scaler, LogisticRegression(C=c, max_iter=10_000, tol=1e-12).fit(scaler.transform(xs), y.numpy())
+
+
 def test_probe_equals_a_scikit_learn_fit_and_scores_every_class():
     x, y = _data()
     probe = fit_linear_probe(x, y, num_classes=5)  # class 4 never seen
-    xs = x.double().numpy()
-    scaler = StandardScaler().fit(xs)
-    reference = LogisticRegression(C=1.0, max_iter=200).fit(scaler.transform(xs), y.numpy())
+    scaler, reference = _reference(x, y)
     test_x, _ = _data(seed=1, n=50)
     out = linear_probe_features({"a": probe}, {"a": test_x}, torch.zeros(50, dtype=torch.int64), 5, ["a"])
     expected = reference.predict_log_proba(scaler.transform(test_x.double().numpy()))
     np.testing.assert_allclose(out["probe_a"][:, :4], expected, rtol=1e-4, atol=1e-5)
     assert np.isneginf(out["probe_a"][:, 4]).all()
     p = np.sort(np.exp(expected), axis=1)
-    np.testing.assert_allclose(out["probe_margin"][:, 0], p[:, -1] - p[:, -2], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["probe_margin"][:, 0], p[:, -1] - p[:, -2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("classes", "c"), [(2, 1.0), (3, 0.05)])
+def test_probe_equals_scikit_learn_for_two_classes_and_strong_regularisation(classes, c):
+    """Two classes: scikit-learn fits one binary logistic regression (one weight vector), not a 2-class softmax."""
+    x, y = _data(seed=2, n=200, d=6, classes=classes)
+    x[:, 3] = 1.5  # a constant feature: StandardScaler leaves its scale at 1
+    probe = fit_linear_probe(x, y, num_classes=4, c=c)
+    scaler, reference = _reference(x, y, c)
+    test_x, _ = _data(seed=3, n=40, d=6, classes=classes)
+    expected = reference.predict_log_proba(scaler.transform(test_x.double().numpy()))
+    np.testing.assert_allclose(probe.log_proba(test_x), expected, rtol=1e-5, atol=1e-6)
+    assert probe.weight.shape == (1 if classes == 2 else classes, 6)
+    np.testing.assert_array_equal(probe.classes, np.arange(classes))
 
 
 def test_agreement_is_the_first_layer_whose_probe_predicts_the_final_class():
@@ -56,3 +76,5 @@ def test_probe_needs_two_classes_and_labels_in_range():
         fit_linear_probe(x, torch.zeros(20, dtype=torch.int64), 3)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         fit_linear_probe(x, torch.arange(20) % 4, 3)
+    with pytest.raises(ValueError, match="Expected `c` to be positive, but got 0"):
+        fit_linear_probe(x, torch.arange(20) % 3, 3, c=0)
