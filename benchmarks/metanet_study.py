@@ -8,7 +8,14 @@ meta-net and baselines side by side.
 
     python benchmarks/metanet_study.py --data_dir runs/zoo_dataset --output runs/metanet_study \
         [--encoders rnn,lstm,transformer] [--tasks classification,regression] [--seeds 0,1,2,3,4] \
-        [--split_by model] [--max_models 0] [--epochs 20] [--encoding sorted]
+        [--split_by model] [--max_models 0] [--epochs 20] [--encoding sorted] [--inputs layers,all] \
+        [--layer_dims 400,120,84,10] [--loss mse]
+
+``--inputs`` names the input sets of the ablation (`INPUT_SETS`): ``layers`` (the sorted layer outputs alone) and
+the layers plus class-aligned inputs of a data set built with ``zoo-dataset --features boundary,context,probes``:
+``boundary`` (log linearised distances to the decision boundary), ``probes`` (the linear probes' class scores and
+margins), ``context`` (the model's confidence profile), ``all``. ``--split_by`` takes several protocols
+(``model,model_and_image,pair``). ``--layer_dims`` must match the zoo's LeNet5 (``256,120,84,10`` without padding).
 
 ``--smoke`` runs one encoder, task and seed for one epoch on a tiny random zoo data set it writes under
 ``--output`` (seconds; the numbers mean nothing). Every run's own files (checkpoints, the config LightningCLI saves)
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import logging
 import os
 import sys
@@ -30,8 +38,27 @@ import numpy as np
 from _common import add_smoke_argument, apply_smoke, output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The ablation's input sets: ZooDataModule ``aligned`` arrays and their widths (MetaNet ``aligned_dims``).
+INPUT_SETS: dict[str, list[tuple[str, int]]] = {
+    "layers": [],
+    "boundary": [("boundary_distance", 10)],
+    "probes": [("probe_pool2", 10), ("probe_fc1", 10), ("probe_fc2", 10), ("probe_margin", 3)],
+    "context": [("context", 8)],
+    "all": [("boundary_distance", 10), ("probe_pool2", 10), ("probe_fc1", 10), ("probe_fc2", 10),
+            ("probe_margin", 3), ("context", 8)],
+}
 HEADLINE = {"classification": ["accuracy", "auroc", "aupr_err", "fpr_at_95tpr"],
             "regression": ["r2", "spearman", "mse", "r2_correct", "r2_wrong"]}
+
+
+def input_args(inputs: str) -> list[str]:
+    """LightningCLI arguments of one input set (`INPUT_SETS`)."""
+    if inputs not in INPUT_SETS:
+        raise SystemExit(f"error: unknown input set {inputs!r}; valid: {', '.join(INPUT_SETS)}")
+    names = [name for name, _ in INPUT_SETS[inputs]]
+    dims = [dim for _, dim in INPUT_SETS[inputs]]
+    return ["--data.aligned", "[" + ",".join(names) + "]", "--model.init_args.aligned_dims",
+            "[" + ",".join(map(str, dims)) + "]"]
 
 
 def run_one(config: str, data_dir: str, seed: int, split_by: str, max_models: int, epochs: int, encoding: str,
@@ -90,8 +117,11 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(rows: list[dict[str, str]]) -> str:
-    """Markdown: per (split_by, max_models, encoding, task) one table, rows = meta-net encoders then baselines."""
+    """Markdown: per (split_by, max_models, encoding, task) one table, rows = meta-net encoder x input set, then the
+    baselines."""
     lines = []
+    for r in rows:
+        r.setdefault("inputs", "layers")
     groups = sorted({(r["split_by"], int(r["max_models"]), r["encoding"], r["task"]) for r in rows})
     for split_by, max_models, encoding, task in groups:
         chosen = [r for r in rows if (r["split_by"], int(r["max_models"]), r["encoding"], r["task"])
@@ -101,11 +131,16 @@ def table(rows: list[dict[str, str]]) -> str:
         models = "all models" if not max_models else f"first {max_models} models"
         lines += [f"### {task}, split by {split_by}, {models}, encoding {encoding} (seeds {seeds})", "",
                   "| predictor | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        if task == "regression":
+            metrics = [*metrics, "r2_ceiling"]
+        lines[-2:] = ["| predictor | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
         for encoder in ("rnn", "lstm", "transformer"):
-            mine = [r for r in chosen if r["encoder"] == encoder]
-            if mine:
-                cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""]) for m in metrics]
-                lines.append(f"| MetaNet {encoder} (n={len(mine)}) | " + " | ".join(cells) + " |")
+            for inputs in INPUT_SETS:
+                mine = [r for r in chosen if r["encoder"] == encoder and r["inputs"] == inputs]
+                if mine:
+                    cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""])
+                             for m in metrics]
+                    lines.append(f"| MetaNet {encoder}, {inputs} (n={len(mine)}) | " + " | ".join(cells) + " |")
         names = sorted({k.split("/")[2] for r in chosen for k, v in r.items()
                         if k.startswith("test/baseline/") and v not in ("", None)})
         # Baselines depend on the split only: one value per seed (the first run of that seed).
@@ -130,6 +165,10 @@ def main() -> None:
     parser.add_argument("--max_models", default="0", help="Comma-separated; 0 = all models.")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--encoding", default="sorted")
+    parser.add_argument("--inputs", default="layers", help=f"Comma-separated input sets: {', '.join(INPUT_SETS)}")
+    parser.add_argument("--layer_dims", default=None, help="Comma-separated MetaNet layer_dims (default: the "
+                                                           "config's)")
+    parser.add_argument("--loss", default=None, help="Regression loss, mse or binomial (default: the config's)")
     parser.add_argument("--extra", default="", help="Further LightningCLI arguments, space-separated.")
     add_smoke_argument(parser)
     args = parser.parse_args()
@@ -152,32 +191,36 @@ def study(args: argparse.Namespace) -> None:
     os.makedirs(args.output, exist_ok=True)
     path = Path(args.output) / "runs.csv"
     rows = list(csv.DictReader(path.open())) if path.exists() else []
-    done = {(r["encoder"], r["task"], r["seed"], r["split_by"], r["max_models"], r["encoding"]) for r in rows}
-    for max_models in [int(m) for m in args.max_models.split(",")]:
-        for task in args.tasks.split(","):
-            for encoder in args.encoders.split(","):
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    key = (encoder, task, str(seed), args.split_by, str(max_models), args.encoding)
-                    if key in done:
-                        continue
-                    started = time.time()
-                    config = str(ROOT / "configs" / "metanet" / f"{encoder}_{task}.yaml")
-                    result = run_one(config, args.data_dir, seed, args.split_by, max_models, args.epochs,
-                                     args.encoding, args.extra.split())
-                    row = {"encoder": encoder, "task": task, "seed": seed, "split_by": args.split_by,
-                           "max_models": max_models, "encoding": args.encoding,
-                           "wall_s": round(time.time() - started, 1), **result}
-                    rows.append({k: str(v) for k, v in row.items()})
-                    columns = list(dict.fromkeys(k for r in rows for k in r))
-                    with path.open("w", newline="") as handle:
-                        writer = csv.DictWriter(handle, fieldnames=columns)
-                        writer.writeheader()
-                        writer.writerows(rows)
-                    main_metric = "test/auroc" if task == "classification" else "test/r2"
-                    sys.stdout.write(f"{encoder} {task} seed={seed} {args.split_by} max_models={max_models}: "
-                                     f"{main_metric}={result.get(main_metric, float('nan')):.4f} "
-                                     f"({row['wall_s']} s)\n")
-                    sys.stdout.flush()
+    done = {(r["encoder"], r["task"], r["seed"], r["split_by"], r["max_models"], r["encoding"],
+             r.get("inputs", "layers")) for r in rows}
+    extra = args.extra.split()
+    if args.layer_dims:
+        extra += ["--model.init_args.layer_dims", f"[{args.layer_dims}]"]
+    for split_by, max_models, task, inputs, encoder, seed in itertools.product(
+            args.split_by.split(","), [int(m) for m in args.max_models.split(",")], args.tasks.split(","),
+            args.inputs.split(","), args.encoders.split(","), [int(s) for s in args.seeds.split(",")]):
+            key = (encoder, task, str(seed), split_by, str(max_models), args.encoding, inputs)
+            if key in done:
+                continue
+            started = time.time()
+            config = str(ROOT / "configs" / "metanet" / f"{encoder}_{task}.yaml")
+            loss = ["--model.init_args.loss", args.loss] if args.loss and task == "regression" else []
+            result = run_one(config, args.data_dir, seed, split_by, max_models, args.epochs,
+                             args.encoding, [*extra, *input_args(inputs), *loss])
+            row = {"encoder": encoder, "task": task, "seed": seed, "split_by": split_by,
+                   "max_models": max_models, "encoding": args.encoding, "inputs": inputs,
+                   "wall_s": round(time.time() - started, 1), **result}
+            rows.append({k: str(v) for k, v in row.items()})
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            main_metric = "test/auroc" if task == "classification" else "test/r2"
+            sys.stdout.write(f"{encoder} {task} {inputs} seed={seed} {split_by} max_models={max_models}: "
+                             f"{main_metric}={result.get(main_metric, float('nan')):.4f} "
+                             f"({row['wall_s']} s)\n")
+            sys.stdout.flush()
     (Path(args.output) / "table.md").write_text(table(rows))
     sys.stdout.write(table(rows) + "\n")
 

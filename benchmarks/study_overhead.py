@@ -19,6 +19,7 @@ Wall time is noisy on a shared machine: CPU seconds (``time.process_time``, ``RU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -63,6 +64,8 @@ class _TrainerClock:
     def _wrap(self, original):
         clock = self
 
+        # LightningCLI builds each subcommand's options from the method's signature (`test --ckpt_path`): keep it.
+        @functools.wraps(original)
         def timed(*args, **kwargs):
             wall, cpu = time.perf_counter(), time.process_time()
             try:
@@ -97,6 +100,8 @@ def trial_overhead(study_file: str, root: str, repeats: int, isolate: bool) -> d
                 clock.reset()
                 wall, cpu, child = time.perf_counter(), time.process_time(), _children_cpu()
                 status = run_trial(job, in_process=mode == "in_process")
+                if status["status"] != "finished":
+                    raise RuntimeError(f"trial {job.trial_id} ({mode}) failed: {status.get('error')}")
                 rows.append({"mode": mode, "repeat": repeat, "trial": job.trial_id, "status": status["status"],
                              "wall_s": time.perf_counter() - wall,
                              "cpu_s": time.process_time() - cpu + _children_cpu() - child,

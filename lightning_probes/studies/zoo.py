@@ -184,6 +184,17 @@ def load_train_set(config: str, data_dir: Optional[str], size: int) -> tuple[tor
     return train_set.normalize(train_set.images[:size]), train_set.targets[:size].clone()
 
 
+#: DataModule arguments that shape only the loaders and the training subset, never the test set: trials that differ
+#: only in these share one loaded test set.
+_LOADER_ONLY = ("batch_size", "num_workers", "train_size")
+
+
+def _test_set_key(data: Mapping[str, Any]) -> str:
+    """A trial's ``data`` config without `_LOADER_ONLY`: the cache key of its test set."""
+    init_args = {k: v for k, v in (data.get("init_args") or {}).items() if k not in _LOADER_ONLY}
+    return json.dumps({**data, "init_args": init_args}, sort_keys=True)
+
+
 def _read_csv(path: str) -> list[dict[str, str]]:
     if not os.path.isfile(path):
         return []
@@ -295,7 +306,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     for zoo_model in bar:
         model_id = next_id
         next_id += 1
-        key = json.dumps(zoo_model.config["data"], sort_keys=True)
+        key = _test_set_key(zoo_model.config["data"])
         if key not in data_cache:
             data_cache[key] = load_test_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir)
         inputs, labels = data_cache[key]
@@ -312,7 +323,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         probes = None
         if "probes" in settings.features:
             config_path = os.path.join(zoo_model.trial_dir, "config.yaml")
-            train_key = ("train", key)
+            train_key = ("train", json.dumps(zoo_model.config["data"], sort_keys=True))
             if train_key not in data_cache:
                 data_cache[train_key] = load_train_set(config_path, data_dir, settings.probe_train_size)
             probes = fit_probes(model, *data_cache[train_key], settings.probe_layers, int(logits.shape[1]))
