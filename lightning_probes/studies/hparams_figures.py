@@ -2,7 +2,8 @@
 
 ``parallel_coordinates_figure`` draws one line per finished trial through one vertical axis per varied key and a last
 axis for the monitor, coloured by the monitor (the best trials drawn last, on top). Numeric keys spanning more than a
-decade with positive values get a log axis (learning rates, weight decay), others a linear one; categorical keys
+decade with positive values spread logarithmically get a log axis (learning rates, weight decay), others a linear
+one; categorical keys
 (strings, dicts) get one evenly spaced tick per value. ``importance_figure`` draws the ``importance`` section of
 ``summary.json`` as bars.
 """
@@ -18,6 +19,20 @@ import numpy as np
 __all__ = ["axis_positions", "importance_figure", "parallel_coordinates_figure"]
 
 
+def _off_centre(t: np.ndarray) -> float:
+    """How far the median sits from the middle of the range, as a share of the range."""
+    return float(abs(np.median(t) - (t.min() + t.max()) / 2) / (t.max() - t.min()))
+
+
+def _logarithmic(x: np.ndarray) -> bool:
+    """A log axis for positive values spanning more than a decade and spread over it logarithmically: their median
+    sits nearer the middle of the range in log10 than in linear units (a log-uniform learning rate, not a uniform
+    dropout whose smallest draw happens to be 5e-5)."""
+    if not ((x > 0).all() and x.max() / x.min() > 10):
+        return False
+    return _off_centre(np.log10(x)) < _off_centre(x)
+
+
 def axis_positions(values: Sequence[Any]) -> tuple[np.ndarray, list[float], list[str]]:
     """Where each value sits on a parallel-coordinates axis in [0, 1], with the axis's tick positions and labels.
 
@@ -27,7 +42,7 @@ def axis_positions(values: Sequence[Any]) -> tuple[np.ndarray, list[float], list
     numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
     if numeric:
         x = np.asarray(values, dtype=float)
-        log = bool((x > 0).all() and x.max() / x.min() > 10)
+        log = _logarithmic(x)
         t = np.log10(x) if log else x
         low, high = float(t.min()), float(t.max())
         span = high - low if high > low else 1.0

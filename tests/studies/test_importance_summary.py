@@ -68,5 +68,12 @@ def test_parallel_axis_positions():
     assert positions.tolist() == pytest.approx([0.0, 0.5, 1.0]) and labels == ["0.001", "0.01", "0.1"]
     positions, _, labels = axis_positions([1, 2, 4])
     assert positions.tolist() == pytest.approx([0.0, 1 / 3, 1.0])
+    rng = np.random.default_rng(0)
+    dropout = np.append(rng.uniform(0.0, 0.5, 200), 5e-5)  # uniform, with one draw near 0: a linear axis
+    _, _, labels = axis_positions(dropout.tolist())
+    assert labels == [f"{v:.3g}" for v in np.linspace(5e-5, dropout.max(), 3)]
+    lr = 10 ** rng.uniform(-2, np.log10(0.15), 200)  # log-uniform: a log axis
+    positions, _, labels = axis_positions(lr.tolist())
+    np.testing.assert_allclose(positions, (np.log10(lr) - np.log10(lr.min())) / np.log10(lr.max() / lr.min()))
     positions, ticks, labels = axis_positions(["tanh", "relu", "tanh"])
     assert positions.tolist() == [1.0, 0.0, 1.0] and labels == ["relu", "tanh"]
