@@ -196,9 +196,11 @@ def study(args: argparse.Namespace) -> None:
     extra = args.extra.split()
     if args.layer_dims:
         extra += ["--model.init_args.layer_dims", f"[{args.layer_dims}]"]
-    for split_by, max_models, task, inputs, encoder, seed in itertools.product(
-            args.split_by.split(","), [int(m) for m in args.max_models.split(",")], args.tasks.split(","),
-            args.inputs.split(","), args.encoders.split(","), [int(s) for s in args.seeds.split(",")]):
+    # Seeds outside tasks, input sets and encoders: a study stopped early has every row for its first seeds.
+    for split_by, max_models, seed, task, inputs, encoder in itertools.product(
+            args.split_by.split(","), [int(m) for m in args.max_models.split(",")],
+            [int(s) for s in args.seeds.split(",")], args.tasks.split(","), args.inputs.split(","),
+            args.encoders.split(",")):
             key = (encoder, task, str(seed), split_by, str(max_models), args.encoding, inputs)
             if key in done:
                 continue
