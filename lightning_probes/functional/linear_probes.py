@@ -23,12 +23,10 @@ __all__ = ["LinearProbe", "fit_linear_probe", "linear_probe_features"]
 class LinearProbe:
     """A fitted linear probe: standardisation, then a (multinomial) logistic regression over the seen classes.
 
-    Attributes:
-        classes: ``(K,)`` the classes seen in training, ascending (the probe scores only these).
-        mean: ``(D,)`` feature means of the training features.
-        scale: ``(D,)`` their standard deviations (``ddof=0``; 1 where a feature is constant).
-        weight: ``(K, D)`` float64 weights (``(1, D)`` for two classes: a binary logistic regression).
-        bias: ``(K,)`` (``(1,)``) intercepts.
+    Its fields: ``classes``, ``(K,)`` the classes seen in training, ascending (the probe scores only these);
+    ``mean`` and ``scale``, ``(D,)`` the training features' means and standard deviations (``ddof=0``; 1 where a
+    feature is constant); ``weight``, ``(K, D)`` float64 weights (``(1, D)`` for two classes: a binary logistic
+    regression); ``bias``, ``(K,)`` (``(1,)``) intercepts.
     """
 
     classes: np.ndarray
