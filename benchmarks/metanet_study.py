@@ -12,10 +12,12 @@ meta-net and baselines side by side.
         [--layer_dims 400,120,84,10] [--loss mse]
 
 ``--inputs`` names the input sets of the ablation (`INPUT_SETS`): ``layers`` (the sorted layer outputs alone) and
-the layers plus class-aligned inputs of a data set built with ``zoo-dataset --features boundary,context,probes``:
-``boundary`` (log linearised distances to the decision boundary), ``probes`` (the linear probes' class scores and
-margins), ``context`` (the model's confidence profile), ``all``. ``--split_by`` takes several protocols
-(``model,model_and_image,pair``). ``--layer_dims`` must match the zoo's LeNet5 (``256,120,84,10`` without padding).
+the layers plus class-aligned inputs of a data set built with ``zoo-dataset --features
+boundary,context,probes,noise_profile``: ``boundary`` (log linearised distances to the decision boundary), ``probes``
+(the linear probes' class scores and margins), ``context`` (the model's confidence profile), ``noise_profile`` (the
+model's own stability under the label's noise on its training images), ``probes+boundary+context``, ``all``.
+``--split_by`` takes several protocols (``model,model_and_image,pair``). ``--layer_dims`` must match the zoo's
+LeNet5 (``256,120,84,10`` without padding).
 
 ``--smoke`` runs one encoder, task and seed for one epoch on a tiny random zoo data set it writes under
 ``--output`` (seconds; the numbers mean nothing). Every run's own files (checkpoints, the config LightningCLI saves)
@@ -44,8 +46,11 @@ INPUT_SETS: dict[str, list[tuple[str, int]]] = {
     "boundary": [("boundary_distance", 10)],
     "probes": [("probe_pool2", 10), ("probe_fc1", 10), ("probe_fc2", 10), ("probe_margin", 3)],
     "context": [("context", 8)],
+    "noise_profile": [("noise_profile", 5)],
+    "probes+boundary+context": [("boundary_distance", 10), ("probe_pool2", 10), ("probe_fc1", 10), ("probe_fc2", 10),
+                                ("probe_margin", 3), ("context", 8)],
     "all": [("boundary_distance", 10), ("probe_pool2", 10), ("probe_fc1", 10), ("probe_fc2", 10),
-            ("probe_margin", 3), ("context", 8)],
+            ("probe_margin", 3), ("context", 8), ("noise_profile", 5)],
 }
 HEADLINE = {"classification": ["accuracy", "auroc", "aupr_err", "fpr_at_95tpr"],
             "regression": ["r2", "spearman", "mse", "r2_correct", "r2_wrong"]}

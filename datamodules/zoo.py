@@ -19,11 +19,13 @@ from lightning_probes.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPLITS", "ZooDataModule", "aligned_input", "split_models", "split_models_and_images"]
+__all__ = ["BASELINE_ARRAYS", "SPLITS", "ZooDataModule", "aligned_input", "split_models", "split_models_and_images"]
 
 Task = Literal["classification", "regression"]
 _TASKS = ("classification", "regression")
 Split = Literal["model", "pair", "sample", "model_and_image"]
+#: Optional arrays of a data set that `MetaNet`'s baselines read (``linear_stability``, ``self_calibrated``).
+BASELINE_ARRAYS = ("boundary_distance", "noise_profile")
 #: The protocols of `ZooDataModule`'s ``split_by`` ("sample" is the former name of "pair").
 SPLITS = ("model", "pair", "sample", "model_and_image")
 
@@ -224,8 +226,9 @@ class ZooDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         # A `group` array (the training run of each row), where the data set has one, keeps a run's checkpoints on
-        # one side of the "model_and_image" split.
-        data = load_shards(self.data_dir, layers=[*hp.layers, *hp.aligned, "group"])
+        # one side of the "model_and_image" split; the baselines' arrays are read where the data set has them,
+        # whatever the inputs, so every run reports the same baselines.
+        data = load_shards(self.data_dir, layers=[*hp.layers, *hp.aligned, "group", *BASELINE_ARRAYS])
         missing = [n for n in [*hp.layers, *hp.aligned] if n not in data]
         if missing:
             found = sorted(k for k in data if k not in ("model_id", "sample_index", "label", "pred", "correct",

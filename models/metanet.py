@@ -81,7 +81,9 @@ class MetaNet(pl.LightningModule):
 
     With ``regression`` the test also logs ``test/r2_ceiling`` (`functional.r2_ceiling`, the label-noise ceiling of
     r2, when the data set's ``dataset.json`` gives ``num_draws``); with a ``boundary_distance`` array and ``sigma``
-    in the data set, the baselines gain ``linear_stability`` (``Phi(min_j d_j / sigma)``, no training).
+    in the data set, the baselines gain ``linear_stability`` (``Phi(min_j d_j / sigma)``, no training); with a
+    ``noise_profile`` array, ``self_calibrated`` (each model's own isotonic fit of its stability on its max softmax,
+    measured on its training images: nothing learnt across models).
 
     Raises:
         ValueError: For an argument out of range, naming it.
@@ -284,6 +286,8 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
         sigma: The data set's noise level; with it and a ``boundary_distance`` array, ``linear_stability``
             (``Phi(min_j d_j / sigma)``) is a baseline too: its AUROC and best-threshold accuracy for
             ``correct``, its r2 for the ratio, with nothing fitted.
+            With a ``noise_profile`` array, ``self_calibrated`` (its first column: each model's own isotonic fit
+            of stability on max softmax, measured on its training images; nothing fitted across models) too.
 
     Returns:
         Baseline name -> metric -> value.
@@ -296,6 +300,9 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
         for scores, split in ((train_scores, train), (test_scores, test)):
             distance = torch.as_tensor(split["boundary_distance"]).double().min(dim=1).values
             scores["linear_stability"] = linear_stability(distance, float(sigma))
+    if "noise_profile" in train and "noise_profile" in test:
+        for scores, split in ((train_scores, train), (test_scores, test)):
+            scores["self_calibrated"] = torch.as_tensor(split["noise_profile"][:, 0]).double()
     if task == "classification":
         return {name: error_detection_metrics(test_scores[name], test_correct,
                                               threshold=best_threshold(train_scores[name], train_correct))
@@ -307,9 +314,9 @@ def compute_baselines(train: dict[str, Any], test: dict[str, Any], logits_layer:
     pred = torch.as_tensor(fit.predict(test_scores["max_softmax"].numpy()))
     groups = {"correct": test_correct > 0, "wrong": test_correct == 0}
     out = {"isotonic_max_softmax": regression_metrics(pred, torch.as_tensor(test["ratio"]), groups=groups)}
-    if "linear_stability" in test_scores:
-        out["linear_stability"] = regression_metrics(test_scores["linear_stability"], torch.as_tensor(test["ratio"]),
-                                                     groups=groups)
+    for name in ("linear_stability", "self_calibrated"):
+        if name in test_scores:
+            out[name] = regression_metrics(test_scores[name], torch.as_tensor(test["ratio"]), groups=groups)
     return out
 
 

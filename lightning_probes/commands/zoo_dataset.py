@@ -4,15 +4,17 @@ Usage:
     lightning-probes zoo-dataset --zoo <study output> --data.data_dir <MNIST dir> --output <dir>
                                  [--sigma 1.0] [--num_draws 50] [--per_class 10] [--min_accuracy 0.6]
                                  [--layers pool2,fc1,fc2,fc3] [--seed 0] [--models_per_shard 16]
-                                 [--selection random|first] [--noise_bank_seed N] [--features boundary,context,probes]
-                                 [--context_size 1000] [--checkpoints last|epochs]
+                                 [--selection random|first] [--noise_bank_seed N]
+                                 [--features boundary,context,probes,noise_profile] [--context_size 1000]
+                                 [--checkpoints last|epochs] [--profile_draws 4]
     python -m lightning_probes.commands.zoo_dataset ...
 
 Reads every finished trial of the zoo (``lightning-probes study --config configs/studies/lenet_zoo.yaml``), tests
 it on its DataModule's test set, and for every model with test accuracy >= ``min_accuracy`` writes the outputs of
 ``layers`` on up to ``per_class`` correctly and ``per_class`` wrongly classified test samples per digit, with the
 prediction, ``correct`` and the noise-stability ratio, as ``<output>/shard_<k>.npz`` plus ``models.csv``.
-Rerunning continues: models already in a shard are skipped. Bad arguments give one ``error:`` line and exit status
+Rerunning continues: models already in a shard are skipped; a rerun with more ``--features`` adds them to the
+shards built so far. Bad arguments give one ``error:`` line and exit status
 2 before any work starts. See `lightning_probes.studies.zoo`.
 """
 
@@ -33,7 +35,7 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
                 models_per_shard: int = 16, progress: bool = True, trust_checkpoints: bool = False,
                 selection: str = "random", noise_bank_seed: Optional[int] = None, features: str = "",
                 context_size: int = 1000, checkpoints: str = "last", probe_layers: str = "pool2,fc1,fc2",
-                probe_train_size: int = 2000) -> dict[str, Any]:
+                probe_train_size: int = 2000, profile_draws: int = 4) -> dict[str, Any]:
     """Build (or continue) the data set of a zoo.
 
     Args:
@@ -55,11 +57,14 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
         noise_bank_seed: Seed of one bank of noise draws reused for every image and model (the original study's);
             ``None``: fresh noise per image.
         features: Comma-separated extra arrays: ``boundary`` (linearised boundary distances), ``context`` (the
-            model's confidence profile on reference images), ``probes`` (class-aligned linear probes per layer).
+            model's confidence profile on reference images), ``probes`` (class-aligned linear probes per layer),
+            ``noise_profile`` (the model's stability under the same noise on its own training images). A rerun
+            with more features adds them to the data set built so far.
         context_size: Reference images (the first of the test set) of ``context``.
         checkpoints: ``"last"`` (a model per trial) or ``"epochs"`` (every epoch checkpoint is a model).
         probe_layers: Comma-separated layers of the ``probes`` feature.
-        probe_train_size: Training images each linear probe is fitted on.
+        probe_train_size: Training images each linear probe is fitted on and the noise profile is measured on.
+        profile_draws: Noisy copies of each of those images for ``noise_profile``.
 
     Returns:
         What ``dataset.json`` holds.
@@ -80,7 +85,7 @@ def zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None, sigma: fl
                                   noise_bank_seed=noise_bank_seed, features=extra, context_size=context_size,
                                   checkpoints=checkpoints,
                                   probe_layers=tuple(n.strip() for n in str(probe_layers).split(",") if n.strip()),
-                                  probe_train_size=probe_train_size)
+                                  probe_train_size=probe_train_size, profile_draws=profile_draws)
     return build_zoo_dataset(zoo, output, data_dir=data_dir, settings=settings, progress=progress,
                              trust_checkpoints=trust_checkpoints)
 
@@ -108,13 +113,16 @@ def build_parser():
     parser.add_argument("--noise_bank_seed", type=Optional[int], default=None,
                         help="Seed of one noise bank reused for every image and model (default: fresh noise).")
     parser.add_argument("--features", type=str, default="",
-                        help="Comma-separated extra arrays: boundary, context, probes.")
+                        help="Comma-separated extra arrays: boundary, context, probes, noise_profile (a rerun "
+                             "with more adds them).")
     parser.add_argument("--context_size", type=int, default=1000, help="Reference images of the context feature.")
     parser.add_argument("--checkpoints", type=str, default="last",
                         help="last (a model per trial) or epochs (every epoch checkpoint is a model).")
     parser.add_argument("--probe_layers", type=str, default="pool2,fc1,fc2", help="Layers of the probes feature.")
     parser.add_argument("--probe_train_size", type=int, default=2000,
-                        help="Training images each linear probe of the probes feature is fitted on.")
+                        help="Training images each linear probe is fitted on and the noise profile measured on.")
+    parser.add_argument("--profile_draws", type=int, default=4,
+                        help="Noisy copies of each training image for the noise_profile feature.")
     parser.add_argument("--progress", action=ActionYesNo, default=True, help="Show a progress bar.")
     parser.add_argument("--trust_checkpoints", action=ActionYesNo, default=False,
                         help="Read checkpoints holding pickled objects (weights_only=False: can run code).")

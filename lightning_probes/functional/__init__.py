@@ -1,8 +1,9 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
-`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `representations`, `robustness`,
-`runs`, `statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
+`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
+`representations`, `robustness`, `runs`, `statistics`, `weights`) is importable from here;
+`tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -84,6 +85,7 @@ from lightning_probes.functional.metanet import (
     select_by_correctness,
     stack_encoded,
 )
+from lightning_probes.functional.noise_profile import NOISE_PROFILE_COLUMNS, noise_profile_features
 from lightning_probes.functional.representations import (
     EffectiveRankAccumulator,
     MomentAccumulator,
@@ -134,6 +136,7 @@ __all__ = [
     "HEALTH_FORMULA",
     "LAYER_STATS",
     "LinearProbe",
+    "NOISE_PROFILE_COLUMNS",
     "EffectiveRankAccumulator",
     "MomentAccumulator",
     "SPARSITY_TOLERANCE",
@@ -192,6 +195,7 @@ __all__ = [
     "masked_mean_confidence",
     "minibatch_hsic_terms",
     "moving_average",
+    "noise_profile_features",
     "noisy_logits",
     "nonfinite_counts",
     "norm_summary",

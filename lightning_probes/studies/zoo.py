@@ -22,7 +22,9 @@ For every finished trial of the zoo (``<zoo>/trials/<trial_id>/`` with ``config.
    softmax, then of the top-1 minus top-2 margin), so a score can be read relative to its model; with
    ``"probes"``: a linear probe per layer of ``probe_layers`` fitted on ``probe_train_size`` of the model's own
    training images (``functional.linear_probes``): ``probe_<layer>`` (class log-probabilities, aligned across
-   models), ``probe_margin`` and ``probe_agree`` (the first layer whose probe agrees with the prediction).
+   models), ``probe_margin`` and ``probe_agree`` (the first layer whose probe agrees with the prediction); with
+   ``"noise_profile"``: the model's stability under the label's noise on those same training images
+   (``functional.noise_profile_features``; ``profile_draws`` noisy copies each): ``noise_profile``, 5 columns.
 
 ``checkpoints="epochs"`` makes every ``checkpoints/epoch=<e>*.ckpt`` of a trial a model of its own (the original
 study's epoch 1-4 models of one training run); every row carries ``group`` (the id of its trial's first model), so
@@ -35,6 +37,11 @@ kept models (``model_id``, ``trial_id``, ``checkpoint``, ``test_accuracy``, ``sh
 sampled hyper-parameters and seed); ``excluded.csv`` the models below ``min_accuracy``. Both are rewritten
 atomically after every shard, and ``dataset.json`` records the settings. A rerun skips the models already in a
 shard or in ``excluded.csv`` and continues with the trials finished since: a model's id never changes.
+
+A rerun with more ``features`` adds them to the data set built so far: each shard lacking a feature's arrays gets
+them, computed from its models' checkpoints on the rows' stored ``sample_index``, and is rewritten atomically (an
+interrupted run continues with the shards still lacking them); the arrays equal those a fresh build would give.
+Features are never removed, and the other settings must stay the same.
 """
 
 from __future__ import annotations
@@ -61,11 +68,14 @@ from lightning_probes.io import (
 )
 from lightning_probes.studies.zoo_record import (
     CHECKPOINTS,
+    FEATURE_SETTINGS,
     FEATURES,
     SCALAR_ARRAYS,
     SELECTIONS,
+    TRAIN_SET_FEATURES,
     ZooDatasetSettings,
     batched_logits,
+    feature_arrays,
     fit_probes,
     model_context,
     model_record,
@@ -221,24 +231,39 @@ def _short(key: str) -> str:
 _MODEL_COLUMNS = ("model_id", "trial_id", "checkpoint", "test_accuracy", "shard", "n_samples")
 
 
-def _check_settings(output: str, settings: ZooDatasetSettings) -> None:
+def _check_settings(output: str, settings: ZooDatasetSettings) -> list[str]:
+    """Compare ``settings`` with the data set already in ``output``; return the features ``settings`` adds to it.
+
+    A built data set may gain features (`FEATURES`): the settings only those added features read
+    (`FEATURE_SETTINGS`) may then be set afresh; every other setting must match.
+    """
     path = os.path.join(output, "dataset.json")
-    ours = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        previous = json.load(handle).get("settings", {})
+    if not previous:
+        return []
+    mine = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
             "probe_layers": list(settings.probe_layers)}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle).get("settings", {})
-        previous.pop("models_per_shard", None)
-        mine = {k: v for k, v in ours.items() if k != "models_per_shard"}
-        # Settings added since a data set was built had their defaults then.
-        defaults = {**asdict(ZooDatasetSettings()), "features": [], "probe_layers": ["pool2", "fc1", "fc2"]}
-        previous = {**{k: defaults[k] for k in mine if k not in previous}, **previous} if previous else previous
-        mine = {**mine, "features": list(mine.get("features", ()))}
-        if previous and previous != mine:
-            changed = sorted(k for k in mine if previous.get(k) != mine[k])
-            raise ValueError(f"Expected the settings of the data set already in {output!r}, but "
-                             f"{', '.join(f'`{k}` is {mine[k]!r} (was {previous.get(k)!r})' for k in changed)}; "
-                             "use another `output` or the same settings")
+    mine.pop("models_per_shard")
+    previous.pop("models_per_shard", None)
+    # Settings added since a data set was built had their defaults then.
+    defaults = {**asdict(ZooDatasetSettings()), "features": [], "probe_layers": ["pool2", "fc1", "fc2"]}
+    previous = {**{k: defaults[k] for k in mine if k not in previous}, **previous}
+    had = list(previous["features"])
+    added = [f for f in settings.features if f not in had]
+    free = {k for f in added for k in FEATURE_SETTINGS.get(f, ())} - {
+        k for f in had for k in FEATURE_SETTINGS.get(f, ())}
+    changed = sorted(k for k in mine if k not in free and k != "features" and previous.get(k) != mine[k])
+    dropped = [f for f in had if f not in settings.features]
+    if dropped:
+        changed.append("features")
+    if changed:
+        raise ValueError(f"Expected the settings of the data set already in {output!r}, but "
+                         f"{', '.join(f'`{k}` is {mine[k]!r} (was {previous.get(k)!r})' for k in changed)}; "
+                         "use another `output` or the same settings (features may be added, not removed)")
+    return added
 
 
 def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
@@ -265,7 +290,13 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     settings = settings or ZooDatasetSettings()
     models = find_zoo_models(zoo, settings.checkpoints)
     os.makedirs(output, exist_ok=True)
-    _check_settings(output, settings)
+    if _check_settings(output, settings):
+        with open(os.path.join(output, "dataset.json"), encoding="utf-8") as handle:
+            previous = json.load(handle)
+        # Record the new settings first: a rerun after a crash must add the features with these same settings.
+        atomic_write_json(os.path.join(output, "dataset.json"), {**previous, "settings": _settings_dict(settings)})
+    data_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    _add_features(models, output, data_dir, settings, data_cache, progress, trust_checkpoints)
     kept = _read_csv(os.path.join(output, "models.csv"))
     excluded = _read_csv(os.path.join(output, "excluded.csv"))
     shards = list(iter_shards(output))
@@ -283,7 +314,6 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     next_id = max(ids.values(), default=-1) + 1
     todo = [m for m in models if m.trial_id not in done]
     next_shard = 1 + max((_shard_number(p) for p in shards), default=-1)
-    data_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     pending: list[dict[str, np.ndarray]] = []
     pending_rows: list[dict[str, Any]] = []
 
@@ -306,10 +336,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     for zoo_model in bar:
         model_id = next_id
         next_id += 1
-        key = _test_set_key(zoo_model.config["data"])
-        if key not in data_cache:
-            data_cache[key] = load_test_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir)
-        inputs, labels = data_cache[key]
+        inputs, labels = _test_set(zoo_model, data_dir, data_cache)
         model = load_model(zoo_model, trust=trust_checkpoints)
         logits = batched_logits(model, inputs)
         accuracy = float((logits.argmax(1) == labels).double().mean())
@@ -320,14 +347,10 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
         if accuracy < settings.min_accuracy:
             excluded.append(row)
             continue
-        probes = None
-        if "probes" in settings.features:
-            config_path = os.path.join(zoo_model.trial_dir, "config.yaml")
-            train_key = ("train", json.dumps(zoo_model.config["data"], sort_keys=True))
-            if train_key not in data_cache:
-                data_cache[train_key] = load_train_set(config_path, data_dir, settings.probe_train_size)
-            probes = fit_probes(model, *data_cache[train_key], settings.probe_layers, int(logits.shape[1]))
-        record = model_record(model, inputs, labels, model_id, settings, logits=logits, group=group, probes=probes)
+        probes, reference = _train_set_inputs(zoo_model, model, settings.features, settings, data_dir, data_cache,
+                                              int(logits.shape[1]))
+        record = model_record(model, inputs, labels, model_id, settings, logits=logits, group=group, probes=probes,
+                              reference=reference)
         row["n_samples"] = len(record["model_id"])
         pending.append(record)
         pending_rows.append(row)
@@ -337,8 +360,7 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
     flush()
     summary = {
         "zoo": os.path.abspath(zoo),
-        "settings": {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
-                     "probe_layers": list(settings.probe_layers)},
+        "settings": _settings_dict(settings),
         "n_trials_finished": len(models),
         "n_kept": len(kept),
         "n_excluded": len(excluded),
@@ -351,6 +373,96 @@ def build_zoo_dataset(zoo: str, output: str, data_dir: Optional[str] = None,
             summary["n_correct_samples"] += int(data["correct"].sum())
     atomic_write_json(os.path.join(output, "dataset.json"), summary)
     return summary
+
+
+def _settings_dict(settings: ZooDatasetSettings) -> dict[str, Any]:
+    return {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
+            "probe_layers": list(settings.probe_layers)}
+
+
+def _test_set(zoo_model: ZooModel, data_dir: Optional[str],
+              cache: dict[Any, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    key = _test_set_key(zoo_model.config["data"])
+    if key not in cache:
+        cache[key] = load_test_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir)
+    return cache[key]
+
+
+def _train_set_inputs(zoo_model: ZooModel, model: torch.nn.Module, features: Sequence[str],
+                      settings: ZooDatasetSettings, data_dir: Optional[str],
+                      cache: dict[Any, tuple[torch.Tensor, torch.Tensor]],
+                      num_classes: int) -> tuple[Optional[dict[str, Any]], Optional[torch.Tensor]]:
+    """The fitted probes and the reference images of the features that read the model's own training images."""
+    if not any(f in TRAIN_SET_FEATURES for f in features):
+        return None, None
+    key = ("train", json.dumps(zoo_model.config["data"], sort_keys=True))
+    if key not in cache:
+        for old in [k for k in cache if isinstance(k, tuple) and k[0] == "train"]:
+            del cache[old]  # trials rarely share a training subset: keep one in memory
+        cache[key] = load_train_set(os.path.join(zoo_model.trial_dir, "config.yaml"), data_dir,
+                                    settings.probe_train_size)
+    images, labels = cache[key]
+    probes = fit_probes(model, images, labels, settings.probe_layers, num_classes) if "probes" in features else None
+    return probes, (images if "noise_profile" in features else None)
+
+
+def feature_array_names(feature: str, settings: ZooDatasetSettings) -> list[str]:
+    """The shard arrays one feature of `FEATURES` writes."""
+    if feature == "probes":
+        return [*(f"probe_{n}" for n in settings.probe_layers), "probe_margin", "probe_agree"]
+    return [{"boundary": "boundary_distance"}.get(feature, feature)]
+
+
+def _add_features(models: Sequence[ZooModel], output: str, data_dir: Optional[str], settings: ZooDatasetSettings,
+                  cache: dict[Any, tuple[torch.Tensor, torch.Tensor]], progress: bool, trust: bool) -> None:
+    """Give every shard of ``output`` the arrays of ``settings.features`` it lacks (see the module's docstring)."""
+    from tqdm.auto import tqdm
+
+    work = []
+    for path in iter_shards(output):
+        with np.load(path) as data:
+            files = set(data.files)
+            model_ids = list(dict.fromkeys(int(i) for i in data["model_id"]))
+        missing = [f for f in settings.features if not set(feature_array_names(f, settings)) <= files]
+        if missing:
+            work.append((path, missing, model_ids))
+    if not work:
+        return
+    rows = {int(r["model_id"]): r for r in _read_csv(os.path.join(output, "models.csv"))}
+    by_trial = {m.trial_id: m for m in models}
+    bar = tqdm(total=sum(len(ids) for _, _, ids in work), desc="adding features", unit="model",
+               disable=not progress)
+    for path, missing, model_ids in work:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        parts: dict[str, list[np.ndarray]] = {}
+        for model_id in model_ids:
+            trial_id = rows[model_id]["trial_id"] if model_id in rows else None
+            if trial_id not in by_trial:
+                raise FileNotFoundError(f"Expected the zoo to hold the trial of model {model_id} of {path!r} "
+                                        f"({trial_id!r}) to add the features {missing}, but it does not")
+            zoo_model = by_trial[trial_id]
+            inputs, _ = _test_set(zoo_model, data_dir, cache)
+            model = load_model(zoo_model, trust=trust)
+            rows_of_model = np.flatnonzero(arrays["model_id"] == model_id)
+            if len(rows_of_model) != rows_of_model[-1] - rows_of_model[0] + 1:
+                raise ValueError(f"Expected the rows of model {model_id} in {path!r} to be contiguous")
+            x = inputs[torch.as_tensor(arrays["sample_index"][rows_of_model])]
+            with torch.no_grad():
+                clean = model(x)
+            if not np.array_equal(clean.argmax(dim=1).numpy(), arrays["pred"][rows_of_model]):
+                raise ValueError(f"Expected model {model_id} ({zoo_model.checkpoint}) to predict what {path!r} "
+                                 "holds for it, but it does not: the checkpoint changed since the data set was built")
+            probes, reference = _train_set_inputs(zoo_model, model, missing, settings, data_dir, cache,
+                                                  int(clean.shape[1]))
+            record = feature_arrays(model, x, clean, missing, settings, model_id,
+                                    logits=batched_logits(model, inputs) if "context" in missing else None,
+                                    probes=probes, reference=reference)
+            for name, values in record.items():
+                parts.setdefault(name, []).append(values)
+            bar.update(1)
+        atomic_save_npz(path, **arrays, **{k: np.concatenate(v) for k, v in parts.items()})
+    bar.close()
 
 
 def _shard_number(path: str) -> int:

@@ -10,12 +10,18 @@ import numpy as np
 import torch
 
 __all__ = ["CHECKPOINTS", "DEFAULT_LAYERS", "FEATURES", "SCALAR_ARRAYS", "SELECTIONS", "ZooDatasetSettings",
-           "batched_logits", "fit_probes", "model_context", "model_record", "noise_bank", "seeded"]
+           "batched_logits", "feature_arrays", "fit_probes", "model_context", "model_record", "noise_bank",
+           "reference_noisy_pred", "seeded"]
 
 DEFAULT_LAYERS = ("pool2", "fc1", "fc2", "fc3")
 SCALAR_ARRAYS = ("model_id", "sample_index", "label", "pred", "correct", "ratio")
 #: Extra per-sample arrays `model_record` can store (``ZooDatasetSettings.features``).
-FEATURES = ("boundary", "context", "probes")
+FEATURES = ("boundary", "context", "probes", "noise_profile")
+#: The settings each feature alone reads: a feature added to a built data set may set them afresh.
+FEATURE_SETTINGS = {"context": ("context_size",), "probes": ("probe_layers", "probe_train_size"),
+                    "noise_profile": ("probe_train_size", "profile_draws")}
+#: Features measured on the model's own training images (the first ``probe_train_size`` of its training split).
+TRAIN_SET_FEATURES = ("probes", "noise_profile")
 SELECTIONS = ("random", "first")
 CHECKPOINTS = ("last", "epochs")
 
@@ -37,10 +43,15 @@ class ZooDatasetSettings:
         noise_bank_seed: Seed of one bank of ``num_draws`` noise draws reused for every image and model;
             ``None``: fresh noise per image, seeded by ``seed`` and the model id.
         features: Extra arrays from `FEATURES`: ``"boundary"`` (linearised boundary distances), ``"context"``
-            (the model's confidence profile on ``context_size`` reference images).
+            (the model's confidence profile on ``context_size`` reference images), ``"probes"`` (linear probes'
+            class scores), ``"noise_profile"`` (the model's stability under the same noise on its own training
+            images: `functional.noise_profile_features`).
         context_size: Reference images (the first of the test set) of the ``"context"`` feature.
         probe_layers: The layers of the ``"probes"`` feature.
-        probe_train_size: Training images (the first of the trial's own training split) each probe is fitted on.
+        probe_train_size: Training images (the first of the trial's own training split) each probe is fitted on
+            and the noise profile is measured on.
+        profile_draws: Noisy copies of each of those images for the ``"noise_profile"`` feature (noise from a
+            generator seeded by ``seed`` and the model id, apart from the label's).
         checkpoints: ``"last"`` (one model per trial, its ``last.ckpt``) or ``"epochs"`` (every epoch checkpoint
             of a trial is a model; the trials must keep them: ``ModelCheckpoint(save_top_k=-1)``).
     """
@@ -59,11 +70,13 @@ class ZooDatasetSettings:
     checkpoints: str = "last"
     probe_layers: tuple[str, ...] = ("pool2", "fc1", "fc2")
     probe_train_size: int = 2000
+    profile_draws: int = 4
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and self.sigma > 0):
             raise ValueError(f"Expected `sigma` to be a positive number, but got {self.sigma!r}")
-        for name in ("num_draws", "per_class", "models_per_shard", "context_size", "probe_train_size"):
+        for name in ("num_draws", "per_class", "models_per_shard", "context_size", "probe_train_size",
+                     "profile_draws"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}")
@@ -107,12 +120,13 @@ def batched_logits(model: torch.nn.Module, inputs: torch.Tensor, size: int = 204
 
 
 def seeded(seed: int, model_id: int, purpose: str) -> torch.Generator:
-    """The CPU generator of one model's sample choice (``purpose="choice"``) or noise (``"noise"``).
+    """The CPU generator of one model's sample choice (``purpose="choice"``), label noise (``"noise"``) or noise
+    profile (``"profile"``).
 
-    Seeded with ``seed * 1_000_003 + model_id`` for the choice and that plus ``500_001`` for the noise, so either
-    can be replayed on its own.
+    Seeded with ``seed * 1_000_003 + model_id`` for the choice, that plus ``500_001`` for the noise and plus
+    ``750_001`` for the profile, so each can be replayed on its own.
     """
-    offset = {"choice": 0, "noise": 500_001}[purpose]
+    offset = {"choice": 0, "noise": 500_001, "profile": 750_001}[purpose]
     return torch.Generator().manual_seed(seed * 1_000_003 + model_id + offset)
 
 
@@ -133,9 +147,75 @@ def model_context(logits: torch.Tensor) -> np.ndarray:
     return torch.cat(parts).float().numpy()
 
 
+def reference_noisy_pred(model: torch.nn.Module, reference: torch.Tensor, model_id: int,
+                         settings: ZooDatasetSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's clean logits ``(M, C)`` and noisy predictions ``(profile_draws, M)`` on its reference images
+    (the ``"noise_profile"`` feature's inputs; noise seeded by `seeded` ``"profile"``, sigma ``settings.sigma``)."""
+    from lightning_probes.functional import noisy_logits
+
+    clean = batched_logits(model, reference)
+    noisy = noisy_logits(model, reference, settings.sigma, settings.profile_draws,
+                         generator=seeded(settings.seed, model_id, "profile"), chunk_size=2048)
+    return clean, noisy.argmax(dim=-1)
+
+
+def feature_arrays(model: torch.nn.Module, x: torch.Tensor, clean: torch.Tensor, features: Sequence[str],
+                   settings: ZooDatasetSettings, model_id: int, logits: Optional[torch.Tensor] = None,
+                   outputs: Optional[Mapping[str, torch.Tensor]] = None, probes: Optional[Mapping[str, Any]] = None,
+                   reference: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
+    """The arrays of ``features`` (names from `FEATURES`) for one model's chosen samples.
+
+    Args:
+        model: The classifier, in eval mode.
+        x: ``(n, ...)`` the chosen samples' inputs.
+        clean: ``(n, C)`` the model's logits on them.
+        features: The features to compute.
+        settings: The data set's settings.
+        model_id: The model's id (seeds the noise profile).
+        logits: ``(N, C)`` the model's logits on the whole test set (the ``"context"`` feature reads the first
+            ``context_size``).
+        outputs: The layer outputs on ``x`` when already captured (``probe_layers`` at least); else captured here.
+        probes: The model's fitted probes (`fit_probes`), for ``"probes"``.
+        reference: The model's reference (training) images, for ``"noise_profile"``.
+
+    Raises:
+        ValueError: If a feature's input (``logits``, ``probes``, ``reference``) is missing.
+    """
+    from lightning_probes.capture import ActivationCapture, select_modules
+    from lightning_probes.functional import boundary_distances, linear_probe_features, noise_profile_features
+
+    record: dict[str, np.ndarray] = {}
+    clean_pred = clean.argmax(dim=1)
+    num_classes = int(clean.shape[1])
+    if "boundary" in features:
+        record["boundary_distance"] = boundary_distances(model, x)["distance"].float().numpy()
+    if "context" in features:
+        if logits is None:
+            raise ValueError("The 'context' feature needs the model's logits on the test set")
+        record["context"] = np.tile(model_context(logits[: settings.context_size]), (len(x), 1))
+    if "probes" in features:
+        if probes is None:
+            raise ValueError("The 'probes' feature needs the model's fitted probes (`fit_probes`)")
+        layers = list(settings.probe_layers)
+        if outputs is None or any(n not in outputs for n in layers):
+            capture = ActivationCapture(select_modules(getattr(model, "net", model), layers), max_features=None)
+            with torch.no_grad(), capture.capturing():
+                model(x)
+            outputs = capture.pop()
+        record.update(linear_probe_features(probes, {n: outputs[n] for n in layers}, clean_pred, num_classes,
+                                            layers))
+    if "noise_profile" in features:
+        if reference is None:
+            raise ValueError("The 'noise_profile' feature needs the model's reference (training) images")
+        reference_logits, reference_pred = reference_noisy_pred(model, reference, model_id, settings)
+        record["noise_profile"] = noise_profile_features(reference_logits, reference_pred, clean)
+    return record
+
+
 def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, model_id: int,
                  settings: ZooDatasetSettings, logits: Optional[torch.Tensor] = None,
-                 group: Optional[int] = None, probes: Optional[Mapping[str, Any]] = None) -> dict[str, np.ndarray]:
+                 group: Optional[int] = None, probes: Optional[Mapping[str, Any]] = None,
+                 reference: Optional[torch.Tensor] = None) -> dict[str, np.ndarray]:
     """The data set's rows of one model: chosen samples, their layer outputs, prediction, correctness and ratio.
 
     Args:
@@ -147,18 +227,13 @@ def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
         logits: The model's logits on ``inputs`` when already computed.
         group: The id of the model's training run (default: ``model_id``).
         probes: The model's fitted probes (`fit_probes`), needed with the ``"probes"`` feature.
+        reference: The model's reference (training) images, needed with the ``"noise_profile"`` feature.
 
     Returns:
         Array name -> array, one row per chosen sample (see the module's docstring).
     """
     from lightning_probes.capture import ActivationCapture, select_modules
-    from lightning_probes.functional import (
-        boundary_distances,
-        linear_probe_features,
-        noisy_logits,
-        select_by_correctness,
-        stability_ratio,
-    )
+    from lightning_probes.functional import noisy_logits, select_by_correctness, stability_ratio
 
     net = getattr(model, "net", model)
     if logits is None:
@@ -190,13 +265,6 @@ def model_record(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Ten
     }
     for name in settings.layers:
         record[name] = outputs[name].flatten(1).float().numpy()
-    if "boundary" in settings.features:
-        record["boundary_distance"] = boundary_distances(model, x)["distance"].float().numpy()
-    if "context" in settings.features:
-        record["context"] = np.tile(model_context(logits[: settings.context_size]), (len(chosen), 1))
-    if probe_layers:
-        if probes is None:
-            raise ValueError("The 'probes' feature needs the model's fitted probes (`fit_probes`)")
-        record.update(linear_probe_features(probes, {n: outputs[n] for n in probe_layers}, clean_pred,
-                                            int(logits.shape[1]), probe_layers))
+    record.update(feature_arrays(model, x, clean, settings.features, settings, model_id, logits=logits,
+                                 outputs=outputs, probes=probes, reference=reference))
     return record

@@ -238,6 +238,9 @@ def _add_aligned_arrays(directory, sigma=0.9, num_draws=20):
         probe = np.log(rng.dirichlet(np.ones(10), n))
         probe[:, 3] = -np.inf
         data["probe_fc1"] = probe.astype(np.float32)
+        profile = rng.random((n, 5))
+        profile[:, 0] = np.clip(p + rng.normal(0, 0.1, n), 0, 1)  # a noisy self-calibrated stability
+        data["noise_profile"] = profile.astype(np.float32)
         atomic_save_npz(str(path), **data)
     (directory / "dataset.json").write_text(json.dumps({"settings": {"sigma": sigma, "num_draws": num_draws}}))
 
@@ -272,6 +275,8 @@ def test_aligned_inputs_binomial_loss_ceiling_and_linear_baseline(zoo_dir):
     assert results["test/r2_ceiling"] == pytest.approx(r2_ceiling(torch.as_tensor(test["ratio"]), 20), abs=1e-6)
     linear = norm.cdf(test["boundary_distance"].astype(np.float64).min(1) / 0.9)
     assert results["test/baseline/linear_stability/r2"] == pytest.approx(r2_score(test["ratio"], linear), abs=1e-4)
+    assert results["test/baseline/self_calibrated/r2"] == pytest.approx(
+        r2_score(test["ratio"], test["noise_profile"][:, 0].astype(np.float64)), abs=1e-4)
     with pytest.raises(ValueError, match="aligned_dims"):
         model([torch.randn(2, d) for d in DIMS], [torch.randn(2, 10)])
 
@@ -330,7 +335,7 @@ def test_metrics_under_ddp_cover_every_process(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT / "configs" / "metanet"))
                                         for p in (ROOT / "configs" / "metanet").glob("*/*.yaml")
-                                        if p.name != "zoo.yaml"))
+                                        if not p.name.startswith("zoo")))
 def test_protocol_configs_parse(path):
     from lightning_probes.cli import build_cli
 

@@ -235,6 +235,63 @@ def test_original_protocol_options_and_new_features(tiny_zoo, tmp_path):
         np.testing.assert_array_equal(data["probe_agree"][mine], agree)
 
 
+def test_features_added_to_a_built_data_set_equal_a_fresh_build(dataset, tiny_zoo, tmp_path):
+    """A rerun with more --features fills in the shards built so far (and continues after a crash); the arrays equal
+    a fresh build's, and the noise profile equals one recomputed from the trial's own training images."""
+    from lightning_probes.functional import noise_profile_features
+    from lightning_probes.io import atomic_save_npz
+
+    output, _ = dataset
+    grown = tmp_path / "grown"
+    shutil.copytree(output, grown)
+    kwargs = dict(sigma=SIGMA, num_draws=DRAWS, per_class=PER_CLASS, min_accuracy=0.0, models_per_shard=2,
+                  progress=False, features="noise_profile,context", context_size=40, probe_train_size=200,
+                  profile_draws=3)
+    zoo_dataset(str(tiny_zoo), str(grown), **kwargs)
+    fresh = tmp_path / "fresh"
+    zoo_dataset(str(tiny_zoo), str(fresh), **kwargs)
+    a, b = load_shards(str(grown)), load_shards(str(fresh))
+    assert set(a) == set(b) and {"noise_profile", "context"} <= set(a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+    inputs, _ = _digits_test()
+    for row in _rows(grown / "models.csv"):
+        model_id = int(row["model_id"])
+        mine = a["model_id"] == model_id
+        model = LeNet5.load_from_checkpoint(row["checkpoint"], map_location="cpu").eval()
+        init_args = yaml.safe_load((tiny_zoo / "trials" / row["trial_id"] / "config.yaml").read_text())["data"][
+            "init_args"]
+        dm = DigitsDataModule(**init_args)
+        dm.setup("fit")
+        train_x = dm.train_set.normalize(dm.train_set.images[:200])
+        generator = torch.Generator().manual_seed(0 * 1_000_003 + model_id + 750_001)  # seed 0, "profile"
+        with torch.no_grad():
+            noisy = torch.stack([model(train_x + SIGMA * torch.randn(train_x.shape, generator=generator)).argmax(1)
+                                 for _ in range(3)])
+            expected = noise_profile_features(model(train_x), noisy,
+                                              model(inputs[torch.as_tensor(a["sample_index"][mine])]))
+        np.testing.assert_allclose(a["noise_profile"][mine], expected, rtol=1e-6)
+
+    # A crash after the first shard: the second lacks the new arrays; the rerun gives them back, the same.
+    last = sorted(grown.glob("shard_*.npz"))[-1]
+    with np.load(last) as data:
+        kept = {k: data[k] for k in data.files if k not in ("noise_profile", "context")}
+    atomic_save_npz(str(last), **kept)
+    zoo_dataset(str(tiny_zoo), str(grown), **kwargs)
+    again = load_shards(str(grown))
+    for name in a:
+        np.testing.assert_array_equal(again[name], a[name], err_msg=name)
+
+    with pytest.raises(ValueError, match="`features`"):  # features are never removed
+        zoo_dataset(str(tiny_zoo), str(grown), **{**kwargs, "features": "context"})
+    with pytest.raises(ValueError, match="`sigma` is 0.5"):  # only the added features' own settings may change
+        zoo_dataset(str(tiny_zoo), str(grown), **{**kwargs, "features": "noise_profile,context,boundary",
+                                                  "sigma": 0.5})
+    with pytest.raises(ValueError, match="`profile_draws` is 5"):  # ... and only while they are being added
+        zoo_dataset(str(tiny_zoo), str(grown), **{**kwargs, "profile_draws": 5})
+
+
 def test_new_settings_are_validated():
     with pytest.raises(ValueError, match="`selection`"):
         zoo_dataset(".", "x", selection="best", progress=False)
@@ -244,3 +301,5 @@ def test_new_settings_are_validated():
         zoo_dataset(".", "x", checkpoints="best", progress=False)
     with pytest.raises(ValueError, match="`noise_bank_seed`"):
         zoo_dataset(".", "x", noise_bank_seed=-1, progress=False)
+    with pytest.raises(ValueError, match="`profile_draws`"):
+        zoo_dataset(".", "x", profile_draws=0, progress=False)
