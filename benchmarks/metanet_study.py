@@ -139,13 +139,15 @@ def table(rows: list[dict[str, str]]) -> str:
         if task == "regression":
             metrics = [*metrics, "r2_ceiling"]
         lines[-2:] = ["| predictor | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-        for encoder in ("rnn", "lstm", "transformer"):
-            for inputs in INPUT_SETS:
-                mine = [r for r in chosen if r["encoder"] == encoder and r["inputs"] == inputs]
-                if mine:
-                    cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""])
-                             for m in metrics]
-                    lines.append(f"| MetaNet {encoder}, {inputs} (n={len(mine)}) | " + " | ".join(cells) + " |")
+        losses = sorted({r.get("loss", "") for r in chosen})
+        for encoder, inputs, loss in itertools.product(("rnn", "lstm", "transformer"), INPUT_SETS, losses):
+            mine = [r for r in chosen
+                    if (r["encoder"], r["inputs"], r.get("loss", "")) == (encoder, inputs, loss)]
+            if mine:
+                cells = [_fmt([float(r[f"test/{m}"]) for r in mine if r.get(f"test/{m}", "") != ""])
+                         for m in metrics]
+                label = f"{inputs}, {loss} loss" if loss else inputs
+                lines.append(f"| MetaNet {encoder}, {label} (n={len(mine)}) | " + " | ".join(cells) + " |")
         names = sorted({k.split("/")[2] for r in chosen for k, v in r.items()
                         if k.startswith("test/baseline/") and v not in ("", None)})
         # Baselines depend on the split only: one value per seed (the first run of that seed).
@@ -190,14 +192,15 @@ def main() -> None:
 
 
 def study(args: argparse.Namespace) -> None:
-    """Run every (max_models, task, encoder, seed) not yet in ``<output>/runs.csv``; write the table."""
+    """Run every (split, max_models, seed, task, input set, encoder) with this encoding and loss not yet in
+    ``<output>/runs.csv``; write the table."""
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     os.makedirs(args.output, exist_ok=True)
     path = Path(args.output) / "runs.csv"
     rows = list(csv.DictReader(path.open())) if path.exists() else []
     done = {(r["encoder"], r["task"], r["seed"], r["split_by"], r["max_models"], r["encoding"],
-             r.get("inputs", "layers")) for r in rows}
+             r.get("inputs", "layers"), r.get("loss", "")) for r in rows}
     extra = args.extra.split()
     if args.layer_dims:
         extra += ["--model.init_args.layer_dims", f"[{args.layer_dims}]"]
@@ -206,7 +209,8 @@ def study(args: argparse.Namespace) -> None:
             args.split_by.split(","), [int(m) for m in args.max_models.split(",")],
             [int(s) for s in args.seeds.split(",")], args.tasks.split(","), args.inputs.split(","),
             args.encoders.split(",")):
-            key = (encoder, task, str(seed), split_by, str(max_models), args.encoding, inputs)
+            loss_name = args.loss if args.loss and task == "regression" else ""
+            key = (encoder, task, str(seed), split_by, str(max_models), args.encoding, inputs, loss_name)
             if key in done:
                 continue
             started = time.time()
@@ -215,7 +219,7 @@ def study(args: argparse.Namespace) -> None:
             result = run_one(config, args.data_dir, seed, split_by, max_models, args.epochs,
                              args.encoding, [*extra, *input_args(inputs), *loss])
             row = {"encoder": encoder, "task": task, "seed": seed, "split_by": split_by,
-                   "max_models": max_models, "encoding": args.encoding, "inputs": inputs,
+                   "max_models": max_models, "encoding": args.encoding, "inputs": inputs, "loss": loss_name,
                    "wall_s": round(time.time() - started, 1), **result}
             rows.append({k: str(v) for k, v in row.items()})
             columns = list(dict.fromkeys(k for r in rows for k in r))
