@@ -346,10 +346,11 @@ def test_protocol_configs_parse(path):
     dm = cli.datamodule.hparams
     assert dm.task == task and dm.split_by == {"original": "pair", "honest": "model_and_image"}[protocol]
     assert list(cli.model.hparams.layer_dims) == [256, 120, 84, 10]  # the unpadded LeNet5's pool2
-    # One aligned width per aligned array: 10 class distances, 3 probes of 10 classes, 3 probe margins, 8 context.
+    # One aligned width per aligned array: 10 class distances, 3 probes of 10 classes, 3 probe margins, 8 context,
+    # 5 noise-profile columns.
     assert len(cli.model.hparams.aligned_dims) == len(dm.aligned)
     if protocol == "honest":
-        assert list(cli.model.hparams.aligned_dims) == [10, 10, 10, 10, 3, 8]
+        assert list(cli.model.hparams.aligned_dims) == [10, 10, 10, 10, 3, 8, 5]
 
 
 def test_original_zoo_study_trains_unpadded_lenet5s_and_keeps_every_epoch(tmp_path):
