@@ -75,6 +75,7 @@ from lightning_probes.studies.zoo_record import (
     TRAIN_SET_FEATURES,
     ZooDatasetSettings,
     batched_logits,
+    feature_array_names,
     feature_arrays,
     fit_probes,
     model_context,
@@ -244,8 +245,7 @@ def _check_settings(output: str, settings: ZooDatasetSettings) -> list[str]:
         previous = json.load(handle).get("settings", {})
     if not previous:
         return []
-    mine = {**asdict(settings), "layers": list(settings.layers), "features": list(settings.features),
-            "probe_layers": list(settings.probe_layers)}
+    mine = _settings_dict(settings)
     mine.pop("models_per_shard")
     previous.pop("models_per_shard", None)
     # Settings added since a data set was built had their defaults then.
@@ -404,13 +404,6 @@ def _train_set_inputs(zoo_model: ZooModel, model: torch.nn.Module, features: Seq
     images, labels = cache[key]
     probes = fit_probes(model, images, labels, settings.probe_layers, num_classes) if "probes" in features else None
     return probes, (images if "noise_profile" in features else None)
-
-
-def feature_array_names(feature: str, settings: ZooDatasetSettings) -> list[str]:
-    """The shard arrays one feature of `FEATURES` writes."""
-    if feature == "probes":
-        return [*(f"probe_{n}" for n in settings.probe_layers), "probe_margin", "probe_agree"]
-    return [{"boundary": "boundary_distance"}.get(feature, feature)]
 
 
 def _add_features(models: Sequence[ZooModel], output: str, data_dir: Optional[str], settings: ZooDatasetSettings,

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 __all__ = ["CHECKPOINTS", "DEFAULT_LAYERS", "FEATURES", "SCALAR_ARRAYS", "SELECTIONS", "ZooDatasetSettings",
-           "batched_logits", "feature_arrays", "fit_probes", "model_context", "model_record", "noise_bank",
-           "reference_noisy_pred", "seeded"]
+           "batched_logits", "feature_array_names", "feature_arrays", "fit_probes", "model_context", "model_record",
+           "noise_bank", "reference_noisy_pred", "seeded"]
 
 DEFAULT_LAYERS = ("pool2", "fc1", "fc2", "fc3")
 SCALAR_ARRAYS = ("model_id", "sample_index", "label", "pred", "correct", "ratio")
@@ -98,6 +98,13 @@ class ZooDatasetSettings:
             raise ValueError(f"Expected `features` to be names from {FEATURES}, but got {list(self.features)!r}")
         if self.checkpoints not in CHECKPOINTS:
             raise ValueError(f"Expected `checkpoints` to be one of {CHECKPOINTS}, but got {self.checkpoints!r}")
+
+
+def feature_array_names(feature: str, settings: ZooDatasetSettings) -> list[str]:
+    """The shard arrays one feature of `FEATURES` writes."""
+    if feature == "probes":
+        return [*(f"probe_{n}" for n in settings.probe_layers), "probe_margin", "probe_agree"]
+    return [{"boundary": "boundary_distance"}.get(feature, feature)]
 
 
 def fit_probes(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
