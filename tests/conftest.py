@@ -11,6 +11,9 @@ import pytest
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# The suite wants a probe's own failures raised, not turned into a warning (`on_error`'s default): tests that
+# check the fail-safe path pass `on_error="warn"` explicitly.
+os.environ.setdefault("LIGHTNING_PROBES_ON_ERROR", "raise")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

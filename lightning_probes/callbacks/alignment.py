@@ -88,6 +88,9 @@ class AlignmentMonitor(RepresentationProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
         token_mode: ``"samples"`` (every token of a sequence input is a row) or ``"mean"`` (one row per sample).
 
     Raises:
@@ -124,6 +127,7 @@ class AlignmentMonitor(RepresentationProbe):
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
         token_mode: str = "samples",
+        on_error: Optional[str] = None,
     ) -> None:
         if token_mode not in ("samples", "mean"):
             raise ValueError(f"Expected `token_mode` to be 'samples' or 'mean' for AlignmentMonitor (a Linear's weight "
@@ -133,7 +137,8 @@ class AlignmentMonitor(RepresentationProbe):
                          batch_size=batch_size, seed=seed, search_batches=search_batches, forward_fn=forward_fn,
                          input_key=input_key, target_key=target_key, output_dir=output_dir, name=name,
                          plot_every_n_epochs=plot_every_n_epochs,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode=token_mode)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode=token_mode,
+                         on_error=on_error)
         check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "layers": {}}

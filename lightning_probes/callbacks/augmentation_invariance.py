@@ -73,6 +73,9 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
     """
 
     probe_name = "augmentation_invariance"
@@ -97,13 +100,15 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         plot_every_n_epochs: int = 10,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        on_error: Optional[str] = None,
     ) -> None:
         check_positive_int("num_images", num_images)
         super().__init__(layers=layers, num_samples=max(2, num_images) * 20, max_features=max_features,
                          every_n_epochs=every_n_epochs, batch_size=batch_size, seed=seed, search_batches=100,
                          forward_fn=forward_fn, input_key=input_key, target_key=target_key, output_dir=output_dir,
                          name=name, plot_every_n_epochs=plot_every_n_epochs,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode="flatten")
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode="flatten",
+                         on_error=on_error)
         check_positive_int("num_views", num_views)
         check_positive_int("matrix_views", matrix_views)
         if num_images < 2:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 import os
@@ -15,18 +14,14 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_probes.callbacks.guard import FailSafe, GuardState, check_on_error, install_guards
+from lightning_probes.callbacks.outputs import FigureSpec, ProbeOutputs, log_probe_settings
 from lightning_probes.checks import check_float, check_fraction, check_positive_int
 from lightning_probes.io import (
     JsonlWriter,
-    atomic_save_npz,
-    atomic_write_bytes,
-    atomic_write_json,
-    decode_png,
     read_jsonl,
-    render_png,
 )
 from lightning_probes.record_buffer import Produce, RecordBuffer
 from lightning_probes.run_dir import run_directory
@@ -37,9 +32,6 @@ __all__ = ["FigureSpec", "ProbeCallback", "check_fraction", "check_plot_every",
            "check_positive_int"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HPARAM_TYPES = (bool, int, float, str, type(None))
-#: A figure that can be drawn later: ``(file name in <name>/, logger tag relative to the probe, draw())``.
-FigureSpec = tuple[str, str, Callable[[], Any]]
 #: Hooks after which a probe writes its buffered records, whether or not a subclass overriding them calls super().
 _FLUSH_AFTER = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end", "on_predict_epoch_end",
                 "on_exception", "teardown")
@@ -75,7 +67,7 @@ def check_plot_every(value: Any) -> int:
     return value
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(FailSafe, ProbeOutputs, Callback):
     """Base class of every probe: owns ``<output_dir>/<name>.jsonl``, ``<output_dir>/<name>/`` and the loggers.
 
     Files: the JSON Lines history is ``<output_dir>/<name>.jsonl`` (one record per line, written in bulk);
@@ -117,6 +109,10 @@ class ProbeCallback(Callback):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps; 1 writes each
             step's records as they come. Default ``None``: the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old (> 0; ``None``: no time limit).
+        on_error: What an exception raised inside the probe after the run started does (see
+            `lightning_probes.callbacks.guard`): ``"warn"`` disables the probe with one warning and a
+            ``{"disabled": true, ...}`` record and lets training go on; ``"raise"`` re-raises. ``None``: the
+            environment variable ``LIGHTNING_PROBES_ON_ERROR``, else ``"warn"``.
     """
 
     probe_name: str = "probe"
@@ -132,10 +128,16 @@ class ProbeCallback(Callback):
             method = cls.__dict__.get(hook)
             if callable(method) and not getattr(method, "_flushes", False):
                 setattr(cls, hook, _flushing(method))
+        install_guards(cls)
 
     def __init__(self, output_dir: Optional[str] = None, name: Optional[str] = None,
-                 flush_every_n_steps: Optional[int] = None, flush_secs: Optional[float] = DEFAULT_FLUSH_SECS) -> None:
+                 flush_every_n_steps: Optional[int] = None, flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+                 on_error: Optional[str] = None) -> None:
         check_positive_int("flush_every_n_steps", flush_every_n_steps, allow_none=True)
+        self.on_error = check_on_error(on_error)
+        self._guard = GuardState()
+        self._disabled: Optional[str] = None
+        self._skipped_reason: Optional[str] = None
         if flush_secs is not None:
             check_float("flush_secs", flush_secs, low=0.0, low_open=True)
         self.flush_every_n_steps = flush_every_n_steps
@@ -208,6 +210,11 @@ class ProbeCallback(Callback):
         return os.path.join(self.output_dir, f"{self.name}.jsonl")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._guard = GuardState()  # every fit, validate, test and predict starts clean (a reused probe too)
+        self._disabled = self._skipped_reason = None
+        self._last_logger_step = None
+        self._pending_figures = {}
+        self.reset_run()
         if self._output_dir_arg is not None:
             directory = self._output_dir_arg
         else:
@@ -359,171 +366,12 @@ class ProbeCallback(Callback):
         for key, value in (metrics or {}).items():
             if value is not None and not isinstance(value, bool) and math.isfinite(value):
                 trainer.callback_metrics[key] = torch.tensor(float(value))
-
-    # -- figures and files --------------------------------------------------------------------------
-    def figures_due(self, trainer: pl.Trainer, epochs_done: int) -> bool:
-        """Whether the matplotlib figures are drawn now: every ``plot_every_n_epochs`` completed epochs during a
-        fit (never with 0), always outside a fit (``validate``, ``test``: no fit end to draw them at)."""
-        every = self.plot_every_n_epochs
-        if every <= 0:
-            return False
-        if trainer.state.fn != TrainerFn.FITTING:
-            return True
-        return epochs_done > 0 and epochs_done % every == 0
-
-    def figure(self, trainer: pl.Trainer, filename: str, tag: str, step: int, draw: Callable[[], Any],
-               epochs_done: int) -> None:
-        """Draw a figure now if `figures_due`, else keep ``draw`` until the end of the fit (replacing an older
-        pending version of ``filename``). Global rank 0 only.
-
-        Args:
-            trainer: The Trainer.
-            filename: File in ``<output_dir>/<name>/``.
-            tag: Logger tag, relative to the probe (see `save_figure`).
-            step: Logger step.
-            draw: Builds the ``matplotlib.figure.Figure`` from data the probe has already written to its files.
-            epochs_done: Completed training epochs that the figure shows.
-        """
-        if not trainer.is_global_zero or self.plot_every_n_epochs <= 0:
-            return
-        self.flush_records()  # a drawing may read the probe's files
-        if self.figures_due(trainer, epochs_done):
-            self._pending_figures.pop(filename, None)
-            self.save_figure(trainer, draw(), filename, tag, step)
-        else:
-            self._pending_figures[filename] = (tag, step, draw)
-
-    def draw_pending_figures(self, trainer: pl.Trainer) -> None:
-        """Draw the figures kept by `figure` since they were last drawn (global rank 0)."""
-        pending, self._pending_figures = self._pending_figures, {}
-        if trainer.is_global_zero:
-            self.flush_records()  # a drawing may read the probe's files
-            for filename, (tag, step, draw) in pending.items():
-                self.save_figure(trainer, draw(), filename, tag, step)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.draw_pending_figures(trainer)
-
-    @classmethod
-    def figures_from_files(cls, directory: str, name: str, settings: Mapping[str, Any]) -> list[FigureSpec]:
-        """Every figure of a finished (or crashed) run of this probe, from its files alone.
-
-        Args:
-            directory: The probes directory (holding ``<name>.jsonl`` and ``<name>/``).
-            name: The probe's ``name``.
-            settings: Its settings (``settings.json``'s ``"settings"``; empty when the run predates it).
-
-        Returns:
-            ``[(filename, tag, draw), ...]``: the figures the probe would have written last, each drawn by the
-            same function the probe uses. Empty for probes that draw nothing from their files.
-        """
-        return []
-
-    @staticmethod
-    def records_of(directory: str, name: str) -> list[dict[str, Any]]:
-        """The records of ``<directory>/<name>.jsonl`` (empty when it does not exist)."""
-        path = os.path.join(directory, f"{name}.jsonl")
-        return read_jsonl(path) if os.path.exists(path) else []
-
-    def log_image(self, trainer: pl.Trainer, image: Any, tag: str, step: int) -> None:
-        """Send an ``(H, W, 3)`` uint8 image (e.g. `lightning_probes.plotting.colormapped`) to every logger that
-        takes images, as `save_figure` does with figures (milliseconds: no matplotlib). Global rank 0 only."""
-        if not trainer.is_global_zero:
-            return
-        tag = f"{self.name}/{tag}"
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            add_image = getattr(experiment, "add_image", None)
-            log_image = getattr(logger, "log_image", None)
-            mlflow_image = getattr(experiment, "log_image", None)
-            if callable(add_image):
-                add_image(tag, image, global_step=step, dataformats="HWC")
-            elif callable(log_image):
-                log_image(key=tag, images=[image], step=step)
-            elif callable(mlflow_image) and getattr(logger, "run_id", None):
-                mlflow_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
-
-    def save_figure(self, trainer: pl.Trainer, fig: Any, filename: str, tag: str, step: int) -> None:
-        """Render a ``matplotlib.figure.Figure`` once; write it to ``<output_dir>/<name>/<filename>`` and send it to
-        every logger that takes images. Global rank 0 only.
-
-        ``tag`` is relative to the probe: the loggers see ``<name>/<tag>``. Loggers are recognised by what they
-        can do: an ``experiment`` with ``add_image`` (TensorBoard), a ``log_image(key, images, step)`` method
-        (Weights & Biases), an ``experiment`` with ``log_figure`` and a ``run_id`` (MLflow).
-        """
-        if not trainer.is_global_zero:
-            return
-        png = render_png(fig)
-        atomic_write_bytes(self.path(filename), png)
-        tag = f"{self.name}/{tag}"
-        image = None
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            add_image = getattr(experiment, "add_image", None)
-            log_image = getattr(logger, "log_image", None)
-            log_figure = getattr(experiment, "log_figure", None)
-            if callable(add_image):
-                image = decode_png(png) if image is None else image
-                add_image(tag, image, global_step=step, dataformats="HWC")
-            elif callable(log_image):
-                image = decode_png(png) if image is None else image
-                log_image(key=tag, images=[image], step=step)
-            elif callable(log_figure) and getattr(logger, "run_id", None):
-                log_figure(logger.run_id, fig, f"{tag}/step_{step:08d}.png")
-
-    def save_json(self, trainer: pl.Trainer, obj: Any, filename: str) -> None:
-        """Write a JSON summary to ``<output_dir>/<name>/<filename>`` atomically (global rank 0 only)."""
-        if trainer.is_global_zero:
-            atomic_write_json(self.path(filename), obj)
-
-    def save_npz(self, trainer: pl.Trainer, filename: str, **arrays: Any) -> None:
-        """Write NumPy arrays to ``<output_dir>/<name>/<filename>`` atomically (global rank 0 only)."""
-        if trainer.is_global_zero:
-            atomic_save_npz(self.path(filename), **arrays)
-
-    # -- TensorBoard layout and hyper-parameters ----------------------------------------------------
-    def hparams(self) -> dict[str, Any]:
-        """The probe's settings: every constructor argument (of the class and its bases) kept under its own
-        name as a plain value."""
-        out: dict[str, Any] = {}
-        for cls in type(self).__mro__:
-            if not (isinstance(cls, type) and issubclass(cls, ProbeCallback)):
-                continue
-            for param in inspect.signature(cls.__init__).parameters:
-                if param in out or param == "self" or not hasattr(self, param):
-                    continue
-                value = getattr(self, param)
-                if isinstance(value, (list, tuple)) and all(isinstance(v, _HPARAM_TYPES) for v in value):
-                    value = str(list(value))
-                if isinstance(value, _HPARAM_TYPES):
-                    out[param] = value
-        out["output_dir"] = self._output_dir_arg
-        return out
-
-    def layout(self) -> dict[str, list[Any]]:
-        """This probe's charts in TensorBoard's custom-scalars layout: one multi-line chart per statistic, all
-        layers as lines."""
-        return {stat: ["Multiline", [f"^{re.escape(self.name)}/{re.escape(stat)}/"]] for stat in self.layout_stats}
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probes = [cb for cb in trainer.callbacks if isinstance(cb, ProbeCallback)]
         if not trainer.is_global_zero or not probes or probes[0] is not self:
             return  # the first probe of the Trainer writes for all of them, once
-        _log_probe_settings(trainer, probes)
+        log_probe_settings(trainer, probes)
 
 
-def _log_probe_settings(trainer: pl.Trainer, probes: Sequence[ProbeCallback]) -> None:
-    """One custom-scalars layout for every probe (TensorBoard) and the probes' settings as hparams (every logger,
-    merged with what the logger already holds, since TensorBoard shows only the latest hparams record)."""
-    layout = {p.name: p.layout() for p in probes if p.layout()}
-    settings = {f"probes/{p.name}/{k}": v for p in probes for k, v in p.hparams().items()}
-    for logger in trainer.loggers:
-        add_custom_scalars = getattr(getattr(logger, "experiment", None), "add_custom_scalars", None)
-        if layout and callable(add_custom_scalars):
-            add_custom_scalars(layout)
-        existing = getattr(logger, "hparams", None)
-        merged = {**(dict(existing) if isinstance(existing, Mapping) else {}), **settings}
-        try:
-            logger.log_hyperparams(merged)
-        except Exception as err:  # noqa: BLE001 (a logger that rejects a setting must not stop training)
-            log.warning("Could not log the probes' settings to %s: %s", type(logger).__name__, err)
+install_guards(ProbeOutputs)
+install_guards(ProbeCallback)

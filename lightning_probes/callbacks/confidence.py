@@ -125,6 +125,9 @@ class ConfidenceMonitor(ProbeCallback):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
 
     Raises:
         KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found).
@@ -155,8 +158,10 @@ class ConfidenceMonitor(ProbeCallback):
         name: Optional[str] = None,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        on_error: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir, name, flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+        super().__init__(output_dir, name, flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs,
+                         on_error=on_error)
         for arg, value in (("logits_key", logits_key), ("target_key", target_key)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"Expected `{arg}` to be a non-empty string, but got {value!r}")

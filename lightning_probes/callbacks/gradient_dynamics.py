@@ -129,6 +129,9 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
         max_entries: Most entries followed per tensor (a seeded fixed subset); ``None``: all; ``"auto"``: all up
             to 100M tracked entries, else the cap that keeps the probe under 10% of the parameters' memory.
         seed: Seed of the ``max_entries`` subsets.
@@ -160,9 +163,10 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
         max_entries: Union[int, None, Literal["auto"]] = "auto",
         seed: int = 0,
+        on_error: Optional[str] = None,
     ) -> None:
         super().__init__(every_n_steps, include, exclude, output_dir, name,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, on_error=on_error)
         check_float("zero_threshold", zero_threshold, low=0.0, low_open=True)
         check_float("release_threshold", release_threshold, low=0.0, low_open=True)
         if zero_threshold > release_threshold:

@@ -79,6 +79,9 @@ class GradientStatsMonitor(ParameterProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -100,9 +103,10 @@ class GradientStatsMonitor(ParameterProbe):
         compile: Union[bool, Literal["auto"]] = "auto",
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        on_error: Optional[str] = None,
     ) -> None:
         super().__init__(every_n_steps, include, exclude, output_dir, name,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, on_error=on_error)
         check_positive_int("window", window)
         check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         self.window = window

@@ -73,6 +73,9 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -101,9 +104,10 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         plot_every_n_epochs: int = 10,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        on_error: Optional[str] = None,
     ) -> None:
         super().__init__(num_samples, seed, search_batches, forward_fn, input_key, target_key, output_dir, name,
-                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs)
+                         flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, on_error=on_error)
         self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         check_positive_int("num_draws", num_draws)
         check_positive_int("every_n_epochs", every_n_epochs)

@@ -40,6 +40,9 @@ class ParameterProbe(ProbeCallback):
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
+        on_error: After the run started, ``"warn"`` (default) turns an exception inside the probe into one warning,
+            a ``{"disabled": true}`` record and a disabled probe while training goes on; ``"raise"`` re-raises.
+            ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
     """
 
     def __init__(
@@ -51,8 +54,9 @@ class ParameterProbe(ProbeCallback):
         name: Optional[str] = None,
         flush_every_n_steps: Optional[int] = None,
         flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
+        on_error: Optional[str] = None,
     ) -> None:
-        super().__init__(output_dir, name, flush_every_n_steps, flush_secs)
+        super().__init__(output_dir, name, flush_every_n_steps, flush_secs, on_error=on_error)
         check_positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.include, self.exclude = include, exclude
