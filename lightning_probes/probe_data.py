@@ -68,10 +68,20 @@ class ProbeInputError(ProbeConfigurationError, TypeError):
 
 
 # -- the module: where it lives, the analysis mode ------------------------------------------------------
+def is_uninitialized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a lazy module's parameter or buffer that its first forward has not shaped yet."""
+    return isinstance(tensor, nn.parameter.UninitializedTensorMixin)
+
+
+def has_uninitialized(module: nn.Module) -> bool:
+    """Whether ``module`` holds lazy parameters or buffers (``nn.LazyLinear``, ...) not yet initialised."""
+    return any(is_uninitialized(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, Optional[torch.dtype]]:
     """``(device, floating dtype)`` of the module's first floating parameter (or buffer); ``(cpu, None)`` for a
     module without any."""
-    tensors = [*module.parameters(), *module.buffers()]
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not is_uninitialized(t)]
     floating = next((t for t in tensors if t.is_floating_point()), None)
     if floating is not None:
         return floating.device, floating.dtype
@@ -311,7 +321,13 @@ def validation_loader(trainer: Any) -> Any:
     """The first validation dataloader, set up if the loop has not done so yet."""
     loaders = trainer.val_dataloaders
     if loaders is None:
-        loop = trainer.fit_loop.epoch_loop.val_loop
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        loop = trainer.fit_loop.epoch_loop.val_loop if fitting or trainer.validate_loop is None \
+            else trainer.validate_loop
+        source = getattr(loop, "_data_source", None)
+        if source is not None and not source.is_defined():  # no `val_dataloader` anywhere
+            raise MissingValidationDataError("it needs validation data, but the Trainer has no validation "
+                                             "dataloader")
         loop.setup_data()
         loaders = trainer.val_dataloaders
     if isinstance(loaders, (list, tuple)):

@@ -7,17 +7,33 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_positive_int
-from lightning_probes.probe_data import MissingValidationDataError, ProbeSet, analysis_mode, run_forward
+from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.probe_data import (
+    MissingValidationDataError,
+    ProbeInputError,
+    ProbeSet,
+    analysis_mode,
+    forked_rng,
+    run_forward,
+)
 from lightning_probes.sharding import is_dtensor
+
+
+class RemoteProbeError(RuntimeError):
+    """A probe's analysis failed on global rank 0; raised on the other ranks so that every rank decides alike."""
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2's ``fully_shard``)."""
     return any(is_dtensor(p) for p in module.parameters())
+
+
+class _TooFewSamplesError(ValueError):
+    """The validation data hold fewer samples than the analysis needs (the probe is skipped)."""
 
 
 class AnalysisProbe(ProbeCallback):
@@ -38,6 +54,19 @@ class AnalysisProbe(ProbeCallback):
       skips the run. Under FSDP2 (a model whose parameters are sharded ``DTensor``s) every forward needs an
       all-gather per layer that every rank must enter: then EVERY rank runs `analyse` on rank 0's probe set
       (broadcast once), in the same order, and only rank 0 writes files and logs.
+
+    Pre-flight (`preflight`, before any training step): in the entry points where the probe analyses
+    (`analysis_stages`), it checks that there is validation data, draws the probe set (under a forked random
+    state, so training's random stream is untouched), checks that it holds at least `minimum_samples`
+    samples, and hands it to `check_probe` (one forward of a probe batch, say). Global rank 0 checks (every
+    rank for a sharded model) and broadcasts the outcome, so every rank skips, refuses or runs alike. Missing
+    validation data, too few samples and what `check_probe` reports as not applicable skip the probe with one
+    warning; a `ProbeConfigurationError` refuses the run; any other exception of the checks skips the probe
+    with ``on_error="warn"`` and is raised with ``"raise"``.
+
+    A failure inside `analyse` after the run started is caught on the rank where it happens, before the
+    broadcast of the headline, so every rank learns it from the broadcast and takes the same decision
+    (`lightning_probes.callbacks.guard`).
 
     A subclass sets the schedule (calls `run_analysis` from its hooks on every rank) and implements `analyse`.
 
@@ -97,6 +126,64 @@ class AnalysisProbe(ProbeCallback):
         self._skipped = False
         self._every_rank = False  # the model is sharded (FSDP2): every rank runs the analysis's forward passes
 
+    #: Entry points in which the probe analyses (elsewhere its pre-flight has nothing to check).
+    analysis_stages: tuple[TrainerFn, ...] = (TrainerFn.FITTING,)
+
+    def reset_run(self) -> None:
+        super().reset_run()
+        self._probe = None  # a reused probe draws its probe set from the new Trainer's validation data
+        self._skipped = False
+        self._every_rank = False
+
+    # -- pre-flight ---------------------------------------------------------------------------------
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        if trainer.state.fn not in self.analysis_stages:
+            return None
+        self._every_rank = is_sharded(pl_module)
+        outcome: Optional[tuple[str, str]] = None
+        if trainer.is_global_zero or self._every_rank:
+            outcome = self._checked_outcome(trainer, pl_module)
+        if trainer.world_size > 1:
+            outcome = trainer.strategy.broadcast(outcome, src=0)
+        kind, message = outcome
+        if kind == "error":
+            raise ProbeConfigurationError(message)
+        if kind == "failed":
+            err = RuntimeError(message)
+            if self.on_error_policy == "raise":
+                raise err
+            return f"its pre-flight check failed ({message}); on_error='raise' raises it"
+        return message if kind == "skip" else None
+
+    def _checked_outcome(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, str]:
+        """``("ok", "")``, ``("skip", reason)``, ``("error", message)`` or ``("failed", message)``."""
+        try:
+            if trainer.limit_val_batches == 0:
+                return "skip", ("it analyses validation samples, but `limit_val_batches=0`; give the Trainer "
+                                "validation batches to run it")
+            with forked_rng(pl_module):
+                probe = self.probe_set(trainer)
+            with analysis_mode(pl_module):
+                reason = self.check_probe(trainer, pl_module, probe)
+            return ("skip", reason) if reason else ("ok", "")
+        except MissingValidationDataError as err:
+            return "skip", f"{err}; add a `val_dataloader` (or a DataModule with one) to run it"
+        except _TooFewSamplesError as err:
+            return "skip", str(err)
+        except (ProbeConfigurationError, ProbeInputError) as err:
+            text = str(err)
+            name = type(self).__name__
+            return "error", text if text.startswith(name) else f"{name}: {text}"
+        except Exception as err:  # noqa: BLE001 - reported to every rank, then skipped or raised
+            if self.on_error_policy == "raise":
+                raise
+            return "failed", f"{type(err).__name__}: {err}"
+
+    def check_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Optional[str]:
+        """Pre-flight checks on the probe set (inside `analysis_mode`): return why the analysis does not apply
+        (the probe is skipped), raise `ProbeConfigurationError` to refuse, ``None`` to run. Default: none."""
+        return None
+
     def probe_set(self, trainer: pl.Trainer) -> ProbeSet:
         """The probe set, collected at the first call."""
         if self._probe is None:
@@ -105,8 +192,8 @@ class AnalysisProbe(ProbeCallback):
                 probe = trainer.strategy.broadcast(probe, src=0)  # every rank runs rank 0's samples
             minimum = self.minimum_samples()
             if len(probe) < minimum:
-                raise ValueError(f"{type(self).__name__} needs at least {minimum} probe samples, but the validation "
-                                 f"data gave {len(probe)}")
+                raise _TooFewSamplesError(f"it needs at least {minimum} probe samples, but the validation data gave "
+                                     f"{len(probe)}; give it more validation samples")
             self._probe = probe
         return self._probe
 
@@ -119,8 +206,14 @@ class AnalysisProbe(ProbeCallback):
         return run_forward(pl_module, batch, self.forward_fn, self.input_key)
 
     def run_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        """Analyse on global rank 0, then publish the headline scalars on every rank (call it on every rank)."""
+        """Analyse on global rank 0, then publish the headline scalars on every rank (call it on every rank).
+
+        An exception of the analysis is held until every rank has entered the broadcast of the headline, then
+        raised on every rank (the original on the rank it came from, `RemoteProbeError` elsewhere), so the
+        guard disables the probe everywhere or raises everywhere.
+        """
         headline: Optional[Mapping[str, Optional[float]]] = None
+        failure: Optional[BaseException] = None
         self._every_rank = is_sharded(pl_module)
         if (trainer.is_global_zero or self._every_rank) and not self._skipped:
             try:
@@ -128,10 +221,18 @@ class AnalysisProbe(ProbeCallback):
                     headline = self.analyse(trainer, pl_module, epoch)
             except MissingValidationDataError as err:
                 self._skipped = True
-                rank_zero_warn(f"{type(self).__name__} is skipped for this run: {err}.")
-        if headline and trainer.is_global_zero:
+                self.skip(trainer, f"{err}; add a `val_dataloader` (or a DataModule with one) to run it")
+            except Exception as err:  # noqa: BLE001 - raised below, after every rank entered the broadcast
+                failure = err
+        if headline and trainer.is_global_zero and failure is None:
             self.log_scalars(trainer, headline, trainer.global_step)
-        self.publish(trainer, headline if trainer.is_global_zero else None, from_rank_zero=True)
+        remote = self.publish(trainer, headline if trainer.is_global_zero and failure is None else None,
+                              from_rank_zero=True,
+                              failure=None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if remote is not None:
+            raise RemoteProbeError(f"the analysis failed on global rank 0: {remote}")
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 epoch: int) -> Optional[Mapping[str, Optional[float]]]:

@@ -351,7 +351,7 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
             logger.log_metrics(metrics, step=step)
 
     def publish(self, trainer: pl.Trainer, metrics: Optional[Mapping[str, Optional[float]]],
-                from_rank_zero: bool = False) -> None:
+                from_rank_zero: bool = False, failure: Optional[str] = None) -> Optional[str]:
         """Put headline scalars into ``trainer.callback_metrics``, where ``EarlyStopping`` and
         ``ModelCheckpoint`` find them.
 
@@ -360,12 +360,20 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
             metrics: ``{name: value}``; ``None`` values are left out.
             from_rank_zero: The values exist on global rank 0 only (the analysis probes): every rank must call
                 this, and rank 0's values are broadcast so that every process monitors the same numbers.
+            failure: Rank 0's analysis failed with this message: broadcast with the values.
+
+        Returns:
+            Global rank 0's ``failure`` on the other ranks (with ``from_rank_zero``), else ``None``.
         """
+        remote = None
         if from_rank_zero and trainer.world_size > 1:
-            metrics = trainer.strategy.broadcast(dict(metrics) if metrics is not None else None, src=0)
+            sent = (dict(metrics) if metrics is not None else None, failure)
+            metrics, remote = trainer.strategy.broadcast(sent, src=0)
+            remote = None if trainer.is_global_zero else remote
         for key, value in (metrics or {}).items():
             if value is not None and not isinstance(value, bool) and math.isfinite(value):
                 trainer.callback_metrics[key] = torch.tensor(float(value))
+        return remote
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probes = [cb for cb in trainer.callbacks if isinstance(cb, ProbeCallback)]
         if not trainer.is_global_zero or not probes or probes[0] is not self:

@@ -8,8 +8,9 @@ Usage:
 
 Writes ``<output>/trials/<trial_id>/`` (one ordinary Lightning run each), ``trials.csv``, ``summary.json``,
 ``summary.md``, ``figures/*.png`` and the TensorBoard run ``<output>/summary/``. Rerunning the same command skips
-finished trials and restarts the others from their ``last.ckpt``. A bad study file gives one ``error:`` line and
-exit status 2 before any trial starts.
+finished trials and restarts the others from their ``last.ckpt``; when every trial is finished it starts no worker
+process and no Ray, and only checks the configs and rewrites the summary. A bad study file gives one ``error:`` line
+and exit status 2 before any trial starts.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def study(
     Returns:
         The exit status: 0 when every trial finished, 1 when some failed.
     """
-    from lightning_probes.studies import prepare_study, run_ray, run_sequential, write_study_summary
+    from lightning_probes.studies import prepare_study, run_ray, run_sequential, unfinished_trials, write_study_summary
 
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"Expected `max_concurrent` to be a positive integer, but got {max_concurrent}")
@@ -76,7 +77,7 @@ def study(
         raise ValueError(f"`address` ({address!r}) joins a Ray cluster: it needs `--engine ray`, but got engine "
                          f"{engine!r}")
     pool = None
-    if engine == "sequential" and not isolate and not dry_run:
+    if engine == "sequential" and not isolate and not dry_run and unfinished_trials(config, output, num_samples):
         from lightning_probes.studies.workers import TrialWorkers
 
         pool = TrialWorkers(workers).launch()  # the workers import torch and Lightning while the configs resolve

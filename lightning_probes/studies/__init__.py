@@ -5,7 +5,8 @@
 ``ray``), ``results`` reads the trials back, ``aggregate`` builds ``trials.csv``/``summary.json``/``summary.md``,
 ``gradient_flow`` averages the trials' gradient flows, ``figures`` draws.
 ``prepare_study``/``write_study_summary`` tie them together for ``lightning-probes study``
-(``lightning_probes.commands.study``).
+(``lightning_probes.commands.study``); ``unfinished_trials`` tells, without resolving any config, whether a study
+has any trial left to run (a rerun of a finished study starts no worker).
 
 Example:
     >>> study = prepare_study("configs/studies/quick.yaml")  # doctest: +SKIP
@@ -35,7 +36,8 @@ from lightning_probes.studies.workers import run_sequential
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedStudy", "StudyError", "StudySpec", "Trial", "TrialJob", "expand_trials", "load_study",
-           "prepare_study", "run_ray", "run_sequential", "run_trial", "tune_search_space", "write_study_summary"]
+           "prepare_study", "run_ray", "run_sequential", "run_trial", "tune_search_space", "unfinished_trials",
+           "write_study_summary"]
 
 
 @dataclass
@@ -58,6 +60,26 @@ class PreparedStudy:
     def trials_root(self) -> str:
         """``<output>/trials``."""
         return os.path.join(self.spec.output, "trials")
+
+
+def unfinished_trials(path: str, output: Optional[str] = None, num_samples: Optional[int] = None) -> list[Trial]:
+    """The study's trials whose ``status.json`` does not say ``finished``, in order.
+
+    Reads the study file and the trials' ``status.json`` only (milliseconds: no config is resolved, no
+    LightningCLI parser is built), so that the command can decide whether to start trial workers at all before
+    ``prepare_study`` resolves the configs.
+
+    Args:
+        path: The study file.
+        output: Output directory overriding the study file's.
+        num_samples: Draws of a ``sample:`` study, overriding its file's ``num_samples``.
+
+    Raises:
+        StudyError: A bad study file, with one message.
+    """
+    spec = load_study(path, output, num_samples=num_samples)
+    return [trial for trial in expand_trials(spec)
+            if not is_finished(os.path.join(spec.output, "trials", trial.trial_id))]
 
 
 def prepare_study(path: str, output: Optional[str] = None, write: bool = True,

@@ -272,10 +272,11 @@ def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int
     ``isolate`` each trial runs ``lightning fit`` in its own subprocess instead. Both write the same files as the
     sequential engine. Tune schedules the trials (``max_concurrent_trials``, ``tune.with_resources``) locally or
     on a cluster. A trial whose worker or node dies (Ray reports the error) is marked ``failed`` with Ray's reason;
-    rerunning the study resumes it from its ``last.ckpt``.
+    rerunning the study resumes it from its ``last.ckpt``. Finished trials are skipped; when every trial is
+    finished, Ray is not even imported.
 
     Args:
-        jobs: The trials (finished ones are skipped by ``run_trial`` itself).
+        jobs: The trials (finished ones are skipped).
         storage: Directory for Tune's own bookkeeping (``<output>/ray``).
         max_concurrent: Trials at a time (default: as many as the resources allow).
         cpus_per_trial: CPUs Tune reserves per trial.
@@ -287,22 +288,23 @@ def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int
         The status of every trial, in order, read back from the trials' ``status.json``.
 
     Raises:
-        ImportError: If Ray Tune is not installed, saying how to install it.
-        ConnectionError: If ``address`` cannot be reached (before any trial starts).
+        ImportError: If Ray Tune is not installed (and some trial is to run), saying how to install it.
+        ConnectionError: If ``address`` cannot be reached (before any trial starts; checked only when some trial is
+            to run).
     """
-    try:
-        import ray
-        from ray import tune
-    except ImportError as err:
-        raise ImportError("`--engine ray` needs Ray Tune: pip install 'lightning-probes[ray]' "
-                          "(or pip install 'ray[tune]')") from err
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if address:
-        check_ray_address(address)
     pending = [job for job in jobs if not is_finished(job.trial_dir)]
     errors: dict[str, str] = {}
-    if pending:
+    if pending:  # nothing to run: no Ray imported, started or joined
+        try:
+            import ray
+            from ray import tune
+        except ImportError as err:
+            raise ImportError("`--engine ray` needs Ray Tune: pip install 'lightning-probes[ray]' "
+                              "(or pip install 'ray[tune]')") from err
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        if address:
+            check_ray_address(address)
         started_here = not ray.is_initialized()
         if started_here:
             kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus}

@@ -332,7 +332,8 @@ def run_sequential(jobs: Sequence[TrialJob], progress: bool = True, workers: int
 
     By default ``workers`` long-lived processes (``TrialWorkers``) import once and
     run the trials from a queue, in-process; with ``isolate`` each trial runs as its own ``lightning fit`` (and
-    ``test``) subprocess, one after another, as for code that leaks global state. Either way a failed trial does
+    ``test``) subprocess, one after another, as for code that leaks global state. Finished trials are skipped
+    without starting any process (no worker at all when every trial is finished). Either way a failed trial does
     not stop the others. ``KeyboardInterrupt`` stops at once: the running trials are killed and get no
     ``status.json`` (they restart from their last checkpoint next time); finished trials are untouched.
 
@@ -355,8 +356,11 @@ def run_sequential(jobs: Sequence[TrialJob], progress: bool = True, workers: int
     if pool is not None:
         return pool.run(jobs, progress=progress)
     if not isolate:
-        with TrialWorkers(workers) as own:
+        own = TrialWorkers(workers)  # `run` starts the workers only if some trial is not finished
+        try:
             return own.run(jobs, progress=progress)
+        finally:
+            own.close()
     statuses = []
     bar = tqdm(jobs, desc="trials", unit="trial", disable=not progress)
     for job in bar:

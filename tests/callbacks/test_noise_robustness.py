@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_probes import NoiseRobustnessMonitor
+from lightning_probes.callbacks.guard import ProbeSkippedWarning
 from lightning_probes.probe_data import select_balanced
 from tests.conftest import CaptureLogger
 from tests.helpers import RandomDataModule, read, small_mlp, trainer
@@ -73,8 +74,12 @@ def test_no_validation_data_is_a_clear_error(tmp_path):
 
     probe = NoiseRobustnessMonitor()
     t = trainer(tmp_path, [probe], max_epochs=1)
-    t.fit(small_mlp(), NoVal())  # no validation loop: the probe simply never runs
-    assert not (tmp_path / "probes" / "noise_robustness.jsonl").exists()
+    with pytest.warns(ProbeSkippedWarning, match="NoiseRobustnessMonitor 'noise_robustness' is skipped .* no "
+                                                 "validation dataloader"):
+        t.fit(small_mlp(), NoVal())  # no validation loop: skipped at the pre-flight, training goes on
+    records = read(tmp_path / "probes" / "noise_robustness.jsonl")
+    assert len(records) == 1 and records[0]["skipped"] is True and "val_dataloader" in records[0]["reason"]
+    assert t.global_step > 0
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
