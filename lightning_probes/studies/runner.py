@@ -294,7 +294,7 @@ def run_ray(jobs: Sequence[TrialJob], storage: str, max_concurrent: Optional[int
     """
     pending = [job for job in jobs if not is_finished(job.trial_dir)]
     errors: dict[str, str] = {}
-    if pending:  # nothing to run: no Ray imported, started or joined
+    if pending:  # Ray is imported, started or joined only when some trial is to run
         try:
             import ray
             from ray import tune

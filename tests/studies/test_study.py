@@ -3,6 +3,7 @@ from the trials' own `metrics.csv`, rerun and resume, failed trials, dry runs an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 from scipy import stats
 
 from lightning_probes.commands.study import main, study
@@ -98,16 +100,42 @@ def test_summary_statistics_match_numpy_scipy(finished_study):
     assert f"lr={best} | 2 |" in markdown and "| best |" in markdown
 
 
-def test_rerun_skips_finished_trials(finished_study, monkeypatch):
-    def no_subprocess(*args, **kwargs):
-        raise AssertionError(f"a finished trial ran again: {args}")
+def _summary_files(output: Path) -> dict[str, bytes]:
+    """The summary a study writes from its trials' files (not its TensorBoard run, one events file per write)."""
+    paths = [output / "trials.csv", output / "summary.json", output / "summary.md", *output.glob("figures/*.png")]
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(paths)}
 
-    before = {p: p.stat().st_mtime_ns for p in (finished_study / "trials").glob("*/metrics.csv")}
-    monkeypatch.setattr(runner.subprocess, "run", no_subprocess)
-    config = finished_study.parent / "tiny.yaml"
+
+@pytest.mark.parametrize(("engine", "isolate"), [("sequential", False), ("sequential", True), ("ray", False)])
+def test_rerun_of_a_finished_study_only_checks_and_rewrites_the_summary(finished_study, monkeypatch, engine,
+                                                                        isolate):
+    """A rerun of a finished study starts no worker process, no Ray and no Trainer, and runs no trial: it only
+    resolves the configs, reads the trials' files and writes the same summary as the first run, byte for byte."""
+    from lightning_probes.studies import workers
+
+    def forbidden(what, like=None):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"a rerun of a finished study {what}: {args}")
+        # `like`: keep the signature (and docstring) of what it replaces, which the config parser reads
+        return fail if like is None else functools.wraps(like)(fail)
+
+    monkeypatch.setattr(workers, "_Worker", forbidden("started a trial worker"))
+    monkeypatch.setattr(runner, "_run", forbidden("ran a trial"))
+    monkeypatch.setattr(runner.subprocess, "run", forbidden("started a subprocess"))
+    monkeypatch.setattr(pl.Trainer, "__init__", forbidden("built a Trainer", like=pl.Trainer.__init__))
+    if engine == "ray":
+        ray = pytest.importorskip("ray")
+        pytest.importorskip("ray.tune")
+        monkeypatch.setattr(ray, "init", forbidden("started Ray"))
+    trials = finished_study / "trials"
+    before = {p: p.stat().st_mtime_ns for p in (*trials.glob("*/metrics.csv"), *trials.glob("*/status.json"))}
+    first = _summary_files(finished_study)
+    assert len(first) >= 6 and any(name.startswith("figures") for name in first)
     monkeypatch.chdir(finished_study.parent)
-    assert study(str(config), output=str(finished_study), progress=False) == 0
+    assert study(str(finished_study.parent / "tiny.yaml"), output=str(finished_study), engine=engine,
+                 isolate=isolate, progress=False) == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert _summary_files(finished_study) == first
     assert json.loads((finished_study / "summary.json").read_text())["n_finished"] == 4
 
 
