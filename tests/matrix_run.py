@@ -1,13 +1,16 @@
-"""Run one case of the model matrix (`tests/matrix_cases.py`) with every probe at its defaults.
+"""Run cases of the model matrix (`tests/matrix_cases.py`) with every probe at its defaults.
 
-Usage: ``python -m tests.matrix_run CASE OUTPUT_DIR [--accelerator cpu|gpu] [--precision P]``. Writes
-``OUTPUT_DIR/result.json``: ``{"case", "probes": {probe: status}, "details": {probe: text}, "refused": [...],
-"global_step"}``. A probe's status is ``ok`` (it wrote records, every number finite), ``skipped`` (one skip
-warning and one skip record, nothing else), ``refused`` (the run stopped before any step with one error naming
-the probe; the case is then run again without it), ``idle`` (no record and no warning: the entry point gives it
-nothing to do), or ``disabled``/``nonfinite``/``warnings``/``crash`` (what must never happen). The probes run
-with ``on_error`` from ``$LIGHTNING_PROBES_ON_ERROR`` (the suite sets ``raise``), so any failure of a probe
-after the start surfaces as ``crash``.
+Usage: ``python -m tests.matrix_run CASE[,CASE...] OUTPUT_DIR [--accelerator cpu|gpu] [--precision P]``
+(several cases share one interpreter, so torch and Lightning are imported once). Writes
+``OUTPUT_DIR/result.json`` for one case, ``OUTPUT_DIR/<CASE>/result.json`` for each of several:
+``{"case", "probes": {probe: status}, "details": {probe: text}, "global_step"}``.
+
+A probe's status is ``ok`` (it wrote records, every number finite), ``skipped`` (one skip warning and one
+skip record, nothing else), ``refused`` (the run stopped before any step with one error naming the probe; the
+case is then run again without it), ``idle`` (no record and no warning: the entry point gives it nothing to
+do), or ``disabled``/``nonfinite``/``warnings``/``crash``/``not reached`` (what must never happen). The probes
+run with ``on_error`` from ``$LIGHTNING_PROBES_ON_ERROR`` (the suite sets ``raise``), so any failure of a
+probe after the start surfaces as ``crash``.
 """
 
 from __future__ import annotations
@@ -140,17 +143,28 @@ def status_of(probe: Any, probes_dir: Path, caught: list[warnings.WarningMessage
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("cases", help="case names, comma-separated: " + ", ".join(CASES))
     parser.add_argument("output")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default=None)
     args = parser.parse_args(argv)
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; cases: {', '.join(CASES)}")
     torch.set_num_threads(1)
-    case = CASES[args.case]
-    out = Path(args.output)
+    for name in names:
+        out = Path(args.output) if len(names) == 1 else Path(args.output) / name
+        run_one(name, out, args)
+    return 0
+
+
+def run_one(name: str, out: Path, args: argparse.Namespace) -> None:
+    """Run case ``name`` with every probe (again without each probe that refuses it); write its result."""
+    case = CASES[name]
     classes = list(PROBES)
     refused: dict[str, str] = {}
-    result: dict[str, Any] = {"case": args.case, "probes": {}, "details": {}}
+    result: dict[str, Any] = {"case": name, "probes": {}, "details": {}}
     for _attempt in range(len(PROBES) + 1):
         root = out / f"attempt{len(refused)}"
         shutil.rmtree(root, ignore_errors=True)
@@ -189,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         result["details"][name] = message[:2000]
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
