@@ -5,7 +5,7 @@ checkpoint, and no finished trial's files are touched. Every Ray process this te
 
 `ray stop` is not used: it stops every Ray process of the machine (other users' included); the test kills its own
 nodes' processes instead (every one inherits a marker in its environment) and checks that none is left.
-Skipped without Ray (CI installs only the `dev` extra) and off Linux (it reads `/proc`).
+Skipped without Ray (CI installs the `ray` extra, so it runs there) and off Linux (it reads `/proc`).
 """
 
 from __future__ import annotations
