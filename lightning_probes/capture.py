@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_probes.naming import clean_name, close_matches
 from lightning_probes.probe_data import LayerOutputError
@@ -23,6 +24,43 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigm
 #: Activations with a bounded range, for the saturation share: (low, high).
 BOUNDED = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: (-1.0, 1.0), nn.ReLU6: (0.0, 6.0),
            nn.Softmax: (0.0, 1.0)}
+
+
+@contextmanager
+def no_fastpath() -> Iterator[None]:
+    """Turn off the fused "fast path" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` for the block.
+
+    In ``eval()`` under ``no_grad`` (the analysis) those modules run one fused kernel instead of their submodules,
+    so hooks on their ``linear1``, ``norm1``, ... would never fire, while training calls them. Without the fast
+    path the same submodules are called as in training; the outputs are the same up to rounding.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def is_parametrization_part(name: str) -> bool:
+    """Whether ``name`` is a module of a parametrization (``<layer>.parametrizations.<tensor>...``), not a layer."""
+    return "parametrizations" in name.split(".")
+
+
+def is_layer_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is a leaf layer: no child modules, besides the ``parametrizations`` of a layer wrapped by
+    ``torch.nn.utils.parametrize`` (``parametrizations.spectral_norm``, ``weight_norm``, ...)."""
+    parametrized = parametrize.is_parametrized(module)
+    return not any(True for name, _ in module.named_children() if not (parametrized and name == "parametrizations"))
+
+
+def has_own_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters itself, a parametrized tensor (its ``original``) included."""
+    return parametrize.is_parametrized(module) or any(True for _ in module.parameters(recurse=False))
 
 
 @contextmanager
@@ -46,6 +84,10 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, name, child)
 
 
+class NoLayerError(ValueError):
+    """The default selection found no module to capture (the model applies its parameters functionally)."""
+
+
 def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None,
                    default: str = "blocks") -> dict[str, nn.Module]:
     """Modules to capture, by clean name (``_orig_mod.`` and leading ``module.`` removed).
@@ -55,7 +97,9 @@ def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None,
     parameters when the model has no activation module (it applies them functionally); ``"all"``, every leaf
     module with parameters plus every activation module (the pre-activation, normalised and activated signal of
     every block: about three times the features, many of them near-duplicates). With ``names``, each must be a
-    module name; an unknown one raises ``ValueError`` listing close matches.
+    module name; an unknown one raises ``ValueError`` listing close matches. A layer wrapped by a parametrization
+    (``torch.nn.utils.parametrizations.spectral_norm``, ``weight_norm``) is a leaf layer like a plain one; the
+    modules of its ``parametrizations`` are never selected by default.
     """
     if default not in ("blocks", "all"):
         raise ValueError(f"Expected `default` to be 'blocks' or 'all', but got {default!r}")
@@ -65,16 +109,16 @@ def select_modules(model: nn.Module, names: Optional[Sequence[str]] = None,
         if name and name not in modules:
             modules[name] = module
     if names is None:
-        parametrised = [n for n, m in modules.items()
-                        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
-        activations = [n for n, m in modules.items() if isinstance(m, ACTIVATIONS)]
+        layers = {n: m for n, m in modules.items() if not is_parametrization_part(n)}
+        parametrised = [n for n, m in layers.items() if is_layer_leaf(m) and has_own_parameters(m)]
+        activations = [n for n, m in layers.items() if isinstance(m, ACTIVATIONS)]
         if default == "blocks" and activations:
             keep = set(activations) | set(parametrised[-1:])
         else:
             keep = set(parametrised) | set(activations)
         chosen = {n: m for n, m in modules.items() if n in keep}
         if not chosen:
-            raise ValueError(f"{type(model).__name__} has no leaf module with parameters and no activation module "
+            raise NoLayerError(f"{type(model).__name__} has no leaf module with parameters and no activation module "
                              "to capture; pass `layers` explicitly")
         return chosen
     unknown = [n for n in names if n not in modules]
@@ -109,7 +153,9 @@ class ActivationCapture:
 
     A module called several times in one forward pass contributes its first call (a warning says so once);
     a tuple or list output contributes its first tensor; a module whose output holds no tensor raises a
-    clear error (`lightning_probes.probe_data.LayerOutputError`, a ``TypeError``).
+    clear error (`lightning_probes.probe_data.LayerOutputError`, a ``TypeError``), or with ``tolerant`` is
+    left out and named in ``invalid``. While the hooks exist, the fused fast path of attention layers is off
+    (`no_fastpath`), so their submodules are called as in training.
 
     Args:
         modules: ``{name: module}`` to capture, e.g. from `select_modules`.
@@ -119,15 +165,20 @@ class ActivationCapture:
         reducers: ``{name: reducer(output, batch_size) -> rows}`` per layer (e.g.
             `lightning_probes.feature_rows.FeatureReducer`), used instead of ``max_features``; ``batch_size`` is
             the attribute of that name, set by the caller before each forward (``None``: unknown).
+        tolerant: Record a module whose output (input) holds no tensor in ``invalid`` (``{name: type}``) instead
+            of raising (the layer check of the default selection leaves such modules out).
     """
 
     def __init__(self, modules: dict[str, nn.Module], max_features: Optional[int], inputs: bool = False,
-                 reducers: Optional[dict[str, Callable[[torch.Tensor, Optional[int]], torch.Tensor]]] = None) -> None:
+                 reducers: Optional[dict[str, Callable[[torch.Tensor, Optional[int]], torch.Tensor]]] = None,
+                 tolerant: bool = False) -> None:
         self.modules = modules
         self.max_features = max_features
         self.inputs = inputs
         self.reducers = reducers
         self.batch_size: Optional[int] = None
+        self.tolerant = tolerant
+        self.invalid: dict[str, str] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._warned_repeat = False
@@ -145,6 +196,9 @@ class ActivationCapture:
             if isinstance(value, (tuple, list)):
                 tensor = next((o for o in value if isinstance(o, torch.Tensor)), None)
             if not isinstance(tensor, torch.Tensor):
+                if self.tolerant:
+                    self.invalid[name] = type(value).__name__
+                    return
                 what = "received" if self.inputs else "produced"
                 raise LayerOutputError(f"Layer {name!r} ({type(module).__name__}) {what} {type(value).__name__}, "
                                        "which holds no tensor; choose other `layers`")
@@ -164,7 +218,8 @@ class ActivationCapture:
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-            yield self
+            with no_fastpath():
+                yield self
         finally:
             for handle in self._handles:
                 handle.remove()

@@ -85,8 +85,16 @@ def grouped_bars(
 
 
 def line_panels(x: Sequence[float], series: Mapping[str, Sequence[float]], xlabel: str, title: str) -> Figure:
-    """One small line plot per named series, sharing the x axis."""
+    """One small line plot per named series, sharing the x axis; without any series, one empty panel that says
+    so (a figure is still drawn)."""
     n = len(series)
+    if n == 0:
+        fig = Figure(figsize=(7, 2.2), layout="constrained")
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "nothing to draw", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        fig.suptitle(title)
+        return fig
     fig = Figure(figsize=(7, 2.2 * n), layout="constrained")
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, values) in zip(axes, series.items()):

@@ -35,7 +35,8 @@ class ActivationStatsMonitor(RepresentationProbe):
       and ``s`` the singular values of the centred feature rows (a ``(batch, tokens, features)`` output read by
       ``token_mode``, at most ``max_features`` features, see `lightning_probes.feature_rows`); computed from the
       ``(rows x rows)`` Gram matrix when the layer is wider than its rows, else from the streamed covariance
-      (`lightning_probes.functional.EffectiveRankAccumulator`).
+      (`lightning_probes.functional.EffectiveRankAccumulator`); ``null`` when the layer gave fewer than 2 rows
+      (a probe set of one sample), where the other statistics are still defined.
 
     Records per (epoch, layer) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<layer>``; an overview
     figure of every statistic across layers to ``<name>/overview.png`` (every ``plot_every_n_epochs`` epochs and
@@ -88,7 +89,8 @@ class ActivationStatsMonitor(RepresentationProbe):
         records = []
         for name in self._modules:
             values = stats[name].compute()
-            values["effective_rank"] = float(ranks[name].compute())
+            rank = ranks.get(name)  # undefined for fewer than 2 rows (a probe set of one sample): null
+            values["effective_rank"] = float(rank.compute()) if rank is not None and rank.n >= 2 else None
             records.append({"epoch": epoch, "step": trainer.global_step, "layer": name, **values})
         self.write_records(trainer, records)
         step = trainer.global_step

@@ -16,26 +16,30 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
-from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.callbacks.representation_base import NothingToAnalyseError, RepresentationProbe
 from lightning_probes.capture import ActivationCapture, uncompiled
 from lightning_probes.checks import check_float
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.feature_rows import subsample_columns, token_rows
-from lightning_probes.functional.alignment import QUANTILES, AlignmentAccumulator, alignment_summary
+from lightning_probes.functional.alignment import QUANTILES, AlignmentAccumulator, alignment_summary, layer_features
 from lightning_probes.probe_data import batch_size as samples_in
 
-#: Layers the alignment is defined for.
-LAYER_TYPES = (nn.Linear, nn.Conv2d)
+#: Layers the alignment is defined for (a parametrized one, e.g. ``spectral_norm``, with its effective weight).
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _STATS = ("mean", "std")
 
 
 class AlignmentMonitor(RepresentationProbe):
-    """Per-unit alignment of every ``nn.Linear`` and ``nn.Conv2d`` with the variance of its inputs, over training.
+    """Per-unit alignment of every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` with the variance of its inputs,
+    over training.
 
     A unit's alignment is ``w^T C w / (w^T w * trace(C))``: the share of the variance of the layer's inputs
     (covariance ``C`` on the probe set) that lies along its weight vector ``w``, in [0, 1] (see
     `lightning_probes.functional.alignment`). A ``Conv2d`` filter's inputs are its receptive-field patches, one
-    per sample and output position (with ``groups > 1``, those of its group's channels). A random direction
+    per sample and output position (with ``groups > 1``, those of its group's channels); a ``Conv1d``'s likewise
+    (``C * k`` features). A layer wrapped by a parametrization (``torch.nn.utils.parametrizations.spectral_norm``,
+    ``weight_norm``, any ``torch.nn.utils.parametrize`` one) is analysed with its effective weight, the one its
+    forward uses (``module.weight``, read in ``eval()``: no power iteration runs). A random direction
     scores ``1 / D`` on average (``D`` input features, recorded as ``chance``): units well above it have turned
     towards the directions in which their inputs vary most.
 
@@ -54,7 +58,8 @@ class AlignmentMonitor(RepresentationProbe):
 
     Cost and memory: one forward of the probe set; per layer at most a float64 ``(D, D)`` sum and a float32
     buffer of ``D`` input rows (``D`` = ``in_features`` of a ``Linear``, ``in_channels * kh * kw`` of a
-    ``Conv2d``; ``D / groups`` per group), about ``12 * D**2`` bytes, on the model's device, all layers at once.
+    ``Conv2d``, ``in_channels * k`` of a ``Conv1d``; ``D / groups`` per group), about ``12 * D**2`` bytes, on
+    the model's device, all layers at once.
     Layers that see no more than ``D`` rows in all (e.g. wide ``Linear`` layers on 512 samples) never form the
     ``(D, D)`` sum. At the first analysis a selection whose estimate exceeds ``max_memory_gb`` is reduced when
     ``layers`` is left at its default: the widest ``groups == 1`` layers keep a seeded subsample of their input
@@ -68,8 +73,9 @@ class AlignmentMonitor(RepresentationProbe):
     rank.
 
     Args:
-        layers: Names of ``nn.Linear``/``nn.Conv2d`` modules to analyse (as in ``named_modules``); default every
-            ``nn.Linear`` and ``nn.Conv2d`` that the forward pass calls, the classifier included.
+        layers: Names of ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` modules to analyse (as in ``named_modules``);
+            default every such layer that the forward pass calls, the classifier included (``out_proj`` of an
+            ``nn.MultiheadAttention``, applied through its weight, is not called and is left out).
         num_samples: Size of the probe set (class-balanced where the batches carry labels, seeded, from the first
             validation batches).
         every_n_epochs: Analyse after every n-th epoch.
@@ -94,9 +100,10 @@ class AlignmentMonitor(RepresentationProbe):
         token_mode: ``"samples"`` (every token of a sequence input is a row) or ``"mean"`` (one row per sample).
 
     Raises:
-        ValueError: On a bad argument; at the start of training (`ProbeConfigurationError`) for named ``layers``
-            that are not ``nn.Linear``/``nn.Conv2d`` or never called, a model without such layers, or a selection
-            above ``max_memory_gb``.
+        ValueError: On a bad argument; before the first training step (`ProbeConfigurationError`) for named
+            ``layers`` that are not ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` or never called, or a selection above
+            ``max_memory_gb`` with ``layers`` set. A model without such layers (its parameters applied
+            functionally) skips the probe with one warning.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -107,7 +114,7 @@ class AlignmentMonitor(RepresentationProbe):
     shares_pass = True
     captures_inputs = True
     layout_stats = _STATS
-    default_layers = "all"  # every Linear/Conv2d is kept below; "blocks" would leave only the classifier
+    default_layers = "all"  # every Linear/Conv is kept below; "blocks" would leave only the classifier
 
     def __init__(
         self,
@@ -160,16 +167,27 @@ class AlignmentMonitor(RepresentationProbe):
         return 2  # a covariance of a Linear's inputs needs two samples
 
     # -- layers -------------------------------------------------------------------------------------
+    def reset_run(self) -> None:
+        super().reset_run()
+        self._columns = {}
+        self.history = {"epochs": [], "layers": {}}  # a resumed run loads its own after this
+
     def _select(self, pl_module: pl.LightningModule) -> None:
-        super()._select(pl_module)
+        try:
+            super()._select(pl_module)
+        except NothingToAnalyseError:
+            self._modules = {}
         kept = {n: m for n, m in self._modules.items() if isinstance(m, LAYER_TYPES)}
         if self.layers is not None and len(kept) < len(self._modules):
             other = {n: type(m).__name__ for n, m in self._modules.items() if n not in kept}
-            raise ProbeConfigurationError(f"{type(self).__name__}: alignment is defined for nn.Linear and nn.Conv2d "
-                                          f"layers, but `layers` names {other}")
+            raise ProbeConfigurationError(
+                f"{type(self).__name__}: Expected `layers` to name nn.Linear, nn.Conv1d or nn.Conv2d layers (the "
+                f"alignment of a unit is that of its weight vector with the layer's inputs), but got {other}; choose "
+                "such `layers` (or leave `layers` out: every such layer the forward pass calls)")
         if not kept:
-            raise ProbeConfigurationError(f"{type(self).__name__}: {type(pl_module).__name__} has no nn.Linear or "
-                                          "nn.Conv2d layer to analyse")
+            raise NothingToAnalyseError(
+                f"{type(pl_module).__name__} has no nn.Linear, nn.Conv1d or nn.Conv2d layer (module) to analyse; "
+                "the alignment is defined for the weight vectors of such layers")
         self._modules = kept
 
     def check_widths(self, widths: dict[str, int]) -> None:
@@ -300,10 +318,8 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """``(D, groups)``: the input features of one ``nn.Linear`` or ``nn.Conv2d`` and its groups."""
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.groups
-    return module.in_features, 1
+    """``(D, groups)``: the input features of one ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` and its groups."""
+    return layer_features(module)
 
 
 def _sum_bytes(module: nn.Module, cap: Optional[int] = None) -> int:
@@ -346,7 +362,7 @@ def distributions_figure(layers: dict[str, dict[str, Any]], order: Sequence[str]
         order: Layers to draw, in panel order.
     """
     columns = min(3, max(1, len(order)))
-    rows = math.ceil(len(order) / columns)
+    rows = max(1, math.ceil(len(order) / columns))
     fig = Figure(figsize=(4.2 * columns, 2.6 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, name in zip(axes, order):

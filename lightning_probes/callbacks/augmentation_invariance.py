@@ -15,9 +15,14 @@ from torchvision.transforms import v2
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_positive_int
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
 from lightning_probes.plotting import colormapped, heatmap
-from lightning_probes.probe_data import ProbeInputError, ProbeSet, replace_inputs, select_balanced
+from lightning_probes.probe_data import ProbeSet, replace_inputs, select_balanced
+
+
+class _NotImagesError(ValueError):
+    """The default (image) augmentation does not apply to the probe inputs: the probe is skipped."""
 
 
 def _generic_augmentation() -> v2.Transform:
@@ -50,6 +55,12 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     the DataModule's ``default_augmentation()`` if it has one, else a mild ``RandomAffine``. The views go to
     the model as the input tensor of a probe batch (its first element, or ``batch[input_key]``); its other
     entries are those of the image's probe sample, repeated (``forward_fn`` sees them).
+
+    Pre-flight (before the first training step): after the layer check of `RepresentationProbe`, two views of
+    the first image go through the model. Inputs that are not images (token ids, sequences ``(N, C, L)``, flat
+    features) with the default augmentation skip the probe with one warning (the default does not apply); an
+    explicit ``transform`` that fails on the probe inputs, or whose views the model does not take, stops the run
+    with one `ProbeConfigurationError` naming ``transform``.
 
     Args:
         transform: Augmentation to apply; default as above.
@@ -146,13 +157,44 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
             self._templates = [self._templates[k % len(self._templates)] for k in range(len(raw))]
             return [lambda img=img: val_set.normalize(transform(img)) for img in raw]
         inputs = probe.inputs(self.input_key)
-        if self.transform is None and (not inputs.is_floating_point() or inputs.ndim < 3):
+        if self.transform is None and (not inputs.is_floating_point() or inputs.ndim < 4):
             where = f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
-            raise ProbeInputError(f"{type(self).__name__} augments images, but the input tensor ({where}) holds "
-                                  f"{inputs.dtype} values of shape {tuple(inputs.shape)} (token ids or flat "
-                                  "features?); pass `transform` for these inputs, choose an image input with "
-                                  "`input_key`, or leave this probe out for this model")
+            raise _NotImagesError(f"its default augmentation ({type(transform).__name__}) is for images (a batch of "
+                                  f"(C, H, W) floats), but the input tensor ({where}) holds {inputs.dtype} values of "
+                                  f"shape {tuple(inputs.shape)} (token ids, sequences or flat features?); pass "
+                                  "`transform` for these inputs, or choose an image input with `input_key`")
         return [lambda img=inputs[i]: transform(img) for i in chosen]
+
+    def check_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Optional[str]:
+        """The layer check (`RepresentationProbe.check_probe`), then two views of the first image through the
+        model: the default augmentation that does not apply to these inputs skips the probe; an explicit
+        ``transform`` that fails on them is an error."""
+        reason = super().check_probe(trainer, pl_module, probe)
+        if reason is not None or self._deferred:
+            return reason
+        try:
+            self._images = self._view_makers(trainer)
+            views = torch.stack([self._images[0]() for _ in range(2)])
+            self.for_each_batch(pl_module, self._view_batches(self._templates[0], views), lambda outputs: None)
+        except _NotImagesError as err:
+            return str(err)
+        except ProbeConfigurationError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the augmentation does not fit these inputs
+            shape, dtype = tuple(probe.inputs(self.input_key).shape[1:]), probe.inputs(self.input_key).dtype
+            failure = f"{type(err).__name__}: {err}"
+            if self.transform is None:
+                return (f"its default augmentation could not make views of the probe inputs ({dtype}, shape {shape} "
+                        f"per sample) that the model takes ({failure}); pass `transform` for these inputs")
+            raise ProbeConfigurationError(
+                f"{type(self).__name__}: Expected `transform` to turn one probe input ({dtype}, shape {shape}) into a "
+                f"view the model takes, but `transform`={self.transform!r} failed: {failure}; pass a transform for "
+                "these inputs (or leave `transform` out for images)") from err
+        return None
+
+    def reset_run(self) -> None:
+        super().reset_run()
+        self._images, self._templates, self._drew_views = None, [], False
 
     def _view_batches(self, template: Any, views: torch.Tensor) -> list[Any]:
         """Batches of at most ``batch_size`` views: the template sample repeated, its input tensor replaced."""

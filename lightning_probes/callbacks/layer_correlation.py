@@ -93,6 +93,10 @@ class LayerCorrelationMonitor(RepresentationProbe):
         self.max_memory_gb = float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "pairs": {}}
 
+    def reset_run(self) -> None:
+        super().reset_run()
+        self.history = {"epochs": [], "pairs": {}}  # a resumed run loads its own after this
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": self.history}
 
@@ -322,12 +326,24 @@ def cka_figure(cka: np.ndarray, names: Sequence[str], estimator: str, epoch: int
 
 
 def adjacent_figure(epochs: Sequence[int], names: Sequence[str], pairs: Mapping[str, Mapping[str, list]]) -> Figure:
-    """Mean |correlation| and CKA of (up to six) adjacent layers over the analysed epochs."""
+    """Mean |correlation| and CKA of (up to six) adjacent layers over the analysed epochs; with one layer (no
+    adjacent pair), the mean |correlation| between its own features (its CKA with itself is 1)."""
     series = {}
+    adjacent = list(zip(names[:-1], names[1:]))[:6]
     for key in ("mean_abs_correlation", "cka"):
-        for a, b in list(zip(names[:-1], names[1:]))[:6]:
-            series[f"{key}\n{a}|{b}"] = [np.nan if v is None else v for v in pairs[_pair_key(a, b)][key]]
-    return line_panels(list(epochs), series, "epoch", "Adjacent layers over training")
+        for a, b in adjacent:
+            series[f"{key}\n{a}|{b}"] = _series(pairs, a, b, key, len(epochs))
+    if not adjacent:
+        series = {f"mean_abs_correlation\n{a}|{a}": _series(pairs, a, a, "mean_abs_correlation", len(epochs))
+                  for a in names[:1]}
+    title = "Adjacent layers over training" if adjacent else "Within the layer over training"
+    return line_panels(list(epochs), series, "epoch", title)
+
+
+def _series(pairs: Mapping[str, Mapping[str, list]], a: str, b: str, key: str, length: int) -> list[float]:
+    """One statistic of pair ``a|b`` per analysed epoch (NaN where missing), the last ``length`` values."""
+    values = [np.nan if v is None else v for v in pairs.get(_pair_key(a, b), {}).get(key, [])]
+    return ([np.nan] * (length - len(values)) + values)[-length:] if length else values
 
 
 def estimated_bytes(features: int) -> int:

@@ -12,14 +12,19 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, check_plot_every
 from lightning_probes.callbacks.shared_pass import SharedSessions, partners, run_shared_pass
-from lightning_probes.capture import ActivationCapture, select_modules, uncompiled
+from lightning_probes.capture import ActivationCapture, NoLayerError, select_modules, uncompiled
 from lightning_probes.checks import check_choice, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.feature_rows import TOKEN_MODES, FeatureReducer, infer_layouts, recording_calls, rows_per_sample
+from lightning_probes.probe_data import ProbeSet, has_uninitialized
 from lightning_probes.probe_data import batch_size as samples_in
 
 #: ``max_features`` when the user leaves it out.
 DEFAULT_MAX_FEATURES = 1024
+
+
+class NothingToAnalyseError(ProbeConfigurationError):
+    """The default selection has nothing the probe can analyse in this model: the pre-flight skips the probe."""
 
 
 class RepresentationProbe(AnalysisProbe):
@@ -31,11 +36,18 @@ class RepresentationProbe(AnalysisProbe):
     restored); every rank then publishes the probe's headline scalar (see `AnalysisProbe`). Forward hooks
     exist only during that pass and are always removed.
 
-    Layers are selected at ``on_fit_start`` (after ``configure_model`` and after the strategy has moved and
-    converted the module), and checked at the first analysis by one forward of the first probe batch: with the
-    default selection, modules that are never called in the forward pass (e.g. the ``out_proj`` of
-    ``nn.MultiheadAttention``, used through its weight) are left out with a message; named ``layers`` must all
-    produce an output. A subclass may check the layers' feature widths then (`check_widths`).
+    Pre-flight (before the first training step, after ``configure_model`` and after the strategy has moved and
+    converted the module; see `AnalysisProbe`): the layers are selected and checked by one forward of the first
+    probe batch (`check_probe`). With the default selection, modules that are never called in the forward pass
+    (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, used through its weight) or whose output holds no
+    tensor are left out with a message, and a model with nothing to analyse (no layer the probe reads: its
+    parameters applied functionally, say) skips the probe with one warning; named ``layers`` that do not exist,
+    are never called or give no tensor stop the run with one `ProbeConfigurationError` naming the probe, the
+    argument, the value and the fix. A subclass may check the layers' feature widths then (`check_widths`).
+    A model with lazy modules (``nn.LazyLinear``, ...) not yet initialised is not run at the pre-flight (that
+    forward would initialise them from another random state than training's first step would): the layer check
+    and the epoch-0 analysis wait for the first ``on_before_optimizer_step``, where the weights are still the
+    untrained ones.
 
     Args:
         layers: Module names to analyse (as in ``named_modules``); default: the signal as it leaves each block,
@@ -113,6 +125,8 @@ class RepresentationProbe(AnalysisProbe):
         self.max_features_set = max_features is not None  # an explicit cap is never lowered automatically
         self.max_features = DEFAULT_MAX_FEATURES if max_features is None else max_features
         self.every_n_epochs, self.batch_size, self.token_mode = every_n_epochs, batch_size, token_mode
+        self._token_mode_arg = token_mode
+        self._deferred = False  # lazy modules: the layer check and epoch-0 analysis wait for the first step
         self._modules: dict[str, torch.nn.Module] = {}
         self._widths: Optional[dict[str, int]] = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -122,36 +136,75 @@ class RepresentationProbe(AnalysisProbe):
         self._shared = SharedSessions()
         self.batch_now: Optional[int] = None  # samples of the batch `for_each_batch` hands to `consume`
 
-    # -- layers -------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._select(pl_module)  # every rank: a bad layer name stops every process alike
+    def reset_run(self) -> None:
+        super().reset_run()
+        self.token_mode = self._token_mode_arg  # a run may have changed it (LayerCorrelationMonitor)
+        self._modules, self._widths, self._shapes, self._layouts, self._reducers = {}, None, {}, {}, {}
+        self._check_batch = None
+        self._shared = SharedSessions()
+        self._deferred = False
+        self.batch_now = None
 
+    # -- pre-flight ---------------------------------------------------------------------------------
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        # Every rank alike: lazy modules are uninitialised on all of them.
+        self._deferred = trainer.state.fn in self.analysis_stages and has_uninitialized(pl_module)
+        return super().preflight(trainer, pl_module)
+
+    def check_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Optional[str]:
+        """Select the layers and check them with one forward of the first probe batch (`_prepare`); with lazy
+        modules not yet initialised, only the selection (the forward waits for the first optimiser step).
+
+        Returns:
+            Why the default selection has nothing to analyse (the probe is skipped), or ``None``.
+        """
+        try:
+            self._select(pl_module)
+            if self._deferred:
+                rank_zero_info(f"{type(self).__name__}: {type(pl_module).__name__} has lazy modules not initialised "
+                               "yet; the layer check and the epoch-0 analysis run at the first optimiser step")
+                return None
+            self._prepare(trainer, pl_module)
+        except NothingToAnalyseError as err:
+            return str(err)
+        return None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self._deferred:
+            return
+        self._deferred = False  # the lazy modules are initialised by the first training forward
+        reason = self.preflight(trainer, pl_module)  # every rank: the outcome is broadcast from rank 0
+        if reason is not None:
+            self.skip(trainer, reason)
+        elif trainer.current_epoch == 0:
+            self.run_analysis(trainer, pl_module, epoch=0)  # the weights are still untrained here
+
+    # -- layers -------------------------------------------------------------------------------------
     def _select(self, pl_module: pl.LightningModule) -> None:
+        """``self._modules`` from ``layers`` or the default selection."""
         try:
             self._modules = select_modules(pl_module, self.layers, self.default_layers)
+        except NoLayerError as err:
+            raise NothingToAnalyseError(f"{err}; it has nothing to analyse by default") from None
         except ValueError as err:
-            raise ProbeConfigurationError(f"{type(self).__name__}: {err}") from None
+            raise ProbeConfigurationError(
+                f"{type(self).__name__}: Expected `layers` to name modules of {type(pl_module).__name__}, but got "
+                f"{self.layers!r}. {err}") from None
         self._widths = None
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Select the layers (if ``on_fit_start`` did not) and check them with one forward of the first batch."""
+        """Select the layers (if the pre-flight did not) and check them with one forward of the first batch."""
         if not self._modules:
             self._select(pl_module)
         if self._widths is not None:
             return
         first = next(self.probe_set(trainer).chunks(self.batch_size))
-        capture = ActivationCapture(self._modules, 1)  # checks that every layer gives a tensor
+        capture = ActivationCapture(self._modules, 1, inputs=self.captures_inputs, tolerant=True)
         with capture.capturing(), uncompiled(pl_module), recording_calls(pl_module) as calls:
             self.forward(pl_module, first)
             outputs = capture.pop(allow_missing=True)
-        missing = [n for n in self._modules if n not in outputs]
-        if missing and (self.layers is not None or not outputs):
-            raise ProbeConfigurationError(f"{type(self).__name__}: layer(s) {missing} produced no output in the "
-                                          f"forward pass of {type(pl_module).__name__}; choose `layers` that it calls")
-        if missing:
-            rank_zero_info(f"{type(self).__name__}: {len(missing)} module(s) not called in the forward pass are left "
-                           f"out: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-            self._modules = {n: m for n, m in self._modules.items() if n in outputs}
+        self._keep_working(pl_module, outputs, capture.invalid)
         self._check_batch = samples_in(first)
         shapes: dict[str, tuple[int, ...]] = {}
         for name, _, shape in calls:
@@ -166,6 +219,32 @@ class RepresentationProbe(AnalysisProbe):
         widths = {n: r.width(shapes[n], self._check_batch) for n, r in self._reducers.items()}
         self.check_widths(widths)
         self._widths = widths
+
+    def _keep_working(self, pl_module: pl.LightningModule, outputs: dict[str, torch.Tensor],
+                      invalid: dict[str, str]) -> None:
+        """Leave out the selected layers that the check's forward did not call or that gave no tensor: an error
+        for named ``layers``, a message for the default selection (a skip when none is left)."""
+        what = "inputs" if self.captures_inputs else "outputs"
+        invalid = {n: t for n, t in invalid.items() if n not in outputs}
+        missing = [n for n in self._modules if n not in outputs and n not in invalid]
+        if self.layers is not None and (missing or invalid):
+            problems = ([f"{missing} produced no {what[:-1]} (never called in the forward pass)"] if missing else []) \
+                + ([f"{invalid} gave no tensor ({what})"] if invalid else [])
+            raise ProbeConfigurationError(
+                f"{type(self).__name__}: Expected `layers` to name modules that the forward pass of "
+                f"{type(pl_module).__name__} calls with tensors, but of {self.layers!r} the layer(s) "
+                f"{'; '.join(problems)}; choose `layers` that it calls (or leave `layers` out)")
+        if not outputs:
+            raise NothingToAnalyseError(
+                f"none of the {len(self._modules)} module(s) it selects by default in {type(pl_module).__name__} "
+                f"gives a tensor in the forward pass of a probe batch ({', '.join(list(self._modules)[:10])}); "
+                "name the modules to read with `layers`")
+        dropped = [n for n in self._modules if n not in outputs]
+        if dropped:
+            rank_zero_info(f"{type(self).__name__}: {len(dropped)} module(s) not called in the forward pass, or whose "
+                           f"{what} hold no tensor, are left out: {', '.join(dropped[:10])}"
+                           f"{' ...' if len(dropped) > 10 else ''}")
+            self._modules = {n: m for n, m in self._modules.items() if n in outputs}
 
     def make_reducers(self, token_mode: str, caps: Optional[dict[str, int]] = None) -> dict[str, FeatureReducer]:
         """One `FeatureReducer` per selected layer (cap ``max_features`` unless ``caps`` says otherwise)."""
@@ -189,7 +268,7 @@ class RepresentationProbe(AnalysisProbe):
     # -- schedule -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.current_epoch == 0:
+        if trainer.current_epoch == 0 and not self._deferred:
             self.run_analysis(trainer, pl_module, epoch=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,11 +13,12 @@ ignored, and so is the input mean (the covariance is centred).
 For a ``Conv2d``, the inputs a filter sees are the patches of the layer's receptive field: `conv_patches`
 unfolds ``(N, C, H, W)`` inputs with the layer's geometry (as ``F.unfold``) into ``(N * positions, C * kh * kw)``
 rows, the same order as ``weight.reshape(out_channels, -1)``. With ``groups > 1``, a filter of group ``g`` sees
-only its group's input channels, and its alignment uses that group's covariance (``trace`` included).
+only its group's input channels, and its alignment uses that group's covariance (``trace`` included). A
+``Conv1d`` is read as the ``Conv2d`` of kernel ``(1, k)`` on inputs of height 1 (``C * k`` features per patch).
 
 `AlignmentAccumulator` streams such rows batch by batch into float64 sums, so that the covariance of a large
 probe set is never held as inputs; `AlignmentAccumulator.for_layer` and `layer_rows` fit it to one
-``nn.Linear`` or ``nn.Conv2d``, for the callback and for any command that ranks units by alignment.
+``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``, for the callback and for any command that ranks units by alignment.
 
 Undefined cases give ``NaN``: a unit whose weight vector is all zeros has no direction, and inputs without
 variance (``trace(C) == 0``) have no variance to share. Rounding can push a ratio a hair outside [0, 1]; the
@@ -26,6 +27,7 @@ values are clamped to it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -308,7 +310,8 @@ class AlignmentAccumulator:
 
     @classmethod
     def for_layer(cls, module: nn.Module, columns: Optional[torch.Tensor] = None) -> AlignmentAccumulator:
-        """An accumulator sized for the input rows of one ``nn.Linear`` or ``nn.Conv2d`` (see `layer_rows`).
+        """An accumulator sized for the input rows of one ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (see
+        `layer_rows`).
 
         Args:
             module: The layer.
@@ -317,14 +320,7 @@ class AlignmentAccumulator:
                 `compute` takes the full weight and keeps the same columns: the alignment within the subspace of
                 the kept features, ``w_S^T C_SS w_S / (|w_S|^2 trace(C_SS))``.
         """
-        if isinstance(module, nn.Linear):
-            features, groups = module.in_features, 1
-        elif isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            features, groups = module.in_channels * kh * kw, module.groups
-        else:
-            raise ValueError(f"Alignment is defined for nn.Linear and nn.Conv2d layers, but got "
-                             f"{type(module).__name__}")
+        features, groups = layer_features(module)
         if columns is None:
             return cls(features, groups)
         if groups != 1 or columns.ndim != 1 or not 0 < len(columns) <= features:
@@ -372,17 +368,19 @@ class AlignmentAccumulator:
     def update_layer(self, module: nn.Module, inputs: torch.Tensor, chunk_elements: int = 2**24) -> None:
         """Add a batch of one layer's inputs (see `layer_rows`).
 
-        A ``Conv2d``'s inputs are unfolded a few samples at a time, so that the patches of one chunk hold about
+        A convolution's inputs are unfolded a few samples at a time, so that the patches of one chunk hold about
         ``chunk_elements`` values at most (at least one sample per chunk): patches are ``kh * kw`` times larger
         than the inputs they come from.
 
         Args:
-            module: The ``nn.Linear`` or ``nn.Conv2d`` the accumulator was made for (`for_layer`).
+            module: The ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` the accumulator was made for (`for_layer`).
             inputs: Its input, as the layer receives it.
             chunk_elements: Largest number of patch values unfolded at once.
         """
-        if isinstance(module, nn.Conv2d) and inputs.ndim == 4 and inputs.shape[0] > 1:
-            per_sample = inputs[0].numel() * module.kernel_size[0] * module.kernel_size[1]
+        spatial = _CONV_SPATIAL.get(type(module)) or next((d for t, d in _CONV_SPATIAL.items()
+                                                           if isinstance(module, t)), None)
+        if spatial is not None and inputs.ndim == spatial + 2 and inputs.shape[0] > 1:
+            per_sample = inputs[0].numel() * math.prod(module.kernel_size)
             for part in torch.split(inputs, max(1, chunk_elements // max(1, per_sample))):
                 self.update(layer_rows(module, part))
             return
@@ -419,15 +417,18 @@ class AlignmentAccumulator:
 
 
 def layer_rows(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The rows an ``nn.Linear`` or ``nn.Conv2d`` applies its weight to, for `AlignmentAccumulator.update`.
+    """The rows an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` applies its weight to, for
+    `AlignmentAccumulator.update`.
 
     Args:
         module: The layer.
         inputs: Its input: ``(..., in_features)`` for a ``Linear`` (every leading index is one row, e.g. every
-            token of a sequence), ``(N, C, H, W)`` or ``(C, H, W)`` for a ``Conv2d``.
+            token of a sequence), ``(N, C, L)`` or ``(C, L)`` for a ``Conv1d``, ``(N, C, H, W)`` or ``(C, H, W)``
+            for a ``Conv2d``.
 
     Returns:
-        ``(rows, in_features)`` for a ``Linear``; `conv_patches` with the layer's geometry for a ``Conv2d``.
+        ``(rows, in_features)`` for a ``Linear``; `conv_patches` with the layer's geometry for a ``Conv2d`` (for a
+        ``Conv1d``, as the ``Conv2d`` of kernel ``(1, k)`` on inputs of height 1: ``(N * L_out, C * k)``).
 
     Raises:
         ValueError: For other modules, or inputs whose shape does not fit the layer.
@@ -443,7 +444,35 @@ def layer_rows(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
                              f"{tuple(inputs.shape)}")
         return conv_patches(inputs, module.kernel_size, module.stride, module.padding, module.dilation,
                             module.padding_mode)
-    raise ValueError(f"Alignment is defined for nn.Linear and nn.Conv2d layers, but got {type(module).__name__}")
+    if isinstance(module, nn.Conv1d):
+        if inputs.ndim not in (2, 3) or inputs.shape[-2] != module.in_channels:
+            raise ValueError(f"Expected inputs of shape (N, {module.in_channels}, L) for {module}, but got shape "
+                             f"{tuple(inputs.shape)}")
+        # A Conv1d is a Conv2d of kernel (1, k) on inputs of height 1: the same patches, in the weight's order.
+        padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+        return conv_patches(inputs.unsqueeze(-2), (1, module.kernel_size[0]), (1, module.stride[0]), padding,
+                            (1, module.dilation[0]), module.padding_mode)
+    raise ValueError(f"Alignment is defined for nn.Linear, nn.Conv1d and nn.Conv2d layers, but got "
+                     f"{type(module).__name__}")
+
+
+#: Convolutions the alignment is defined for, with their spatial dimensions.
+_CONV_SPATIAL: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2}
+
+
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """``(D, groups)``: the width ``D`` of the input rows of one ``nn.Linear`` (``in_features``), ``nn.Conv1d``
+    (``in_channels * k``) or ``nn.Conv2d`` (``in_channels * kh * kw``), and its groups (1 for a ``Linear``).
+
+    Raises:
+        ValueError: For other modules.
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, 1
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.in_channels * math.prod(module.kernel_size), module.groups
+    raise ValueError(f"Alignment is defined for nn.Linear, nn.Conv1d and nn.Conv2d layers, but got "
+                     f"{type(module).__name__}")
 
 
 #: Quantiles of `alignment_summary`, with their record keys.
