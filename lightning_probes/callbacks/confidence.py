@@ -48,7 +48,8 @@ _LAYOUT = {
 def _target_problem(low: int, high: int, soft: int, num_classes: int) -> Optional[str]:
     """What is wrong with the targets, from their range and soft-label count; ``None`` when nothing."""
     if soft:
-        return (f"{soft} rows are soft labels, not one-hot; ConfidenceMonitor scores top-label predictions against "
+        return (f"{soft} rows are soft labels (rows that are not one-hot, or binary labels other than 0 and 1); "
+                "ConfidenceMonitor scores top-label predictions against "
                 "class indices: return class indices (or one-hot rows)")
     bad = low if low < 0 else high if high >= num_classes else None
     if bad is None:
@@ -206,11 +207,13 @@ class ConfidenceMonitor(ProbeCallback):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"ConfidenceMonitor expects `{key}` returned by `{stage}_step` to be a tensor, but "
                                  f"got {type(value).__name__}")
-        if logits.ndim < 2 or logits.shape[1] < 2:
+        if logits.ndim < 1:
             raise ValueError(
-                f"ConfidenceMonitor expects `{self.logits_key}` returned by `{stage}_step` of shape (N, C) with C >= 2 "
-                f"classes, or (N, C, d1, ...) to score every position (e.g. segmentation), but got shape "
-                f"{tuple(logits.shape)}")
+                f"ConfidenceMonitor expects `{self.logits_key}` returned by `{stage}_step` of shape (N, C), "
+                f"(N, C, d1, ...) to score every position (e.g. segmentation), or (N,) / (N, 1) for a one-logit "
+                f"binary classifier, but got shape {tuple(logits.shape)}")
+        if logits.ndim == 1 or logits.shape[1] == 1:
+            logits, target = self._binary(stage, logits, target)
         index_shape = (logits.shape[0], *logits.shape[2:])
         if target.shape != logits.shape:
             if tuple(target.shape) != index_shape:
@@ -222,6 +225,27 @@ class ConfidenceMonitor(ProbeCallback):
                 raise ValueError(f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` to hold "
                                  f"class indices of an integer dtype, but got {target.dtype}")
         return flatten_class_dim(logits.detach(), target.detach())
+
+    def _binary(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One logit ``z`` per sample (or position) as the two-class logits ``[0, z]`` (their softmax is
+        ``[1 - sigmoid(z), sigmoid(z)]``), and the targets as class indices ``{0, 1}`` (integer targets) or as
+        one-hot rows ``[1 - t, t]`` (floating targets, so that values other than 0 and 1 count as soft labels)."""
+        z = logits.unsqueeze(1) if logits.ndim == 1 else logits  # (N, 1, ...)
+        index_shape = (z.shape[0], *z.shape[2:])
+        if target.shape == z.shape and target.ndim > 1:
+            target = target.squeeze(1)
+        if tuple(target.shape) != index_shape:
+            raise ValueError(
+                f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` of shape {index_shape} "
+                f"(binary labels 0/1) to match the one-logit `{self.logits_key}` of shape {tuple(logits.shape)}, but "
+                f"got shape {tuple(target.shape)}")
+        if target.is_floating_point():
+            if self.ignore_index is not None:
+                raise ValueError(
+                    f"ConfidenceMonitor: `{self.target_key}` returned by `{stage}_step` holds floating binary labels, "
+                    f"but `ignore_index={self.ignore_index}` needs integer targets; return `target.long()`")
+            target = torch.stack([1 - target, target], dim=1)  # (N, 2, ...): one-hot when t is 0 or 1
+        return torch.cat([torch.zeros_like(z), z], dim=1), target
 
     def _check_values(self, stage: str, target: torch.Tensor, num_classes: int) -> None:
         """Check the target values of one batch on the host (one synchronisation: first batches only)."""

@@ -5,20 +5,33 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
+from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_plot_every
 from lightning_probes.checks import check_float, check_positive_int
-from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
+from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.functional.robustness import (
+    agreement,
+    check_scores,
+    class_scores,
+    embedding_noise,
+    embedding_std,
+    find_input_embeddings,
+    kl_per_position,
+    resolve_class_dim,
+)
 from lightning_probes.probe_data import (
     ProbeInputError,
+    ProbeSet,
     batch_inputs,
+    has_uninitialized,
     module_device_dtype,
     replace_inputs,
     run_forward,
@@ -26,6 +39,9 @@ from lightning_probes.probe_data import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Values of ``token_noise``: where the noise goes when the input tensor holds token ids.
+TOKEN_NOISE = ("embedding", "skip")
 
 
 class NoiseRobustnessMonitor(AnalysisProbe):
@@ -45,10 +61,37 @@ class NoiseRobustnessMonitor(AnalysisProbe):
     ``clean_pred``, ``ratio``, ``kl``), the label set for models that learn to predict confidence; a histogram
     goes to ``<name>/histogram.png``.
 
-    Logits: ``pl_module(x)`` by default, which must be a floating ``(N, num_classes)`` tensor; ``logits_fn``
-    gets them from models that return tuples or dicts; ``forward_fn`` runs the model on the whole (noisy) batch
-    (several inputs) and must return the logits. The noise goes to the input tensor: the batch's first element,
-    or ``batch[input_key]``; it must be floating point (token ids cannot be perturbed this way).
+    Logits: ``pl_module(x)`` by default, a floating tensor with the samples on axis 0; ``logits_fn`` gets them
+    from models that return tuples or dicts; ``forward_fn`` runs the model on the whole (noisy) batch (several
+    inputs) and must return the logits. Their layout sets what a prediction is:
+
+    - ``(N, C)``, ``C >= 2``: the argmax over the classes;
+    - one-logit binary classifiers, ``(N,)`` or ``(N, 1)``: the sign of the logit ``z`` (class 1 when ``z > 0``;
+      the KL divergence is then the one between the Bernoulli distributions ``sigmoid(z)``);
+    - dense predictions, ``(N, C, d1, d2, ...)`` (segmentation) with the classes on axis ``class_dim`` (default
+      1, torchmetrics' and ``nn.CrossEntropyLoss``'s layout): one prediction per position, and a sample's ratio
+      is the mean over its positions and the draws of ``noisy argmax == clean argmax`` (per-pixel stability;
+      ``kl`` is averaged over positions too). Such samples have no single prediction: ``clean_pred`` is -1,
+      ``label`` -1, and the correct/wrong split and ``clean_accuracy`` are ``None``;
+    - 3-D logits are ambiguous, ``(N, C, L)`` or ``(N, T, C)``: with ``class_dim=None`` the probe is skipped
+      with one warning asking for ``class_dim=1`` or ``class_dim=-1``.
+
+    Noise: it goes to the input tensor, the batch's first element or ``batch[input_key]``, when that is floating
+    point. Token ids (an integer input tensor) cannot be perturbed: with ``token_noise="embedding"`` (default)
+    the noise goes to the output of the ``nn.Embedding`` (or ``nn.EmbeddingBag``) that the model calls on the
+    input tensor (the first one found by a forward hook, on the batch's input tensor itself: a tied output head
+    or an embedding called on other ids is not perturbed), with standard deviation ``sigma`` times the standard
+    deviation of that embedding's weights (so ``sigma`` is a fraction of the embeddings' spread, as it is of the
+    normalised inputs' spread for images, whatever the embedding's initial scale). An input embedded twice in one
+    forward gets the same noise. A model without such an embedding, or ``token_noise="skip"``, skips the probe
+    with one warning. Records carry ``noise_space`` (``"input"`` or ``"embedding"``) and ``noise_std`` (the
+    noise's standard deviation in the units where it is added).
+
+    Pre-flight (before the first training step, in ``fit`` and ``validate``): the validation data and the probe
+    set are checked, and one forward of a few probe samples checks the input (token ids need an embedding) and
+    the logits' layout; what does not apply skips the probe with one warning, a ``class_dim`` that is not an axis
+    of the logits or logits that are not floating (or not one row per sample) refuse the run with one error.
+    Models with lazy modules not yet built are checked at the first analysis instead.
 
     Args:
         num_samples: Validation samples to probe.
@@ -64,6 +107,10 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         forward_fn: ``forward_fn(pl_module, batch) -> (N, num_classes)`` logits of a whole probe batch whose
             input tensor holds the noisy copies (models with several inputs). Not together with ``logits_fn``.
         input_key: For dict batches: the key of the input tensor to perturb.
+        token_noise: For integer (token-id) inputs: ``"embedding"`` (default) adds the noise to the output of the
+            embedding called on them (``sigma`` times its weights' standard deviation); ``"skip"`` skips the probe.
+        class_dim: Axis of the classes in dense logits; ``None``: 1 for ``(N, C)`` and ``(N, C, d1, d2, ...)``,
+            ambiguous (the probe is skipped) for 3-D logits. ``-1`` for sequence logits ``(N, T, C)``.
         target_key: For dict batches: the key of the class labels.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``noise_robustness``. Two monitors (say, two
@@ -84,6 +131,8 @@ class NoiseRobustnessMonitor(AnalysisProbe):
 
     probe_name = "noise_robustness"
     layout_stats = ()
+    #: It analyses at the end of validation epochs: of a fit and of ``trainer.validate``.
+    analysis_stages = (TrainerFn.FITTING, TrainerFn.VALIDATING)
 
     def __init__(
         self,
@@ -98,6 +147,8 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         logits_fn: Optional[Callable[[Any, Any], Any]] = None,
         forward_fn: Optional[Callable[[Any, Any], Any]] = None,
         input_key: Optional[str] = None,
+        token_noise: Literal["embedding", "skip"] = "embedding",
+        class_dim: Optional[int] = None,
         target_key: Optional[str] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
@@ -121,7 +172,13 @@ class NoiseRobustnessMonitor(AnalysisProbe):
                              "whole batch), not both")
         self.num_draws, self.sigma, self.kl = num_draws, float(sigma), bool(kl)
         self.every_n_epochs, self.chunk_size = every_n_epochs, chunk_size
+        if token_noise not in TOKEN_NOISE:
+            raise ValueError(f"Expected `token_noise` to be one of {list(TOKEN_NOISE)}, but got {token_noise!r}")
+        if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0):
+            raise ValueError(f"Expected `class_dim` to be None or a non-zero integer (an axis of the logits other "
+                             f"than the batch axis 0), but got {class_dim!r}")
         self.logits_fn = logits_fn
+        self.token_noise, self.class_dim = token_noise, class_dim
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
@@ -129,7 +186,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         self.run_analysis(trainer, pl_module, trainer.current_epoch)
 
     def _logits(self, batch: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-        """``fn(module, x)``: the checked ``(n, C)`` logits of ``batch`` with its input tensor replaced by ``x``."""
+        """``fn(module, x)``: the checked logits of ``batch`` with its input tensor replaced by ``x``."""
         if self.logits_fn is not None:
             return lambda module, x: _checked(self.logits_fn(module, x), len(x), "logits_fn")
         if self.forward_fn is not None:
@@ -138,38 +195,109 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         return lambda module, x: _checked(run_forward(module, replace_inputs(batch, x, self.input_key), None,
                                                       self.input_key), len(x), "logits_fn")
 
+    # -- pre-flight ---------------------------------------------------------------------------------
+    def check_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Optional[str]:
+        """One forward of a few probe samples: the input's dtype (token ids need an embedding to perturb) and
+        the logits' layout, before any training step."""
+        inputs = probe.inputs(self.input_key, "forward_fn")
+        if not inputs.is_floating_point() and self.token_noise == "skip":
+            return (f"the input tensor ({self._where()}) holds {inputs.dtype} values (token ids?) and "
+                    "`token_noise='skip'`; set `token_noise='embedding'` to add the noise to their embeddings")
+        if has_uninitialized(pl_module):  # a forward would build the lazy layers now: checked at the first analysis
+            return None
+        batch = to_module(probe.select(torch.arange(min(len(probe), 4))).batch, pl_module)
+        x = batch_inputs(batch, self.input_key)
+        with find_input_embeddings(pl_module, x) as found:
+            logits = self._logits(batch)(pl_module, x)
+        if not x.is_floating_point() and not found:
+            return self._no_embedding_reason(x)
+        return self._layout_problem(logits)
+
+    def _where(self) -> str:
+        return f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
+
+    def _no_embedding_reason(self, x: torch.Tensor) -> str:
+        return (f"the input tensor ({self._where()}) holds {x.dtype} values (token ids?), which Gaussian noise cannot "
+                "perturb, and no `nn.Embedding`/`nn.EmbeddingBag` of the model is called on it to perturb its output "
+                "instead; pass a floating-point input with `input_key`, or leave this probe out for this model")
+
+    def _layout_problem(self, logits: torch.Tensor) -> Optional[str]:
+        """Why the logits' layout cannot be read (a skip reason), ``None`` when it can; a ``class_dim`` that is not
+        an axis of the logits raises `ProbeConfigurationError`."""
+        try:
+            dim = resolve_class_dim(logits.ndim, self.class_dim)
+        except ValueError as err:
+            raise ProbeConfigurationError(f"{type(self).__name__}: {err}; the logits have shape "
+                                          f"{tuple(logits.shape)}") from None
+        if dim is None:
+            return (f"the logits have shape {tuple(logits.shape)}, where the classes axis is ambiguous: set "
+                    "`class_dim=1` for (N, C, L) predictions (a 1-D segmentation) or `class_dim=-1` for (N, T, C) "
+                    "(a sequence model)")
+        return None
+
+    # -- analysis -----------------------------------------------------------------------------------
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         probe = self.probe_set(trainer)
-        inputs = probe.inputs(self.input_key, "forward_fn")
-        if not inputs.is_floating_point():
-            where = f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
-            raise ProbeInputError(f"{type(self).__name__} adds Gaussian noise to the input tensor ({where}), but it "
-                                  f"holds {inputs.dtype} values (token ids?); choose a floating-point input with "
-                                  "`input_key`, or leave this probe out for this model")
         device, _ = module_device_dtype(pl_module)
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        clean, noisy = [], []
+        preds, ratios, kls = [], [], []
+        space, noise_std = "input", self.sigma
         for batch in probe.chunks(self.chunk_size):
             batch = to_module(batch, pl_module)
             x = batch_inputs(batch, self.input_key)
             fn = self._logits(batch)
-            clean.append(fn(pl_module, x).double())  # (n, C)
-            noisy.append(noisy_logits(pl_module, x, self.sigma, self.num_draws, generator, len(x), fn).double())
-        clean_logits, noisy_all = torch.cat(clean), torch.cat(noisy, dim=1)  # (N, C), (D, N, C)
-        clean_pred = clean_logits.argmax(dim=1)
-        ratio = stability_ratio(clean_pred, noisy_all.argmax(dim=2))
-        labels = probe.labels.numpy() if probe.labels is not None else np.full(len(ratio), -1)
-        results = {"sample_index": probe.indices.numpy(), "label": labels,
-                   "clean_pred": clean_pred.cpu().numpy(), "ratio": ratio.cpu().numpy()}
-        results["kl"] = kl_from_clean(clean_logits, noisy_all).cpu().numpy() if self.kl \
-            else np.full(len(ratio), np.nan)
-        summary = self._report(trainer, epoch, results, has_labels=probe.labels is not None)
+            with find_input_embeddings(pl_module, x) as found:
+                logits = fn(pl_module, x)
+            embedding = None
+            if not x.is_floating_point():
+                if self.token_noise == "skip" or not found:
+                    raise ProbeInputError(f"{type(self).__name__}: {self._no_embedding_reason(x)}")
+                embedding, space = found[0][1], "embedding"
+                noise_std = self.sigma * embedding_std(embedding)
+            problem = self._layout_problem(logits)
+            if problem is not None:
+                raise ProbeInputError(f"{type(self).__name__}: {problem}")
+            clean = class_scores(logits.double(), self._class_dim(logits))  # (n, C, P)
+            clean_pred = clean.argmax(dim=1)  # (n, P)
+            agree = torch.zeros(len(x), dtype=torch.float64, device=clean.device)
+            kl = torch.zeros_like(agree)
+            for _ in range(self.num_draws):
+                if embedding is not None:
+                    with embedding_noise(embedding, x, noise_std, generator):
+                        noisy_out = fn(pl_module, x)
+                else:
+                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    noisy_out = fn(pl_module, x + self.sigma * noise)
+                noisy = class_scores(noisy_out.double(), self._class_dim(noisy_out))
+                if noisy.shape != clean.shape:
+                    raise ProbeInputError(f"{type(self).__name__}: the logits of the noisy inputs have shape "
+                                          f"{tuple(noisy_out.shape)}, but those of the clean inputs "
+                                          f"{tuple(logits.shape)}")
+                agree += agreement(clean_pred, noisy)
+                if self.kl:
+                    kl += kl_per_position(clean, noisy)
+            ratios.append(agree / self.num_draws)
+            kls.append(kl / self.num_draws)
+            # One prediction per sample (classifiers); dense predictions have none (-1).
+            preds.append(clean_pred[:, 0] if clean_pred.shape[1] == 1 else torch.full_like(clean_pred[:, 0], -1))
+        clean_pred = torch.cat(preds).cpu().numpy()
+        ratio = torch.cat(ratios).cpu().numpy()
+        dense = bool((clean_pred < 0).all())
+        labels = probe.labels.numpy() if probe.labels is not None and not dense else np.full(len(ratio), -1)
+        results = {"sample_index": probe.indices.numpy(), "label": labels, "clean_pred": clean_pred, "ratio": ratio,
+                   "kl": torch.cat(kls).cpu().numpy() if self.kl else np.full(len(ratio), np.nan)}
+        summary = self._report(trainer, epoch, results, has_labels=probe.labels is not None and not dense,
+                               extra={"noise_space": space, "noise_std": noise_std})
         return {f"{self.name}/stability_ratio_mean": summary["stability_ratio_mean"]}
 
-    def _report(self, trainer: pl.Trainer, epoch: int, results: dict[str, np.ndarray],
-                has_labels: bool) -> dict[str, Any]:
+    def _class_dim(self, logits: torch.Tensor) -> int:
+        dim = resolve_class_dim(logits.ndim, self.class_dim)
+        return 1 if dim is None else dim
+
+    def _report(self, trainer: pl.Trainer, epoch: int, results: dict[str, np.ndarray], has_labels: bool,
+                extra: Mapping[str, Any]) -> dict[str, Any]:
         ratio = results["ratio"]
-        correct = results["clean_pred"] == results["label"]
+        correct = (results["clean_pred"] == results["label"]) & has_labels
         summary = {
             "stability_ratio_mean": float(ratio.mean()),
             "stability_ratio_median": float(np.median(ratio)),
@@ -180,7 +308,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         }
         step = trainer.global_step
         record = {"epoch": epoch, "step": step, "sigma": self.sigma, "num_samples": len(ratio),
-                  "num_draws": self.num_draws, **summary}
+                  "num_draws": self.num_draws, **extra, **summary}
         self.write_records(trainer, [record])
         others = [k for k in summary if k != "stability_ratio_mean"]  # the headline is logged by `run_analysis`
         self.log_scalars(trainer, self.scalars([summary], others), step)
@@ -226,8 +354,8 @@ def histogram_figure(ratio: np.ndarray, clean_pred: np.ndarray, label: np.ndarra
 
 
 def _checked(logits: Any, rows: int, source: str) -> torch.Tensor:
-    """`check_logits`, its ``TypeError`` raised as a `ProbeInputError` (a configuration error for the CLI)."""
+    """`check_scores`, its ``TypeError`` raised as a `ProbeInputError` (a configuration error for the CLI)."""
     try:
-        return check_logits(logits, rows, source)
+        return check_scores(logits, rows, source)
     except TypeError as err:
         raise ProbeInputError(str(err)) from None

@@ -169,8 +169,13 @@ def _soft(logits, target, batch_idx):
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda lg, t, i: {"logits": lg[:, 0], "target": t}, r"`logits`.*\(N, C\).*got shape \(16,\)"),
-    (lambda lg, t, i: {"logits": lg[:, :1], "target": t}, r"`logits`.*C >= 2.*got shape \(16, 1\)"),
+    # One logit per sample is a binary classifier: its targets must be 0 or 1.
+    (lambda lg, t, i: {"logits": lg[:, 0], "target": t}, r"`target`.*value \d, outside the class range \[0, 1\]"),
+    (lambda lg, t, i: {"logits": lg[:, :1], "target": t}, r"`target`.*value \d, outside the class range \[0, 1\]"),
+    (lambda lg, t, i: {"logits": lg[:, :1], "target": t[:8] % 2}, r"`target`.*\(16,\) \(binary labels 0/1\).*"
+                                                                   r"got shape \(8,\)"),
+    (lambda lg, t, i: {"logits": lg[:, 0], "target": t / 10}, r"`target`.*rows are soft labels"),
+    (lambda lg, t, i: {"logits": lg[0, 0], "target": t}, r"`logits`.*\(N, C\).*got shape \(\)"),
     (lambda lg, t, i: {"logits": lg, "target": t[:8]}, r"`target`.*shape \(16,\).*\(16, 10\).*got shape \(8,\)"),
     (lambda lg, t, i: {"logits": lg, "target": t.float()}, r"`target`.*integer dtype, but got torch.float32"),
     (lambda lg, t, i: {"logits": lg, "target": "cat"}, r"`target`.*a tensor, but got str"),
