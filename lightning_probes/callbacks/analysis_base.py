@@ -19,6 +19,7 @@ from lightning_probes.probe_data import (
     analysis_mode,
     forked_rng,
     run_forward,
+    validation_loader,
 )
 from lightning_probes.sharding import is_dtensor
 
@@ -140,6 +141,11 @@ class AnalysisProbe(ProbeCallback):
         if trainer.state.fn not in self.analysis_stages:
             return None
         self._every_rank = is_sharded(pl_module)
+        if trainer.limit_val_batches != 0:
+            try:  # every rank: setting up the validation loop's data holds a barrier
+                validation_loader(trainer)
+            except MissingValidationDataError:
+                pass  # rank 0's check below says so
         outcome: Optional[tuple[str, str]] = None
         if trainer.is_global_zero or self._every_rank:
             outcome = self._checked_outcome(trainer, pl_module)

@@ -142,3 +142,36 @@ def test_a_reused_probe_starts_clean_in_the_next_run(tmp_path):
     assert [r["step"] for r in read(tmp_path / "b" / "probes" / "flaky.jsonl")] == [1, 2, 3, 4, 5, 6]
     first = read(tmp_path / "a" / "probes" / "flaky.jsonl")
     assert first[-1]["disabled"] is True  # the first run's file is left as it was
+
+
+def test_a_failure_on_one_rank_disables_the_probe_on_every_rank_without_a_hang(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(root / "tests" / "guard_ddp_run.py"), str(tmp_path)], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"a rank was left waiting:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [9, 9]  # 3 epochs of 3 batches per rank, training finished
+    assert ranks[1]["confidence"].startswith("ValueError: ConfidenceMonitor: `target`")
+    assert ranks[0]["confidence"] == "disabled on another rank after a failure there"
+    assert ranks[0]["noise"] == "RuntimeError: logits_fn failed on this rank"
+    assert ranks[1]["noise"].startswith("RemoteProbeError: the analysis failed on global rank 0: RuntimeError")
+    confidence = read(tmp_path / "confidence.jsonl")
+    assert confidence[-1]["disabled"] is True and confidence[-1]["hook"] == "agreement"
+    assert [r["stage"] for r in confidence[:-1]] == ["val"]  # epoch 0's validation, before the failure
+    noise = read(tmp_path / "noise_robustness.jsonl")
+    assert [r.get("disabled", False) for r in noise] == [False, True]

@@ -1,0 +1,98 @@
+"""The suite's own model matrix: every probe at its defaults on realistic models, Trainer settings and entry points.
+
+Each group of cases runs in one subprocess (`tests/matrix_run.py`, torch imported once per group) with a timeout
+that kills the whole process group. Every case must exit cleanly, and each probe must end in the state this
+table expects: ``ok`` (finite records), ``skipped`` (exactly one warning and one skip record), ``refused`` (one
+error naming the probe, before any step) or ``idle`` (the entry point gives it nothing to do, and it says
+nothing). Any other outcome (a crash, a disabled probe, a non-finite number, a stray warning) fails the case.
+``docs/choices.md`` says why each skip and refusal is the right answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.matrix_cases import CASES
+from tests.matrix_run import PROBES
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = [cls.__name__ for cls in PROBES]
+GRADIENT = ("GradientStatsMonitor", "GradientDynamicsMonitor")
+REPRESENTATION = ("LayerCorrelationMonitor", "ActivationStatsMonitor", "AugmentationInvarianceMonitor",
+                  "AlignmentMonitor")
+ALL_IDLE = dict.fromkeys(NAMES, "idle")
+TOKEN_MODELS = ("lstm", "gru_dict_batches", "embedding_bag", "tied_embeddings", "multihead_attention",
+                "demo_transformer")
+
+
+def expected(case: str) -> dict[str, str]:
+    """What each probe must end as in ``case``."""
+    table = dict.fromkeys(NAMES, "ok")
+    if case == "validate_only":
+        table.update(dict.fromkeys(GRADIENT + REPRESENTATION, "idle"))
+    elif case == "test_only":
+        table = {**ALL_IDLE, "ConfidenceMonitor": "ok"}
+    elif case == "predict_only":
+        table = dict(ALL_IDLE)
+    elif case == "no_validation":
+        table.update({"ConfidenceMonitor": "idle", "NoiseRobustnessMonitor": "skipped",
+                      **dict.fromkeys(REPRESENTATION, "skipped")})
+    if case in TOKEN_MODELS:
+        table["AugmentationInvarianceMonitor"] = "skipped"  # the default image augmentation cannot apply
+    return table
+
+
+#: Groups of cases, one subprocess each (about a minute each on one core).
+GROUPS = [list(CASES)[i::8] for i in range(8)]
+
+
+def _run_group(cases: list[str], out: Path, timeout: float = 540) -> None:
+    env = {**os.environ, "LIGHTNING_PROBES_ON_ERROR": "raise", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.matrix_run", ",".join(cases), str(out), "--per-case-dirs"],
+                            cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the matrix group {cases} did not finish in {timeout} s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-5000:]
+
+
+@pytest.mark.parametrize("cases", GROUPS, ids=[f"group{i}" for i in range(len(GROUPS))])
+def test_every_probe_at_its_defaults(cases, tmp_path):
+    out = tmp_path / "matrix"
+    _run_group(cases, out)
+    problems = []
+    for case in cases:
+        path = out / case / "result.json"
+        assert path.exists(), f"{case} wrote no result"
+        result = json.loads(path.read_text())
+        want = expected(case)
+        for probe, status in result["probes"].items():
+            if status != want[probe]:
+                problems.append(f"{case:26s} {probe:30s} {status:10s} (expected {want[probe]}): "
+                                f"{result['details'][probe][:400]}")
+        if "traceback" in result:
+            problems.append(f"{case}: {result['traceback'][-1500:]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_matrix_covers_what_the_issue_lists():
+    assert len(CASES) >= 25
+    for needed in ("resnet18", "vit_tiny", "segmentation", "lstm", "gru_dict_batches", "multihead_attention",
+                   "demo_transformer", "frozen_and_unused", "tied_embeddings", "lazy_modules", "configure_model",
+                   "conv1d", "gan_manual_two_optimizers", "gradient_clipping", "accumulation", "bf16_mixed",
+                   "double_precision", "two_val_loaders", "no_validation", "fast_dev_run", "val_check_interval",
+                   "validate_only", "test_only", "predict_only", "resume_from_checkpoint", "second_fit_same_probes",
+                   "max_steps_mid_epoch", "iterable_dataset"):
+        assert needed in CASES
