@@ -10,6 +10,8 @@ from lightning_probes.callbacks import (
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
 )
+from lightning_probes.callbacks.guard import ProbeDisabledWarning, ProbeSkippedWarning, ProbeWarning
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.reading import read_probes
 
 __version__ = "0.1.0"
@@ -22,6 +24,10 @@ __all__ = [
     "GradientStatsMonitor",
     "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
+    "ProbeConfigurationError",
+    "ProbeDisabledWarning",
+    "ProbeSkippedWarning",
+    "ProbeWarning",
     "__version__",
     "read_probes",
 ]

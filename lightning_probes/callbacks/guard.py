@@ -48,8 +48,6 @@ from lightning_probes.errors import ProbeConfigurationError
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-    from lightning_probes.callbacks.base import ProbeCallback
-
 log = logging.getLogger(__name__)
 
 __all__ = ["ON_ERROR", "ON_ERROR_ENV", "FailSafe", "ProbeDisabledWarning", "ProbeSkippedWarning", "ProbeWarning",
@@ -131,7 +129,7 @@ def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     hook_name = hook.__name__
 
     @functools.wraps(hook)
-    def wrapper(self: ProbeCallback, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
         guard = self._guard
         if guard.depth:  # a subclass's override calling super(): the outer guard handles everything
             return hook(self, trainer, *args, **kwargs)
@@ -157,7 +155,7 @@ def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def handle_failure(probe: ProbeCallback, trainer: Any, hook_name: str, err: BaseException) -> None:
+def handle_failure(probe: Any, trainer: Any, hook_name: str, err: BaseException) -> None:
     """Raise ``err`` (``on_error="raise"``, or a configuration error before the first training batch) or
     disable ``probe`` with one warning and one record."""
     cls = type(probe).__name__
