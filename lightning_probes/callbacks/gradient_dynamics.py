@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_probes.callbacks._dynamics_after import AfterStep
 from lightning_probes.callbacks._dynamics_records import EPOCH_MEANS, DynamicsRecords
 from lightning_probes.callbacks._dynamics_step import Deferred, Pending, Previous
 from lightning_probes.callbacks._entries import (
@@ -40,7 +41,6 @@ from lightning_probes.functional._fused import (
     fused_dynamics_after,
     fused_dynamics_before,
     key_histogram,
-    state_codes,
 )
 from lightning_probes.functional.dynamics import zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 _AUTO_ABOVE = 100_000_000
 
 
-class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
+class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
     """Tracks how the optimiser moves: near-zero gradients, their release, sign flips and weight updates.
 
     At every ``every_n_steps``-th optimiser step ``t`` it compares the gradient with the one at step ``t-1``
@@ -91,7 +91,10 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
     history (a resumed run's included) to ``<name>/gradient_dynamics.png``.
 
     No state is tied to where the parameters were at ``setup``: the index tensors of the sign-map columns
-    follow the gradients' device, and norms are taken in float32 (float64 for float64 gradients).
+    follow the gradients' device, and norms are taken in float32 (float64 for float64 gradients). The optimiser
+    step post-hooks run outside Lightning's hook dispatch; a failure there goes through ``on_error`` all the same
+    (see `lightning_probes.callbacks._dynamics_after`). Each ``fit`` starts clean (`reset_run`): a probe reused in
+    a second ``fit`` writes that fit's records from its step 0.
 
     Large models: ``max_entries`` follows, per tensor, a seeded fixed subset of at most that many entries (the
     same at every step and on every rank). Every record carries ``sampled_entries``, the number of entries its
@@ -100,7 +103,8 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
     ``grad_norm`` and ``weight_norm`` need no state and stay over the whole tensors. The default ``"auto"``
     follows every entry up to 100M tracked entries; above that it picks the cap that keeps the probe's peak
     memory (about 11 bytes per followed float32 entry: state, codes, the weights' and gradients' copies) under
-    10% of the parameters' memory, and says so in one info line. The memory estimate is logged at ``setup``.
+    10% of the parameters' memory, and says so in one info line. The memory estimate is logged once the
+    parameters are selected (the start of training).
 
     Strategies: under FSDP2 every rank compares the entries of its own shards and one all-reduce (a sum over one
     stacked tensor: counts, squared norms, non-finite flags and the sign-map columns each rank holds) per logged
@@ -245,8 +249,23 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
         self._previous = {}  # the first step after a restore has no previous gradient
 
     # -- setup and teardown -------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def reset_run(self) -> None:
+        """Forget the previous run: hooks, pending steps, states, EMAs, epoch sums, sign-map rows, caches (a
+        resumed fit restores its state afterwards, in `load_state_dict`)."""
+        super().reset_run()
+        self._remove_hooks()
+        self._previous, self._pending, self._unproduced = {}, {}, []
+        self._ema, self._epoch_sums = {}, {}
+        self._sign_rows, self._sign_epochs = [], []
+        self._latest_row = None
+        self._selections = {}
+        self._warned_nonfinite = False
+
+    def on_disable(self, trainer: pl.Trainer) -> None:
+        self._remove_hooks()  # from inside a post-hook: at teardown (see `AfterStep`)
+        self._previous, self._pending, self._unproduced = {}, {}, []
+
+    def _memory_info(self) -> None:
         followed = sum(self._selected_counts)
         itemsize = max((p.element_size() for p in self._params), default=4)
         rank_zero_info(
@@ -255,8 +274,8 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
             f"{megabytes(followed * bytes_per_entry(itemsize))} at the peak of a compared step (state, codes, the "
             f"weights' and gradients' copies; under FSDP2 shared among the ranks).")
 
-    def _select(self, pl_module: pl.LightningModule) -> None:
-        super()._select(pl_module)
+    def _select(self, pl_module: pl.LightningModule, trainable: Optional[set[str]] = None) -> None:
+        super()._select(pl_module, trainable)
         numels = [p.numel() for p in self._params]
         cap: Optional[int] = None if self.max_entries == "auto" else self.max_entries
         if self.max_entries == "auto" and sum(numels) > _AUTO_ABOVE:
@@ -289,19 +308,12 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
 
     def _on_layout(self, trainer: pl.Trainer) -> None:
         self._selections = {}
+        self._memory_info()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)  # re-selects the parameters the strategy may have replaced
-        self._remove_hooks()
-        if self.computes(trainer):
-            for optimizer in trainer.optimizers:
-                self._hooks.append(optimizer.register_step_post_hook(functools.partial(self._after_step, trainer)))
+        super().on_train_start(trainer, pl_module)  # selects the parameters (lazy modules: at the first step)
+        self._register_hooks(trainer)  # every rank: whether it computes is known once the parameters are laid out
         self._previous, self._pending = {}, {}
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
@@ -315,6 +327,7 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
     # -- the step -----------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self._ensure_layout(trainer, pl_module)
         if not self.computes(trainer):
             return
         opt_index, tracked = self._tracked_for(trainer, optimizer)
@@ -396,53 +409,6 @@ class GradientDynamicsMonitor(DynamicsRecords, ParameterProbe):
             return False
         dtype = tensors[0].dtype
         return dtype in (torch.float32, torch.float64) and all(t.dtype == dtype for t in tensors)
-
-    def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer post-step hook: the step happened (a GradScaler-skipped step never calls it)."""
-        opt_index, _ = self._tracked_for(trainer, optimizer)
-        pending = self._pending.pop(opt_index, None)
-        if pending is None:
-            return
-        params = [local_tensor(self._params[i]).detach() for i in pending.tracked]
-        before, pending.before = pending.before, None
-        current, pending.current = pending.current, None
-        state = None
-        if (current is not None and self._compiled(params, self._kernel_after)
-                and before.dtype == params[0].dtype):
-            if isinstance(current, torch.Tensor):
-                current = list(current.split(pending.sizes))
-            # One graph for every step: the state and norms are computed even where unused (same single pass).
-            states, update_squares, weight_squares = self._kernel_after(
-                params, list(before.split(pending.sizes)), current, True)
-            state = torch.cat(states) if pending.snapshot else None
-            if pending.log:
-                pending.update_norm, pending.weight_norm = update_squares, weight_squares
-        else:
-            selection = self._selection_for(pending.tracked, before.device)
-            after = gather_selected(params, selection)
-            if pending.snapshot:
-                if not isinstance(current, torch.Tensor):
-                    current = torch.cat(current)
-                state = state_codes(current, after, before)
-            if pending.log:
-                pending.update_norm = l2_norms(list((after - before).split(pending.sizes))).double().square()
-                pending.weight_norm = self._owned(l2_norms(params).double().square(), pending.tracked,
-                                                  before.device)
-        if pending.snapshot:
-            self._previous[opt_index] = Previous(state=state, finite=pending.finite, count=pending.count,
-                                                  tracked=pending.tracked)
-        if pending.log:
-            self._write(trainer, opt_index, pending, skipped=False)
-
-    def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
-        """A pending step whose post-step hook never ran was skipped (AMP found non-finite gradients)."""
-        for index in [opt_index] if opt_index is not None else sorted(self._pending):
-            pending = self._pending.pop(index, None)
-            if pending is None:
-                continue
-            self._previous.pop(index, None)
-            if pending.log:
-                self._write(trainer, index, pending, skipped=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

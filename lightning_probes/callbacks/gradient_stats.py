@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_probes.callbacks._gradient_figures import flow_figure, flow_specs
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_positive_int
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
 from lightning_probes.functional.gradients import (
     nonfinite_counts,
@@ -153,16 +154,26 @@ class GradientStatsMonitor(ParameterProbe):
         self._nonfinite_count = (int(epoch), int(count))
         self._last_total_norm = state_dict.get("last_total_norm")
 
+    def reset_run(self) -> None:
+        """Forget the previous run: windows, headline values, caches (a resumed fit restores its state after)."""
+        super().reset_run()
+        self._first_window = self._last_window = None
+        self._window_index, self._owned = {}, {}
+        self._batch_idx = 0
+        self._warned_nonfinite = False
+        self._nonfinite_count = (-1, 0)
+        self._last_total_norm = None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self._may_shard and self.histogram_every_n_steps is not None:
-            raise ValueError(
+            raise ProbeConfigurationError(
                 f"{type(self).__name__} cannot send gradient histograms under {type(trainer.strategy).__name__}: a "
                 f"histogram needs the full gradient, and the parameters may be sharded. Set "
                 f"`histogram_every_n_steps=None` (got {self.histogram_every_n_steps}).")
 
-    def _select(self, pl_module: pl.LightningModule) -> None:
-        super()._select(pl_module)
+    def _select(self, pl_module: pl.LightningModule, trainable: Optional[set[str]] = None) -> None:
+        super()._select(pl_module, trainable)
         self._window_index = {}
         self._owned = {}
 
@@ -202,6 +213,7 @@ class GradientStatsMonitor(ParameterProbe):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self._ensure_layout(trainer, pl_module)
         if not self.computes(trainer):
             return
         opt_index, tracked = self._tracked_for(trainer, optimizer)

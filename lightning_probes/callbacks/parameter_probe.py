@@ -7,14 +7,18 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_positive_int
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.naming import Patterns, clean_name, compile_patterns, name_filter
+from lightning_probes.probe_data import has_uninitialized, is_uninitialized
 from lightning_probes.sharding import ShardLayout, check_strategy, is_dtensor, shard_layout
 
 __all__ = ["ParameterProbe"]
+
 
 class ParameterProbe(ProbeCallback):
     """Base of probes that read parameters at optimiser steps (gradient statistics and dynamics).
@@ -22,8 +26,19 @@ class ParameterProbe(ProbeCallback):
     It selects the trainable parameters whose cleaned names pass ``include``/``exclude``, maps each optimiser
     to the tracked parameters it steps, and counts each optimiser's steps so that a probe logs at every
     ``every_n_steps``-th step of each optimiser (one optimiser: every ``every_n_steps``-th global step).
-    Parameters are looked up again at the start of training, after the strategy has moved and converted the
-    module (device, dtype) and FSDP2 has sharded it, so no state is tied to where the parameters were at ``setup``.
+    Parameters are selected once they exist: at the start of training, after ``configure_model``, after the
+    strategy has moved and converted the module (device, dtype) and FSDP2 has sharded it, so no state is tied to
+    where the parameters were at ``setup``. A model with lazy modules (``nn.LazyLinear``) is read at its first
+    optimiser step, once the first forward has given the parameters their shapes (that step is logged too); a lazy
+    parameter still without a shape then (its module never ran) has no gradient and is left out.
+
+    Pre-flight (``fit``): ``include``/``exclude`` that match no trainable parameter stop the run before the first
+    step with one `lightning_probes.errors.ProbeConfigurationError` listing the trainable parameters; a model
+    without any trainable parameter (and neither argument given) skips the probe with one warning. Outside
+    ``fit`` (validate, test, predict) there is no optimiser step: the probe stays idle.
+
+    Each ``fit`` starts clean (`reset_run`: step counts, optimiser maps, the selection); a fit resumed from a
+    checkpoint restores the optimiser step counts (``state_dict``).
 
     Strategies: under DDP (and one process) the gradients are the same on every rank and only global rank 0
     computes. Under FSDP2 (``fully_shard``; the parameters are ``DTensor``s sharded on dim 0) every rank computes
@@ -69,6 +84,19 @@ class ParameterProbe(ProbeCallback):
         self.sharded = False
         self._may_shard = False
         self._layouts: list[ShardLayout] = []
+        self._layout_due = False  # lazy modules: select at the first optimiser step (`_ensure_layout`)
+        self._trainable_names: Optional[set[str]] = None
+
+    def reset_run(self) -> None:
+        """Forget the previous run: selection, layouts, optimiser maps and step counts (a resumed fit restores the
+        counts afterwards, in `load_state_dict`)."""
+        super().reset_run()
+        self._names, self._params = [], []
+        self._by_optimizer = {}
+        self._optimizer_steps = {}
+        self.sharded = False
+        self._layouts = []
+        self._layout_due = False
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer_steps": dict(self._optimizer_steps)}
@@ -80,11 +108,48 @@ class ParameterProbe(ProbeCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._may_shard = check_strategy(type(self).__name__, trainer.strategy)
-        self._select(pl_module)
+        # No selection here: `configure_model` builds layers after `setup`, the strategy replaces parameters, and
+        # lazy modules get their shapes in the first forward (see `preflight`, `on_train_start`).
+
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        """``fit`` only: refuse ``include``/``exclude`` that match no trainable parameter (by name: a lazy
+        parameter counts, though it has no shape yet); skip a model without trainable parameters."""
+        reason = super().preflight(trainer, pl_module)
+        if reason is not None or trainer.state.fn != TrainerFn.FITTING:
+            return reason
+        named = self._trainable(pl_module)
+        if any(self._keep(n) for n, _ in named):
+            return None
+        if not named and self.include is None and self.exclude is None:
+            return "the model has no trainable parameter (no gradient to read)"
+        raise ProbeConfigurationError(self._no_match_message(named))
+
+    def _no_match_message(self, named: list[tuple[str, torch.nn.Parameter]]) -> str:
+        available = ", ".join(n for n, _ in named) or "none"
+        return (f"{type(self).__name__} {self.name!r} found no trainable parameter matching include={self.include!r}, "
+                f"exclude={self.exclude!r}; set `include`/`exclude` to select at least one of them. Trainable "
+                f"parameters: {available}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._select(pl_module)  # the strategy may have replaced parameters since `setup` (dtype, device, wrap)
+        if has_uninitialized(pl_module):  # lazy modules: their parameters get shapes in the first forward
+            # Trainable as of now: at the first step a manual-optimisation `toggle_optimizer` may have frozen some.
+            self._trainable_names = {n for n, _ in self._trainable(pl_module)}
+            self._layout_due = True
+            return
+        self._lay_out(trainer, pl_module)
+
+    def _ensure_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the parameters now if the start of training could not (lazy modules); at every optimiser step,
+        before anything else, on every rank."""
+        if self._layout_due:
+            self._layout_due = False
+            self._lay_out(trainer, pl_module, self._trainable_names)
+
+    def _lay_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 trainable: Optional[set[str]] = None) -> None:
+        """Select the parameters as they are now and learn their layout (sharded or not, shard extents)."""
+        self._select(pl_module, trainable)
         self.sharded = any(is_dtensor(p) for p in self._params)
         self._layouts = [shard_layout(type(self).__name__, name, p, trainer.global_rank, trainer.world_size)
                          for name, p in zip(self._names, self._params)]
@@ -121,14 +186,24 @@ class ParameterProbe(ProbeCallback):
         """Whether this rank computes statistics: global rank 0, or every rank when the parameters are sharded."""
         return self.sharded or trainer.is_global_zero
 
-    def _select(self, pl_module: pl.LightningModule) -> None:
-        named = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        selected = [(n, p) for n, p in named if self._keep(n)]
+    @staticmethod
+    def _trainable(pl_module: pl.LightningModule,
+                   names: Optional[set[str]] = None) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(clean name, parameter)`` of the parameters that require gradients (or, given ``names``, of those
+        named there)."""
+        named = [(clean_name(n), p) for n, p in pl_module.named_parameters()]
+        return [(n, p) for n, p in named if (p.requires_grad if names is None else n in names)]
+
+    def _select(self, pl_module: pl.LightningModule, trainable: Optional[set[str]] = None) -> None:
+        """Track the trainable parameters (those named in ``trainable`` when given) that pass
+        ``include``/``exclude`` and have a shape (never an uninitialised lazy parameter)."""
+        named = self._trainable(pl_module, trainable)
+        selected = [(n, p) for n, p in named if self._keep(n) and not is_uninitialized(p)]
         if not selected:
-            available = ", ".join(n for n, _ in named) or "none"
-            raise ValueError(
-                f"{type(self).__name__} found no trainable parameter matching include={self.include!r}, "
-                f"exclude={self.exclude!r}. Trainable parameters: {available}")
+            message = self._no_match_message(named)
+            if any(self._keep(n) for n, _ in named):
+                message += " (those matching are lazy parameters that still have no shape: their module never ran)"
+            raise ProbeConfigurationError(message)
         self._names = [n for n, _ in selected]
         self._params = [p for _, p in selected]
         self._by_optimizer = {}

@@ -1,0 +1,108 @@
+"""What `GradientDynamicsMonitor` does after the optimiser step: its step post-hooks (registered, removed, and
+their failures sent through the probe's ``on_error`` policy), the weight-side statistics and the state kept for
+the next step, and the steps the AMP GradScaler skipped."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_probes.callbacks._dynamics_step import Previous
+from lightning_probes.callbacks._entries import gather_selected
+from lightning_probes.functional._fused import state_codes
+from lightning_probes.functional.gradients import l2_norms
+from lightning_probes.sharding import local_tensor
+
+#: The name a failure of the post-step hook is reported under (the guard's "hook").
+POST_HOOK = "optimizer step post-hook (_after_step)"
+
+
+class AfterStep:
+    """Mixin of `GradientDynamicsMonitor`: the optimiser step post-hooks and what they compute.
+
+    The post-hooks run inside ``optimizer.step``, outside Lightning's hook dispatch and so outside the guard of
+    `lightning_probes.callbacks.guard`: `_after_step_hook` sends a failure through the same policy (``on_error``:
+    disable the probe with one warning and a record, or re-raise with a note naming the probe). Torch iterates
+    over the hooks while it calls them, so a hook is never removed from inside one: a probe disabled there stops
+    acting at once and its hooks go at ``teardown``.
+
+    It uses the probe's ``_hooks``, ``_pending``, ``_previous``, ``_params``, ``_kernel_after``, ``_tracked_for``,
+    ``_compiled``, ``_selection_for``, ``_owned``, ``_write``, ``active`` and ``_hook_failed``.
+    """
+
+    _in_after_step = False
+
+    def _register_hooks(self, trainer: pl.Trainer) -> None:
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(functools.partial(self._after_step_hook, trainer)))
+
+    def _remove_hooks(self) -> None:
+        if self._in_after_step:  # torch is iterating over the hooks: removing one now breaks its loop
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _after_step_hook(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, args: Any,
+                         kwargs: Any) -> None:
+        """Optimizer post-step hook: `_after_step`, with a failure handled as in a guarded Lightning hook."""
+        if not self.active or not self._pending:
+            return
+        self._in_after_step = True
+        try:
+            self._after_step(trainer, optimizer)
+        except Exception as err:  # noqa: BLE001 - outside the guard: the same policy, by hand
+            self._hook_failed(trainer, POST_HOOK, err)  # disabled: `on_disable` leaves the hooks to teardown
+        finally:
+            self._in_after_step = False
+
+    def _after_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """The step happened (a GradScaler-skipped step never calls it): update norms, the next step's state."""
+        opt_index, _ = self._tracked_for(trainer, optimizer)
+        pending = self._pending.pop(opt_index, None)
+        if pending is None:
+            return
+        params = [local_tensor(self._params[i]).detach() for i in pending.tracked]
+        before, pending.before = pending.before, None
+        current, pending.current = pending.current, None
+        state = None
+        if (current is not None and self._compiled(params, self._kernel_after)
+                and before.dtype == params[0].dtype):
+            if isinstance(current, torch.Tensor):
+                current = list(current.split(pending.sizes))
+            # One graph for every step: the state and norms are computed even where unused (same single pass).
+            states, update_squares, weight_squares = self._kernel_after(
+                params, list(before.split(pending.sizes)), current, True)
+            state = torch.cat(states) if pending.snapshot else None
+            if pending.log:
+                pending.update_norm, pending.weight_norm = update_squares, weight_squares
+        else:
+            selection = self._selection_for(pending.tracked, before.device)
+            after = gather_selected(params, selection)
+            if pending.snapshot:
+                if not isinstance(current, torch.Tensor):
+                    current = torch.cat(current)
+                state = state_codes(current, after, before)
+            if pending.log:
+                pending.update_norm = l2_norms(list((after - before).split(pending.sizes))).double().square()
+                pending.weight_norm = self._owned(l2_norms(params).double().square(), pending.tracked,
+                                                  before.device)
+        if pending.snapshot:
+            self._previous[opt_index] = Previous(state=state, finite=pending.finite, count=pending.count,
+                                                  tracked=pending.tracked)
+        if pending.log:
+            self._write(trainer, opt_index, pending, skipped=False)
+
+    def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
+        """A pending step whose post-step hook never ran was skipped (AMP found non-finite gradients)."""
+        for index in [opt_index] if opt_index is not None else sorted(self._pending):
+            pending = self._pending.pop(index, None)
+            if pending is None:
+                continue
+            self._previous.pop(index, None)
+            if pending.log:
+                self._write(trainer, index, pending, skipped=True)
