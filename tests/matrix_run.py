@@ -122,8 +122,8 @@ def status_of(probe: Any, probes_dir: Path, caught: list[warnings.WarningMessage
            and str(w.message).startswith(prefix)]
     path = probes_dir / f"{probe.name}.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    disabled = [r for r in records if r.get("disabled")]
-    skipped = [r for r in records if r.get("skipped")]
+    disabled = [r for r in records if r.get("probe_status") == "disabled"]
+    skipped = [r for r in records if r.get("probe_status") == "skipped"]
     if disabled:
         return "disabled", disabled[0]["reason"]
     if skipped:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default=None)
+    parser.add_argument("--per-case-dirs", action="store_true", help="OUTPUT_DIR/<CASE>/ even for one case")
     args = parser.parse_args(argv)
     names = args.cases.split(",")
     unknown = [n for n in names if n not in CASES]
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown case(s) {unknown}; cases: {', '.join(CASES)}")
     torch.set_num_threads(1)
     for name in names:
-        out = Path(args.output) if len(names) == 1 else Path(args.output) / name
+        out = Path(args.output) if len(names) == 1 and not args.per_case_dirs else Path(args.output) / name
         run_one(name, out, args)
     return 0
 

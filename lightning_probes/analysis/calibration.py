@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from lightning_probes.callbacks.guard import data_records
 from lightning_probes.functional import (
     calibration_error,
     calibration_sums,
@@ -85,7 +86,7 @@ def calibration_from_probes(probes: Optional[str], name: str = "confidence") -> 
     path = os.path.join(probes, f"{name}.jsonl") if probes else None
     if path is None or not os.path.isfile(path):
         return None, f"no probes/{name}.jsonl (ConfidenceMonitor was not attached)"
-    records = [r for r in read_jsonl(path) if r.get("dataloader_idx", 0) == 0]
+    records = [r for r in data_records(read_jsonl(path)) if r.get("dataloader_idx", 0) == 0]
     for stage in ("test", "val"):
         staged = [r for r in records if r.get("stage") == stage]
         if staged:

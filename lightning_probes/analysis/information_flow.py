@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
+from lightning_probes.callbacks.guard import data_records
 from lightning_probes.io import read_jsonl
 
 __all__ = ["FLOW_STATS", "flow_figure", "flow_from_probes"]
@@ -31,7 +32,7 @@ def flow_from_probes(probes: Optional[str], name: str = "activation_stats") -> t
     path = os.path.join(probes, f"{name}.jsonl") if probes else None
     if path is None or not os.path.isfile(path):
         return None, f"no probes/{name}.jsonl (ActivationStatsMonitor was not attached)"
-    records = read_jsonl(path)
+    records = data_records(read_jsonl(path))
     if not records:
         return None, f"probes/{name}.jsonl is empty"
     epoch = max(r["epoch"] for r in records)

@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_probes.callbacks.guard import FailSafe, GuardState, check_on_error, install_guards
+from lightning_probes.callbacks.guard import FailSafe, GuardState, check_on_error, data_records, install_guards
 from lightning_probes.callbacks.outputs import FigureSpec, ProbeOutputs, log_probe_settings
 from lightning_probes.checks import check_float, check_fraction, check_positive_int
 from lightning_probes.io import (
@@ -310,12 +310,12 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
             self._writer.close()
 
     def read_history(self) -> list[dict[str, Any]]:
-        """Every record of this run's history so far, the buffered ones included (global rank 0; the resumed
-        history included)."""
+        """Every data record of this run's history so far, the buffered ones included (global rank 0; the
+        resumed history included; skip and disable records left out)."""
         if self._writer is None:
             return []
         self.flush_records()
-        return read_jsonl(self._writer.path)
+        return data_records(read_jsonl(self._writer.path))
 
     # -- scalars ------------------------------------------------------------------------------------
     def scalars(self, records: Iterable[Mapping[str, Any]], keys: Iterable[str], *, layer_key: str = "layer",

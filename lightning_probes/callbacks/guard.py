@@ -16,7 +16,8 @@ Every Lightning hook of a `ProbeCallback` (except ``setup``, where the probe's o
    probe that failed on one rank is disabled on every rank before any of them enters the probe's own
    collectives of that hook (metric syncs, broadcasts). Once every rank knows, the check stops.
 3. **Failure.** An exception raised by the hook's body is, with ``on_error="warn"`` (the default), caught:
-   the probe writes a ``{"disabled": true, "reason": ..., "hook": ..., "step": ..., "epoch": ...}`` record
+   the probe writes a ``{"probe_status": "disabled", "disabled": true, "reason": ..., "hook": ..., "step":
+   ..., "epoch": ...}`` record
    (kept, with every record before it, in its JSONL; `lightning_probes.read_probes` shows it), warns once
    with a `ProbeDisabledWarning` that names the probe, the hook and the error and holds the traceback, calls
    `ProbeCallback.on_disable` (hooks removed, files flushed), and does nothing more in this run; training
@@ -50,9 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ON_ERROR", "ON_ERROR_ENV", "FailSafe", "ProbeDisabledWarning", "ProbeSkippedWarning", "ProbeWarning",
-           "check_on_error", "install_guards", "resolve_on_error"]
+__all__ = ["ON_ERROR", "ON_ERROR_ENV", "STATUS_KEY", "FailSafe", "ProbeDisabledWarning", "ProbeSkippedWarning",
+           "ProbeWarning", "check_on_error", "data_records", "install_guards", "resolve_on_error"]
 
+#: The key of the records that say a probe was skipped or disabled (``"skipped"``/``"disabled"``).
+STATUS_KEY = "probe_status"
 #: Values of ``on_error``.
 ON_ERROR = ("warn", "raise")
 #: Environment variable read when ``on_error`` is ``None``.
@@ -82,6 +85,11 @@ class ProbeSkippedWarning(ProbeWarning):
 
 class ProbeDisabledWarning(ProbeWarning):
     """A probe raised after the run started: it disabled itself, training goes on."""
+
+
+def data_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` without the skip and disable records (``probe_status``), for readers of a probe's data."""
+    return [r for r in records if STATUS_KEY not in r]
 
 
 def check_on_error(value: Any) -> Optional[str]:
@@ -230,15 +238,15 @@ class FailSafe:
             self.skip(trainer, reason)
 
     def skip(self, trainer: pl.Trainer, reason: str) -> None:
-        """Skip the probe for the rest of this run: one warning (global rank 0) and a ``{"skipped": true}``
-        record."""
+        """Skip the probe for the rest of this run: one warning (global rank 0) and a
+        ``{"probe_status": "skipped"}`` record."""
         if self._skipped_reason is not None:
             return
         self._skipped_reason = reason
         if trainer.is_global_zero:
             warnings.warn(ProbeSkippedWarning(f"{type(self).__name__} {self.name!r} is skipped for this run: "
                                               f"{reason}"), stacklevel=2)
-        self.write_records(trainer, [{"skipped": True, "reason": reason, "stage": str(trainer.state.fn.value),
+        self.write_records(trainer, [{STATUS_KEY: "skipped", "reason": reason, "stage": str(trainer.state.fn.value),
                                       "step": trainer.global_step, "epoch": trainer.current_epoch}])
         self._flush_quietly()
         self.on_disable(trainer)
@@ -249,7 +257,7 @@ class FailSafe:
         if self._disabled is not None:
             return
         self._disabled = reason
-        self.write_records(trainer, [{"disabled": True, "reason": reason, "hook": hook,
+        self.write_records(trainer, [{STATUS_KEY: "disabled", "disabled": True, "reason": reason, "hook": hook,
                                       "step": trainer.global_step, "epoch": trainer.current_epoch}])
         self._flush_quietly()
         try:

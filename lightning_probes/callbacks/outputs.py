@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
+from lightning_probes.callbacks.guard import data_records
 from lightning_probes.io import (
     atomic_save_npz,
     atomic_write_bytes,
@@ -105,7 +106,7 @@ class ProbeOutputs:
     def records_of(directory: str, name: str) -> list[dict[str, Any]]:
         """The records of ``<directory>/<name>.jsonl`` (empty when it does not exist)."""
         path = os.path.join(directory, f"{name}.jsonl")
-        return read_jsonl(path) if os.path.exists(path) else []
+        return data_records(read_jsonl(path)) if os.path.exists(path) else []
 
     def log_image(self, trainer: pl.Trainer, image: Any, tag: str, step: int) -> None:
         """Send an ``(H, W, 3)`` uint8 image (e.g. `lightning_probes.plotting.colormapped`) to every logger that

@@ -54,7 +54,8 @@ def test_a_failure_after_the_start_disables_the_probe_and_training_goes_on(tmp_p
     records = read(tmp_path / "probes" / "flaky.jsonl")
     assert [r["step"] for r in records[:-1]] == [1, 2]  # the batches before the failure at step 3
     last = records[-1]
-    assert last["disabled"] is True and last["hook"] == "on_train_batch_end" and last["step"] == 3
+    assert last["probe_status"] == "disabled" and last["disabled"] is True
+    assert last["hook"] == "on_train_batch_end" and last["step"] == 3
     assert last["reason"] == "ZeroDivisionError: the probe's own bug"
     table = read_probes(tmp_path, "flaky")
     assert table["disabled"].iloc[-1] is True or table["disabled"].iloc[-1] == 1
@@ -114,7 +115,7 @@ def test_a_preflight_skip_warns_once_and_writes_one_record(tmp_path):
     assert sum(issubclass(w.category, ProbeSkippedWarning) for w in caught) == 1
     assert probe.calls == 0 and probe.preflights == 1 and probe.disabled_calls == 1
     (record,) = read(tmp_path / "probes" / "flaky.jsonl")
-    assert record["skipped"] is True and record["stage"] == "fit" and record["step"] == 0
+    assert record["probe_status"] == "skipped" and record["stage"] == "fit" and record["step"] == 0
     assert t.global_step == 12
 
 
