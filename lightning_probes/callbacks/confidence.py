@@ -70,6 +70,12 @@ class ConfidenceMonitor(ProbeCallback):
       silently taking the argmax of a soft label would report a made-up accuracy;
     - logits ``(N, C, d1, ...)`` (segmentation-like) with targets ``(N, d1, ...)``: every position is a sample,
       as in torchmetrics' multiclass metrics (``multidim_average="global"``);
+    - one-logit binary classifiers: logits ``(N,)`` or ``(N, 1)`` (``(N, 1, d1, ...)`` per position) holding
+      ``z``, with targets 0/1 of shape ``(N,)`` (or ``(N, 1)``). They are scored as two classes ``{0, 1}`` with
+      probabilities ``[1 - sigmoid(z), sigmoid(z)]`` (the logits ``[0, z]``), so the prediction is 1 exactly when
+      ``z > 0`` and every statistic is the two-class one: the top-label confidence is ``max(p, 1 - p)``, the
+      Brier score sums over both classes (twice the binary ``(p - y)^2``). Floating targets must be exactly 0 or
+      1 (anything else counts as a soft label, an error) and cannot be combined with ``ignore_index``;
     - targets equal to ``ignore_index`` are left out (torchmetrics' ``ignore_index``); any other target outside
       ``[0, C)`` is an error naming the value.
 

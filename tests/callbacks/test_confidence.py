@@ -367,3 +367,103 @@ def test_collapse_is_detected(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConfidenceMonitor(**kwargs)
+
+
+class _OneLogitBinary(pl.LightningModule):
+    """One logit per sample (BCE); ``validation_step`` returns it as ``(N, 1)`` or ``(N,)`` with 0/1 targets."""
+
+    def __init__(self, shape, target_kind):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 1)
+        self.shape, self.target_kind = shape, target_kind
+
+    def training_step(self, batch, batch_idx):
+        z = self.layer(batch[0].flatten(1))[:, 0]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, (batch[1] % 2).float())
+
+    def validation_step(self, batch, batch_idx):
+        z = self.layer(batch[0].flatten(1))
+        target = batch[1] % 2
+        if self.target_kind == "float":
+            target = target.float()
+        elif self.target_kind == "column":
+            target = target[:, None]
+        return {"logits": z if self.shape == "column" else z[:, 0], "target": target}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("shape", "target_kind"), [("column", "long"), ("flat", "long"), ("column", "float"),
+                                                    ("column", "column"), ("flat", "float")])
+def test_one_logit_binary_classifiers_agree_with_sklearn_and_torchmetrics(tmp_path, shape, target_kind):
+    from sklearn.metrics import accuracy_score, brier_score_loss, confusion_matrix, f1_score, log_loss, recall_score
+    from torchmetrics.functional.classification import binary_accuracy, binary_confusion_matrix
+
+    recorder = OutputRecorder()
+    probe = ConfidenceMonitor(n_bins=10, output_dir=str(tmp_path))
+    data = RandomDataModule()
+    trainer(tmp_path, [recorder, probe], max_epochs=1, num_sanity_val_steps=1).fit(
+        _OneLogitBinary(shape, target_kind), data)
+    record = read(tmp_path / "confidence.jsonl")[-1]
+    z = torch.cat(recorder.logits).flatten().double()
+    y = torch.cat(recorder.targets).flatten().long()
+    p = torch.sigmoid(z)  # P(class 1)
+    pred = (z > 0).long()  # the sign of the logit
+    yn, pn = y.numpy(), p.numpy()
+    assert record["n"] == 32 and 0 < pred.sum() < 32
+    assert record["accuracy"] == pytest.approx(accuracy_score(yn, pred.numpy()))
+    assert record["accuracy"] == pytest.approx(binary_accuracy(p, y).item())
+    assert record["confusion_matrix"] == confusion_matrix(yn, pred.numpy(), labels=[0, 1]).tolist()
+    assert record["confusion_matrix"] == binary_confusion_matrix(p, y).tolist()
+    assert record["nll"] == pytest.approx(log_loss(yn, pn, labels=[0, 1]), rel=1e-5)
+    # The multiclass Brier score sums over both classes: twice sklearn's binary Brier score.
+    assert record["brier"] == pytest.approx(2 * brier_score_loss(yn, pn), rel=1e-5)
+    assert record["per_class_recall"] == pytest.approx(recall_score(yn, pred.numpy(), average=None), abs=1e-12)
+    assert record["macro_f1"] == pytest.approx(f1_score(yn, pred.numpy(), average="macro"), abs=1e-12)
+    # Top-label confidence max(p, 1 - p): torchmetrics' multiclass ECE of the probabilities [1 - p, p].
+    probs = torch.stack([1 - p, p], dim=1).float()
+    assert record["ece"] == pytest.approx(multiclass_calibration_error(probs, y, 2, 10).item(), abs=1e-6)
+    assert record["mean_confidence"] == pytest.approx(float(torch.maximum(p, 1 - p).mean()), rel=1e-5)
+
+
+class _BinarySegmenter(_Segmenter):
+    """One logit per pixel: logits (N, 1, 4, 4), targets (N, 4, 4) in {0, 1, 255}."""
+
+    def __init__(self, float_target=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.float_target = float_target
+
+    def training_step(self, batch, batch_idx):
+        return self.conv(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        target = batch[1].float() if self.float_target else batch[1]
+        return {"logits": self.conv(batch[0]), "target": target}
+
+
+def test_one_logit_segmentation_with_ignore_index_agrees_with_torchmetrics(tmp_path):
+    from torchmetrics.functional.classification import binary_accuracy, binary_confusion_matrix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 4, 4, generator=g)
+    y = (x[:, 0] > 0.3).long()
+    y[torch.rand(y.shape, generator=g) < 0.2] = 255
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    recorder = OutputRecorder()
+    probe = ConfidenceMonitor(n_bins=10, ignore_index=255, output_dir=str(tmp_path))
+    trainer(tmp_path, [recorder, probe], max_epochs=1).fit(_BinarySegmenter(), loader, loader)
+    record = read(tmp_path / "confidence.jsonl")[0]
+    p, target = torch.sigmoid(torch.cat(recorder.logits)[:, 0]), torch.cat(recorder.targets)  # (40, 4, 4) each
+    assert record["n"] == int((target != 255).sum())
+    assert record["accuracy"] == pytest.approx(binary_accuracy(p, target, ignore_index=255).item(), abs=1e-6)
+    assert record["confusion_matrix"] == binary_confusion_matrix(p, target, ignore_index=255).tolist()
+
+
+def test_floating_binary_targets_with_ignore_index_are_refused_at_the_first_batch(tmp_path):
+    x = torch.randn(16, 1, 4, 4)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    t = trainer(tmp_path, [ConfidenceMonitor(ignore_index=255)], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(ValueError, match=r"floating binary labels, but `ignore_index=255` needs integer targets"):
+        t.fit(_BinarySegmenter(float_target=True), loader, loader)

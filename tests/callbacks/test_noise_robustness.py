@@ -80,7 +80,7 @@ def test_no_validation_data_is_a_clear_error(tmp_path):
                                                  "validation dataloader"):
         t.fit(small_mlp(), NoVal())  # no validation loop: skipped at the pre-flight, training goes on
     records = read(tmp_path / "probes" / "noise_robustness.jsonl")
-    assert len(records) == 1 and records[0]["skipped"] is True and "val_dataloader" in records[0]["reason"]
+    assert len(records) == 1 and records[0]["probe_status"] == "skipped" and "val_dataloader" in records[0]["reason"]
     assert t.global_step > 0
 
 
@@ -131,6 +131,13 @@ def _loader(x, n_classes=3):
     return DataLoader(TensorDataset(x, torch.arange(len(x)) % n_classes), batch_size=8)
 
 
+def _draws(t, seed=0):
+    """``draw(shape)``: the probe's noise stream (its seeded generator on the model's device), on the CPU."""
+    device = t.strategy.root_device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=generator, device=device).cpu()
+
+
 def _result(tmp_path):
     return np.load(tmp_path / "noise_robustness" / "epoch0.npz"), read(tmp_path / "noise_robustness.jsonl")[-1]
 
@@ -156,7 +163,8 @@ def test_token_inputs_are_perturbed_in_the_embedding_space(tmp_path, tied):
     ids = torch.randint(0, 12, (24, 6), generator=torch.Generator().manual_seed(0))
     model = _Net(_Bag(tied))
     probe = NoiseRobustnessMonitor(num_samples=24, num_draws=20, sigma=1.5, kl=True, output_dir=str(tmp_path))
-    trainer(tmp_path, [probe]).validate(model, _loader(ids), verbose=False)
+    t = trainer(tmp_path, [probe])
+    t.validate(model, _loader(ids), verbose=False)
     data, record = _result(tmp_path)
     # Independent computation in NumPy: the noise (sigma * std of the embedding weights) drawn per draw in the
     # embedding output's shape from the probe's seeded generator, added to the input use of the embedding only.
@@ -171,10 +179,10 @@ def test_token_inputs_are_perturbed_in_the_embedding_space(tmp_path, tied):
         return (h + embed[(idx + 1) % 12].mean(1)) @ embed[:3].T
 
     clean = logits(embed[idx])
-    g = torch.Generator().manual_seed(0)
+    draw = _draws(t)
     agree, kl = np.zeros(24), np.zeros(24)
     for _ in range(20):
-        noisy = logits(embed[idx] + std * torch.randn((24, 6, 4), generator=g).double().numpy())
+        noisy = logits(embed[idx] + std * draw((24, 6, 4)).double().numpy())
         agree += noisy.argmax(1) == clean.argmax(1)
         lp = clean - np.log(np.exp(clean).sum(1, keepdims=True))
         lq = noisy - np.log(np.exp(noisy).sum(1, keepdims=True))
@@ -190,7 +198,8 @@ def test_dense_logits_score_every_position_over_the_classes_axis(tmp_path):
     x = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     model = _Net(torch.nn.Conv2d(1, 3, 1))
     probe = NoiseRobustnessMonitor(num_samples=16, num_draws=10, sigma=0.5, kl=True, output_dir=str(tmp_path))
-    trainer(tmp_path, [probe]).validate(model, _loader(x), verbose=False)
+    t = trainer(tmp_path, [probe])
+    t.validate(model, _loader(x), verbose=False)
     data, record = _result(tmp_path)
     w = model.net.weight.detach().double().numpy()[:, 0, 0, 0]
     b = model.net.bias.detach().double().numpy()
@@ -199,10 +208,10 @@ def test_dense_logits_score_every_position_over_the_classes_axis(tmp_path):
         return w[None, :, None] * inputs.reshape(16, 1, 16) + b[None, :, None]
 
     clean = logits(x.double().numpy())
-    g = torch.Generator().manual_seed(0)
+    draw = _draws(t)
     agree, kl = np.zeros(16), np.zeros(16)
     for _ in range(10):
-        noisy = logits((x + 0.5 * torch.randn(x.shape, generator=g)).double().numpy())
+        noisy = logits((x + 0.5 * draw(x.shape)).double().numpy())
         agree += (noisy.argmax(1) == clean.argmax(1)).mean(1)  # per-pixel, averaged over the pixels
         lp = clean - np.log(np.exp(clean).sum(1, keepdims=True))
         lq = noisy - np.log(np.exp(noisy).sum(1, keepdims=True))
@@ -233,14 +242,15 @@ def test_sequence_logits_need_class_dim(tmp_path):
         trainer(tmp_path / "a", [NoiseRobustnessMonitor(output_dir=str(tmp_path / "a"))]).validate(
             model, _loader(x), verbose=False)
     probe = NoiseRobustnessMonitor(num_samples=16, num_draws=8, sigma=0.7, class_dim=-1, output_dir=str(tmp_path))
-    trainer(tmp_path, [probe]).validate(model, _loader(x), verbose=False)
+    t = trainer(tmp_path, [probe])
+    t.validate(model, _loader(x), verbose=False)
     data, _ = _result(tmp_path)
     w, b = model.net.linear.weight.detach().double().numpy(), model.net.linear.bias.detach().double().numpy()
     clean = (x.double().numpy() @ w.T + b).argmax(2)  # (N, T)
-    g = torch.Generator().manual_seed(0)
+    draw = _draws(t)
     agree = np.zeros(16)
     for _ in range(8):
-        noisy = (x + 0.7 * torch.randn(x.shape, generator=g)).double().numpy() @ w.T + b
+        noisy = (x + 0.7 * draw(x.shape)).double().numpy() @ w.T + b
         agree += (noisy.argmax(2) == clean).mean(1)
     np.testing.assert_allclose(data["ratio"], agree / 8, atol=1e-12)
 
@@ -260,15 +270,16 @@ def test_one_logit_binary_predictions_are_the_sign_of_the_logit(tmp_path, flat):
     x = torch.randn(24, 6, generator=torch.Generator().manual_seed(0)) * 0.3
     model = _Net(_OneLogit(flat))
     probe = NoiseRobustnessMonitor(num_samples=24, num_draws=16, sigma=0.5, kl=True, output_dir=str(tmp_path))
-    trainer(tmp_path, [probe]).validate(model, _loader(x, 2), verbose=False)
+    t = trainer(tmp_path, [probe])
+    t.validate(model, _loader(x, 2), verbose=False)
     data, record = _result(tmp_path)
     w, b = model.net.linear.weight.detach().double().numpy()[0], model.net.linear.bias.detach().double().item()
     z = x.double().numpy() @ w + b
-    g = torch.Generator().manual_seed(0)
+    draw = _draws(t)
     agree, kl = np.zeros(24), np.zeros(24)
     p = 1 / (1 + np.exp(-z))
     for _ in range(16):
-        zn = (x + 0.5 * torch.randn(x.shape, generator=g)).double().numpy() @ w + b
+        zn = (x + 0.5 * draw(x.shape)).double().numpy() @ w + b
         agree += (zn > 0) == (z > 0)
         q = 1 / (1 + np.exp(-zn))
         kl += p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
@@ -303,7 +314,7 @@ def test_token_inputs_without_an_embedding_skip_before_the_first_step(tmp_path, 
     with pytest.warns(ProbeSkippedWarning, match=match):
         t.fit(_Net(net()), _loader(ids), _loader(ids))
     records = read(tmp_path / "noise_robustness.jsonl")
-    assert len(records) == 1 and records[0]["skipped"] and records[0]["step"] == 0
+    assert len(records) == 1 and records[0]["probe_status"] == "skipped" and records[0]["step"] == 0
     assert t.global_step == 2 and steps.batches == 2
 
 
