@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Optional
@@ -24,26 +25,6 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigm
 #: Activations with a bounded range, for the saturation share: (low, high).
 BOUNDED = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: (-1.0, 1.0), nn.ReLU6: (0.0, 6.0),
            nn.Softmax: (0.0, 1.0)}
-
-
-@contextmanager
-def no_fastpath() -> Iterator[None]:
-    """Turn off the fused "fast path" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` for the block.
-
-    In ``eval()`` under ``no_grad`` (the analysis) those modules run one fused kernel instead of their submodules,
-    so hooks on their ``linear1``, ``norm1``, ... would never fire, while training calls them. Without the fast
-    path the same submodules are called as in training; the outputs are the same up to rounding.
-    """
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
 
 
 def is_parametrization_part(name: str) -> bool:
@@ -148,14 +129,18 @@ def reduce_features(output: torch.Tensor, max_features: int) -> torch.Tensor:
     return flat[:, :max_features]
 
 
+#: Modules already warned about being called more than once in one forward pass.
+_WARNED_REPEAT: weakref.WeakSet = weakref.WeakSet()
+
+
 class ActivationCapture:
     """Forward hooks that keep ``detach().clone()``d, reduced outputs of chosen modules for one forward pass.
 
-    A module called several times in one forward pass contributes its first call (a warning says so once);
+    A module called several times in one forward pass contributes its first call (a warning says so, once per
+    module);
     a tuple or list output contributes its first tensor; a module whose output holds no tensor raises a
     clear error (`lightning_probes.probe_data.LayerOutputError`, a ``TypeError``), or with ``tolerant`` is
-    left out and named in ``invalid``. While the hooks exist, the fused fast path of attention layers is off
-    (`no_fastpath`), so their submodules are called as in training.
+    left out and named in ``invalid``.
 
     Args:
         modules: ``{name: module}`` to capture, e.g. from `select_modules`.
@@ -186,8 +171,9 @@ class ActivationCapture:
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
             if name in self.outputs:
-                if not self._warned_repeat:
+                if not self._warned_repeat and module not in _WARNED_REPEAT:
                     self._warned_repeat = True
+                    _WARNED_REPEAT.add(module)  # once per module and process, not at every analysis
                     log.warning("Layer %r was called more than once in one forward pass; its first call is used",
                                 name)
                 return
@@ -218,8 +204,7 @@ class ActivationCapture:
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-            with no_fastpath():
-                yield self
+            yield self
         finally:
             for handle in self._handles:
                 handle.remove()

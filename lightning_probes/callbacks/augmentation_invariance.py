@@ -353,7 +353,7 @@ def views_figure(examples: Any) -> Figure:
     rows, cols = len(examples), examples[0].shape[0]
     fig = Figure(figsize=(1.4 * cols, 1.4 * rows))
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.05, hspace=0.05)
-    axes = np.atleast_2d(fig.subplots(rows, cols))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r, views in enumerate(examples):
         for c, view in enumerate(views):
             image = torch.as_tensor(np.asarray(view, dtype=np.float32))

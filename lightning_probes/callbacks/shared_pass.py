@@ -30,14 +30,15 @@ def pass_key(probe: Any) -> tuple:
 
 
 def partners(trainer: pl.Trainer, probe: Any, epoch: int) -> list[Any]:
-    """The probes after ``probe`` in ``trainer.callbacks`` that analyse this ``epoch`` with the same `pass_key`."""
+    """The probes after ``probe`` in ``trainer.callbacks`` that analyse this ``epoch`` with the same `pass_key` and
+    have passed their layer check (a probe waiting for lazy modules runs its own pass after its check)."""
     callbacks = list(trainer.callbacks)
     if probe not in callbacks:
         return []
     key = pass_key(probe)
     later = callbacks[callbacks.index(probe) + 1:]
     return [p for p in later if getattr(p, "shares_pass", False) and not p._skipped and p.active and p.due(epoch)
-            and pass_key(p) == key]
+            and not getattr(p, "_deferred", False) and pass_key(p) == key]  # deferred: its layer check is to come
 
 
 def run_shared_pass(trainer: pl.Trainer, pl_module: pl.LightningModule, probes: list[Any]) -> list[Any]:

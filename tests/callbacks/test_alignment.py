@@ -187,7 +187,9 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"layers": ["net.fc1", "net.relu1"]}, r"nn.Conv2d layers, but `layers` names \{'net.relu1': 'ReLU'\}"),
+    ({"layers": ["net.fc1", "net.relu1"]},
+     r"^AlignmentMonitor: Expected `layers` to name nn.Linear, nn.Conv1d or nn.Conv2d layers .*but got "
+     r"\{'net.relu1': 'ReLU'\}; choose such `layers`"),
     ({"layers": ["net.fc_1"]}, "did you mean 'net.fc1'"),
     ({"max_memory_gb": 1e-6, "layers": ["net.fc1", "net.fc2"]},
      r"above `max_memory_gb`=1e-06 \(`layers` is set.*net.fc1"),
@@ -231,3 +233,81 @@ def test_dict_batches_and_a_compiled_network(tmp_path):
     records = read(tmp_path / "alignment.jsonl")
     assert [r["layer"] for r in records] == ["net.fc1", "net.fc2", "net.fc3", "net.fc4"] * 2
     assert hasattr(model.net, "_orig_mod")  # the compiled module is back in place
+
+
+class Symmetric(nn.Module):
+    """A parametrization that changes every unit's direction: ``W + W^T`` (square weights)."""
+
+    def forward(self, weight):
+        return weight + weight.T
+
+
+def test_parametrized_layers_use_their_effective_weight(tmp_path):
+    """Matrix case spectral_norm: layers wrapped by `torch.nn.utils.parametrizations` (spectral_norm, weight_norm)
+    were left out of the default selection ("has no nn.Linear or nn.Conv2d layer"). They are analysed like plain
+    layers, with the weight their forward uses, computed here by hand from the parametrization's tensors."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), parametrizations.spectral_norm(nn.Linear(64, 16)), nn.ReLU(),
+                        parametrizations.weight_norm(nn.Linear(16, 12), dim=1), nn.ReLU(), nn.Linear(12, 12),
+                        nn.Tanh(), nn.Linear(12, 10))
+    parametrize.register_parametrization(net[5], "weight", Symmetric())
+    with torch.no_grad():  # a per-column gain that is not uniform: the effective rows point elsewhere than `v`'s
+        net[3].parametrizations.weight.original0.copy_(torch.linspace(0.2, 3.0, 16)[None, :])
+    model = Wrapped(net)
+    probe = AlignmentMonitor(num_samples=32, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+    assert list(probe._modules) == ["net.1", "net.3", "net.5", "net.7"]  # none of the parametrizations' modules
+    records = {r["layer"]: r for r in read(tmp_path / "alignment.jsonl") if r["epoch"] == 1}
+    spectral, norm, symmetric = net[1].parametrizations.weight, net[3].parametrizations.weight, \
+        net[5].parametrizations.weight
+    w = spectral.original.detach().double()
+    u, v = spectral[0]._u.double(), spectral[0]._v.double()
+    by_hand = {"net.1": w / (u @ w @ v),  # W / sigma, sigma = u^T W v from the stored power-iteration vectors
+               "net.3": norm.original0.detach().double() * norm.original1.detach().double()
+               / norm.original1.detach().double().norm(dim=0, keepdim=True),  # g_j v_:j / |v_:j|
+               "net.5": symmetric.original.detach().double() + symmetric.original.detach().double().T,
+               "net.7": net[7].weight.detach().double()}
+    inputs = _inputs(model, probe._probe.inputs(), list(by_hand))
+    for name, weight in by_hand.items():
+        x = inputs[name].reshape(len(inputs[name]), -1).numpy()
+        cov = np.cov(x, rowvar=False)
+        w = weight.numpy()
+        expected = np.einsum("ud,de,ue->u", w, cov, w) / ((w**2).sum(1) * np.trace(cov))
+        np.testing.assert_allclose(records[name]["alignment"], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+    raw = norm.original1.detach().double().numpy()  # the stored direction `v` would give other numbers
+    x = inputs["net.3"].numpy()
+    cov = np.cov(x, rowvar=False)
+    assert not np.allclose(records["net.3"]["alignment"],
+                           np.einsum("ud,de,ue->u", raw, cov, raw) / ((raw**2).sum(1) * np.trace(cov)), rtol=1e-3)
+
+
+def test_conv1d_layers(tmp_path):
+    """Matrix case conv1d ("not enough values to unpack"): Conv1d layers are analysed, each filter against the
+    covariance of its receptive-field patches, here unfolded by `F.unfold` on inputs of height 1."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(), nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2),
+                        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(6, 10))
+    model = Wrapped(net)
+    data = RandomDataModule(shape=(1, 64))
+    probe = AlignmentMonitor(num_samples=32, output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=1).fit(model, data)
+    assert list(probe._modules) == ["net.0", "net.2", "net.6"]
+    records = {r["layer"]: r for r in read(tmp_path / "alignment.jsonl") if r["epoch"] == 1}
+    inputs = _inputs(model, probe._probe.inputs(), ["net.0", "net.2"])
+    for name in ("net.0", "net.2"):
+        conv = dict(model.named_modules())[name]
+        patches = nn.functional.unfold(inputs[name].unsqueeze(2), (1, conv.kernel_size[0]),
+                                       dilation=(1, conv.dilation[0]), padding=(0, conv.padding[0]),
+                                       stride=(1, conv.stride[0]))  # (N, C * k, L_out)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1]).numpy()
+        per = rows.shape[1] // conv.groups
+        w = conv.weight.detach().double().reshape(conv.out_channels, -1).numpy()
+        expected = []
+        for g in range(conv.groups):
+            cov = np.cov(rows[:, g * per:(g + 1) * per], rowvar=False)
+            units = w[g * (len(w) // conv.groups):(g + 1) * (len(w) // conv.groups)]
+            expected.extend(np.einsum("ud,de,ue->u", units, cov, units) / ((units**2).sum(1) * np.trace(cov)))
+        np.testing.assert_allclose(records[name]["alignment"], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert records[name]["features"] == conv.in_channels // conv.groups * conv.kernel_size[0]

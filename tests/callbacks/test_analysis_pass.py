@@ -68,8 +68,11 @@ def test_forward_fn_runs_a_model_with_two_inputs(tmp_path):
 
 @pytest.mark.parametrize("cls", [LayerCorrelationMonitor, ActivationStatsMonitor])
 def test_default_forward_on_a_two_input_model_names_forward_fn(tmp_path, cls):
-    with pytest.raises(TypeError, match="cannot be called with one input tensor.*`forward_fn=`"):
-        _fit(tmp_path, TinyLM(), [cls(num_samples=8, output_dir=str(tmp_path))])
+    model = TinyLM()
+    with pytest.raises(ProbeConfigurationError, match=f"^{cls.__name__}: .*cannot be called with one input tensor"
+                                                      ".*`forward_fn=`"):
+        _fit(tmp_path, model, [cls(num_samples=8, output_dir=str(tmp_path))])
+    assert model.trainer.global_step == 0  # the pre-flight's forward found it
 
 
 class DictData(pl.LightningDataModule):
@@ -122,7 +125,7 @@ def test_dict_batches_with_input_and_target_keys(tmp_path):
 
 def test_dict_batch_without_input_key_is_a_clear_error(tmp_path):
     probe = ActivationStatsMonitor(num_samples=8, output_dir=str(tmp_path))
-    with pytest.raises(TypeError, match="pass `input_key=`.*`forward_fn=`"):
+    with pytest.raises(ProbeConfigurationError, match="^ActivationStatsMonitor: .*pass `input_key=`.*`forward_fn=`"):
         _fit(tmp_path, DictMLP(hidden=(16, 12, 8), input_size=8), [probe], DictData())
 
 
@@ -292,3 +295,60 @@ def test_analysis_keeps_each_module_mode_and_the_random_stream(tmp_path):
              RandomDataModule(), max_epochs=2)
     assert seen[:2] == seen[2:]
     assert modes == [(True, False, True)] * 4
+
+
+class LazyLayers(pl.LightningModule):
+    """``nn.LazyLinear`` layers (shaped by the first forward) and dropout (the random stream matters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.LazyLinear(10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lazy_modules_are_read_once_built_and_training_is_unchanged(tmp_path):
+    """Matrix case lazy_modules: the layer check's forward at the start initialised the lazy layers from the
+    probes' forked random state, so training started from other weights than without probes. Now the layer check
+    and the epoch-0 analysis wait for the first optimiser step: the weights are those training built, untrained."""
+    from lightning_probes import AlignmentMonitor
+
+    untrained = {}
+
+    class Untrained(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            untrained.setdefault("net", {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    weights = []
+    for probes in ([], [ActivationStatsMonitor(num_samples=16, output_dir=str(tmp_path)),
+                        LayerCorrelationMonitor(num_samples=16, output_dir=str(tmp_path)),
+                        AlignmentMonitor(num_samples=16, output_dir=str(tmp_path))]):
+        pl.seed_everything(0)
+        model = LazyLayers()
+        _fit(tmp_path, model, [Untrained(), *probes], RandomDataModule(), max_epochs=2)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    stats = [r for r in read(tmp_path / "activation_stats.jsonl") if r["epoch"] == 0]
+    assert [(r["layer"], r["step"]) for r in stats] == [("net.2", 0), ("net.4", 0)]
+    reference = LazyLayers()
+    reference(torch.zeros(1, 64))  # shape the lazy layers, then load the untrained weights
+    reference.load_state_dict(untrained["net"])
+    reference.eval()
+    inputs = probes[0]._probe.inputs()
+    with torch.no_grad():
+        hidden = reference.net[2](reference.net[1](reference.net[0](inputs))).double().numpy()
+    assert stats[0]["mean"] == pytest.approx(hidden.mean(), rel=1e-6)
+    assert stats[0]["dead_units"] == int((hidden == 0).all(axis=0).sum())
+    assert {r["layer"] for r in read(tmp_path / "alignment.jsonl")} == {"net.1", "net.4"}

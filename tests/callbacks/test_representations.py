@@ -1,10 +1,14 @@
+import warnings
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_probes import ActivationStatsMonitor, AugmentationInvarianceMonitor, LayerCorrelationMonitor
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.representations import linear_cka
+from lightning_probes.models import MLP
 from tests.conftest import CaptureLogger
 from tests.helpers import RandomDataModule, read, small_mlp, trainer
 
@@ -155,15 +159,23 @@ def test_layer_without_tensor_output(tmp_path):
     model.net.add_module("nothing", NoneLayer())
     model.net.fc1.register_forward_hook(lambda m, a, o: (model.net.nothing(o), o)[1])
     probe = ActivationStatsMonitor(layers=["net.nothing"], num_samples=8)
-    with pytest.raises(TypeError, match="'net.nothing' .* holds no tensor"):
+    with pytest.raises(ProbeConfigurationError, match=r"^ActivationStatsMonitor: Expected `layers` .*\['net.nothing'\] "
+                       r"the layer\(s\) \{'net.nothing': 'NoneType'\} gave no tensor"):
         trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+    assert model.trainer.global_step == 0
+    # With the default selection such a module is left out, and the others are analysed.
+    probe = ActivationStatsMonitor(num_samples=8, output_dir=str(tmp_path / "default"))
+    model.net.nothing.weight = torch.nn.Parameter(torch.zeros(1))  # a leaf with parameters: selected by default
+    trainer(tmp_path, [probe], max_epochs=1).fit(model, RandomDataModule())
+    assert "net.nothing" not in probe._modules and read(tmp_path / "default" / "activation_stats.jsonl")
 
 
 def test_too_small_probe_set(tmp_path):
     probe = LayerCorrelationMonitor(layers=["net.fc1"], cka="minibatch_unbiased", batch_size=4)
     data = RandomDataModule(n=3, batch_size=3)
     data.val_dataloader = lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x[:3], data.y[:3]))
-    with pytest.raises(ValueError, match="needs at least 4 probe samples"):
+    with pytest.warns(UserWarning, match="LayerCorrelationMonitor 'layer_correlation' is skipped for this run: it "
+                                         "needs at least 4 probe samples, but the validation data gave 3"):
         trainer(tmp_path, [probe], max_epochs=1).fit(small_mlp(), data)
 
 
@@ -194,9 +206,10 @@ def test_real_datamodule_augmentation_is_used(tmp_path, tiny_data):
 
 def test_no_validation_data_skips_with_a_warning(tmp_path):
     probe = ActivationStatsMonitor(output_dir=str(tmp_path))
-    with pytest.warns(UserWarning, match="ActivationStatsMonitor is skipped for this run: it needs validation data"):
+    with pytest.warns(UserWarning, match="ActivationStatsMonitor 'activation_stats' is skipped for this run: it "
+                                         "analyses validation samples, but `limit_val_batches=0`"):
         trainer(tmp_path, [probe], max_epochs=2, limit_val_batches=0).fit(small_mlp(), RandomDataModule())
-    assert not (tmp_path / "activation_stats.jsonl").exists()
+    assert [r.get("probe_status") for r in read(tmp_path / "activation_stats.jsonl")] == ["skipped"]
 
 
 def test_compiled_network_is_captured_by_clean_names(tmp_path):
@@ -250,3 +263,139 @@ def test_figures_follow_plot_every_n_epochs_and_heatmaps_go_to_the_logger_every_
 def test_plot_every_n_epochs_is_checked():
     with pytest.raises(ValueError, match="plot_every_n_epochs"):
         ActivationStatsMonitor(plot_every_n_epochs=-1)
+
+
+# -- pre-flight, edge cases and reuse (issue 30: no probe ever breaks the run it watches) -----------------------
+class Net(pl.LightningModule):
+    """Any network as a classifier of ``RandomDataModule`` batches (cross-entropy, SGD)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.validation_batches = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.validation_batches += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class OneTensor(torch.nn.Module):
+    """A model that is one parameter tensor applied functionally (no Linear, no activation module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 10) * 0.1)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight
+
+
+def _skip_warnings(caught):
+    from lightning_probes.callbacks.guard import ProbeSkippedWarning
+
+    return [str(w.message) for w in caught if issubclass(w.category, ProbeSkippedWarning)]
+
+
+def test_default_selection_with_nothing_to_analyse_is_skipped_with_one_warning(tmp_path):
+    """Matrix case one_big_tensor: AlignmentMonitor refused the run ("has no nn.Linear or nn.Conv2d layer"); its
+    default has nothing to analyse there, so it is skipped with one warning and a skip record, and training goes
+    on. The other probes read the one parametrised module's output."""
+    from lightning_probes import AlignmentMonitor
+
+    probes = [AlignmentMonitor(output_dir=str(tmp_path)), LayerCorrelationMonitor(output_dir=str(tmp_path)),
+              ActivationStatsMonitor(output_dir=str(tmp_path))]
+    model = Net(OneTensor())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, probes, max_epochs=1).fit(model, RandomDataModule())
+    assert model.trainer.global_step > 0
+    skips = _skip_warnings(caught)
+    assert len(skips) == 1 and skips[0].startswith("AlignmentMonitor 'alignment' is skipped for this run: Net has no "
+                                                    "nn.Linear, nn.Conv1d or nn.Conv2d layer")
+    assert [r.get("probe_status") for r in read(tmp_path / "alignment.jsonl")] == ["skipped"]
+    assert probes[0].skipped is not None and not probes[0].active
+    assert {r["layer_a"] for r in read(tmp_path / "layer_correlation.jsonl")} == {"net"}
+    assert {r["layer"] for r in read(tmp_path / "activation_stats.jsonl")} == {"net"}
+
+
+def test_named_layers_that_cannot_work_are_refused_before_any_batch(tmp_path):
+    """The layer check runs at the pre-flight, before the sanity check and step 0 (it used to run at the first
+    analysis, after the sanity validation), with one error naming the probe, `layers`, the value and the fix."""
+    model = small_mlp()
+    model.net.add_module("unused", torch.nn.Linear(8, 8))
+    probe = LayerCorrelationMonitor(layers=["net.fc1", "net.unused"], num_samples=8)
+    net = Net(model.net)
+    with pytest.raises(ProbeConfigurationError, match=r"^LayerCorrelationMonitor: Expected `layers` to name modules "
+                       r"that the forward pass of Net calls .*\['net.fc1', 'net.unused'\].*\['net.unused'\] produced "
+                       r"no output.*choose `layers`"):
+        trainer(tmp_path, [probe], max_epochs=1, num_sanity_val_steps=2).fit(net, RandomDataModule())
+    assert net.validation_batches == 0 and net.trainer.global_step == 0
+
+
+def test_one_analysable_layer_draws_its_figures_and_plot_redraws_them(tmp_path):
+    """Matrix cases one_big_tensor, spectral_norm, BoringModel: one layer trained, then LayerCorrelationMonitor
+    raised at on_fit_end in `line_panels` ("Number of rows must be a positive integer, not 0"). Every probe draws
+    what exists; `figures_from_files` (``lightning-probes plot``) too."""
+    from lightning_probes import AlignmentMonitor
+    from lightning_probes.plotting import line_panels
+
+    common = dict(layers=["net.fc1"], output_dir=str(tmp_path))
+    probes = [LayerCorrelationMonitor(num_samples=16, **common), ActivationStatsMonitor(num_samples=16, **common),
+              AlignmentMonitor(num_samples=16, **common),
+              AugmentationInvarianceMonitor(num_images=2, num_views=4, matrix_views=4, **common)]
+    trainer(tmp_path, probes, max_epochs=2).fit(small_mlp(), RandomDataModule())
+    for probe in probes:
+        specs = type(probe).figures_from_files(str(tmp_path), probe.name, {})
+        assert specs, probe.name
+        for filename, _, draw in specs:
+            assert (tmp_path / probe.name / filename).stat().st_size > 1000, filename
+            draw()
+    assert (tmp_path / "layer_correlation" / "corr_means.png").exists()
+    assert len(line_panels([0, 1], {}, "epoch", "nothing").axes) == 1
+
+
+def test_one_validation_sample(tmp_path):
+    """Matrix case one_val_sample ("Expected at least 2 samples for an effective rank"): the statistics of one
+    sample are defined (the effective rank is null), the covariance-based probes are skipped with one warning."""
+    data = RandomDataModule()
+    data.val_dataloader = lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x[:1], data.y[:1]))
+    probes = [ActivationStatsMonitor(output_dir=str(tmp_path)), LayerCorrelationMonitor(output_dir=str(tmp_path))]
+    model = small_mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, probes, max_epochs=1).fit(model, data)
+    records = read(tmp_path / "activation_stats.jsonl")
+    assert records and all(r["effective_rank"] is None for r in records)
+    feats = _features(model, probes[0]._probe.inputs(), ["net.relu1"])["net.relu1"].numpy()
+    first = next(r for r in records if r["layer"] == "net.relu1" and r["epoch"] == 1)
+    assert first["mean"] == pytest.approx(feats.mean(), rel=1e-6, abs=1e-7)
+    assert first["dead_units"] == int((feats == 0).all(axis=0).sum())
+    assert _skip_warnings(caught) == ["LayerCorrelationMonitor 'layer_correlation' is skipped for this run: it needs "
+                                      "at least 2 probe samples, but the validation data gave 1; give it more "
+                                      "validation samples"]
+
+
+def test_a_second_fit_with_the_same_probe_instances_starts_clean(tmp_path):
+    """Reused probes: the second fit reads the new model's layers and the new validation data (the augmented
+    views came from the first run's images), and its history starts at epoch 0 again."""
+    probes = [LayerCorrelationMonitor(num_samples=16),
+              AugmentationInvarianceMonitor(transform=lambda x: x, num_images=2, num_views=3, matrix_views=3)]
+    trainer(tmp_path / "a", probes, max_epochs=1).fit(small_mlp(), RandomDataModule(seed=0))
+    second = MLP(hidden=(6, 5, 4), input_size=8)
+    data = RandomDataModule(seed=1)
+    trainer(tmp_path / "b", probes, max_epochs=1).fit(second, data)
+    assert probes[0].history["epochs"] == [0, 1]
+    assert probes[0]._widths == {"net.relu1": 6, "net.relu2": 5, "net.relu3": 4, "net.fc4": 10}
+    assert set(probes[0]._modules) == {"net.relu1", "net.relu2", "net.relu3", "net.fc4"}
+    records = read(tmp_path / "b" / "probes" / "layer_correlation.jsonl")
+    assert {r["layer_a"] for r in records} == set(probes[0]._modules)
+    view = probes[1]._images[0]()  # the identity transform: one of the new validation images itself
+    assert any(torch.equal(view, x) for x in data.x[:32])

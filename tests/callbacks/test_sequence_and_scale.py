@@ -219,11 +219,28 @@ def test_resnet50_at_defaults(tmp_path):
     assert sum(probes[0]._widths.values()) ** 2 * 32 <= 0.2e9
 
 
-def test_augmentation_invariance_refuses_token_inputs_with_one_error(tmp_path):
-    """Token ids cannot be augmented as images: one configuration error naming the probe and the fix, at the first
-    analysis (before any training step), not a bare TypeError from torchvision."""
+def test_augmentation_invariance_skips_token_inputs_at_its_default(tmp_path):
+    """Token ids cannot be augmented as images: at the default augmentation the probe is skipped before any
+    training step with one warning naming the fix (it used to refuse the run), and training goes on."""
     probe = lp.AugmentationInvarianceMonitor(forward_fn=_forward, output_dir=str(tmp_path / "probes"))
     model = SequenceModel()
-    with pytest.raises(ProbeConfigurationError, match="AugmentationInvarianceMonitor augments images.*`transform`"):
+    with pytest.warns(UserWarning, match="AugmentationInvarianceMonitor 'augmentation_invariance' is skipped for this "
+                                         "run: its default augmentation .* is for images .* torch.int64 .*`transform`"):
+        trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(model, _tokens(16, 0), _tokens(32, 1))
+    assert model.trainer.global_step == 1
+    assert [r.get("probe_status") for r in read(tmp_path / "probes" / "augmentation_invariance.jsonl")] == ["skipped"]
+
+
+def test_augmentation_invariance_refuses_an_explicit_transform_that_cannot_work(tmp_path):
+    """An explicit `transform` that fails on the probe inputs is the user's request: one error naming it, before
+    any training step."""
+    from torchvision.transforms import v2
+
+    probe = lp.AugmentationInvarianceMonitor(transform=v2.RandomAffine(degrees=10), forward_fn=_forward,
+                                             output_dir=str(tmp_path / "probes"))
+    model = SequenceModel()
+    with pytest.raises(ProbeConfigurationError, match=r"^AugmentationInvarianceMonitor: Expected `transform` to turn "
+                       r"one probe input \(torch.int64, shape \(16,\)\) into a view the model takes, but "
+                       r"`transform`=RandomAffine.* failed: .*; pass a transform for these inputs"):
         trainer(tmp_path, [probe], max_epochs=1, limit_train_batches=1).fit(model, _tokens(16, 0), _tokens(32, 1))
     assert model.trainer.global_step == 0

@@ -222,9 +222,47 @@ def test_covariance_blocks_per_group():
     (lambda: AlignmentAccumulator(0), "num_features"),
     (lambda: AlignmentAccumulator(3).update(torch.randn(4, 2)), r"\(n, 3\)"),
     (lambda: AlignmentAccumulator(3).covariance(), "at least 2"),
-    (lambda: AlignmentAccumulator.for_layer(nn.ReLU()), "nn.Linear and nn.Conv2d"),
+    (lambda: AlignmentAccumulator.for_layer(nn.ReLU()), "nn.Linear, nn.Conv1d and nn.Conv2d"),
+    (lambda: AlignmentAccumulator.for_layer(nn.Conv3d(2, 2, 3)), "nn.Linear, nn.Conv1d and nn.Conv2d"),
     (lambda: layer_rows(nn.Linear(3, 2), torch.randn(4, 5)), r"\(\.\.\., 3\)"),
+    (lambda: layer_rows(nn.Conv1d(3, 2, 2), torch.randn(4, 5, 7)), r"\(N, 3, L\)"),
 ])
 def test_bad_inputs_are_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(3, 4, 5, stride=2, padding=2),
+    nn.Conv1d(4, 6, 3, dilation=2, groups=2, padding_mode="circular", padding=2),
+    nn.Conv1d(3, 2, 4, padding="same", bias=False),
+])
+def test_conv1d_rows_and_alignment_by_hand(conv):
+    """A Conv1d (the matrix case conv1d: "not enough values to unpack" before) is read as its patches: the rows
+    times the flattened weight give the convolution, and the alignment is NumPy's on those patches."""
+    torch.manual_seed(0)
+    x = torch.randn(6, conv.in_channels, 11, dtype=torch.float64)
+    conv = conv.double()
+    rows = layer_rows(conv, x)
+    weight = conv.weight.detach()
+    out = conv(x).detach() - (0 if conv.bias is None else conv.bias.detach()[None, :, None])
+    groups, per = conv.groups, conv.in_channels // conv.groups
+    k = conv.kernel_size[0]
+    length = out.shape[-1]
+    for g in range(groups):  # group g's filters see its channels' patches: columns g*per*k ... (g+1)*per*k
+        block = rows[:, g * per * k:(g + 1) * per * k]
+        units = weight[g * (conv.out_channels // groups):(g + 1) * (conv.out_channels // groups)].reshape(-1, per * k)
+        mine = (block @ units.T).reshape(6, length, -1).permute(0, 2, 1)
+        torch.testing.assert_close(mine, out[:, g * units.shape[0]:(g + 1) * units.shape[0]])
+    accumulator = AlignmentAccumulator.for_layer(conv)
+    accumulator.update_layer(conv, x[:4])
+    accumulator.update_layer(conv, x[4:])
+    got = accumulator.compute(weight).numpy()
+    expected = []
+    for g in range(groups):
+        patches = rows[:, g * per * k:(g + 1) * per * k].numpy()
+        cov = np.cov(patches, rowvar=False)
+        units = weight[g * (conv.out_channels // groups):(g + 1) * (conv.out_channels // groups)].reshape(-1, per * k)
+        w = units.numpy()
+        expected.extend(np.einsum("ud,de,ue->u", w, cov, w) / ((w**2).sum(1) * np.trace(cov)))
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
