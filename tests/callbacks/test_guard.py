@@ -176,3 +176,30 @@ def test_a_failure_on_one_rank_disables_the_probe_on_every_rank_without_a_hang(t
     assert [r["stage"] for r in confidence[:-1]] == ["val"]  # epoch 0's validation, before the failure
     noise = read(tmp_path / "noise_robustness.jsonl")
     assert [r.get("disabled", False) for r in noise] == [False, True]
+
+
+def test_a_real_probe_disabled_mid_run_keeps_its_history_and_plot_redraws_it(tmp_path):
+    from lightning_probes import LayerCorrelationMonitor
+    from lightning_probes.commands.plot import plot
+
+    probe = LayerCorrelationMonitor(num_samples=32, plot_every_n_epochs=0, on_error="warn")
+    analyse = probe.analyse_layers
+
+    def breaks_at_epoch_two(trainer, pl_module, epoch):
+        if epoch == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return analyse(trainer, pl_module, epoch)
+
+    probe.analyse_layers = breaks_at_epoch_two
+    t = trainer(tmp_path, [probe], max_epochs=3)
+    with pytest.warns(ProbeDisabledWarning, match="LayerCorrelationMonitor 'layer_correlation' raised in "
+                                                  "`on_train_epoch_end`.*out of memory"):
+        t.fit(small_mlp(), RandomDataModule(n=96, batch_size=16))
+    assert t.global_step == 18
+    records = read(tmp_path / "probes" / "layer_correlation.jsonl")
+    assert records[-1]["probe_status"] == "disabled" and records[-1]["epoch"] == 1  # labelled by the Trainer's epoch
+    assert {r["epoch"] for r in records[:-1]} == {0, 1}  # the analyses before the failure are kept
+    table = read_probes(tmp_path, "layer_correlation")
+    assert list(table["probe_status"].dropna()) == ["disabled"]
+    drawn = plot(str(tmp_path), str(tmp_path / "figures"), progress=False)  # the disable record is left out
+    assert any(path.endswith("corr_means.png") for path in drawn)
