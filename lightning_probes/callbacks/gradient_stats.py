@@ -50,7 +50,9 @@ class GradientStatsMonitor(ParameterProbe):
     It also accumulates the mean and std of ``|g|`` per layer, pooled over all entries of the first ``window``
     optimiser steps of training and of the last ``window`` steps of the final epoch, and at the end of fit
     writes them to ``<name>/gradient_flow.json`` and draws them as ``<name>/gradient_flow.png`` (and a
-    TensorBoard image ``<name>/gradient_flow``).
+    TensorBoard image ``<name>/gradient_flow``). Where the epoch's length is unknown (an iterable dataset without
+    ``limit_train_batches``), every step of the epoch is summarised into a ring of the last ``window`` steps (per
+    optimiser, on the device, no host synchronisation), which gives the last window at the epoch's end.
 
     Headline metrics for ``EarlyStopping``/``ModelCheckpoint`` (``trainer.callback_metrics``, at every train
     epoch end, on every rank): ``<name>/nonfinite_epoch``, the non-finite gradient entries seen on the logged
@@ -117,6 +119,8 @@ class GradientStatsMonitor(ParameterProbe):
         self._last_window: Optional[torch.Tensor] = None
         # Per (tracked indices, device): the index and entry-count tensors of `_accumulate_windows`.
         self._window_index: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Epochs of unknown length (an iterable dataset): per optimizer, the rows of its last `window` steps.
+        self._rings: dict[int, torch.Tensor] = {}
         self._batch_idx = 0
         self._warned_nonfinite = False
         # Headline metrics (global rank 0), see `on_train_epoch_end`: (epoch, non-finite entries counted in it).
@@ -158,7 +162,7 @@ class GradientStatsMonitor(ParameterProbe):
         """Forget the previous run: windows, headline values, caches (a resumed fit restores its state after)."""
         super().reset_run()
         self._first_window = self._last_window = None
-        self._window_index, self._owned = {}, {}
+        self._window_index, self._owned, self._rings = {}, {}, {}
         self._batch_idx = 0
         self._warned_nonfinite = False
         self._nonfinite_count = (-1, 0)
@@ -176,6 +180,7 @@ class GradientStatsMonitor(ParameterProbe):
         super()._select(pl_module, trainable)
         self._window_index = {}
         self._owned = {}
+        self._rings = {}
 
     def _windows_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The first/last window sums, ``(P, 3)`` float64 on ``device``: allocated at the first use, restored
@@ -195,6 +200,7 @@ class GradientStatsMonitor(ParameterProbe):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_window is not None and self._steps_left_in_epoch(trainer, 0) >= self.window:
             self._last_window.zero_()  # a fresh epoch (not a mid-epoch resume) starts a fresh last window
+        self._rings = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -208,7 +214,8 @@ class GradientStatsMonitor(ParameterProbe):
             per_epoch = math.ceil(trainer.num_training_batches / accumulate)
             left = per_epoch - 1 - batch_idx // accumulate
         if trainer.max_steps and trainer.max_steps > 0:
-            left = min(left, trainer.max_steps - 1 - trainer.global_step)
+            # Several optimizers (manual optimisation) step in turn, and `global_step` counts every one of their steps.
+            left = min(left, (trainer.max_steps - 1 - trainer.global_step) // max(1, len(trainer.optimizers)))
         return left
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -220,9 +227,12 @@ class GradientStatsMonitor(ParameterProbe):
         count = self._next_step(opt_index)
         log_now = count % self.every_n_steps == 0
         in_first = count < self.window
-        in_last = self._steps_left_in_epoch(trainer, self._batch_idx) < self.window
+        left = self._steps_left_in_epoch(trainer, self._batch_idx)
+        in_last = left < self.window
+        # The epoch's length is unknown (an iterable dataset): every step may be among its last `window`.
+        ring = count % self.window if left == math.inf else None
         histogram = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
-        if not (log_now or in_first or in_last or histogram):
+        if not (log_now or in_first or in_last or ring is not None or histogram):
             return
         tracked = [i for i in tracked if self._params[i].grad is not None]
         if not tracked:
@@ -233,8 +243,8 @@ class GradientStatsMonitor(ParameterProbe):
         inverse = self.loss_scale_inverse(trainer, optimizer)
         if inverse is not None:  # still scaled by the AMP GradScaler (fused optimizer): every column is linear
             summary = summary.double() * inverse
-        if in_first or in_last:
-            self._accumulate_windows(tracked, sizes, summary, in_first, in_last)
+        if in_first or in_last or ring is not None:
+            self._accumulate_windows(tracked, sizes, summary, in_first, in_last, (opt_index, ring))
         if log_now:
             self._log_step(trainer, opt_index, tracked, grads, sizes, summary)
         if histogram:
@@ -267,7 +277,9 @@ class GradientStatsMonitor(ParameterProbe):
         return self._owned[key]
 
     def _accumulate_windows(self, tracked: list[int], sizes: list[int], summary: torch.Tensor,
-                            in_first: bool, in_last: bool) -> None:
+                            in_first: bool, in_last: bool, ring: tuple[int, Optional[int]] = (0, None)) -> None:
+        """Add a step's rows to the first/last windows, or (``ring``: ``(optimizer, slot)``, an epoch of unknown
+        length) put them in slot ``slot`` of the optimizer's ring of its last ``window`` steps."""
         first, last = self._windows_on(summary.device)
         key = (tuple(tracked), summary.device)
         if key not in self._window_index:
@@ -281,6 +293,17 @@ class GradientStatsMonitor(ParameterProbe):
             first.index_add_(0, index, rows)
         if in_last:
             last.index_add_(0, index, rows)
+        optimizer, slot = ring
+        if slot is not None:
+            if optimizer not in self._rings:
+                self._rings[optimizer] = torch.zeros(self.window, *first.shape, dtype=first.dtype, device=first.device)
+            self._rings[optimizer][slot].zero_().index_add_(0, index, rows)
+
+    def _fold_rings(self) -> None:
+        """An epoch of unknown length: its last window is what the rings hold (the last ``window`` steps of each
+        optimizer)."""
+        if self._rings and self._last_window is not None:
+            self._last_window.copy_(sum(r.sum(dim=0) for r in self._rings.values()))
 
     def _log_step(self, trainer: pl.Trainer, opt_index: int, tracked: list[int], grads: list[torch.Tensor],
                   sizes: list[int], summary: torch.Tensor) -> None:
@@ -335,6 +358,7 @@ class GradientStatsMonitor(ParameterProbe):
                     add_histogram(f"{self.name}/histogram/{self._names[i]}", values.cpu(), trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fold_rings()
         # Every rank calls `publish` (rank 0's values are broadcast): only rank 0 computes the statistics.
         epoch, seen = self._nonfinite_count
         metrics = {f"{self.name}/nonfinite_epoch": seen if epoch == trainer.current_epoch else 0,
@@ -344,6 +368,7 @@ class GradientStatsMonitor(ParameterProbe):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._first_window is None:
             return
+        self._fold_rings()
         windows = {}
         for label, acc in (("first", self._first_window), ("last", self._last_window)):
             acc = acc.cpu()

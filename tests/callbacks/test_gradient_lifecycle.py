@@ -150,7 +150,7 @@ def test_a_model_without_trainable_parameters_skips_the_default_probe(tmp_path):
     probe = GradientStatsMonitor(output_dir=str(tmp_path))
     with pytest.warns(ProbeSkippedWarning, match="no trainable parameter"):
         trainer(tmp_path, [probe], max_steps=2).fit(model, RandomDataModule())
-    assert [r["skipped"] for r in read(tmp_path / "gradient_stats.jsonl")] == [True]
+    assert [r["probe_status"] for r in read(tmp_path / "gradient_stats.jsonl")] == ["skipped"]
 
 
 # -- the same instances in a second fit --------------------------------------------------------------
@@ -226,9 +226,10 @@ def test_a_post_hook_failure_disables_the_probe_and_training_goes_on(tmp_path, m
     assert len(disabled) == 1 and "post-hook boom" in str(disabled[0].message)
     assert "optimizer step post-hook" in str(disabled[0].message)
     records = read(tmp_path / "gradient_dynamics.jsonl")
-    assert records[-1]["disabled"] is True and records[-1]["hook"].startswith("optimizer step post-hook")
+    assert records[-1]["probe_status"] == "disabled"
+    assert records[-1]["hook"].startswith("optimizer step post-hook")
     assert records[-1]["step"] == 1
-    assert {r["step"] for r in records if not r.get("disabled")} == {0}
+    assert {r["step"] for r in records if "probe_status" not in r} == {0}
     assert calls == [0, 1]  # a disabled probe does nothing more in its hook
     assert watch.hooks_after_disable == 1  # left in place (torch iterates over them), inert
     assert probe._hooks == [] and t.optimizers[0]._optimizer_step_post_hooks == {}  # removed at teardown
@@ -266,3 +267,49 @@ def test_disabling_in_a_lightning_hook_removes_the_post_hooks(tmp_path, monkeypa
         trainer(tmp_path, [probe, Watch()], max_steps=4).fit(
             Net(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), RandomDataModule())
     assert seen == [(False, 1), (True, 0), (True, 0), (True, 0)]  # removed at once, by `on_disable`
+
+
+# -- epochs of unknown length ------------------------------------------------------------------------
+class _Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset (no ``len``): 5 batches of 16 per epoch."""
+
+    def __init__(self):
+        self.data = RandomDataModule(n=80)
+
+    def __iter__(self):
+        yield from zip(self.data.x, self.data.y)
+
+
+def test_last_window_of_an_epoch_of_unknown_length(tmp_path):
+    import json
+
+    stats = GradientStatsMonitor(every_n_steps=50, window=3, output_dir=str(tmp_path))
+    recorder = GradRecorder()
+    model = Net(nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10)))
+    trainer(tmp_path, [recorder, stats], max_epochs=2).fit(
+        model, torch.utils.data.DataLoader(_Stream(), batch_size=16))
+    assert [s["step"] for s in recorder.steps] == list(range(10))
+    flow = json.loads((tmp_path / "gradient_stats" / "gradient_flow.json").read_text())
+    steps = recorder.by_step()
+    for label, window_steps in (("first", [0, 1, 2]), ("last", [7, 8, 9])):  # the last 3 steps of epoch 2
+        for i, layer in enumerate(flow["layers"]):
+            pooled = np.concatenate([np.abs(steps[s]["grads"][layer].numpy().ravel()) for s in window_steps])
+            assert flow[label]["mean"][i] == pytest.approx(pooled.mean(), rel=1e-5), (label, layer)
+            assert flow[label]["std"][i] == pytest.approx(pooled.std(), rel=1e-4, abs=1e-10), (label, layer)
+
+
+def test_last_window_with_two_optimizers_and_max_steps(tmp_path):
+    import json
+
+    from tests.callbacks.test_gradient_stats import _TwoOptimizers
+
+    recorder = GradRecorder()
+    stats = GradientStatsMonitor(every_n_steps=50, window=2, output_dir=str(tmp_path))
+    trainer(tmp_path, [recorder, stats], max_steps=8, limit_val_batches=0).fit(_TwoOptimizers(), RandomDataModule())
+    assert [s["step"] for s in recorder.steps] == list(range(8))  # 4 batches, the two optimizers in turn
+    flow = json.loads((tmp_path / "gradient_stats" / "gradient_flow.json").read_text())
+    steps = recorder.by_step()
+    for i, layer in enumerate(flow["layers"]):
+        last = [4, 6] if layer.startswith("a.") else [5, 7]  # each optimizer's last 2 steps
+        pooled = np.concatenate([np.abs(steps[s]["grads"][layer].numpy().ravel()) for s in last])
+        assert flow["last"]["mean"][i] == pytest.approx(pooled.mean(), rel=1e-5), layer
