@@ -257,7 +257,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
             problem = self._layout_problem(logits)
             if problem is not None:
                 raise ProbeInputError(f"{type(self).__name__}: {problem}")
-            clean = class_scores(logits.double(), self._class_dim(logits))  # (n, C, P)
+            clean = self._scores(logits)  # (n, C, P)
             clean_pred = clean.argmax(dim=1)  # (n, P)
             agree = torch.zeros(len(x), dtype=torch.float64, device=clean.device)
             kl = torch.zeros_like(agree)
@@ -268,7 +268,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
                 else:
                     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                     noisy_out = fn(pl_module, x + self.sigma * noise)
-                noisy = class_scores(noisy_out.double(), self._class_dim(noisy_out))
+                noisy = self._scores(noisy_out)
                 if noisy.shape != clean.shape:
                     raise ProbeInputError(f"{type(self).__name__}: the logits of the noisy inputs have shape "
                                           f"{tuple(noisy_out.shape)}, but those of the clean inputs "
@@ -290,9 +290,13 @@ class NoiseRobustnessMonitor(AnalysisProbe):
                                extra={"noise_space": space, "noise_std": noise_std})
         return {f"{self.name}/stability_ratio_mean": summary["stability_ratio_mean"]}
 
-    def _class_dim(self, logits: torch.Tensor) -> int:
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(n, C, P)`` class scores (`class_scores`), half precision widened to float32 (no float64 copy of
+        dense logits: `kl_per_position` widens per draw)."""
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
         dim = resolve_class_dim(logits.ndim, self.class_dim)
-        return 1 if dim is None else dim
+        return class_scores(logits, 1 if dim is None else dim)
 
     def _report(self, trainer: pl.Trainer, epoch: int, results: dict[str, np.ndarray], has_labels: bool,
                 extra: Mapping[str, Any]) -> dict[str, Any]:
