@@ -45,7 +45,9 @@ class LayerCorrelationMonitor(RepresentationProbe):
 
     Records per (epoch, pair) go to ``<name>.jsonl`` and the scalars ``<name>/<stat>/<a>__<b>``; the headline
     ``<name>/cka_adjacent_mean`` (mean CKA of adjacent layers in the selection's order) goes to the loggers and
-    to ``trainer.callback_metrics`` (``EarlyStopping``/``ModelCheckpoint`` can monitor it). In ``<name>/``:
+    to ``trainer.callback_metrics`` (``EarlyStopping``/``ModelCheckpoint`` can monitor it); with one analysable
+    layer it is ``null``, the records hold the layer with itself and ``corr_means.png`` shows that layer's own mean
+    absolute correlation over the epochs. In ``<name>/``:
     ``corr_means.json`` holds the pair summaries of every analysed epoch, plotted over epochs in
     ``corr_means.png``; ``correlation.npz`` holds the last analysis's correlation matrix (float16, figure
     grade), layer edges and names and CKA matrix, from which ``lightning-probes plot`` redraws
@@ -327,7 +329,7 @@ def cka_figure(cka: np.ndarray, names: Sequence[str], estimator: str, epoch: int
 
 def adjacent_figure(epochs: Sequence[int], names: Sequence[str], pairs: Mapping[str, Mapping[str, list]]) -> Figure:
     """Mean |correlation| and CKA of (up to six) adjacent layers over the analysed epochs; with one layer (no
-    adjacent pair), the mean |correlation| between its own features (its CKA with itself is 1)."""
+    adjacent pair), the mean absolute correlation between its own features (its CKA with itself is 1)."""
     series = {}
     adjacent = list(zip(names[:-1], names[1:]))[:6]
     for key in ("mean_abs_correlation", "cka"):
