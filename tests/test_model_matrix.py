@@ -44,8 +44,15 @@ def expected(case: str) -> dict[str, str]:
     elif case == "no_validation":
         table.update({"ConfidenceMonitor": "idle", "NoiseRobustnessMonitor": "skipped",
                       **dict.fromkeys(REPRESENTATION, "skipped")})
-    if case in TOKEN_MODELS:
+    elif case == "max_steps_mid_epoch":  # training stops before the first validation epoch
+        table.update({"ConfidenceMonitor": "idle", "NoiseRobustnessMonitor": "idle"})
+    elif case == "one_val_sample":  # correlations, invariance and alignment need two samples
+        table.update(dict.fromkeys(("LayerCorrelationMonitor", "AugmentationInvarianceMonitor", "AlignmentMonitor"),
+                                   "skipped"))
+    if case in TOKEN_MODELS or case == "conv1d":
         table["AugmentationInvarianceMonitor"] = "skipped"  # the default image augmentation cannot apply
+    if case == "one_big_tensor":
+        table["AlignmentMonitor"] = "skipped"  # no nn.Linear / nn.Conv layer: alignment is about their weights
     return table
 
 
