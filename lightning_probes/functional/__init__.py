@@ -24,6 +24,7 @@ from lightning_probes.functional.alignment import (
     alignment_summary,
     conv2d_alignment,
     conv_patches,
+    layer_features,
     layer_rows,
 )
 from lightning_probes.functional.boundary import boundary_distances, linear_stability
@@ -99,7 +100,20 @@ from lightning_probes.functional.representations import (
     linear_cka,
     minibatch_hsic_terms,
 )
-from lightning_probes.functional.robustness import check_logits, kl_from_clean, noisy_logits, stability_ratio
+from lightning_probes.functional.robustness import (
+    agreement,
+    check_logits,
+    check_scores,
+    class_scores,
+    embedding_noise,
+    embedding_std,
+    find_input_embeddings,
+    kl_from_clean,
+    kl_per_position,
+    noisy_logits,
+    resolve_class_dim,
+    stability_ratio,
+)
 from lightning_probes.functional.runs import (
     cka_matrix,
     convergence_epoch,
@@ -235,4 +249,13 @@ __all__ = [
     "weight_statistics",
     "welch_t_test",
     "zero_threshold_for",
+    "agreement",
+    "check_scores",
+    "class_scores",
+    "embedding_noise",
+    "embedding_std",
+    "find_input_embeddings",
+    "kl_per_position",
+    "resolve_class_dim",
+    "layer_features",
 ]
