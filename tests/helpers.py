@@ -90,3 +90,28 @@ def approx(expected: Any, **tolerances: Any) -> Any:
     if isinstance(expected, (list, tuple)):
         return type(expected)(approx(v, **tolerances) for v in expected)
     return pytest.approx(expected, **tolerances)
+
+
+def run_in_new_session(args: list[str], timeout: float, what: str, env: dict | None = None) -> str:
+    """Run ``args`` from the repository root in a new session; on timeout kill its whole process group (DDP
+    workers included) and fail the test. Returns the output; a non-zero exit fails the test with its tail."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.Popen(args, cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s (a collective some rank never entered?):\n"
+                    f"{output[-3000:]}")
+    assert proc.returncode == 0, output[-5000:]
+    return output
+

@@ -11,14 +11,12 @@ nothing). Any other outcome (a crash, a disabled probe, a non-finite number, a s
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_in_new_session
 from tests.matrix_cases import CASES
 from tests.matrix_run import PROBES
 
@@ -61,18 +59,8 @@ GROUPS = [list(CASES)[i::8] for i in range(8)]
 
 
 def _run_group(cases: list[str], out: Path, timeout: float = 540) -> None:
-    env = {**os.environ, "LIGHTNING_PROBES_ON_ERROR": "raise", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.matrix_run", ",".join(cases), str(out), "--per-case-dirs"],
-                            cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the matrix group {cases} did not finish in {timeout} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    run_in_new_session([sys.executable, "-m", "tests.matrix_run", ",".join(cases), str(out), "--per-case-dirs"],
+                       timeout, f"the matrix group {cases}", env={"LIGHTNING_PROBES_ON_ERROR": "raise"})
 
 
 @pytest.mark.parametrize("cases", GROUPS, ids=[f"group{i}" for i in range(len(GROUPS))])

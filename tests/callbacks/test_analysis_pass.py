@@ -303,24 +303,12 @@ def test_analysis_keeps_each_module_mode_and_the_random_stream(tmp_path):
     assert modes == [(True, False, True)] * 4
 
 
-class LazyLayers(pl.LightningModule):
+class LazyLayers(LazyNet):
     """``nn.LazyLinear`` layers (shaped by the first forward) and dropout (the random stream matters)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.LazyLinear(10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_lazy_modules_are_read_once_built_and_training_is_unchanged(tmp_path):

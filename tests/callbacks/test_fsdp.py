@@ -6,15 +6,12 @@ only would otherwise hang the suite (the other rank keeps the port).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import read
+from tests.helpers import read, run_in_new_session
 
 ROOT = Path(__file__).parents[2]
 TIMEOUT = 300
@@ -24,18 +21,8 @@ GRADIENT_PROBES = ["gradient_stats", "gradient_dynamics", "gradient_dynamics_sam
 def run(out: Path, kind: str, probes: list[str]) -> Path:
     """Run ``tests/fsdp_run.py`` in a new session; on timeout kill its whole process group and fail."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fsdp_run.py"), str(out), kind, ",".join(probes)],
-                            env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the {kind} run did not finish in {TIMEOUT} s (a collective some rank never entered?):\n"
-                    f"{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    run_in_new_session([sys.executable, str(ROOT / "tests" / "fsdp_run.py"), str(out), kind, ",".join(probes)],
+                       TIMEOUT, f"the {kind} run")
     return out
 
 

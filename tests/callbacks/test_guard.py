@@ -147,24 +147,13 @@ def test_a_reused_probe_starts_clean_in_the_next_run(tmp_path):
 
 def test_a_failure_on_one_rank_disables_the_probe_on_every_rank_without_a_hang(tmp_path):
     import json
-    import os
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(root / "tests" / "guard_ddp_run.py"), str(tmp_path)], cwd=root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"a rank was left waiting:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    from tests.helpers import run_in_new_session
+
+    script = Path(__file__).resolve().parents[2] / "tests" / "guard_ddp_run.py"
+    run_in_new_session([sys.executable, str(script), str(tmp_path)], 300, "the DDP run with a one-rank failure")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["global_step"] for r in ranks] == [9, 9]  # 3 epochs of 3 batches per rank, training finished
     assert ranks[1]["confidence"].startswith("ValueError: ConfidenceMonitor: `target`")
