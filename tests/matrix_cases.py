@@ -313,6 +313,12 @@ class Case:
     probe_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def _boring(n: int) -> Any:
+    from pytorch_lightning.demos.boring_classes import RandomDataset
+
+    return RandomDataset(32, n)
+
+
 def _clf(net: Callable[[], nn.Module], **kwargs: Any) -> Callable[[], pl.LightningModule]:
     return lambda: Classifier(net(), **kwargs)
 
@@ -339,6 +345,8 @@ CASES: dict[str, Case] = {
     "lazy_modules": Case(_clf(lambda: nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU(),
                                                     nn.LazyLinear(NUM_CLASSES)))),
     "configure_model": Case(LateBuilt),
+    "boring_model": Case(lambda: __import__("pytorch_lightning.demos.boring_classes", fromlist=["BoringModel"])
+                         .BoringModel(), train=lambda: loader(_boring(64)), val=lambda: loader(_boring(32))),
     # sequence models
     "lstm": Case(_clf(lambda: SequenceNet("lstm")), **_TOKENS),
     "gru_dict_batches": Case(lambda: Classifier(SequenceNet("gru"), input_key="ids", target_key="label"),

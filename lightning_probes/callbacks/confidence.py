@@ -22,6 +22,7 @@ from lightning_probes.callbacks.base import (
 )
 from lightning_probes.callbacks.confidence_record import format_table, stage_figures, summarize
 from lightning_probes.callbacks.confidence_state import ConfidenceState
+from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.calibration import (
     classification_scores,
     flatten_class_dim,
@@ -56,6 +57,14 @@ def _target_problem(low: int, high: int, soft: int, num_classes: int) -> Optiona
         return None
     return (f"holds the value {bad}, outside the class range [0, {num_classes - 1}] of the logits ({num_classes} "
             "classes); set `ignore_index` if it marks samples to leave out")
+
+
+class MissingOutputError(ProbeConfigurationError, KeyError):
+    """The step output lacks ``logits_key`` or ``target_key``: a configuration error (refused before any step when
+    the sanity check finds it) that is also a ``KeyError``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ConfidenceMonitor(ProbeCallback):
@@ -137,7 +146,8 @@ class ConfidenceMonitor(ProbeCallback):
             ``None``: ``$LIGHTNING_PROBES_ON_ERROR``, else ``"warn"`` (see `lightning_probes.callbacks.guard`).
 
     Raises:
-        KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found).
+        KeyError: If the step output lacks ``logits_key`` or ``target_key`` (the message lists the keys found; a
+            `lightning_probes.errors.ProbeConfigurationError` too, so the sanity check refuses the run with it).
         ValueError: For logits or targets of the wrong shape or dtype, soft-label targets, or targets outside
             ``[0, C)`` that are not ``ignore_index``.
 
@@ -204,17 +214,17 @@ class ConfidenceMonitor(ProbeCallback):
         """Logits ``(M, C)`` and targets ``(M,)`` (or one-hot ``(M, C)``) of one step output; shape checks only."""
         if not isinstance(outputs, Mapping) or self.logits_key not in outputs or self.target_key not in outputs:
             found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-            raise KeyError(
+            raise MissingOutputError(
                 f"ConfidenceMonitor needs `{self.logits_key}` and `{self.target_key}` in the dict returned by "
                 f"`{stage}_step`, but found {found}. Return them (see the class docstring) or set "
                 "`logits_key` / `target_key`.")
         logits, target = outputs[self.logits_key], outputs[self.target_key]
         for key, value in ((self.logits_key, logits), (self.target_key, target)):
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"ConfidenceMonitor expects `{key}` returned by `{stage}_step` to be a tensor, but "
-                                 f"got {type(value).__name__}")
+                raise ProbeConfigurationError(f"ConfidenceMonitor expects `{key}` returned by `{stage}_step` to be a "
+                                              f"tensor, but got {type(value).__name__}")
         if logits.ndim < 1:
-            raise ValueError(
+            raise ProbeConfigurationError(
                 f"ConfidenceMonitor expects `{self.logits_key}` returned by `{stage}_step` of shape (N, C), "
                 f"(N, C, d1, ...) to score every position (e.g. segmentation), or (N,) / (N, 1) for a one-logit "
                 f"binary classifier, but got shape {tuple(logits.shape)}")
@@ -223,13 +233,14 @@ class ConfidenceMonitor(ProbeCallback):
         index_shape = (logits.shape[0], *logits.shape[2:])
         if target.shape != logits.shape:
             if tuple(target.shape) != index_shape:
-                raise ValueError(
+                raise ProbeConfigurationError(
                     f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` of shape {index_shape} "
                     f"(class indices) or {tuple(logits.shape)} (one-hot) to match `{self.logits_key}` of shape "
                     f"{tuple(logits.shape)}, but got shape {tuple(target.shape)}")
             if target.is_floating_point() or target.is_complex():
-                raise ValueError(f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` to hold "
-                                 f"class indices of an integer dtype, but got {target.dtype}")
+                raise ProbeConfigurationError(f"ConfidenceMonitor expects `{self.target_key}` returned by "
+                                              f"`{stage}_step` to hold class indices of an integer dtype, but got "
+                                              f"{target.dtype}")
         return flatten_class_dim(logits.detach(), target.detach())
 
     def _binary(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,13 +252,13 @@ class ConfidenceMonitor(ProbeCallback):
         if target.shape == z.shape and target.ndim > 1:
             target = target.squeeze(1)
         if tuple(target.shape) != index_shape:
-            raise ValueError(
+            raise ProbeConfigurationError(
                 f"ConfidenceMonitor expects `{self.target_key}` returned by `{stage}_step` of shape {index_shape} "
                 f"(binary labels 0/1) to match the one-logit `{self.logits_key}` of shape {tuple(logits.shape)}, but "
                 f"got shape {tuple(target.shape)}")
         if target.is_floating_point():
             if self.ignore_index is not None:
-                raise ValueError(
+                raise ProbeConfigurationError(
                     f"ConfidenceMonitor: `{self.target_key}` returned by `{stage}_step` holds floating binary labels, "
                     f"but `ignore_index={self.ignore_index}` needs integer targets; return `target.long()`")
             target = torch.stack([1 - target, target], dim=1)  # (N, 2, ...): one-hot when t is 0 or 1

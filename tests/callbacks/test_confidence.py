@@ -467,3 +467,27 @@ def test_floating_binary_targets_with_ignore_index_are_refused_at_the_first_batc
     t = trainer(tmp_path, [ConfidenceMonitor(ignore_index=255)], max_epochs=1, num_sanity_val_steps=1)
     with pytest.raises(ValueError, match=r"floating binary labels, but `ignore_index=255` needs integer targets"):
         t.fit(_BinarySegmenter(float_target=True), loader, loader)
+
+
+def test_a_step_output_without_logits_is_refused_by_the_sanity_check_before_any_step(tmp_path):
+    """Lightning's BoringModel returns ``{"x": loss}``: the sanity check's first batch refuses the run with one
+    configuration error naming the probe (it was a bare KeyError raised from inside the guard), even with
+    ``on_error="warn"``; without a sanity check the same finding after the start disables the probe."""
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from lightning_probes import ProbeConfigurationError, ProbeDisabledWarning
+
+    def fit(**kwargs):
+        t = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, default_root_dir=str(tmp_path),
+                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       callbacks=[ConfidenceMonitor(on_error="warn")], **kwargs)
+        t.fit(BoringModel())
+        return t
+
+    with pytest.raises(ProbeConfigurationError, match=r"^ConfidenceMonitor needs `logits` and `target`.*\['x'\]") \
+            as info:
+        fit()
+    assert isinstance(info.value, KeyError)  # still a KeyError for code that caught one
+    with pytest.warns(ProbeDisabledWarning, match="ConfidenceMonitor 'confidence' raised in `on_validation_batch_end`"):
+        t = fit(num_sanity_val_steps=0)
+    assert t.global_step == 2
