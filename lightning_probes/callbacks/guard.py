@@ -172,6 +172,9 @@ def handle_failure(probe: Any, trainer: Any, hook_name: str, err: BaseException)
     if probe.on_error_policy == "raise" or (isinstance(err, _config_errors()) and not probe._guard.stepping):
         raise err
     reason = f"{type(err).__name__}: {err}"
+    if not probe.active:  # e.g. the teardown of a probe already disabled or skipped: said once already
+        log.debug("%s %r (inactive) raised in `%s`: %s", cls, probe.name, hook_name, reason)
+        return
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     warnings.warn(ProbeDisabledWarning(
         f"{cls} {probe.name!r} raised in `{hook_name}` and is disabled for the rest of this run; training goes "

@@ -192,3 +192,15 @@ def test_a_real_probe_disabled_mid_run_keeps_its_history_and_plot_redraws_it(tmp
     assert list(table["probe_status"].dropna()) == ["disabled"]
     drawn = plot(str(tmp_path), str(tmp_path / "figures"), progress=False)  # the disable record is left out
     assert any(path.endswith("corr_means.png") for path in drawn)
+
+
+def test_a_disabled_probe_whose_teardown_also_fails_warns_once(tmp_path):
+    class FlakyTeardown(Flaky):
+        def teardown(self, trainer, pl_module, stage):
+            raise OSError("the disk went away")
+
+    t = trainer(tmp_path, [FlakyTeardown(on_error="warn")], max_epochs=1)
+    with pytest.warns(ProbeDisabledWarning) as caught:
+        t.fit(small_mlp(), RandomDataModule(n=96, batch_size=16))
+    assert [str(w.message).split(" and is disabled")[0] for w in caught
+            if issubclass(w.category, ProbeDisabledWarning)] == ["FlakyTeardown 'flaky' raised in `on_train_batch_end`"]
