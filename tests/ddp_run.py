@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
 from tests.helpers import RandomDataModule, small_mlp  # noqa: E402
@@ -41,6 +42,10 @@ def main() -> None:
     # Headline scalars every rank holds (the analysis probes broadcast rank 0's values).
     with open(os.path.join(out, f"callback_metrics_rank{trainer.global_rank}.json"), "w") as f:
         json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, f)
+    # Close the process group before the interpreter exits: gloo's threads torn down by the exit itself have
+    # aborted a child ("terminate called without an active exception") once on a loaded machine.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

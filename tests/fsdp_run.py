@@ -91,6 +91,10 @@ def main() -> None:
     trainer.fit(model, RandomDataModule(n=96, batch_size=16))
     with open(os.path.join(out, f"callback_metrics_rank{trainer.global_rank}.json"), "w") as f:
         json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, f)
+    # Close the process group before the interpreter exits: gloo's threads torn down by the exit itself have
+    # aborted a child ("terminate called without an active exception") once on a loaded machine.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
 from tests.helpers import RandomDataModule, small_mlp  # noqa: E402
@@ -53,6 +54,10 @@ def main() -> None:
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump({"global_step": trainer.global_step, "confidence": confidence.disabled,
                    "noise": noise.disabled}, f)
+    # Close the process group before the interpreter exits: gloo's threads torn down by the exit itself have
+    # aborted a child ("terminate called without an active exception") once on a loaded machine.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
