@@ -14,7 +14,6 @@ from lightning_probes.checks import check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.probe_data import (
     MissingValidationDataError,
-    ProbeInputError,
     ProbeSet,
     analysis_mode,
     forked_rng,
@@ -31,6 +30,10 @@ class RemoteProbeError(RuntimeError):
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a ``DTensor`` (FSDP2's ``fully_shard``)."""
     return any(is_dtensor(p) for p in module.parameters())
+
+
+def _no_validation(err: MissingValidationDataError) -> str:
+    return f"{err}; add a `val_dataloader` (or a DataModule with one) to run it"
 
 
 class _TooFewSamplesError(ValueError):
@@ -124,7 +127,6 @@ class AnalysisProbe(ProbeCallback):
         self.num_samples, self.seed, self.search_batches = num_samples, seed, search_batches
         self.forward_fn, self.input_key, self.target_key = forward_fn, input_key, target_key
         self._probe: Optional[ProbeSet] = None
-        self._skipped = False
         self._every_rank = False  # the model is sharded (FSDP2): every rank runs the analysis's forward passes
 
     #: Entry points in which the probe analyses (elsewhere its pre-flight has nothing to check).
@@ -133,7 +135,6 @@ class AnalysisProbe(ProbeCallback):
     def reset_run(self) -> None:
         super().reset_run()
         self._probe = None  # a reused probe draws its probe set from the new Trainer's validation data
-        self._skipped = False
         self._every_rank = False
 
     # -- pre-flight ---------------------------------------------------------------------------------
@@ -146,44 +147,43 @@ class AnalysisProbe(ProbeCallback):
                 validation_loader(trainer)
             except MissingValidationDataError:
                 pass  # rank 0's check below says so
-        outcome: Optional[tuple[str, str]] = None
+        outcome, local = ("ok", ""), None
         if trainer.is_global_zero or self._every_rank:
-            outcome = self._checked_outcome(trainer, pl_module)
-        if trainer.world_size > 1:
+            outcome, local = self._checked_outcome(trainer, pl_module)
+        if trainer.world_size > 1:  # every rank enters the broadcast, failed or not, then decides alike
             outcome = trainer.strategy.broadcast(outcome, src=0)
         kind, message = outcome
         if kind == "error":
             raise ProbeConfigurationError(message)
         if kind == "failed":
-            err = RuntimeError(message)
             if self.on_error_policy == "raise":
-                raise err
+                raise local if local is not None else RuntimeError(f"the pre-flight failed on global rank 0: "
+                                                                   f"{message}")
             return f"its pre-flight check failed ({message}); on_error='raise' raises it"
         return message if kind == "skip" else None
 
-    def _checked_outcome(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, str]:
-        """``("ok", "")``, ``("skip", reason)``, ``("error", message)`` or ``("failed", message)``."""
+    def _checked_outcome(self, trainer: pl.Trainer,
+                         pl_module: pl.LightningModule) -> tuple[tuple[str, str], Optional[BaseException]]:
+        """``((kind, message), exception)``: kind ``"ok"``, ``"skip"``, ``"error"`` (refused) or ``"failed"``
+        (an unexpected exception of the checks, also returned so that this rank can raise it)."""
         try:
             if trainer.limit_val_batches == 0:
-                return "skip", ("it analyses validation samples, but `limit_val_batches=0`; give the Trainer "
-                                "validation batches to run it")
+                return ("skip", "it analyses validation samples, but `limit_val_batches=0`; give the Trainer "
+                                "validation batches to run it"), None
             with forked_rng(pl_module):
                 probe = self.probe_set(trainer)
             with analysis_mode(pl_module):
                 reason = self.check_probe(trainer, pl_module, probe)
-            return ("skip", reason) if reason else ("ok", "")
+            return (("skip", reason) if reason else ("ok", "")), None
         except MissingValidationDataError as err:
-            return "skip", f"{err}; add a `val_dataloader` (or a DataModule with one) to run it"
+            return ("skip", _no_validation(err)), None
         except _TooFewSamplesError as err:
-            return "skip", str(err)
-        except (ProbeConfigurationError, ProbeInputError) as err:
-            text = str(err)
-            name = type(self).__name__
-            return "error", text if text.startswith(name) else f"{name}: {text}"
+            return ("skip", str(err)), None
+        except ProbeConfigurationError as err:  # ProbeInputError included
+            text, name = str(err), type(self).__name__
+            return ("error", text if text.startswith(name) else f"{name}: {text}"), None
         except Exception as err:  # noqa: BLE001 - reported to every rank, then skipped or raised
-            if self.on_error_policy == "raise":
-                raise
-            return "failed", f"{type(err).__name__}: {err}"
+            return ("failed", f"{type(err).__name__}: {err}"), err
 
     def check_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Optional[str]:
         """Pre-flight checks on the probe set (inside `analysis_mode`): return why the analysis does not apply
@@ -220,25 +220,27 @@ class AnalysisProbe(ProbeCallback):
         """
         headline: Optional[Mapping[str, Optional[float]]] = None
         failure: Optional[BaseException] = None
+        status: Optional[tuple[str, str]] = None
         self._every_rank = is_sharded(pl_module)
-        if (trainer.is_global_zero or self._every_rank) and not self._skipped:
+        if trainer.is_global_zero or self._every_rank:
             try:
                 with analysis_mode(pl_module):
                     headline = self.analyse(trainer, pl_module, epoch)
             except MissingValidationDataError as err:
-                self._skipped = True
-                self.skip(trainer, f"{err}; add a `val_dataloader` (or a DataModule with one) to run it")
+                status = ("skip", _no_validation(err))
             except Exception as err:  # noqa: BLE001 - raised below, after every rank entered the broadcast
-                failure = err
-        if headline and trainer.is_global_zero and failure is None:
+                failure, status = err, ("failed", f"{type(err).__name__}: {err}")
+        if headline and trainer.is_global_zero and status is None:
             self.log_scalars(trainer, headline, trainer.global_step)
-        remote = self.publish(trainer, headline if trainer.is_global_zero and failure is None else None,
-                              from_rank_zero=True,
-                              failure=None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is not None:
+        remote = self.publish(trainer, headline if trainer.is_global_zero and status is None else None,
+                              from_rank_zero=True, status=status)
+        kind, message = status or remote or ("ok", "")
+        if kind == "skip":
+            self.skip(trainer, message)  # on every rank: none is left to enter a broadcast alone
+        elif failure is not None:
             raise failure
-        if remote is not None:
-            raise RemoteProbeError(f"the analysis failed on global rank 0: {remote}")
+        elif kind == "failed":
+            raise RemoteProbeError(f"the analysis failed on global rank 0: {message}")
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 epoch: int) -> Optional[Mapping[str, Optional[float]]]:

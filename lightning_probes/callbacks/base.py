@@ -351,7 +351,7 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
             logger.log_metrics(metrics, step=step)
 
     def publish(self, trainer: pl.Trainer, metrics: Optional[Mapping[str, Optional[float]]],
-                from_rank_zero: bool = False, failure: Optional[str] = None) -> Optional[str]:
+                from_rank_zero: bool = False, status: Optional[tuple[str, str]] = None) -> Optional[tuple[str, str]]:
         """Put headline scalars into ``trainer.callback_metrics``, where ``EarlyStopping`` and
         ``ModelCheckpoint`` find them.
 
@@ -360,14 +360,15 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
             metrics: ``{name: value}``; ``None`` values are left out.
             from_rank_zero: The values exist on global rank 0 only (the analysis probes): every rank must call
                 this, and rank 0's values are broadcast so that every process monitors the same numbers.
-            failure: Rank 0's analysis failed with this message: broadcast with the values.
+            status: What rank 0's analysis came to besides the values (``(kind, message)``, e.g. a failure):
+                broadcast with them.
 
         Returns:
-            Global rank 0's ``failure`` on the other ranks (with ``from_rank_zero``), else ``None``.
+            Global rank 0's ``status`` on the other ranks (with ``from_rank_zero``), else ``None``.
         """
         remote = None
         if from_rank_zero and trainer.world_size > 1:
-            sent = (dict(metrics) if metrics is not None else None, failure)
+            sent = (dict(metrics) if metrics is not None else None, status)
             metrics, remote = trainer.strategy.broadcast(sent, src=0)
             remote = None if trainer.is_global_zero else remote
         for key, value in (metrics or {}).items():

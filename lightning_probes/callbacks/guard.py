@@ -22,7 +22,7 @@ Every Lightning hook of a `ProbeCallback` (except ``setup``, where the probe's o
    with a `ProbeDisabledWarning` that names the probe, the hook and the error and holds the traceback, calls
    `ProbeCallback.on_disable` (hooks removed, files flushed), and does nothing more in this run; training
    goes on. With ``on_error="raise"`` the exception propagates, with a note naming the probe and the hook.
-   A configuration error (`ProbeConfigurationError`, `lightning_probes.probe_data.ProbeInputError`) raised
+   A configuration error (`ProbeConfigurationError`, `lightning_probes.probe_data.ProbeInputError` included) raised
    before the first training batch of the run also propagates: nothing has been trained yet, and the user
    asked for something that cannot work.
 
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_probes.errors import ProbeConfigurationError
 
@@ -65,9 +64,9 @@ ON_ERROR_ENV = "LIGHTNING_PROBES_ON_ERROR"
 _UNGUARDED = frozenset({"setup", "on_exception"})
 #: Every Lightning callback hook the guard wraps.
 GUARDED_HOOKS = frozenset(n for n in vars(Callback) if n.startswith("on_") or n == "teardown") - _UNGUARDED
-#: Hooks at which the pre-flight runs (the first one reached after ``setup``), with the entry point each starts.
-_PREFLIGHT_AT = {"on_fit_start": TrainerFn.FITTING, "on_validation_start": TrainerFn.VALIDATING,
-                 "on_test_start": TrainerFn.TESTING, "on_predict_start": TrainerFn.PREDICTING}
+#: Hooks at which the pre-flight runs: the first of them reached after ``setup`` starts the entry point (fit,
+#: validate, test, predict).
+_PREFLIGHT_AT = frozenset({"on_fit_start", "on_validation_start", "on_test_start", "on_predict_start"})
 #: Epoch-end hooks where every rank agrees on which probes are disabled (with several processes).
 _AGREE_AT = frozenset({"on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end",
                        "on_predict_epoch_end"})
@@ -121,12 +120,6 @@ class GuardState:
     reported: bool = False  # the failure was warned about and recorded
 
 
-def _config_errors() -> tuple[type[BaseException], ...]:
-    from lightning_probes.probe_data import ProbeInputError
-
-    return ProbeConfigurationError, ProbeInputError
-
-
 def _note(err: BaseException, text: str) -> None:
     if hasattr(err, "add_note") and text not in getattr(err, "__notes__", ()):
         err.add_note(text)
@@ -169,7 +162,7 @@ def handle_failure(probe: Any, trainer: Any, hook_name: str, err: BaseException)
     cls = type(probe).__name__
     _note(err, f"(raised in {cls} {probe.name!r}, hook `{hook_name}`; on_error='warn' would disable the probe "
                "and let training go on)")
-    if probe.on_error_policy == "raise" or (isinstance(err, _config_errors()) and not probe._guard.stepping):
+    if probe.on_error_policy == "raise" or (isinstance(err, ProbeConfigurationError) and not probe._guard.stepping):
         raise err
     reason = f"{type(err).__name__}: {err}"
     if not probe.active:  # e.g. the teardown of a probe already disabled or skipped: said once already

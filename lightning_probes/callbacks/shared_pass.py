@@ -37,7 +37,7 @@ def partners(trainer: pl.Trainer, probe: Any, epoch: int) -> list[Any]:
         return []
     key = pass_key(probe)
     later = callbacks[callbacks.index(probe) + 1:]
-    return [p for p in later if getattr(p, "shares_pass", False) and not p._skipped and p.active and p.due(epoch)
+    return [p for p in later if getattr(p, "shares_pass", False) and p.active and p.due(epoch)
             and not getattr(p, "_deferred", False) and pass_key(p) == key]  # deferred: its layer check is to come
 
 
