@@ -1,5 +1,6 @@
 """lightning-probes: reusable PyTorch Lightning callbacks that make the inside of training visible."""
 
+from lightning_probes.budget import memory_plan, set_memory_budget
 from lightning_probes.callbacks import (
     ActivationStatsMonitor,
     AlignmentMonitor,
@@ -29,5 +30,7 @@ __all__ = [
     "ProbeSkippedWarning",
     "ProbeWarning",
     "__version__",
+    "memory_plan",
     "read_probes",
+    "set_memory_budget",
 ]

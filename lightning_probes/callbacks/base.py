@@ -16,7 +16,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_probes.budget import forget_plan
 from lightning_probes.callbacks.guard import FailSafe, GuardState, check_on_error, data_records, install_guards
+from lightning_probes.callbacks.memory import BudgetUser
 from lightning_probes.callbacks.outputs import FigureSpec, ProbeOutputs, log_probe_settings
 from lightning_probes.checks import check_float, check_fraction, check_positive_int
 from lightning_probes.io import (
@@ -67,7 +69,7 @@ def check_plot_every(value: Any) -> int:
     return value
 
 
-class ProbeCallback(FailSafe, ProbeOutputs, Callback):
+class ProbeCallback(FailSafe, BudgetUser, ProbeOutputs, Callback):
     """Base class of every probe: owns ``<output_dir>/<name>.jsonl``, ``<output_dir>/<name>/`` and the loggers.
 
     Files: the JSON Lines history is ``<output_dir>/<name>.jsonl`` (one record per line, written in bulk);
@@ -214,6 +216,7 @@ class ProbeCallback(FailSafe, ProbeOutputs, Callback):
         self._disabled = self._skipped_reason = None
         self._last_logger_step = None
         self._pending_figures = {}
+        forget_plan(trainer)  # the probes' pre-flight plans the shared memory budget anew (after every setup)
         self.reset_run()
         if self._output_dir_arg is not None:
             directory = self._output_dir_arg
