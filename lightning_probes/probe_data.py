@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "batch_inputs",
     "batch_labels",
     "forked_rng",
+    "forward_peak_bytes",
     "module_device_dtype",
     "replace_inputs",
     "run_forward",
@@ -298,6 +300,73 @@ def run_forward(module: nn.Module, batch: Any, forward_fn: Optional[ForwardFn] =
         raise ProbeInputError(f"{type(module).__name__} could not be called on the probe inputs ({err}); the probes "
                               "call `pl_module(inputs)` by default. Pass `forward_fn=` to run the model on the whole "
                               "probe batch, e.g. `forward_fn=lambda module, batch: module(*batch)`") from err
+
+
+def _storage_key(tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, some wrappers)
+        return None
+
+
+def forward_peak_bytes(module: nn.Module, run: Callable[[], Any], margin: float = 1.5) -> int:
+    """Estimated peak bytes of the activations of one forward pass ``run()`` of ``module`` (under ``no_grad``).
+
+    Forward hooks on every submodule track the module outputs still alive (their storages, each counted once,
+    released when the output is freed), and the peak of their sum is taken at every call; ``margin`` covers what
+    the hooks do not see (the temporaries inside a module's own forward, a residual sum). On a CUDA device the
+    allocator's own peak during ``run()`` is used where it rose above the peak before. The probes divide it by the
+    batch's samples to size their forward batches (`AnalysisProbe.plan_forward_batch`).
+
+    Args:
+        module: The model (its submodules are hooked for the duration of the call).
+        run: Runs one forward pass of ``module``.
+        margin: Factor on the hooked peak.
+
+    Returns:
+        Bytes (0 when no hooked module gave a tensor, e.g. a compiled model's graph).
+    """
+    live: dict[tuple[int, int], int] = {}
+    peak = [0, 0]  # now, the peak
+
+    def release(key: tuple[int, int]) -> None:
+        count = live.get(key, 0) - 1
+        if count <= 0:
+            if live.pop(key, None) is not None:
+                peak[0] -= key[1]
+        else:
+            live[key] = count
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        values = output if isinstance(output, (tuple, list)) else (output,)
+        for value in values:
+            key = _storage_key(value) if isinstance(value, torch.Tensor) else None
+            if key is None:
+                continue
+            if key not in live:
+                live[key] = 0
+                peak[0] += key[1]
+            live[key] += 1
+            weakref.finalize(value, release, key)
+        peak[1] = max(peak[1], peak[0])
+
+    device, _ = module_device_dtype(module)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    before = torch.cuda.max_memory_allocated(device) if cuda else 0
+    start = torch.cuda.memory_allocated(device) if cuda else 0
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    estimate = int(peak[1] * margin)
+    if cuda:
+        after = torch.cuda.max_memory_allocated(device)
+        if after > before:  # the peak of this pass is the allocator's new peak
+            estimate = max(estimate, after - start)
+    return estimate
 
 
 # -- the probe set ----------------------------------------------------------------------------------

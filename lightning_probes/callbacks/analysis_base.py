@@ -128,14 +128,44 @@ class AnalysisProbe(ProbeCallback):
         self.forward_fn, self.input_key, self.target_key = forward_fn, input_key, target_key
         self._probe: Optional[ProbeSet] = None
         self._every_rank = False  # the model is sharded (FSDP2): every rank runs the analysis's forward passes
+        self.forward_batch: Optional[int] = None  # samples per analysis forward, once planned (plan_forward_batch)
 
     #: Entry points in which the probe analyses (elsewhere its pre-flight has nothing to check).
     analysis_stages: tuple[TrainerFn, ...] = (TrainerFn.FITTING,)
+    #: Part of a probe's memory share (`memory_share`) its accumulators plan for; the rest is left to the
+    #: activations of one forward batch (`plan_forward_batch`).
+    accumulator_fraction = 0.75
+
+    def plan_forward_batch(self, batch_size: int, per_sample_bytes: float, available: float) -> int:
+        """The samples of one analysis forward pass: ``batch_size``, capped so that the activations of a batch,
+        ``samples * per_sample_bytes``, fit ``available`` bytes (at least one sample).
+
+        The analysis probes that draw on the memory budget call it at their pre-flight with what one sample
+        costs in their pass (the model's activations, `lightning_probes.probe_data.forward_peak_bytes` divided
+        by the samples of the check forward, plus what the probe itself holds per sample of a batch) and with
+        what is left of their share beside their accumulators; the result is kept in ``forward_batch`` (``None``
+        until planned) and the probe runs its passes in batches of that size. The statistics do not depend on the
+        batch size (the probe streams sums), only the time does: smaller batches, more forward calls.
+
+        Args:
+            batch_size: The probe's ``batch_size`` argument (the most samples a pass takes at once).
+            per_sample_bytes: Bytes one sample of a batch costs.
+            available: Bytes the batch may take.
+
+        Returns:
+            The planned batch (also in ``self.forward_batch``).
+        """
+        batch = int(batch_size)
+        if per_sample_bytes > 0:
+            batch = max(1, min(batch, int(available // per_sample_bytes)))
+        self.forward_batch = batch
+        return batch
 
     def reset_run(self) -> None:
         super().reset_run()
         self._probe = None  # a reused probe draws its probe set from the new Trainer's validation data
         self._every_rank = False
+        self.forward_batch = None
 
     # -- pre-flight ---------------------------------------------------------------------------------
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
