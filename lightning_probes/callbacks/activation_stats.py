@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.capture import BOUNDED
+from lightning_probes.checks import check_float
 from lightning_probes.feature_rows import unit_rows
 from lightning_probes.functional.activations import ActivationAccumulator
 from lightning_probes.functional.representations import EffectiveRankAccumulator
@@ -43,7 +45,19 @@ class ActivationStatsMonitor(RepresentationProbe):
     at the end of the fit; ``lightning-probes plot`` redraws it from the JSONL). The headline ``<name>/dead_fraction``
     (mean over layers of the share of dead units) goes to the loggers and to ``trainer.callback_metrics``.
 
+    Memory: the pass streams: each layer's output is added to its statistics inside its forward hook and never
+    kept, so the analysis holds one forward batch and the accumulators, of which the effective rank's float64
+    ``(p x p)`` sums (``8 p**2`` bytes per layer of ``p`` kept features) are the large part. The probe draws on
+    the memory budget its Trainer's probes share (`lightning_probes.set_memory_budget`; by default 10% of the
+    model's parameter memory, at least 64 MiB, split equally) or on its own ``max_memory_gb``: at the
+    pre-flight, when those sums over the selected layers do not fit 75% of the share, the widest layers keep
+    fewer features for the effective rank (with ``layers`` and ``max_features`` at their defaults; one warning),
+    or the run stops with an error naming the share (``layers`` or ``max_features`` set); the other statistics
+    always see every unit. The rest of the share sizes the forward batches (`AnalysisProbe.plan_forward_batch`).
+
     Args:
+        max_memory_gb: Memory (GB, 1e9 bytes, > 0) of this probe's analysis, outside the shared budget; ``None``
+            (default): its share of the budget.
         layers: Module names to analyse; default every leaf module with parameters plus activation modules.
         num_samples: Size of the probe set.
         max_features: Features kept per layer for the effective rank.
@@ -72,13 +86,28 @@ class ActivationStatsMonitor(RepresentationProbe):
 
     probe_name = "activation_stats"
     shares_pass = True
+    uses_memory_budget = True
     layout_stats = _STATS
 
-    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
-        probe = self.probe_set(trainer)
-        session = self.start_session()
-        self.for_each_batch(pl_module, probe.chunks(self.batch_size), session.consume, raw=True)
-        return session.finish(trainer, epoch)
+    def __init__(self, max_memory_gb: Optional[float] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if max_memory_gb is not None:
+            check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
+
+    def fit_caps(self, widths: dict[str, int]) -> dict[str, int]:
+        return self.fit_caps_in_share(super().fit_caps(widths), "the float64 effective-rank sums")
+
+    def accumulator_bytes(self, widths: Sequence[int]) -> int:
+        return estimated_bytes(widths)
+
+    def held_bytes_per_sample(self) -> float:
+        # One layer at a time, inside its hook: the statistics' temporaries (a float32 square and three masks
+        # of the output) and the float64 rows of the effective rank.
+        batch = max(1, self._check_batch or 1)
+        rows = self.rows_per_sample()
+        return max((8.0 * math.prod(self._shapes[n]) / batch + 16.0 * rows[n] * w
+                    for n, w in (self._widths or {}).items()), default=0.0)
 
     def start_session(self) -> ActivationStatsSession:
         """Fresh accumulators for one analysis (see `ActivationStatsSession`)."""
@@ -109,8 +138,9 @@ class ActivationStatsMonitor(RepresentationProbe):
 
 
 class ActivationStatsSession:
-    """One analysis of an `ActivationStatsMonitor`: its accumulators, fed batch by batch with raw layer outputs
-    (`consume`), then turned into records (`finish`)."""
+    """One analysis of an `ActivationStatsMonitor`: its accumulators, fed layer by layer inside the forward hooks
+    with the raw layer outputs (`consume_layer`; nothing of the output is kept), then turned into records
+    (`finish`)."""
 
     def __init__(self, probe: ActivationStatsMonitor) -> None:
         self.probe = probe
@@ -118,21 +148,34 @@ class ActivationStatsSession:
                       for name, m in probe._modules.items()}
         self.ranks: dict[str, EffectiveRankAccumulator] = {}
 
-    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
-        """Add one batch of raw outputs ``{layer: output}`` (``batch``: its samples; default the probe's)."""
+    def consume_layer(self, name: str, output: torch.Tensor, batch: Optional[int] = None) -> None:
+        """Add one layer's raw output of this batch to its statistics."""
         probe = self.probe
         batch = probe.batch_now if batch is None else batch
+        self.stats[name].update(unit_rows(output, probe._layouts[name], batch))  # a unit: a channel or a feature
+        rows = probe._reducers[name](output, batch)
+        if name not in self.ranks:
+            self.ranks[name] = EffectiveRankAccumulator(rows.shape[1], device=rows.device)
+        self.ranks[name].update(rows)
+
+    def end_batch(self, batch: Optional[int] = None) -> None:
+        """Nothing to do: every layer was added in its hook."""
+
+    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
+        """Add one batch of raw outputs ``{layer: output}`` (``batch``: its samples; default the probe's)."""
         for name, output in outputs.items():
-            layout = probe._layouts[name]
-            self.stats[name].update(unit_rows(output, layout, batch))  # a unit: a channel or a token feature
-            rows = probe._reducers[name](output, batch)
-            if name not in self.ranks:
-                self.ranks[name] = EffectiveRankAccumulator(rows.shape[1], device=rows.device)
-            self.ranks[name].update(rows)
+            self.consume_layer(name, output, batch)
 
     def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
         """Records, scalars and figure of this analysis; returns the headline scalars."""
         return self.probe._finish(trainer, epoch, self.stats, self.ranks)
+
+
+def estimated_bytes(widths: Sequence[int]) -> int:
+    """Peak bytes of the effective-rank accumulators of layers of ``widths`` kept features, the forward batch
+    aside: per layer a float64 ``(p x p)`` covariance sum (or at most ``p`` kept rows of ``p``), and at the end
+    the covariance and the eigen-solver's work of the widest layer."""
+    return sum(8 * w * w + 24 * w for w in widths) + 16 * max(widths, default=0) ** 2
 
 
 def overview_figure(records: list[dict[str, Any]], epoch: int) -> Figure:

@@ -15,14 +15,13 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from lightning_probes.budget import format_bytes
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import NothingToAnalyseError, RepresentationProbe
-from lightning_probes.capture import ActivationCapture, uncompiled
 from lightning_probes.checks import check_float
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.feature_rows import subsample_columns, token_rows
 from lightning_probes.functional.alignment import QUANTILES, AlignmentAccumulator, alignment_summary, layer_features
-from lightning_probes.probe_data import batch_size as samples_in
 
 #: Layers the alignment is defined for (a parametrized one, e.g. ``spectral_norm``, with its effective weight).
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -56,16 +55,20 @@ class AlignmentMonitor(RepresentationProbe):
     5% and 95% quantiles, triangle: mean, dashed line: chance). The headline ``<name>/mean`` (mean over layers of
     the mean alignment) goes to the loggers and to ``trainer.callback_metrics``.
 
-    Cost and memory: one forward of the probe set; per layer at most a float64 ``(D, D)`` sum and a float32
-    buffer of ``D`` input rows (``D`` = ``in_features`` of a ``Linear``, ``in_channels * kh * kw`` of a
-    ``Conv2d``, ``in_channels * k`` of a ``Conv1d``; ``D / groups`` per group), about ``12 * D**2`` bytes, on
-    the model's device, all layers at once.
-    Layers that see no more than ``D`` rows in all (e.g. wide ``Linear`` layers on 512 samples) never form the
-    ``(D, D)`` sum. At the first analysis a selection whose estimate exceeds ``max_memory_gb`` is reduced when
-    ``layers`` is left at its default: the widest ``groups == 1`` layers keep a seeded subsample of their input
-    features (the largest common number that fits; one warning names them), and their alignment is measured
-    within that subspace (records: ``kept_features`` beside ``features``; ``chance`` is ``1 / kept_features``).
-    With ``layers`` set, it stops with an error naming the largest layers.
+    Cost and memory: one forward of the probe set, streamed: each layer's inputs are added to its accumulator
+    inside its forward hook (a convolution's patches a few samples at a time) and never kept. Per layer a float64
+    ``(D, D)`` sum and a float32 buffer of up to ``D`` input rows (``D`` = ``in_features`` of a ``Linear``,
+    ``in_channels * kh * kw`` of a ``Conv2d``, ``in_channels * k`` of a ``Conv1d``; ``D / groups`` per group),
+    about ``12 * D**2`` bytes, on the model's device, all layers at once. Layers that see no more than ``D`` rows
+    in all (e.g. wide ``Linear`` layers on 512 samples) never form the ``(D, D)`` sum. The probe draws on the
+    memory budget its Trainer's probes share (`lightning_probes.set_memory_budget`; by default 10% of the model's
+    parameter memory, at least 64 MiB, split equally) or on its own ``max_memory_gb``: at the pre-flight a
+    selection whose sums do not fit 75% of the share is reduced when ``layers`` is left at its default: the
+    widest ``groups == 1`` layers keep a seeded subsample of their input features (the largest common number that
+    fits; one warning names them), and their alignment is measured within that subspace (records:
+    ``kept_features`` beside ``features``; ``chance`` is ``1 / kept_features``). With ``layers`` set, it stops
+    with an error naming the largest layers and the share. The rest of the share sizes the patch chunks and the
+    forward batches (`AnalysisProbe.plan_forward_batch`); the plan is logged once.
 
     Sequences: a ``Linear`` applied to ``(batch, tokens, D)`` inputs sees ``batch * tokens`` input rows (its
     input covariance is over every token), with ``token_mode="samples"`` (default); ``token_mode="mean"`` uses one
@@ -80,7 +83,8 @@ class AlignmentMonitor(RepresentationProbe):
             validation batches).
         every_n_epochs: Analyse after every n-th epoch.
         batch_size: Probe samples per forward pass.
-        max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance sums of all layers (> 0).
+        max_memory_gb: Memory (GB, 1e9 bytes, > 0) of this probe's analysis, outside the shared budget; ``None``
+            (default): its share of the budget.
         seed: Seed of the probe-set choice.
         search_batches: Validation batches searched for the probe set.
         forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one probe batch (several inputs, dict
@@ -102,7 +106,7 @@ class AlignmentMonitor(RepresentationProbe):
     Raises:
         ValueError: On a bad argument; before the first training step (`ProbeConfigurationError`) for named
             ``layers`` that are not ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` or never called, or a selection above
-            ``max_memory_gb`` with ``layers`` set. A model without such layers (its parameters applied
+            its memory share with ``layers`` set. A model without such layers (its parameters applied
             functionally) skips the probe with one warning.
 
     Example:
@@ -112,6 +116,7 @@ class AlignmentMonitor(RepresentationProbe):
 
     probe_name = "alignment"
     shares_pass = True
+    uses_memory_budget = True
     captures_inputs = True
     layout_stats = _STATS
     default_layers = "all"  # every Linear/Conv is kept below; "blocks" would leave only the classifier
@@ -122,7 +127,7 @@ class AlignmentMonitor(RepresentationProbe):
         num_samples: int = 512,
         every_n_epochs: int = 1,
         batch_size: int = 128,
-        max_memory_gb: float = 2.0,
+        max_memory_gb: Optional[float] = None,
         seed: int = 0,
         search_batches: int = 100,
         forward_fn: Optional[Callable[[Any, Any], Any]] = None,
@@ -146,8 +151,10 @@ class AlignmentMonitor(RepresentationProbe):
                          plot_every_n_epochs=plot_every_n_epochs,
                          flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, token_mode=token_mode,
                          on_error=on_error)
-        check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
-        self.max_memory_gb = float(max_memory_gb)
+        if max_memory_gb is not None:
+            check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
+        self._cap: Optional[int] = None  # input features kept by the reduced layers, once planned
         self.history: dict[str, Any] = {"epochs": [], "layers": {}}
         self._columns: dict[str, torch.Tensor] = {}
 
@@ -191,44 +198,61 @@ class AlignmentMonitor(RepresentationProbe):
         self._modules = kept
 
     def check_widths(self, widths: dict[str, int]) -> None:
-        """Fit the input covariances into ``max_memory_gb``: by default the widest layers keep a seeded subsample
-        of their input features (one warning); with ``layers`` set, an error."""
+        """Fit the input covariances into 75% of the probe's memory share (with the patch chunks): by default
+        the widest layers keep a seeded subsample of their input features (one warning); with ``layers`` set, an
+        error."""
         full = {n: _features(m) for n, m in self._modules.items()}
-        estimate = estimated_bytes(_sum_bytes(m) for m in self._modules.values()) / 1e9
-        self._columns = {}
-        if estimate <= self.max_memory_gb:
+        available = self.available_bytes() - self._chunk_bytes()
+        estimate = estimated_bytes(_sum_bytes(m) for m in self._modules.values())
+        self._columns, self._cap = {}, None
+        if estimate <= available:
             return
-        widest = {n: f"{_sum_bytes(m) / 1e9:.2f} GB" for n, m in
+        widest = {n: format_bytes(_sum_bytes(m)) for n, m in
                   sorted(self._modules.items(), key=lambda kv: -_sum_bytes(kv[1]))[:8]}
-        cap = None if self.layers is not None else _fit_feature_cap(self._modules, self.max_memory_gb * 1e9)
+        cap = None if self.layers is not None else _fit_feature_cap(self._modules, available)
+        where = (f"the {format_bytes(max(0.0, available))} its sums may take ({self.accumulator_fraction:.0%} of "
+                 f"{self.memory_share_text()}, {format_bytes(self._share or 0)}, less the patch chunks)")
         if cap is None:
             hint = ("`layers` is set, so no layer is reduced automatically" if self.layers is not None
                     else "even the smallest subsample of the widest layers does not fit")
             raise ProbeConfigurationError(
-                f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 input covariances of "
-                f"{len(self._modules)} layers, above `max_memory_gb`={self.max_memory_gb:g} ({hint}). Select fewer "
-                f"`layers` or raise `max_memory_gb`. Largest: {widest}")
+                f"{type(self).__name__} would need about {format_bytes(estimate)} for the float64 input covariances "
+                f"of {len(self._modules)} layers, above {where} ({hint}). Select fewer `layers`, or raise "
+                f"`max_memory_gb` or `lightning_probes.set_memory_budget(...)`. Largest: {widest}")
         reduced = {n: f"{full[n][0]}->{cap}" for n, m in self._modules.items()
                    if full[n][1] == 1 and full[n][0] > cap}
         self._columns = {n: subsample_columns(full[n][0], cap, n) for n in reduced}
+        self._cap = cap
+        self._reduced = f"{len(reduced)} widest layer(s) keep {cap} input features"
         rank_zero_warn(
             f"{type(self).__name__}: the float64 input covariances of {len(self._modules)} layers would need about "
-            f"{estimate:.2f} GB, above `max_memory_gb`={self.max_memory_gb:g}; the {len(reduced)} widest layer(s) "
-            f"keep a seeded subsample of {cap} input features (their alignment is within that subspace; records: "
-            f"`kept_features`): {', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `layers` to choose.")
+            f"{format_bytes(estimate)}, above {where}; the {len(reduced)} widest layer(s) keep a seeded subsample "
+            f"of {cap} input features (their alignment is within that subspace; records: `kept_features`): "
+            f"{', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `layers` to choose.")
+
+    def _chunk_bytes(self) -> int:
+        """Bytes set aside for one chunk of convolution patches and its copies (at most 2**24 values; 1/8 of the
+        share)."""
+        return 16 * self.chunk_elements()
+
+    def chunk_elements(self) -> int:
+        """Largest number of patch values unfolded at once (`AlignmentAccumulator.update_layer`)."""
+        return int(max(1, min(2**24, (self._share or 2**28) // 8 // 16)))
+
+    def accumulator_bytes(self, widths: Sequence[int]) -> int:
+        return estimated_bytes(_sum_bytes(m, self._cap) for m in self._modules.values()) + self._chunk_bytes()
+
+    def held_bytes_per_sample(self) -> float:
+        # A Linear's input rows of one sample (shifted, and buffered in the accumulator); patches are chunked.
+        batch = max(1, self._check_batch or 1)
+        held = 0.0
+        for name, module in self._modules.items():
+            if isinstance(module, nn.Linear) and name in self._shapes:
+                rows = math.prod(self._shapes[name]) / batch / max(1, module.out_features)
+                held = max(held, 8.0 * rows * module.in_features)
+        return held
 
     # -- analysis -----------------------------------------------------------------------------------
-    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
-        probe = self.probe_set(trainer)
-        session = self.start_session()
-        capture = ActivationCapture(self._modules, None, inputs=True)
-        with capture.capturing(), uncompiled(pl_module):
-            for batch in probe.chunks(self.batch_size):
-                capture.batch_size = samples_in(batch)
-                self.forward(pl_module, batch)
-                session.consume(capture.pop(), capture.batch_size)
-        return session.finish(trainer, epoch)
-
     def start_session(self) -> AlignmentSession:
         """Fresh accumulators for one analysis (see `AlignmentSession`)."""
         return AlignmentSession(self)
@@ -288,13 +312,20 @@ class AlignmentSession:
         self.accumulators = {name: AlignmentAccumulator.for_layer(m, probe._columns.get(name))
                              for name, m in probe._modules.items()}
 
+    def consume_layer(self, name: str, value: torch.Tensor, batch: Optional[int] = None) -> None:
+        """Add one layer's raw input of this batch to its accumulator (inside the forward hook; not kept)."""
+        module = self.probe._modules[name]
+        if self.probe.token_mode == "mean" and isinstance(module, nn.Linear) and value.ndim > 2:
+            value = token_rows(value, "tokens", "mean", batch)  # one row per sample: its mean token
+        self.accumulators[name].update_layer(module, value, chunk_elements=self.probe.chunk_elements())
+
+    def end_batch(self, batch: Optional[int] = None) -> None:
+        """Nothing to do: every layer was added in its hook."""
+
     def consume(self, inputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
         """Add one batch of raw layer inputs ``{layer: input}``."""
         for name, value in inputs.items():
-            module = self.probe._modules[name]
-            if self.probe.token_mode == "mean" and isinstance(module, nn.Linear) and value.ndim > 2:
-                value = token_rows(value, "tokens", "mean", batch)  # one row per sample: its mean token
-            self.accumulators[name].update_layer(module, value)
+            self.consume_layer(name, value, batch)
 
     def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
         """Records, scalars and figure of this analysis; returns the headline scalars."""

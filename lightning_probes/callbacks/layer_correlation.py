@@ -16,12 +16,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_probes.callbacks.base import FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
 from lightning_probes.checks import check_choice, check_float
-from lightning_probes.errors import ProbeConfigurationError
-from lightning_probes.feature_rows import fit_cap
 from lightning_probes.functional.representations import (
     MomentAccumulator,
+    blockwise_layer_similarity,
     cka_from_hsic,
-    correlation_from_covariance,
     minibatch_hsic_terms,
 )
 from lightning_probes.plotting import colormapped, heatmap, line_panels
@@ -60,17 +58,26 @@ class LayerCorrelationMonitor(RepresentationProbe):
     so a layer with one row per sample (e.g. a classifier after pooling) is paired with every token row of its
     sample, and layers with different token counts are read as their mean over tokens (with a warning).
 
-    Memory: the float64 ``(F x F)`` covariance over all ``F`` kept features of all layers, with the
-    correlation derived from it, needs about ``4 * 8 * F**2`` bytes at its peak. At the first analysis, once
-    one forward has shown the layers' widths, a selection above ``max_memory_gb`` is reduced when ``layers`` and
-    ``max_features`` were left at their defaults: the widest layers keep fewer features (the largest common cap
-    that fits, by adaptive pooling of channel-first outputs, then a seeded subsample of the features), with one
-    warning naming each reduced layer and its widths. With ``layers`` or ``max_features`` set, it stops with an
-    error naming the estimate and those arguments instead.
+    Memory: the pass streams. Each layer's output is reduced inside its forward hook and only its feature rows
+    for the current batch are kept until the batch ends, when they are added to the ``(F x F)`` float32 sums over
+    all ``F`` kept features of all layers; the results are then derived one layer's block row at a time
+    (`lightning_probes.functional.blockwise_layer_similarity`: a float64 block row and the float16 correlation
+    matrix), so the peak is about ``6 F**2 + 16 F w`` bytes (``w`` the widest layer) plus one forward batch. The
+    probe draws on the memory budget its Trainer's probes share (`lightning_probes.set_memory_budget`; by default
+    10% of the model's parameter memory, at least 64 MiB, split equally) or on its own ``max_memory_gb``: at the
+    pre-flight, once one forward has shown the layers' widths, a selection whose sums do not fit 75% of the share
+    is reduced when ``layers`` and ``max_features`` were left at their defaults: the widest layers keep fewer
+    features (the largest common cap that fits, by adaptive pooling of channel-first outputs, then a seeded
+    subsample of the features), with one warning naming each reduced layer and its widths. With ``layers`` or
+    ``max_features`` set, it stops with an error naming the estimate, the share and those arguments instead. The
+    rest of the share sizes the forward batches (at most ``batch_size`` samples; see
+    `AnalysisProbe.plan_forward_batch`; not with ``cka="minibatch_unbiased"``, whose estimator is defined by
+    its batches). The plan is logged once (`lightning_probes.memory_plan`).
 
     Args:
         cka: ``"linear"`` (full probe set) or ``"minibatch_unbiased"`` (per ``batch_size`` minibatch).
-        max_memory_gb: Largest estimated memory (GB, 1e9 bytes) of the covariance pass (> 0).
+        max_memory_gb: Memory (GB, 1e9 bytes, > 0) of this probe's analysis, outside the shared budget; ``None``
+            (default): its share of the budget.
         **kwargs: `RepresentationProbe` arguments: ``layers``, ``num_samples``, ``max_features``, ``token_mode``,
             ``every_n_epochs``, ``plot_every_n_epochs``, ``batch_size``, ``seed``, ``search_batches``,
             ``forward_fn``, ``input_key``, ``target_key``, ``output_dir``, ``name``.
@@ -82,17 +89,19 @@ class LayerCorrelationMonitor(RepresentationProbe):
 
     probe_name = "layer_correlation"
     shares_pass = True
+    uses_memory_budget = True
     layout_stats = ("mean_abs_correlation", "cka")
 
-    def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear", max_memory_gb: float = 2.0,
-                 **kwargs: Any) -> None:
+    def __init__(self, cka: Literal["linear", "minibatch_unbiased"] = "linear",
+                 max_memory_gb: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_choice("cka", cka, ("linear", "minibatch_unbiased"))
-        check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
+        if max_memory_gb is not None:
+            check_float("max_memory_gb", max_memory_gb, low=0.0, low_open=True)
         if cka == "minibatch_unbiased" and self.batch_size <= 3:
             raise ValueError(f"The unbiased minibatch CKA needs `batch_size` > 3, but got {self.batch_size}")
         self.cka = cka
-        self.max_memory_gb = float(max_memory_gb)
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
         self.history: dict[str, Any] = {"epochs": [], "pairs": {}}
 
     def reset_run(self) -> None:
@@ -109,37 +118,22 @@ class LayerCorrelationMonitor(RepresentationProbe):
     def minimum_samples(self) -> int:
         return 4 if self.cka == "minibatch_unbiased" else 2
 
+    @property
+    def exact_batch(self) -> bool:  # the minibatch estimator is defined by its batches of `batch_size`
+        return self.cka == "minibatch_unbiased"
+
     def fit_caps(self, widths: dict[str, int]) -> dict[str, int]:
         self._fit_token_rows()
-        caps = super().fit_caps(widths)
-        kept = {n: r.width(self._shapes[n], self._check_batch)
-                for n, r in self.make_reducers(self.token_mode, caps).items()}
-        features = sum(kept.values())
-        estimate = estimated_bytes(features) / 1e9
-        if estimate <= self.max_memory_gb:
-            return caps
-        explicit = [f"`{a}`" for a, given in (("layers", self.layers is not None),
-                                              ("max_features", self.max_features_set)) if given]
-        budget = int(math.isqrt(int(self.max_memory_gb * 1e9) // estimated_bytes(1)))
-        cap = fit_cap(list(kept.values()), budget)
-        if explicit or cap is None:
-            raise ProbeConfigurationError(
-                f"{type(self).__name__} would need about {estimate:.2f} GB for the float64 ({features} x {features}) "
-                f"covariance over the features of {len(kept)} layers, above `max_memory_gb`={self.max_memory_gb:g}. "
-                f"Select fewer `layers`, lower `max_features` (now {self.max_features}), or raise `max_memory_gb`"
-                f"{' (the set ' + ' and '.join(explicit) + ' are not reduced automatically)' if explicit else ''}. "
-                f"Widths: {dict(sorted(kept.items(), key=lambda kv: -kv[1])[:8])}")
-        fitted = {n: min(caps[n], cap) for n in caps}
-        after = {n: r.width(self._shapes[n], self._check_batch)
-                 for n, r in self.make_reducers(self.token_mode, fitted).items()}
-        reduced = {n: f"{kept[n]}->{after[n]}" for n in kept if after[n] < kept[n]}
-        rank_zero_warn(
-            f"{type(self).__name__}: the float64 ({features} x {features}) covariance over {len(kept)} layers would "
-            f"need about {estimate:.2f} GB, above `max_memory_gb`={self.max_memory_gb:g}; the {len(reduced)} widest "
-            f"layer(s) keep at most {cap} features (adaptive pooling of channel-first outputs, then a seeded "
-            f"subsample of the features), {sum(after.values())} features in all: "
-            f"{', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `max_features` or `layers` to choose.")
-        return fitted
+        return self.fit_caps_in_share(super().fit_caps(widths), "the float32 (F x F) sums and the float16 "
+                                                                "correlation")
+
+    def accumulator_bytes(self, widths: Sequence[int]) -> int:
+        return estimated_bytes(sum(widths), max(widths, default=0))
+
+    def held_bytes_per_sample(self) -> float:
+        # One batch's feature rows of every layer: kept, repeated to the token rows, concatenated, shifted.
+        rows = max(self.rows_per_sample().values(), default=1)
+        return 16.0 * rows * sum(self._widths.values() if self._widths else ())
 
     def _fit_token_rows(self) -> None:
         """One covariance needs the same rows from every layer: layers with one row per sample are repeated over
@@ -156,39 +150,22 @@ class LayerCorrelationMonitor(RepresentationProbe):
         """Fresh accumulators for one analysis (see `LayerCorrelationSession`)."""
         return LayerCorrelationSession(self)
 
-    def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
-        probe = self.probe_set(trainer)
-        session = self.start_session()
-        self.for_each_batch(pl_module, probe.chunks(self.batch_size), session.consume, raw=True)
-        return session.finish(trainer, epoch)
-
     def _finish(self, trainer: pl.Trainer, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
         names = list(self._modules)
-        cov = state["moments"].covariance()
-        corr = correlation_from_covariance(cov).cpu()
         edges = np.cumsum([0, *state["widths"]])
-        blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        if self.cka == "linear":
-            norms = torch.stack([torch.linalg.matrix_norm(cov[b, b]) for b in blocks])  # ||C_ii||_F, once each
-            squares = torch.stack([cov[bi, bj].square().sum() for i, bi in enumerate(blocks)
-                                   for bj in blocks[i:]]).cpu()
-            cka = torch.zeros(len(names), len(names), dtype=torch.float64)
-            index = 0
-            for i in range(len(names)):
-                for j in range(i, len(names)):
-                    denominator = float(norms[i] * norms[j])
-                    cka[i, j] = cka[j, i] = squares[index] / denominator if denominator > 0 else 0.0
-                    index += 1
-        else:
+        corr, mean_abs, cka = blockwise_layer_similarity(state["moments"], list(state["widths"]),
+                                                         cka=self.cka == "linear")
+        state["moments"] = None  # the sums are no longer needed: free them before the figures
+        if self.cka != "linear":
             cka = cka_from_hsic(state["hsic"]).cpu()
         records = []
         for i in range(len(names)):
             for j in range(i, len(names)):
-                block = corr[blocks[i], blocks[j]].abs()
-                mean_abs = float(block[~block.isnan()].mean()) if (~block.isnan()).any() else None
+                value = float(mean_abs[i, j])
                 records.append({"epoch": epoch, "step": trainer.global_step, "layer_a": names[i], "layer_b": names[j],
-                                "mean_abs_correlation": mean_abs, "cka": float(cka[i, j])})
-        self._report(trainer, epoch, names, records, corr.numpy(), edges, cka.numpy())
+                                "mean_abs_correlation": None if math.isnan(value) else value,
+                                "cka": float(cka[i, j])})
+        self._report(trainer, epoch, names, records, corr.cpu().numpy(), edges, cka.numpy())
         adjacent = [float(cka[i, i + 1]) for i in range(len(names) - 1)]
         return {f"{self.name}/cka_adjacent_mean": float(np.mean(adjacent)) if adjacent else None}
 
@@ -208,7 +185,7 @@ class LayerCorrelationMonitor(RepresentationProbe):
         self.save_json(trainer, self.history, "corr_means.json")
         if not trainer.is_global_zero:
             return
-        corr16 = corr.astype(np.float16)  # figure-grade: 3 significant digits, half the bytes of float32
+        corr16 = corr.astype(np.float16, copy=False)  # figure-grade: 3 significant digits
         self.save_npz(trainer, "correlation.npz", correlation=corr16, edges=np.asarray(edges), layers=np.array(names),
                       cka=cka, cka_estimator=np.array(self.cka), epoch=np.array(epoch))
         self.log_image(trainer, colormapped(corr16, -1, 1, "RdBu_r", max_size=512), "heatmap/correlation", step)
@@ -248,18 +225,29 @@ class LayerCorrelationMonitor(RepresentationProbe):
 
 
 class LayerCorrelationSession:
-    """One analysis of a `LayerCorrelationMonitor`: the streamed covariance (and minibatch HSIC terms), fed
-    batch by batch with raw layer outputs (`consume`), then turned into records (`finish`)."""
+    """One analysis of a `LayerCorrelationMonitor`: the streamed covariance sums (and minibatch HSIC terms), fed
+    layer by layer inside the forward hooks (`consume_layer`: the layer's reduced feature rows of this batch are
+    kept) and batch by batch (`end_batch`: the rows of every layer are added to the sums and dropped), then turned
+    into records (`finish`)."""
 
     def __init__(self, probe: LayerCorrelationMonitor) -> None:
         self.probe = probe
         self.state: dict[str, Any] = {"moments": None, "hsic": None, "widths": None}
+        self._rows: dict[str, torch.Tensor] = {}
 
-    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
-        """Add one batch of raw outputs ``{layer: output}`` (``batch``: its samples; default the probe's)."""
+    def consume_layer(self, name: str, output: torch.Tensor, batch: Optional[int] = None) -> None:
+        """Keep the feature rows of one layer's output (a copy: later in-place operations cannot change it)."""
+        batch = self.probe.batch_now if batch is None else batch
+        rows = self.probe._reducers[name](output, batch)
+        self._rows[name] = rows.to(torch.float32, copy=True)
+
+    def end_batch(self, batch: Optional[int] = None) -> None:
+        """Add the kept rows of every layer to the sums (in the layers' order) and drop them."""
         probe, state = self.probe, self.state
-        batch = probe.batch_now if batch is None else batch
-        features = [probe._reducers[n](o, batch).float() for n, o in outputs.items()]
+        features = [self._rows[n] for n in probe._modules if n in self._rows]
+        self._rows = {}
+        if not features:
+            return
         rows = max(f.shape[0] for f in features)
         # A per-sample row is paired with every token row of its sample (token rows are sample-major).
         features = [f if f.shape[0] == rows else f.repeat_interleave(rows // f.shape[0], dim=0) for f in features]
@@ -267,11 +255,19 @@ class LayerCorrelationSession:
             state["widths"] = [f.shape[1] for f in features]
             state["moments"] = MomentAccumulator(sum(state["widths"]), device=features[0].device,
                                                  dtype=torch.float32)  # agrees with float64 to 1e-5
-        state["moments"].update(torch.cat(features, dim=1))  # (rows, all features)
+        joined = torch.cat(features, dim=1) if len(features) > 1 else features[0]  # (rows, all features)
+        state["moments"].update(joined)
+        del joined
         if probe.cka == "minibatch_unbiased" and features[0].shape[0] > 3:
             grams = [(f @ f.T).double() for f in features]
             hsic = minibatch_hsic_terms(grams)
             state["hsic"] = hsic if state["hsic"] is None else state["hsic"] + hsic
+
+    def consume(self, outputs: dict[str, torch.Tensor], batch: Optional[int] = None) -> None:
+        """Add one batch of raw outputs ``{layer: output}`` at once (`consume_layer` each, then `end_batch`)."""
+        for name, output in outputs.items():
+            self.consume_layer(name, output, batch)
+        self.end_batch(batch)
 
     def finish(self, trainer: pl.Trainer, epoch: int) -> dict[str, Any]:
         """Records, scalars and figures of this analysis; returns the headline scalars."""
@@ -304,10 +300,18 @@ def history_from_records(records: list[dict[str, Any]]) -> tuple[list[int], list
     return epochs, names, pairs
 
 
+#: Most rows (and columns) of the correlation matrix drawn in ``correlation.png``: a larger matrix is drawn every
+#: ``ceil(F / FIGURE_CELLS)``-th feature (the ``.npz`` keeps every one).
+FIGURE_CELLS = 768
+
+
 def correlation_figure(corr: np.ndarray, edges: Sequence[int], names: Sequence[str], epoch: int) -> Figure:
-    """The matrix of cross-correlation matrices: every kept feature of every layer against every other, layer
-    blocks separated by lines."""
+    """The matrix of cross-correlation matrices: every kept feature of every layer against every other (every
+    ``ceil(F / FIGURE_CELLS)``-th one of a larger matrix), layer blocks separated by lines."""
     edges = np.asarray(edges)
+    stride = max(1, -(-corr.shape[0] // FIGURE_CELLS))  # a figure of ~700 pixels shows no more cells
+    if stride > 1:
+        corr, edges = corr[::stride, ::stride], edges / stride
     fig = Figure(figsize=(9, 8))
     ax = fig.subplots()
     heatmap(corr, f"Cross-correlation of layer features, epoch {epoch}", vmin=-1, vmax=1, cmap="RdBu_r", ax=ax)
@@ -348,7 +352,8 @@ def _series(pairs: Mapping[str, Mapping[str, list]], a: str, b: str, key: str, l
     return ([np.nan] * (length - len(values)) + values)[-length:] if length else values
 
 
-def estimated_bytes(features: int) -> int:
-    """Peak bytes of the covariance pass over ``features`` features: about four float64 ``(F x F)`` matrices
-    (the streamed sums, the covariance, the correlation and a temporary)."""
-    return 4 * 8 * features * features
+def estimated_bytes(features: int, widest: int = 0) -> int:
+    """Peak bytes of the streamed analysis over ``features`` features (``widest``: of the widest layer), the
+    forward batch aside: the float32 ``(F x F)`` sums, the float16 correlation derived from them and one float64
+    block row of the widest layer with its temporary (`lightning_probes.functional.blockwise_layer_similarity`)."""
+    return 6 * features * features + 16 * widest * features + 24 * features

@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_probes.budget import format_bytes
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, check_plot_every
 from lightning_probes.callbacks.shared_pass import SharedSessions, partners, run_shared_pass
@@ -16,7 +17,7 @@ from lightning_probes.capture import ActivationCapture, NoLayerError, select_mod
 from lightning_probes.checks import check_choice, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.feature_rows import TOKEN_MODES, FeatureReducer, infer_layouts, recording_calls, rows_per_sample
-from lightning_probes.probe_data import ProbeSet, has_uninitialized
+from lightning_probes.probe_data import ProbeSet, forward_peak_bytes, has_uninitialized
 from lightning_probes.probe_data import batch_size as samples_in
 
 #: ``max_features`` when the user leaves it out.
@@ -133,6 +134,9 @@ class RepresentationProbe(AnalysisProbe):
         self._layouts: dict[str, str] = {}
         self._reducers: dict[str, FeatureReducer] = {}
         self._check_batch: Optional[int] = None
+        self._forward_bytes = 0.0  # activation bytes per sample of the check forward (forward_peak_bytes)
+        self._share: Optional[int] = None  # the memory share, once planned
+        self._reduced: Optional[str] = None  # what the plan reduced
         self._shared = SharedSessions()
         self.batch_now: Optional[int] = None  # samples of the batch `for_each_batch` hands to `consume`
 
@@ -202,10 +206,13 @@ class RepresentationProbe(AnalysisProbe):
         first = next(self.probe_set(trainer).chunks(self.batch_size))
         capture = ActivationCapture(self._modules, 1, inputs=self.captures_inputs, tolerant=True)
         with capture.capturing(), uncompiled(pl_module), recording_calls(pl_module) as calls:
-            self.forward(pl_module, first)
+            peak = forward_peak_bytes(pl_module, lambda: self.forward(pl_module, first))
             outputs = capture.pop(allow_missing=True)
         self._keep_working(pl_module, outputs, capture.invalid)
         self._check_batch = samples_in(first)
+        self._forward_bytes = peak / max(1, self._check_batch)
+        self._share = self.memory_share(trainer, pl_module) if self.uses_memory_budget else None
+        self._reduced = None
         shapes: dict[str, tuple[int, ...]] = {}
         for name, _, shape in calls:
             if name in self._modules:
@@ -219,6 +226,87 @@ class RepresentationProbe(AnalysisProbe):
         widths = {n: r.width(shapes[n], self._check_batch) for n, r in self._reducers.items()}
         self.check_widths(widths)
         self._widths = widths
+        self._plan_memory(trainer, pl_module)
+
+    # -- memory -------------------------------------------------------------------------------------
+    def accumulator_bytes(self, widths: Sequence[int]) -> int:
+        """Peak bytes of the probe's accumulators (and of deriving its results from them) for layers of
+        ``widths`` kept features; a probe that draws on the memory budget implements it."""
+        return 0
+
+    def held_bytes_per_sample(self) -> float:
+        """Bytes the probe's sessions hold per sample of a forward batch besides the model's activations (the
+        feature rows of one batch, their temporaries); default none."""
+        return 0.0
+
+    #: Whether the statistics depend on the batches (minibatch CKA): the forward batch stays ``batch_size``.
+    exact_batch = False
+
+    def available_bytes(self) -> float:
+        """Bytes the accumulators may plan for: `accumulator_fraction` of the probe's share."""
+        return self.accumulator_fraction * (self._share or 0)
+
+    def fit_caps_in_share(self, caps: dict[str, int], what: str) -> dict[str, int]:
+        """``caps`` (``{layer: cap}``), lowered when the accumulators over the features they keep do not fit
+        `available_bytes`: left at their defaults (no ``layers``, no ``max_features``), the widest layers keep
+        fewer features (the largest common cap that fits; one warning, and the plan's ``reduced``); set, a
+        `ProbeConfigurationError` naming the estimate, the share and the arguments to change.
+
+        Args:
+            caps: Caps before the budget (e.g. ``max_features`` per layer).
+            what: What the accumulators are, for the messages (e.g. "the float32 (F x F) covariance").
+        """
+        kept = {n: r.width(self._shapes[n], self._check_batch)
+                for n, r in self.make_reducers(self.token_mode, caps).items()}
+        available = self.available_bytes()
+        estimate = self.accumulator_bytes(list(kept.values()))
+        if estimate <= available:
+            return caps
+        explicit = [f"`{a}`" for a, given in (("layers", self.layers is not None),
+                                              ("max_features", self.max_features_set)) if given]
+        cap = _largest_cap(list(kept.values()), lambda c: self.accumulator_bytes(
+            [min(w, c) for w in kept.values()]) <= available)
+        widths = dict(sorted(kept.items(), key=lambda kv: -kv[1])[:8])
+        if explicit or cap is None:
+            raise ProbeConfigurationError(
+                f"{type(self).__name__} would need about {format_bytes(estimate)} for {what} over the "
+                f"{sum(kept.values())} features of {len(kept)} layers, above the {format_bytes(available)} its "
+                f"accumulators may take ({self.accumulator_fraction:.0%} of {self.memory_share_text()}, "
+                f"{format_bytes(self._share or 0)}). Select fewer `layers`, lower `max_features` (now "
+                f"{self.max_features}), or raise `max_memory_gb` or `lightning_probes.set_memory_budget(...)`"
+                f"{' (the set ' + ' and '.join(explicit) + ' are not reduced automatically)' if explicit else ''}. "
+                f"Widths: {widths}")
+        fitted = {n: min(caps[n], cap) for n in caps}
+        after = {n: r.width(self._shapes[n], self._check_batch)
+                 for n, r in self.make_reducers(self.token_mode, fitted).items()}
+        reduced = {n: f"{kept[n]}->{after[n]}" for n in kept if after[n] < kept[n]}
+        self._reduced = (f"{len(reduced)} widest layer(s) keep at most {cap} features, "
+                         f"{sum(after.values())} of {sum(kept.values())} in all")
+        rank_zero_warn(
+            f"{type(self).__name__}: {what} over the {sum(kept.values())} features of {len(kept)} layers would need "
+            f"about {format_bytes(estimate)}, above the {format_bytes(available)} its accumulators may take "
+            f"({self.accumulator_fraction:.0%} of {self.memory_share_text()}, {format_bytes(self._share or 0)}); the "
+            f"{len(reduced)} widest layer(s) keep at most {cap} features (adaptive pooling of channel-first outputs, "
+            f"then a seeded subsample of the features), {sum(after.values())} features in all: "
+            f"{', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `max_features` or `layers` to choose.")
+        return fitted
+
+    def _plan_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Plan the forward batch inside what the accumulators leave of the share and log the plan (once per fit,
+        at the pre-flight's layer check)."""
+        if not self.uses_memory_budget or self._widths is None:
+            return
+        accumulators = self.accumulator_bytes(list(self._widths.values()))
+        per_sample = self._forward_bytes + self.held_bytes_per_sample()
+        if self.exact_batch:
+            self.forward_batch = self.batch_size
+        else:
+            self.plan_forward_batch(self.batch_size, per_sample, (self._share or 0) - accumulators)
+        reduced = self._reduced
+        if self.forward_batch < self.batch_size:
+            batch = f"forward batches of {self.forward_batch} samples (batch_size={self.batch_size})"
+            reduced = f"{reduced}; {batch}" if reduced else batch
+        self.report_memory_plan(trainer, pl_module, int(accumulators + self.forward_batch * per_sample), reduced)
 
     def _keep_working(self, pl_module: pl.LightningModule, outputs: dict[str, torch.Tensor],
                       invalid: dict[str, str]) -> None:
@@ -297,8 +385,9 @@ class RepresentationProbe(AnalysisProbe):
 
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                        epoch: int) -> Optional[dict[str, Any]]:
-        """One analysis of the selected layers (``self._modules``); returns the headline scalars."""
-        raise NotImplementedError
+        """One analysis of the selected layers (``self._modules``); returns the headline scalars. Default: one
+        streamed pass of this probe alone into a new session (`start_session`), then its ``finish``."""
+        return run_shared_pass(trainer, pl_module, [self])[0].finish(trainer, epoch)
 
     # -- the capture pass ---------------------------------------------------------------------------
     def for_each_batch(self, pl_module: pl.LightningModule, batches: Any,
@@ -315,3 +404,19 @@ class RepresentationProbe(AnalysisProbe):
                 capture.batch_size = self.batch_now = samples_in(batch)
                 self.forward(pl_module, batch)
                 consume(capture.pop())
+
+
+def _largest_cap(widths: Sequence[int], fits: Callable[[int], bool]) -> Optional[int]:
+    """The largest cap ``c`` in ``[1, max(widths)]`` with ``fits(c)`` (``fits`` grows false with ``c``), or ``None``."""
+    low, high = 1, max(widths, default=1)
+    if not fits(low):
+        return None
+    if fits(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low

@@ -227,12 +227,13 @@ class EffectiveRankAccumulator:
 
     def update(self, z: torch.Tensor) -> None:
         """Add a batch ``(b, num_features)``."""
+        rows_ptr = z.data_ptr()
         z = z.detach().double()
         self.n += z.shape[0]
         if self.moments is not None:
             self.moments.update(z)
             return
-        self.rows.append(z)
+        self.rows.append(z if z.data_ptr() != rows_ptr else z.clone())  # a copy: the caller's tensor may change
         if self.n > self.num_features:  # the covariance is now the smaller problem
             self.moments = MomentAccumulator(self.num_features, device=z.device)
             self.moments.update(torch.cat(self.rows))
@@ -252,3 +253,69 @@ class EffectiveRankAccumulator:
         x = torch.cat(self.rows)
         centred = x - x.mean(dim=0)
         return effective_rank_from_gram(centred @ centred.T)
+
+
+def blockwise_layer_similarity(moments: MomentAccumulator, widths: list[int], cka: bool = True,
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Correlation matrix, mean absolute correlation and linear CKA of every pair of layers from one streamed
+    `MomentAccumulator` over their concatenated features, derived one layer's block row at a time.
+
+    The covariance is never formed whole: for the rows of layer ``i`` the float64 block row
+    ``C[i, :] = (P[i, :] - n m_i m^T) / (n - 1)`` is derived from the sums, turned into correlations, reduced to the
+    statistics of the pairs ``(i, j >= i)`` and written into the float16 correlation matrix; so besides the
+    accumulator's ``(F x F)`` sums it holds that float16 matrix (``2 F^2`` bytes) and one float64 block row. Equal
+    to `correlation_from_covariance` and `cka_from_covariances` of the whole covariance (``MomentAccumulator
+    .covariance``), to float64 rounding.
+
+    Args:
+        moments: The streamed sums over the features of all layers, side by side (at least 2 rows).
+        widths: The layers' feature counts, in the order of the columns (they sum to the accumulator's width).
+        cka: Also the linear CKA of every pair (else zeros).
+
+    Returns:
+        ``(correlation, mean_abs, cka)``: the ``(F, F)`` float16 correlation matrix (NaN rows and columns for
+        features without variance), and ``(L, L)`` float64 matrices of the mean absolute correlation of each
+        pair's block (NaN entries left out; NaN when none is left) and of linear CKA (0 where a layer has no
+        variance).
+    """
+    total = sum(widths)
+    if moments.products.shape[0] != total:
+        raise ValueError(f"Expected `widths` summing to the accumulator's {moments.products.shape[0]} features, but "
+                         f"got {widths} (sum {total})")
+    if moments.n < 2:
+        raise ValueError(f"Expected at least 2 samples for a covariance, but got {moments.n}")
+    n = moments.n
+    mean = moments.sum / n
+    diagonal = (moments.products.diagonal().double() - n * mean.square()) / (n - 1)
+    std = diagonal.clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.full_like(std, float("nan")))
+    edges = [0]
+    for width in widths:
+        edges.append(edges[-1] + width)
+    layers = len(widths)
+    correlation = torch.empty(total, total, dtype=torch.float16, device=moments.products.device)
+    mean_abs = torch.full((layers, layers), float("nan"), dtype=torch.float64)
+    squares = torch.zeros(layers, layers, dtype=torch.float64)
+    for i in range(layers):
+        a, b = edges[i], edges[i + 1]
+        block = moments.products[a:b].double()  # (w_i, F): one block row of the sums
+        block.sub_(n * torch.outer(mean[a:b], mean)).div_(n - 1)  # the covariance block row, in place
+        if cka:
+            for j in range(i, layers):
+                squares[i, j] = squares[j, i] = block[:, edges[j]:edges[j + 1]].square().sum()
+        block.div_(std[a:b].unsqueeze(1)).div_(std.unsqueeze(0)).clamp_(-1, 1)  # the correlation block row
+        for j in range(i, layers):
+            part = block[:, edges[j]:edges[j + 1]].abs()
+            finite = ~part.isnan()
+            if finite.any():
+                mean_abs[i, j] = mean_abs[j, i] = part[finite].mean()
+        correlation[a:b] = block.to(torch.float16)
+        del block
+    similarity = torch.zeros(layers, layers, dtype=torch.float64)
+    if cka:
+        norms = squares.diagonal().sqrt()  # ||C_ii||_F
+        denominator = norms.unsqueeze(1) * norms.unsqueeze(0)
+        similarity = torch.where(denominator > 0, squares / denominator.where(denominator > 0,
+                                                                             torch.ones_like(denominator)),
+                                 torch.zeros_like(squares))
+    return correlation, mean_abs, similarity
