@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_probes.budget import FLOOR_BYTES, format_bytes
 from lightning_probes.callbacks.base import (
     DEFAULT_FLUSH_SECS,
     FigureSpec,
@@ -20,8 +21,8 @@ from lightning_probes.callbacks.base import (
     check_plot_every,
     check_positive_int,
 )
-from lightning_probes.callbacks.confidence_record import format_table, stage_figures, summarize
-from lightning_probes.callbacks.confidence_state import ConfidenceState
+from lightning_probes.callbacks.confidence_record import TOP_CONFUSIONS, format_table, stage_figures, summarize
+from lightning_probes.callbacks.confidence_state import ConfidenceState, dense_bytes, sparse_bytes
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.calibration import (
     classification_scores,
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Put into ``trainer.callback_metrics`` as ``<name>/<stage>/<metric>``, for ``EarlyStopping``/``ModelCheckpoint``.
 HEADLINE_METRICS = ("ece", "accuracy", "prediction_entropy_normalized")
+#: Values of ``confusion``: how the confusion state is kept.
+CONFUSION_MODES = ("auto", "dense", "sparse")
 #: TensorBoard custom-scalars charts: every stage (and data loader) of each listed metric as lines of one chart.
 _LAYOUT = {
     "calibration": ("ece", "adaptive_ece", "mce"),
@@ -118,6 +121,19 @@ class ConfidenceMonitor(ProbeCallback):
     - figures ``<name>/<stage>_confusion.png``, ``<stage>_confusion_thresholds.png``, ``<stage>_calibration.png``
       (TensorBoard tags ``<name>/<stage>/confusion``, ...); a plain-text table at the end of a test epoch.
 
+    Many classes (a language model's vocabulary: logits ``(N, V, T)`` against tokens ``(N, T)``): a dense
+    confusion grows with the square of the classes. With ``confusion="auto"`` the monitor plans at the first
+    batch (sanity check included) inside its share of the memory budget that the Trainer's probes share (at
+    least 64 MiB; its ``max_memory_gb`` when set) and logs the plan: dense when the dense state and its record
+    fit (up to about 400 classes for a 64 MiB share), else sparse. A sparse record holds every statistic above
+    with the same value as the dense one, and ``confusion_format: "sparse"``; it has no ``confusion_matrix``,
+    ``confidence_matrix`` or thresholded matrices (their coverage and accuracy stay), and its confusion figure is
+    ``<stage>_top_confusions.png``. Every record lists its ``top_confusions`` most frequent off-diagonal
+    cells (``true``, ``predicted``, ``count``, ``mean_confidence``, ties in row-major order; ``cells``: the
+    off-diagonal cells with a prediction; ``other_count``: the predictions in the cells not listed). A sparse
+    state holds about 24 bytes per distinct (target, predicted) cell seen in the epoch (at most one per
+    sample) and warns once if that outgrows its share.
+
     Several validation (or test) data loaders are accumulated and reported separately, named as Lightning names
     ``self.log`` metrics of several loaders: the scalars and headline metrics get the suffix
     ``/dataloader_idx_<i>`` (``confidence/val/ece/dataloader_idx_1``), the figures ``<stage>_dataloader_idx_<i>_*.png``,
@@ -136,6 +152,15 @@ class ConfidenceMonitor(ProbeCallback):
             drawn; the row-normalised confusion matrix goes to the image loggers as a colour-mapped image
             (``<name>/<stage>/heatmap/confusion``) at every epoch.
         ignore_index: Targets equal to this value are left out (e.g. ``-100`` or ``255`` for unlabelled pixels).
+        confusion: How the confusion is kept. ``"dense"``: the ``C x C`` matrices (``16 (T + 1) C^2`` bytes with
+            ``T`` thresholds, 64 MB at 1,000 classes, 161 GB at 50,257); ``"sparse"``: per-class counts and the
+            (target, predicted) cells seen, exact for every statistic but without the full matrices in the
+            record; ``"auto"`` (default): dense when the dense state and its record (about ``(88 T + 152) C^2``
+            bytes, `lightning_probes.callbacks.confidence_state.dense_bytes`) fit the probe's memory share, else
+            sparse (see "Many classes" above).
+        top_confusions: Off-diagonal cells listed in each record's ``top_confusions``.
+        max_memory_gb: This probe's own memory allowance in GB (1e9 bytes) for ``confusion="auto"``; ``None``
+            (default): its share of the probes' memory budget (`lightning_probes.set_memory_budget`).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``confidence``.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
@@ -159,6 +184,7 @@ class ConfidenceMonitor(ProbeCallback):
     """
 
     probe_name = "confidence"
+    uses_memory_budget = True
 
     def __init__(
         self,
@@ -171,6 +197,9 @@ class ConfidenceMonitor(ProbeCallback):
         collapse_entropy: float = 0.5,
         plot_every_n_epochs: int = 10,
         ignore_index: Optional[int] = None,
+        confusion: Literal["auto", "dense", "sparse"] = "auto",
+        top_confusions: int = TOP_CONFUSIONS,
+        max_memory_gb: Optional[float] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         flush_every_n_steps: Optional[int] = None,
@@ -199,6 +228,18 @@ class ConfidenceMonitor(ProbeCallback):
         self.min_count, self.collapse_entropy = min_count, collapse_entropy
         self.plot_every_n_epochs = check_plot_every(plot_every_n_epochs)
         self.ignore_index = ignore_index
+        if confusion not in CONFUSION_MODES:
+            raise ValueError(f"Expected `confusion` to be one of {list(CONFUSION_MODES)}, but got {confusion!r}")
+        check_positive_int("top_confusions", top_confusions)
+        if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))
+                                          or not max_memory_gb > 0):
+            raise ValueError(f"Expected `max_memory_gb` to be None (its share of the probes' memory budget) or a "
+                             f"positive number of GB, but got {max_memory_gb!r}")
+        self.confusion, self.top_confusions = confusion, top_confusions
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
+        self._share: Optional[int] = None
+        self._sparse: Optional[bool] = None  # decided at the first batch of a run (the number of classes)
+        self._warned_pairs = False
         self._states: dict[tuple[str, int], ConfidenceState] = {}
         #: The latest results per ``<stage>`` (or ``<stage>/dataloader_idx_<i>`` with several loaders).
         self.last_results: dict[str, dict[str, Any]] = {}
@@ -281,13 +322,51 @@ class ConfidenceMonitor(ProbeCallback):
         if problem is not None:
             raise ValueError(f"ConfidenceMonitor: `{self.target_key}` returned by `{stage}_step` {problem}")
 
+    # -- memory -------------------------------------------------------------------------------------
+    def reset_run(self) -> None:
+        super().reset_run()
+        self._share, self._sparse, self._warned_pairs = None, None, False
+
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        """Take this probe's memory share (the confusion state is planned inside it once the first batch gives
+        the number of classes)."""
+        self._share = self.memory_share(trainer, pl_module)
+        return None
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, num_classes: int) -> bool:
+        """Whether the states of this run are sparse: ``confusion``, or for ``"auto"`` whether the dense state
+        and its record fit this probe's share; logs the plan once."""
+        share = self._share if self._share is not None else self.memory_share(trainer, pl_module)
+        dense = dense_bytes(num_classes, len(self.confidence_thresholds))
+        sparse = self.confusion == "sparse" or (self.confusion == "auto" and dense > share)
+        reduced = None
+        if sparse:
+            why = "as set" if self.confusion == "sparse" else f"{format_bytes(dense)} with its record"
+            reduced = (f"sparse confusion of the {num_classes} classes (per-class counts and the (target, predicted) "
+                       f"cells seen, 24 bytes each; the record lists the {self.top_confusions} most frequent "
+                       f"confusions) instead of the dense matrices ({why})")
+        planned = sparse_bytes(num_classes) if sparse else dense
+        self.report_memory_plan(trainer, pl_module, planned, reduced)
+        return sparse
+
+    def _check_pairs(self, state: ConfidenceState) -> None:
+        """Warn once when a sparse confusion has outgrown the share (it holds every cell seen: exact)."""
+        share = self._share or FLOOR_BYTES
+        if not self._warned_pairs and state.pair_rows() * 24 > share:
+            self._warned_pairs = True
+            rank_zero_warn(f"ConfidenceMonitor {self.name!r}: its sparse confusion holds {state.pair_rows()} rows "
+                           f"({format_bytes(state.pair_rows() * 24)}), more than its memory share "
+                           f"({format_bytes(share)}): the (target, predicted) cells seen are kept exactly; "
+                           "validate on fewer batches or raise `max_memory_gb` if memory is short")
+
     # -- accumulation -------------------------------------------------------------------------------
     def _new_state(self, num_classes: int, device: torch.device) -> ConfidenceState:
         state = ConfidenceState(num_classes, self.n_bins, self.confidence_thresholds, self.adaptive_resolution,
-                                self.ignore_index)
+                                self.ignore_index, sparse=bool(self._sparse))
         return state.to(device)
 
-    def _update(self, trainer: pl.Trainer, stage: str, outputs: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, outputs: Any, batch_idx: int,
+                dataloader_idx: int) -> None:
         logits, target = self._read(stage, outputs)  # (M, C), (M,) or (M, C)
         num_classes = logits.shape[1]
         key = (stage, dataloader_idx)
@@ -297,6 +376,8 @@ class ConfidenceMonitor(ProbeCallback):
                              f"classes in batch {batch_idx}, but {state.num_classes} in earlier batches")
         if trainer.sanity_checking or batch_idx == 0:
             self._check_values(stage, target, num_classes)
+        if self._sparse is None:
+            self._sparse = self._plan(trainer, pl_module, num_classes)
         if trainer.sanity_checking:
             return  # contract checked; sanity-check batches belong to no epoch
         if state is None:
@@ -304,6 +385,8 @@ class ConfidenceMonitor(ProbeCallback):
         elif state.device != logits.device:
             state.to(logits.device)
         state.update(logits, target)
+        if state.sparse:
+            self._check_pairs(state)
 
     def _reset(self, stage: str) -> None:
         for (state_stage, _), state in self._states.items():
@@ -318,11 +401,11 @@ class ConfidenceMonitor(ProbeCallback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(trainer, "val", outputs, batch_idx, dataloader_idx)
+        self._update(trainer, pl_module, "val", outputs, batch_idx, dataloader_idx)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(trainer, "test", outputs, batch_idx, dataloader_idx)
+        self._update(trainer, pl_module, "test", outputs, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:  # before `on_validation_end`, where EarlyStopping reads the metrics
@@ -352,7 +435,7 @@ class ConfidenceMonitor(ProbeCallback):
             state.reset()
             self._raise_for_targets(stage, int(computed["target_min"]), int(computed["target_max"]),
                                     int(computed["soft_targets"]), state.num_classes)
-            results = summarize(computed, self.confidence_thresholds)
+            results = summarize(computed, self.confidence_thresholds, self.top_confusions)
             suffix = f"/dataloader_idx_{key[1]}" if several else ""
             label = f"{stage}{suffix}"
             self.last_results[label] = results
@@ -376,10 +459,11 @@ class ConfidenceMonitor(ProbeCallback):
 
     def _plot(self, trainer: pl.Trainer, stage: str, results: dict[str, Any], suffix: str = "") -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
-        counts = np.asarray(results["confusion_matrix"], dtype=float)
-        with np.errstate(invalid="ignore"):
-            normalised = counts / counts.sum(axis=1, keepdims=True)
-        self.log_image(trainer, colormapped(normalised, 0, 1), f"{stage}/heatmap/confusion{suffix}", step)
+        if "confusion_matrix" in results:  # a sparse record has no matrix to show
+            counts = np.asarray(results["confusion_matrix"], dtype=float)
+            with np.errstate(invalid="ignore"):
+                normalised = counts / counts.sum(axis=1, keepdims=True)
+            self.log_image(trainer, colormapped(normalised, 0, 1), f"{stage}/heatmap/confusion{suffix}", step)
         for filename, tag, draw in stage_figures(results, stage, suffix, epoch, self.min_count):
             if stage == "test":
                 self.save_figure(trainer, draw(), filename, tag, step)

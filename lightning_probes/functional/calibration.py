@@ -262,15 +262,29 @@ def classification_scores(confusion: torch.Tensor) -> dict[str, Any]:
         ``f1`` as ``(C,)`` float64 tensors.
     """
     cm = confusion.double()
-    tp = cm.diagonal()
-    predicted, actual = cm.sum(dim=0), cm.sum(dim=1)
+    return classification_scores_from_counts(cm.diagonal(), cm.sum(dim=0), cm.sum(dim=1))
+
+
+def classification_scores_from_counts(tp: torch.Tensor, predicted: torch.Tensor,
+                                      actual: torch.Tensor) -> dict[str, Any]:
+    """`classification_scores` from the three per-class counts that are all it reads of a confusion matrix.
+
+    Args:
+        tp: ``(C,)`` correct predictions per class (the diagonal).
+        predicted: ``(C,)`` predictions per class (the column sums).
+        actual: ``(C,)`` samples per true class (the row sums).
+
+    Returns:
+        As `classification_scores`.
+    """
+    tp, predicted, actual = tp.double(), predicted.double(), actual.double()
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
     denominator = precision + recall
     f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-300), torch.zeros_like(tp))
     present = (predicted + actual) > 0
     weight = present.double() / present.sum().clamp_min(1)
-    return {"accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
+    return {"accuracy": float(tp.sum() / actual.sum().clamp_min(1)),
             "macro_precision": float((precision * weight).sum()), "macro_recall": float((recall * weight).sum()),
             "macro_f1": float((f1 * weight).sum()), "precision": precision, "recall": recall, "f1": f1}
 
@@ -297,3 +311,48 @@ def classwise_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bin
     return torch.stack([
         calibration_error_from_sums(calibration_sums(probs[:, c].contiguous(), one_hot[:, c], n_bins), "l1")
         for c in range(probs.shape[1])])
+
+
+def merge_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """Sum the rows of a sparse confusion that share a cell: ``(M, 1 + V)`` rows ``[cell, values...]`` (float64,
+    the cell a flat index ``target * C + predicted`` held exactly: below 2**53) to one row per cell, sorted by cell.
+
+    Example:
+        >>> merge_pairs(torch.tensor([[5., 1., 0.5], [2., 1., 0.9], [5., 1., 0.7]], dtype=torch.float64)).tolist()
+        [[2.0, 1.0, 0.9], [5.0, 2.0, 1.2]]
+    """
+    if rows.ndim != 2 or rows.shape[1] < 2:
+        raise ValueError(f"Expected `rows` of shape (M, 1 + values), but got shape {tuple(rows.shape)}")
+    if rows.shape[0] == 0:
+        return rows
+    cells, where = torch.unique(rows[:, 0], sorted=True, return_inverse=True)
+    values = torch.zeros(len(cells), rows.shape[1] - 1, dtype=rows.dtype, device=rows.device)
+    values.index_add_(0, where, rows[:, 1:])
+    return torch.cat([cells.unsqueeze(1), values], dim=1)
+
+
+def top_confusions(pairs: torch.Tensor, num_classes: int, k: int) -> dict[str, Any]:
+    """The ``k`` most frequent off-diagonal cells of a sparse confusion, and what the others hold.
+
+    Args:
+        pairs: ``(M, 3)`` merged rows ``[cell, count, sum of confidence]`` (`merge_pairs`), ``cell = target * C +
+            predicted``.
+        num_classes: ``C``.
+        k: Most cells listed.
+
+    Returns:
+        ``true``, ``predicted``, ``count`` (ints) and ``mean_confidence`` (floats): lists of the listed cells, by
+        count descending, ties by cell (row-major) ascending; ``cells``: off-diagonal cells with a prediction;
+        ``other_count``: predictions in the off-diagonal cells not listed. A dense ``(C, C)`` matrix ``m`` gives
+        the same cells as its off-diagonal entries sorted by ``(-m[t, p], t * C + p)``.
+    """
+    cell = pairs[:, 0].long()
+    counts = pairs[:, 1]
+    off = (cell // num_classes != cell % num_classes) & (counts > 0)
+    cell, counts, sums = cell[off], counts[off], pairs[off, 2]
+    # Ascending cell order is kept by a stable sort on the count: ties stay in row-major order.
+    order = torch.sort(-counts, stable=True).indices[:k]
+    listed = counts[order]
+    return {"true": (cell[order] // num_classes).tolist(), "predicted": (cell[order] % num_classes).tolist(),
+            "count": listed.round().long().tolist(), "mean_confidence": (sums[order] / listed).tolist(),
+            "cells": int(len(cell)), "other_count": int(round(float(counts.sum() - listed.sum())))}
