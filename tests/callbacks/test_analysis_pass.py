@@ -16,6 +16,7 @@ from lightning_probes import (
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
 )
+from lightning_probes.callbacks.layer_correlation import estimated_bytes
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.models import MLP
 from tests.helpers import RandomDataModule, read, small_mlp, trainer
@@ -214,13 +215,14 @@ def test_memory_estimate_stops_before_allocating(tmp_path):
     # A cap the user set is never lowered: an error naming the estimate and the arguments.
     probe = LayerCorrelationMonitor(num_samples=8, max_memory_gb=0.05, max_features=1024, output_dir=str(tmp_path))
     with pytest.raises(ProbeConfigurationError,
-                       match=r"about \d+\.\d+ GB .*above `max_memory_gb`=0.05.*`layers`.*`max_features`"):
+                       match=r"about \d+\.\d+ MiB .*above .*`max_memory_gb`=0.05.*`layers`.*`max_features`"):
         _fit(tmp_path, Wide(), [probe], RandomDataModule())
-    # At the defaults the widest layers are reduced to fit, with one warning (0.05 GB: at most 1250 features).
+    # At the defaults the widest layers are reduced to fit, with one warning (75% of 0.05 GB: about 2,300 features).
     probe = LayerCorrelationMonitor(num_samples=8, max_memory_gb=0.05, output_dir=str(tmp_path))
     with pytest.warns(UserWarning, match=r"keep at most \d+ features"):
         _fit(tmp_path, Wide(), [probe], RandomDataModule())
-    assert 32 * sum(probe._widths.values()) ** 2 <= 0.05e9
+    widths = probe._widths.values()
+    assert estimated_bytes(sum(widths), max(widths)) <= 0.75 * 0.05e9
     with pytest.raises(ValueError, match="`max_memory_gb`"):
         LayerCorrelationMonitor(max_memory_gb=0)
 

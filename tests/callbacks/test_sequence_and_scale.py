@@ -10,6 +10,8 @@ from pytorch_lightning.demos import Transformer
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_probes as lp
+from lightning_probes import LayerCorrelationMonitor
+from lightning_probes.callbacks.layer_correlation import estimated_bytes
 from lightning_probes.errors import ProbeConfigurationError
 from tests.helpers import RandomDataModule, read, small_mlp, trainer
 
@@ -146,8 +148,9 @@ def test_explicit_settings_that_do_not_fit_are_still_an_error(tmp_path):
 def test_defaults_reduce_the_widest_layers_with_one_warning(tmp_path, caplog):
     """At the defaults a selection above `max_memory_gb` is reduced (widest layers first); the records then equal
     the statistics of the kept features, computed with NumPy."""
-    probe = lp.LayerCorrelationMonitor(max_memory_gb=32 * 20**2 / 1e9, num_samples=32, output_dir=str(tmp_path),
-                                       every_n_epochs=2)  # room for 20 features
+    room = estimated_bytes(20) / LayerCorrelationMonitor.accumulator_fraction  # room for 20 features
+    probe = lp.LayerCorrelationMonitor(max_memory_gb=room / 1e9, num_samples=32, output_dir=str(tmp_path),
+                                       every_n_epochs=2)
     model = small_mlp()
     untrained = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"keep at most \d+ features") as warned:
@@ -178,8 +181,8 @@ def test_defaults_reduce_the_widest_layers_with_one_warning(tmp_path, caplog):
 
 def test_resnet50_at_defaults(tmp_path):
     """torchvision's resnet50 with every representation probe and the prediction probes at their memory defaults
-    (LayerCorrelationMonitor at 0.2 GB instead of 2 GB, so that its reduced covariance, about 2,500 instead of
-    7,900 features, keeps the test in seconds; the 2 GB default was run by hand): it runs, LayerCorrelationMonitor
+    (LayerCorrelationMonitor at 0.06 GB instead of its share of the budget, so that its reduced covariance, about
+    2,500 features, keeps the test in seconds): it runs, LayerCorrelationMonitor
     reduces its widest layers with one warning, and every probe writes records."""
     torchvision = pytest.importorskip("torchvision")
 
@@ -204,19 +207,21 @@ def test_resnet50_at_defaults(tmp_path):
     data = TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.arange(16) % 10)
     out = str(tmp_path)
     schedule = dict(output_dir=out, every_n_epochs=2, plot_every_n_epochs=0)  # one analysis: epoch 0
-    probes = [lp.LayerCorrelationMonitor(max_memory_gb=0.2, **schedule), lp.ActivationStatsMonitor(**schedule),
+    probes = [lp.LayerCorrelationMonitor(max_memory_gb=0.06, **schedule), lp.ActivationStatsMonitor(**schedule),
               lp.AlignmentMonitor(**schedule), lp.AugmentationInvarianceMonitor(num_views=8, **schedule),
               lp.ConfidenceMonitor(output_dir=out, plot_every_n_epochs=0),
               lp.NoiseRobustnessMonitor(num_draws=4, output_dir=out, plot_every_n_epochs=0)]
     with pytest.warns(UserWarning, match=r"LayerCorrelationMonitor: .* keep at most") as warned:
         trainer(tmp_path, probes, max_epochs=1, limit_train_batches=1).fit(
             Net(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
-    assert len([w for w in warned if "keep at most" in str(w.message)]) == 1
+    assert len([w for w in warned if str(w.message).startswith("LayerCorrelationMonitor: ")
+                and "keep at most" in str(w.message)]) == 1
     for name in ("layer_correlation", "activation_stats", "alignment", "augmentation_invariance", "confidence",
                  "noise_robustness"):
         assert read(tmp_path / f"{name}.jsonl"), name
     assert len(probes[0]._widths) == 18  # 17 ReLU modules and the classifier
-    assert sum(probes[0]._widths.values()) ** 2 * 32 <= 0.2e9
+    widths = probes[0]._widths.values()
+    assert estimated_bytes(sum(widths), max(widths)) <= LayerCorrelationMonitor.accumulator_fraction * 0.06e9
 
 
 def test_augmentation_invariance_skips_token_inputs_at_its_default(tmp_path):
