@@ -230,10 +230,11 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str], discover: bool = False
-              ) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str], discover: bool = False,
+              steps: Optional[int] = None, tree: Optional[str] = None) -> dict[str, Any]:
+    """One memory process; ``tree``: import ``lightning_probes`` from that checkout (e.g. the version before)."""
     command = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--variant", variant,
-               "--device", args.device, "--memory-steps", str(args.memory_steps), "--probe-samples",
+               "--device", args.device, "--memory-steps", str(steps or args.memory_steps), "--probe-samples",
                str(args.probe_samples), "--root", args.root]
     if args.smoke:
         command.append("--smoke")
@@ -246,7 +247,10 @@ def run_child(args: argparse.Namespace, model: str, variant: str, skip: set[str]
         command += ["--skip", *sorted(skip)]
     if discover:
         command.append("--discover")
-    done = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -264,6 +268,64 @@ def memory_and_analyses(args: argparse.Namespace, model: str) -> tuple[dict, dic
     found = run_child(args, model, "probes", set(), discover=True)
     probes = run_child(args, model, "probes", set(found["skipped"]))
     return bare, probes, found["failures"] + probes["failures"]
+
+
+GRADIENT_PROBES = ("GradientStatsMonitor", "GradientDynamicsMonitor")
+
+
+def per_probe_memory(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Peak memory of the model bare and with each probe alone, then every probe (one process each): the
+    gradient probes train ``--memory-steps`` steps (past a snapshot and a logged step), the others
+    ``--analysis-steps`` (the training peak is reached at the first step, their analyses run at the epoch's end);
+    the bare run is measured at both lengths. With ``--before DIR`` every variant is measured with that checkout's
+    ``lightning_probes`` too, alternating with this one."""
+    trees = [("after", None)] + ([("before", args.before)] if args.before else [])
+    if args.only:
+        trees = [t for t in trees if t[0] == args.only]
+    earlier = {}
+    if args.before_json:  # the version before, measured by an earlier run (`--only before --json FILE`)
+        with open(args.before_json) as f:
+            earlier = json.load(f)["models"].get(model, {}).get("per_probe", {})
+    variants: list[tuple[str, int, set[str]]] = [("bare", args.memory_steps, set()),
+                                                 ("bare", args.analysis_steps, set())]
+    for probe in PROBES:
+        steps = args.memory_steps if probe in GRADIENT_PROBES else args.analysis_steps
+        variants.append((probe, steps, set(PROBES) - {probe}))
+    variants.append(("every probe", args.memory_steps, set()))
+    out: dict[str, Any] = {}
+    for label, steps, skip in variants:
+        for tree_label, tree in trees:
+            kind = "bare" if label == "bare" else "probes"
+            result = run_child(args, model, kind, skip, steps=steps, tree=tree)
+            memory = result.get("peak_cuda_mb", result["peak_rss_mb"])
+            failed = [f["error"] for f in result["failures"]]
+            out.setdefault(f"{label}@{steps}", {})[tree_label] = {"peak_mb": memory, "failures": failed,
+                                                                   "seconds": result["seconds"]}
+            print(f"  {model} {tree_label:6s} {label:30s} {steps:3d} steps: {memory:8.0f} MB"
+                  f"{'  FAILED: ' + failed[0][:120] if failed else ''}", flush=True)
+        if key_before := earlier.get(f"{label}@{steps}", {}).get("before"):
+            out[f"{label}@{steps}"]["before"] = key_before
+    return out
+
+
+def per_probe_table(model: str, table: dict[str, Any], args: argparse.Namespace) -> None:
+    """The per-probe memory table: each probe's peak against the bare run of the same length."""
+    trees = [t for t in ("before", "after") if all(t in entry for entry in table.values())]
+    print(f"\n{model}: peak {'CUDA' if args.device == 'cuda' else 'RSS'} memory, each probe alone at its defaults")
+    print("| probe | " + " | ".join(f"{t}: +MB (x bare)" for t in trees) + " |")
+    print("|---|" + "---|" * len(trees))
+    for key, entry in table.items():
+        label, steps = key.rsplit("@", 1)
+        if label == "bare":
+            print(f"| bare, {steps} steps | " + " | ".join(f"{entry[t]['peak_mb']:.0f} MB" for t in trees) + " |")
+            continue
+        cells = []
+        for t in trees:
+            bare = table[f"bare@{steps}"][t]["peak_mb"]
+            value = entry[t]["peak_mb"]
+            note = " (refused)" if entry[t]["failures"] and label != "every probe" else ""
+            cells.append(f"{value - bare:+.0f} ({value / bare:.2f}x){note}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 # -- per-step cost: one process, interleaved -----------------------------------------------------------------
@@ -330,6 +392,17 @@ def main() -> None:
     parser.add_argument("--no-discover", action="store_true",
                         help="no separate process to find the probes that fail: the memory process retries without "
                              "them (faster; the failed attempts' memory counts in its peak)")
+    parser.add_argument("--per-probe", action="store_true",
+                        help="the per-probe memory table: bare, each probe alone, every probe (one process each)")
+    parser.add_argument("--analysis-steps", type=int, default=3,
+                        help="with --per-probe: training steps of the processes of the analysis probes (default 3)")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="with --per-probe: also measure the lightning_probes of this checkout (the version "
+                             "before a change), alternating with this one")
+    parser.add_argument("--only", choices=["before", "after"], default=None,
+                        help="with --per-probe: measure only this version")
+    parser.add_argument("--before-json", default=None, metavar="FILE",
+                        help="with --per-probe: the before column from an earlier run's --json (`--only before`)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -360,6 +433,16 @@ def main() -> None:
                                         for m, s in specs(args.smoke, args.batch, args.size).items()}}
     with output_dir(args.output) as root:
         args.root = root
+        if args.per_probe:
+            for model in args.models:
+                print(f"{model}: per-probe memory (separate processes)", flush=True)
+                results["models"][model] = {"per_probe": per_probe_memory(args, model)}
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(results, f, indent=1)
+            for model, entry in results["models"].items():
+                per_probe_table(model, entry["per_probe"], args)
+            return
         for model in args.models:
             print(f"{model}: memory and analyses (separate processes)", flush=True)
             entry: dict[str, Any] = {}
