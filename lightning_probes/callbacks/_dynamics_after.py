@@ -11,9 +11,6 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_probes.callbacks._dynamics_step import Previous
-from lightning_probes.callbacks._entries import gather_selected
-from lightning_probes.functional._fused import state_codes
-from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.sharding import local_tensor
 
 #: The name a failure of the post-step hook is reported under (the guard's "hook").
@@ -29,8 +26,8 @@ class AfterStep:
     over the hooks while it calls them, so a hook is never removed from inside one: a probe disabled there stops
     acting at once and its hooks go at ``teardown``.
 
-    It uses the probe's ``_hooks``, ``_pending``, ``_previous``, ``_params``, ``_kernel_after``, ``_tracked_for``,
-    ``_compiled``, ``_selection_for``, ``_owned``, ``_write``, ``active`` and ``_hook_failed``.
+    It uses the probe's ``_hooks``, ``_pending``, ``_previous``, ``_params``, ``_passes``, ``_tracked_for``,
+    ``_selection_for``, ``_whole_squares``, ``_write``, ``active`` and ``_hook_failed``.
     """
 
     _in_after_step = False
@@ -67,30 +64,16 @@ class AfterStep:
         if pending is None:
             return
         params = [local_tensor(self._params[i]).detach() for i in pending.tracked]
-        before, pending.before = pending.before, None
-        current, pending.current = pending.current, None
-        state = None
-        if (current is not None and self._compiled(params, self._kernel_after)
-                and before.dtype == params[0].dtype):
-            if isinstance(current, torch.Tensor):
-                current = list(current.split(pending.sizes))
-            # One graph for every step: the state and norms are computed even where unused (same single pass).
-            states, update_squares, weight_squares = self._kernel_after(
-                params, list(before.split(pending.sizes)), current, True)
-            state = torch.cat(states) if pending.snapshot else None
-            if pending.log:
-                pending.update_norm, pending.weight_norm = update_squares, weight_squares
-        else:
-            selection = self._selection_for(pending.tracked, before.device)
-            after = gather_selected(params, selection)
-            if pending.snapshot:
-                if not isinstance(current, torch.Tensor):
-                    current = torch.cat(current)
-                state = state_codes(current, after, before)
-            if pending.log:
-                pending.update_norm = l2_norms(list((after - before).split(pending.sizes))).double().square()
-                pending.weight_norm = self._owned(l2_norms(params).double().square(), pending.tracked,
-                                                  before.device)
+        buffers, pending.buffers = pending.buffers, None
+        device = buffers.state.device
+        selection = self._selection_for(pending.tracked, device)
+        updates, squares = self._passes.after(params, selection, buffers, pending.snapshot, pending.log,
+                                              pending.whole)  # one pass: norms and the new state, in place
+        state = buffers.state if pending.snapshot else None
+        del buffers  # the weights' compact copy goes now; the state buffer lives on as `Previous.state`
+        if pending.log:
+            pending.update_norm = updates.to(device)
+            pending.weight_norm = self._whole_squares(params, squares, pending.tracked, selection, device)
         if pending.snapshot:
             self._previous[opt_index] = Previous(state=state, finite=pending.finite, count=pending.count,
                                                   tracked=pending.tracked)

@@ -23,7 +23,7 @@ class Previous:
     Attributes:
         state: ``int8`` code per tracked entry (`lightning_probes.functional._fused.state_codes`): gradient sign
             and level (below the release / zero threshold), update direction. One byte per entry: the only
-            per-entry state kept between steps.
+            per-entry state kept between steps (a compared step rewrites it in place).
         finite: 0-d bool tensor (on the device): whether every gradient of the step was finite.
         count: The optimiser's step count of the step.
         tracked: Indices (into the probe's parameters) of the tensors the state covers, in order.
@@ -49,9 +49,10 @@ class Pending:
         finite: 0-d bool tensor: every gradient finite.
         grad_norm: ``(P,)`` squared gradient norm per tracked tensor (this rank's part, unscaled).
         sizes: Number of this rank's followed entries of each tracked tensor.
-        before: The flat weights before the step (freed after the step).
-        current: `current_codes` of the step's gradients, ``int8``: flat, or a list per tensor from the compiled
-            kernel (only on a snapshot step; freed after the step).
+        buffers: The state buffer holding the step's codes and the weights' compact before-copy
+            (`lightning_probes.callbacks._dynamics_paths.Buffers`; freed after the step, the state buffer going
+            on as the next `Previous` on a snapshot step).
+        whole: Every entry of whole tensors is followed (the compiled kernels may run).
         counts: ``(P, 7)`` float64 transition counts in the order of ``COUNT_NAMES`` (logged steps).
         has_previous: A `Previous` of the step before existed for the same tensors (logged steps).
         previous_finite: 0-d bool tensor: the previous step's gradients were finite (logged steps).
@@ -70,8 +71,8 @@ class Pending:
     finite: torch.Tensor
     grad_norm: torch.Tensor
     sizes: list[int]
-    before: Optional[torch.Tensor] = None
-    current: Optional[Any] = None
+    buffers: Optional[Any] = None
+    whole: bool = False
     counts: Optional[torch.Tensor] = None
     has_previous: bool = False
     previous_finite: Optional[torch.Tensor] = None

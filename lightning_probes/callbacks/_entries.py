@@ -23,9 +23,8 @@ import torch
 
 from lightning_probes.sharding import ShardLayout
 
-#: Bytes one followed entry costs at a compared step's peak, besides the weight and gradient copies: the int8
-#: state kept between steps, and the int8 codes and keys of the step.
-_CODE_BYTES = 3
+#: Bytes one followed entry costs between steps: the int8 state (overwritten in place at a compared step).
+_STATE_BYTES = 1
 
 
 def draw_subsets(numels: Sequence[int], max_entries: Optional[int], seed: int) -> list[Optional[np.ndarray]]:
@@ -47,9 +46,15 @@ def draw_subsets(numels: Sequence[int], max_entries: Optional[int], seed: int) -
 
 
 def bytes_per_entry(itemsize: int) -> int:
-    """Peak bytes per followed entry at a compared step: state and codes (3), the weights' copy and the gradients'
-    flat copy (``itemsize`` each)."""
-    return _CODE_BYTES + 2 * itemsize
+    """Peak bytes per followed entry at a compared step: the state byte (rewritten in place with the step's codes,
+    then the new state) and the weights' before-copy (`lightning_probes.functional._fused.planes_bytes`: 3 bytes
+    for float32 weights, 2 for 16-bit ones, 8 for float64).
+
+    Example:
+        >>> bytes_per_entry(4), bytes_per_entry(2), bytes_per_entry(8)
+        (4, 3, 9)
+    """
+    return _STATE_BYTES + {4: 3, 8: 8}.get(itemsize, 2)
 
 
 def auto_max_entries(numels: Sequence[int], itemsize: int, fraction: float = 0.1) -> int:
@@ -57,8 +62,8 @@ def auto_max_entries(numels: Sequence[int], itemsize: int, fraction: float = 0.1
     parameters' own memory (``itemsize`` bytes each).
 
     Example:
-        >>> auto_max_entries([1000, 10], itemsize=4)  # budget 404 bytes / 11 bytes per entry = 36 entries
-        26
+        >>> auto_max_entries([1000, 10], itemsize=4)  # budget 404 bytes / 4 bytes per entry = 101 entries
+        91
     """
     budget = fraction * itemsize * sum(numels) / bytes_per_entry(itemsize)
     low, high = 1, max(numels)
@@ -85,8 +90,10 @@ class EntrySelection:
             order, no scatter needed).
         n_sample: Length of the step's sample vector (every sign-map column of the tracked tensors).
         row: Columns of the sample vector's entries in a sign-map row.
-        tensor_index: Per tensor, positions of its sign-map columns in its own selected flat vector (the compiled
-            kernel's ``indices``; only without sharding).
+        tensor_index: Per tensor, positions of its sign-map columns in its own selected flat vector (only without
+            sharding).
+        sample_local: Per tensor, positions in its local flat tensor of the sign-map columns this rank holds (in
+            the order of ``sample_src``): the step's sample is read from the gradients themselves.
     """
 
     local_index: list[Optional[torch.Tensor]]
@@ -96,6 +103,7 @@ class EntrySelection:
     n_sample: int
     row: np.ndarray
     tensor_index: list[torch.Tensor]
+    sample_local: list[torch.Tensor]
 
 
 def select_entries(tracked: Sequence[int], layouts: Sequence[ShardLayout], subsets: Sequence[Optional[np.ndarray]],
@@ -113,7 +121,7 @@ def select_entries(tracked: Sequence[int], layouts: Sequence[ShardLayout], subse
         sharded: Whether ranks hold parts of tensors (FSDP2).
     """
     local_index: list[Optional[torch.Tensor]] = []
-    sizes, src, dst, rows, per_tensor = [], [], [], [], []
+    sizes, src, dst, rows, per_tensor, local = [], [], [], [], [], []
     local_offset = sample_offset = 0
     for i in tracked:
         layout, subset, cols = layouts[i], subsets[i], columns[i]
@@ -131,6 +139,8 @@ def select_entries(tracked: Sequence[int], layouts: Sequence[ShardLayout], subse
         sizes.append(k1 - k0)
         held = (cols >= k0) & (cols < k1)
         src.append(cols[held] - k0 + local_offset)
+        positions = (cols[held] - k0).to(device)  # in this rank's selected entries of the tensor
+        local.append(positions if index is None else index[positions].to(torch.long))
         dst.append(torch.nonzero(held).reshape(-1) + sample_offset)
         per_tensor.append(cols)
         rows.append(column_offsets[i] + np.arange(len(cols)))
@@ -140,7 +150,7 @@ def select_entries(tracked: Sequence[int], layouts: Sequence[ShardLayout], subse
         local_index=local_index, sizes=sizes, sample_src=torch.cat(src).to(device),
         sample_dst=torch.cat(dst).to(device) if sharded else None, n_sample=sample_offset,
         row=np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
-        tensor_index=[c.to(device) for c in per_tensor])
+        tensor_index=[c.to(device) for c in per_tensor], sample_local=local)
 
 
 def pick_columns(selected_counts: Sequence[int], max_columns: int) -> tuple[list[torch.Tensor], list[int], int]:

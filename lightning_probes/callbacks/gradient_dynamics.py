@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks._dynamics_after import AfterStep
+from lightning_probes.callbacks._dynamics_paths import DynamicsPasses, sample_of
 from lightning_probes.callbacks._dynamics_records import EPOCH_MEANS, DynamicsRecords
 from lightning_probes.callbacks._dynamics_step import Deferred, Pending, Previous
 from lightning_probes.callbacks._entries import (
@@ -20,7 +21,6 @@ from lightning_probes.callbacks._entries import (
     auto_max_entries,
     bytes_per_entry,
     draw_subsets,
-    gather_selected,
     megabytes,
     pick_columns,
     select_entries,
@@ -34,14 +34,7 @@ from lightning_probes.callbacks._gradient_figures import (
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
 from lightning_probes.checks import check_float, check_positive_int
-from lightning_probes.functional._fused import (
-    FusedKernel,
-    counts_from_keys,
-    current_codes,
-    fused_dynamics_after,
-    fused_dynamics_before,
-    key_histogram,
-)
+from lightning_probes.functional._fused import FusedKernel, fused_dynamics_after, fused_dynamics_before
 from lightning_probes.functional.dynamics import zero_threshold_for
 from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.naming import TOTAL, Patterns
@@ -74,8 +67,14 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
     release or update statistics; the next step then has no previous gradient (``has_previous: false``), as
     does the first step after a restart. Between steps it keeps one byte per tracked entry (an ``int8``
     sign-level-and-direction code, see `lightning_probes.functional._fused`), and only for the step before
-    a logged one;
-    a weight copy exists only during the steps it compares. A logged step costs one device-to-host transfer.
+    a logged one. A compared step rewrites that byte in place and adds a compact copy of the weights before the
+    optimiser step: 3 bytes per float32 entry (exact for every weight of at least ``2**-15`` times its tensor's
+    largest magnitude; see `lightning_probes.functional._fused.decode_weights` for the smaller ones), 2 per
+    16-bit entry, 8 per float64 entry; so 4 bytes per followed float32 entry in all, freed after the step. On a
+    CPU each of the two passes of a step (before and after the optimiser) is one C loop over the gradients,
+    weights and state (`lightning_probes.functional._native`, built with the system's C compiler at the first
+    step, half a second; without a compiler the eager torch reference runs). A logged step costs one
+    device-to-host transfer.
 
     Headline metrics for ``EarlyStopping``/``ModelCheckpoint`` (``trainer.callback_metrics``, at every train
     epoch end, on every rank): the epoch means over the logged steps of the ``__total__`` fractions and update
@@ -102,8 +101,8 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
     scaled), the fractions are over the subset, and so is ``update_norm`` (the weights are copied only there);
     ``grad_norm`` and ``weight_norm`` need no state and stay over the whole tensors. The default ``"auto"``
     follows every entry up to 100M tracked entries; above that it picks the cap that keeps the probe's peak
-    memory (about 11 bytes per followed float32 entry: state, codes, the weights' and gradients' copies) under
-    10% of the parameters' memory, and says so in one info line. The memory estimate is logged once the
+    memory (4 bytes per followed float32 entry: the state byte and the weights' compact copy) under 10% of the
+    parameters' memory, and says so in one info line. The memory estimate is logged once the
     parameters are selected (the start of training).
 
     Strategies: under FSDP2 every rank compares the entries of its own shards and one all-reduce (a sum over one
@@ -123,13 +122,13 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         exclude: Regular expression(s); parameters whose name matches one are not tracked.
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``gradient_dynamics``.
-        compile: Run the per-step statistics as two ``torch.compile``'d kernels (one fused pass over the
-            gradients and the state before the step, one over the weights after it) instead of a few eager
-            passes. The first step pays the compilation once (seconds; see `compile_seconds`); where compiling
-            is unavailable or fails, it runs eagerly (logged once). Counts are identical either way; norms
-            agree to float rounding (they are summed in another order, in float64). Compiled only where one
-            process holds whole tensors and follows every entry (else eager). ``"auto"`` (default): compile when the
-            fit will log at least 5,000 steps and ``torch.compile`` can build kernels here.
+        compile: Run the two passes of a step through ``torch.compile`` (Triton kernels on a GPU, C++ on a CPU)
+            instead of the C loops (CPU) or the eager torch reference. The first step pays the compilation once
+            (seconds; see `compile_seconds`); where compiling is unavailable or fails, it runs as without it
+            (logged once). Counts are identical on every path; norms agree to float rounding (summed in
+            float64). Compiled only where one process holds whole tensors and follows every entry. ``"auto"``
+            (default): compile on an accelerator when the fit will log at least 5,000 steps and
+            ``torch.compile`` can build kernels there; on a CPU the C loops are faster than Inductor's code.
         flush_every_n_steps: Write the buffered records once they span this many optimiser steps (see
             `ProbeCallback`); default the Trainer's ``log_every_n_steps``.
         flush_secs: Also write them once the oldest is this many seconds old; ``None``: no time limit.
@@ -222,6 +221,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
                                           name=f"{type(self).__name__} statistics")
         self._kernel_after = FusedKernel(fused_dynamics_after, enabled=self.compile is True,
                                          name=f"{type(self).__name__} state update")
+        self._passes = DynamicsPasses(self._kernel_before, self._kernel_after)
 
     def _kernels(self) -> list[FusedKernel]:
         return [self._kernel_before, self._kernel_after]
@@ -259,6 +259,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         self._sign_rows, self._sign_epochs = [], []
         self._latest_row = None
         self._selections = {}
+        self._passes.reset()
         self._warned_nonfinite = False
 
     def on_disable(self, trainer: pl.Trainer) -> None:
@@ -270,9 +271,9 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         itemsize = max((p.element_size() for p in self._params), default=4)
         rank_zero_info(
             f"{type(self).__name__} {self.name!r}: follows {followed:,} of {sum(p.numel() for p in self._params):,} "
-            f"gradient entries; memory: {megabytes(followed)} between steps (one byte per followed entry), about "
-            f"{megabytes(followed * bytes_per_entry(itemsize))} at the peak of a compared step (state, codes, the "
-            f"weights' and gradients' copies; under FSDP2 shared among the ranks).")
+            f"gradient entries; memory: {megabytes(followed)} between steps (one byte per followed entry), "
+            f"{megabytes(followed * bytes_per_entry(itemsize))} during a compared step (the state byte and the "
+            f"weights' compact before-copy; under FSDP2 shared among the ranks).")
 
     def _select(self, pl_module: pl.LightningModule, trainable: Optional[set[str]] = None) -> None:
         super()._select(pl_module, trainable)
@@ -345,46 +346,41 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         grads = [local_tensor(self._params[i].grad).detach() for i in tracked]
         device = grads[0].device
         selection = self._selection_for(tracked, device)
-        sizes = selection.sizes
         has_previous = (log_now and previous is not None and previous.count == count - 1
                         and previous.tracked == tracked)
         state = previous.state if has_previous else None
         scale = self.loss_scale_inverse(trainer, optimizer)
-        current: Any
-        if self._compiled(grads, self._kernel_before) and scale is None:
-            # One graph for every step: a step without a previous state compares with zeros (unused counts).
-            if state is None:
-                state = torch.zeros(sum(sizes), dtype=torch.int8, device=device)
-            states = list(state.split(sizes))
-            counts, squares, current, sample = self._kernel_before(
-                grads, states, selection.tensor_index, zero_threshold_for(grads[0].dtype, self.zero_threshold),
-                self.release_threshold)  # current: a list of per-tensor codes
-            counts = counts.double()
-        else:
-            flat = gather_selected(grads, selection)  # (N,) this rank's followed entries of this optimiser
-            zero_threshold = zero_threshold_for(flat.dtype, self.zero_threshold)
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.float()
-            if scale is not None:  # still multiplied by the AMP loss scale (fused optimizer): compare unscaled
-                flat = flat * scale.to(flat.dtype)
-            squares = self._owned(l2_norms(grads).double().square(), tracked, device)  # (P,)
-            if scale is not None:
-                squares = squares * scale.square()
-            current = current_codes(flat, zero_threshold, self.release_threshold)
-            counts = counts_from_keys(key_histogram(state, current, sizes)) if log_now else None
-            sample = self._sample(flat, selection) if log_now else None
+        whole = not self.sharded and all(self._subsets[i] is None for i in tracked)
+        dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads])
+        counts, squares, buffers = self._passes.before(
+            grads, params, selection, state, zero_threshold_for(dtype, self.zero_threshold), self.release_threshold,
+            scale, whole)  # one pass: counts, squared norms, the step's codes and the weights' compact copy
+        squares = self._whole_squares(grads, squares, tracked, selection, device)
+        if scale is not None:
+            squares = squares * scale.square()
         pending = Pending(count=count, tracked=tracked, log=log_now, snapshot=snapshot,
-                           step=trainer.global_step, epoch=trainer.current_epoch,
-                           finite=torch.isfinite(squares).all(), grad_norm=squares, sizes=sizes,
-                           before=gather_selected(params, selection), scale=scale)  # a copy
+                          step=trainer.global_step, epoch=trainer.current_epoch,
+                          finite=torch.isfinite(squares).all(), grad_norm=squares, sizes=selection.sizes,
+                          buffers=buffers, scale=scale, whole=whole)
         if log_now:
             pending.has_previous = has_previous
-            pending.counts = counts  # (P, 7)
+            pending.counts = counts.double()  # (P, 7)
             pending.previous_finite = previous.finite if has_previous else pending.finite
-            pending.sample = sample
-        if snapshot or isinstance(current, list):  # with the update, the codes give the state; freed after the step
-            pending.current = current
+            compare = torch.float64 if dtype == torch.float64 else torch.float32
+            pending.sample = sample_of(grads, selection, compare, scale)
         self._pending[opt_index] = pending
+
+    def _whole_squares(self, tensors: list[torch.Tensor], squares: Optional[torch.Tensor], tracked: list[int],
+                       selection: EntrySelection, device: torch.device) -> torch.Tensor:
+        """``(P,)`` float64 squared norms of the whole local ``tensors`` (masked to the tensors this rank owns):
+        ``squares`` (over the followed entries) where those are the whole tensor, else computed here."""
+        partial = [k for k, index in enumerate(selection.local_index) if index is not None]
+        if squares is None or len(partial) == len(tensors):
+            return self._owned(l2_norms(tensors).double().square(), tracked, device)
+        if partial:
+            squares = squares.clone()
+            squares[partial] = l2_norms([tensors[k] for k in partial]).double().square()
+        return self._owned(squares.to(device), tracked, device)
 
     def _owned(self, values: torch.Tensor, tracked: list[int], device: torch.device) -> torch.Tensor:
         """``values`` (one per tracked tensor) with the tensors another rank contributes set to 0 (FSDP2)."""
@@ -392,23 +388,6 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
             return values
         mask = torch.tensor([float(self._layouts[i].owner) for i in tracked], dtype=values.dtype, device=device)
         return values * mask
-
-    @staticmethod
-    def _sample(flat: torch.Tensor, selection: EntrySelection) -> torch.Tensor:
-        """The sign-map columns of the step; under FSDP2 those this rank holds, zeros elsewhere (summed later)."""
-        values = flat[selection.sample_src]
-        if selection.sample_dst is None:
-            return values
-        return torch.zeros(selection.n_sample, dtype=flat.dtype, device=flat.device).index_copy_(
-            0, selection.sample_dst, values)
-
-    def _compiled(self, tensors: list[torch.Tensor], kernel: FusedKernel) -> bool:
-        """Whether ``kernel`` runs compiled on ``tensors``: all float32 or all float64, every entry followed, one
-        process holding the whole tensors (else the eager path)."""
-        if not kernel.active or self.sharded or any(s is not None for s in self._subsets):
-            return False
-        dtype = tensors[0].dtype
-        return dtype in (torch.float32, torch.float64) and all(t.dtype == dtype for t in tensors)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -16,6 +16,7 @@ from lightning_probes.callbacks._gradient_figures import flow_figure, flow_specs
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_positive_int
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
 from lightning_probes.errors import ProbeConfigurationError
+from lightning_probes.functional import _native
 from lightning_probes.functional._fused import FusedKernel, fused_abs_summary
 from lightning_probes.functional.gradients import (
     nonfinite_counts,
@@ -74,7 +75,8 @@ class GradientStatsMonitor(ParameterProbe):
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``gradient_stats``.
         compile: Compute the per-tensor sums, norms and maxima as one ``torch.compile``'d pass per tensor
-            instead of four eager ones (float32 or float64 gradients; others stay eager). The first step pays
+            (float32 or float64 gradients) instead of the C loop of `lightning_probes.functional._native` (one
+            pass per tensor, on a CPU with a C compiler) or four eager passes (elsewhere). The first step pays
             the compilation once (seconds; see `compile_seconds`); where compiling is unavailable or fails, it
             runs eagerly (logged once). The statistics agree with the eager ones to float rounding. ``"auto"``
             (default): compile when the fit will log at least 5,000 steps (``estimated_stepping_batches /
@@ -265,6 +267,8 @@ class GradientStatsMonitor(ParameterProbe):
         if (self._kernel.active and dtype in (torch.float32, torch.float64)
                 and all(g.dtype == dtype for g in grads)):
             return self._kernel([g.detach() for g in grads])
+        if _native.supports(grads) and _native.available():  # CPU: one C loop per tensor, float64 sums
+            return _native.abs_summary(grads)
         return norm_summary(grads)
 
     def _owned_rows(self, tracked: list[int], device: torch.device) -> Optional[torch.Tensor]:

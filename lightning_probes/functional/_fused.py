@@ -163,91 +163,201 @@ def transition_counts_compact(grad_prev: torch.Tensor, before_prev: torch.Tensor
     return counts if sizes is not None else counts[0]
 
 
-# -- compiled kernels ---------------------------------------------------------------------------------------
-# Written for Inductor's CPU code generation: comparisons are widened to int32 at once and the int8 codes are
-# narrowed last (float masks turned straight into bytes, and integer division, fall back to slow scalar code);
-# every output is per tensor (a concatenation inside the graph becomes masked loads from every input).
-def _int(mask: torch.Tensor) -> torch.Tensor:
-    return mask.to(torch.int32)
+# -- the one-pass step (eager reference of `lightning_probes.functional._native`; compiled where asked) --------
+#: The weights' before-copy of a compared step (`encode_weights`) for float32 weights: 3 bytes beside the state
+#: byte. The 23 mantissa bits go to an ``int16`` plane and the low 7 bits of a ``uint8`` plane, the sign to that
+#: plane's top bit, and the exponent as its distance below ``eref``, the largest exponent of the tensor's
+#: followed weights, to the state byte's top nibble: exact for distances 0-14, i.e. for every weight of at least
+#: ``2**-15`` times the tensor's largest magnitude. Smaller ("tiny", nibble 15) weights keep sign and mantissa,
+#: and their exponent is decoded as the one (at most ``eref - 15``) nearest to the weight's after the step; a
+#: tiny weight that was +-0 is marked by an all-ones mantissa (`MANT`). 16-bit weights are copied whole
+#: (2 bytes), float64 weights too (8 bytes).
+MANT = (1 << 23) - 1
 
 
-def _count(values: torch.Tensor) -> torch.Tensor:
-    return values.sum(dtype=torch.int32)  # 0/1 values; a tensor has fewer than 2**31 entries here
+def weight_planes(dtype: torch.dtype, n: int, device: torch.device
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Empty ``(p16, p8, c64)`` buffers of `encode_weights` for ``n`` followed entries of ``dtype`` weights."""
+    if dtype == torch.float32:
+        return (torch.empty(n, dtype=torch.int16, device=device), torch.empty(n, dtype=torch.uint8, device=device),
+                None)
+    if dtype == torch.float64:
+        return None, None, torch.empty(n, dtype=torch.float64, device=device)
+    return torch.empty(n, dtype=torch.int16, device=device), None, None
 
 
-def fused_dynamics_before(grads: list[torch.Tensor], states: Optional[list[torch.Tensor]],
-                          indices: list[torch.Tensor], zero_threshold: float, release_threshold: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """One pass per tensor (written for ``torch.compile``): counts, squared gradient norms and current codes.
+def planes_bytes(dtype: torch.dtype) -> int:
+    """Bytes per followed entry of `weight_planes` (besides the state byte)."""
+    return {torch.float32: 3, torch.float64: 8}.get(dtype, 2)
+
+
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    """The float32 bit pattern of ``w`` as non-negative int64."""
+    return w.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def exponent_max(w: torch.Tensor) -> torch.Tensor:
+    """``eref`` of `encode_weights`: the largest biased exponent of the float32 entries ``w`` (0-d int64; 0 if
+    empty)."""
+    if w.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=w.device)
+    return ((_bits(w) >> 23) & 0xFF).amax()
+
+
+def encode_weights(w: torch.Tensor, eref: Optional[torch.Tensor] = None
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """The before-copy of flat weights (see `MANT`): ``(p16, p8, c64, nibble)``, ``nibble`` the int64 bits to put
+    above the current code in the state byte (0 unless float32). ``eref``: default `exponent_max` of ``w``."""
+    if w.dtype == torch.float64:
+        return None, None, w.clone(), torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+    if w.dtype != torch.float32:
+        return w.view(torch.int16).clone(), None, None, torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+    u = _bits(w)
+    distance = (exponent_max(w) if eref is None else eref) - ((u >> 23) & 0xFF)
+    tiny = distance >= 15
+    distance = torch.where(tiny, torch.full_like(distance, 15), distance)
+    m = torch.where(tiny & ((u & 0x7FFFFFFF) == 0), torch.full_like(u, MANT), u & MANT)
+    p16 = (((m & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
+    p8 = ((m >> 16) | ((u >> 24) & 0x80)).to(torch.uint8)
+    return p16, p8, None, distance << 4
+
+
+def decode_weights(after: torch.Tensor, code: torch.Tensor, p16: Optional[torch.Tensor], p8: Optional[torch.Tensor],
+                   c64: Optional[torch.Tensor], eref: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weights before the step from `encode_weights` and the weights after it (``code``: the int64 state bytes,
+    ``eref`` the one the encoding used).
+
+    float32: exact for every weight of at least ``2**-15`` times the tensor's largest magnitude before the step,
+    however far it moved. A smaller weight is exact when its exponent is the nearest (below that bound) to the
+    exponent of its value after the step; else its magnitude is off by a power of two, while staying below
+    ``2**-14`` times the largest magnitude, so its share of the update norm is off by at most that much, and the
+    sign of its update only when the weight after the step is that small too.
+    """
+    if c64 is not None:
+        return c64
+    if p8 is None:
+        return p16.view(after.dtype)
+    m = (p16.to(torch.int64) & 0xFFFF) | ((p8.to(torch.int64) & 0x7F) << 16)
+    sign = (p8.to(torch.int64) & 0x80) << 24
+    distance = code >> 4
+    exact = ((eref - distance) << 23) | m
+    ma = _bits(after) & 0x7FFFFFFF
+    j = torch.clamp((ma - m + (1 << 22)) >> 23, min=0)
+    j = torch.minimum(j, eref - 15)
+    small = torch.where(m == MANT, torch.zeros_like(m), (j << 23) | m)
+    ub = sign | torch.where(distance == 15, small, exact)
+    return ((ub ^ 0x80000000) - 0x80000000).to(torch.int32).view(torch.float32)
+
+
+def _compare_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dynamics_before_one(grad: torch.Tensor, state: Optional[torch.Tensor], weight: torch.Tensor,
+                        zero_threshold: float, release_threshold: float, scale: Optional[torch.Tensor] = None,
+                        eref: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, Any, Any]]:
+    """One tensor's part of the step before the optimiser (the reference of the C kernel; flat inputs).
 
     Args:
-        grads: The gradients (float32 or float64; any shape).
-        states: Per tensor, the flat ``int8`` state of the step before (`state_codes`), or ``None``.
-        indices: Per tensor, the positions in its flat gradient of the entries to return as ``sample``.
+        grad: The followed gradient entries (flat, any float dtype; compared in float32, float64 for float64).
+        state: Their ``int8`` state of the step before (`state_codes` values in ``[0, 27)``), or ``None``.
+        weight: The followed weight entries (flat), before the step.
         zero_threshold: Magnitude below which an entry counts as zero.
         release_threshold: Magnitude below which an entry counts as near zero.
+        scale: ``1 / loss scale`` when the gradients are still scaled (AMP), else ``None``.
+        eref: The tensor's `exponent_max` (default: that of ``weight``; a slice of a tensor passes the tensor's).
 
     Returns:
-        ``(counts, squares, currents, sample)``: ``(P, 7)`` int32 counts (``COUNT_NAMES``), ``(P,)`` sum of
-        ``g**2`` (float64), per tensor the flat ``int8`` `current_codes`, and the sampled entries.
+        ``(counts, square, byte, planes)``: ``(7,)`` int64 counts (``COUNT_NAMES``, the last six 0 without a
+        state), the sum of the squared unscaled gradient (float64), the new ``int8`` state byte (current code, and
+        for float32 weights the spare bits of `encode_weights`), and ``(p16, p8, c64)``.
     """
-    rows, squares, currents, samples = [], [], [], []
-    for i, grad in enumerate(grads):
-        g = grad.reshape(-1)
-        magnitude = g.abs()
-        below = _int(magnitude < release_threshold)
-        zero = _int(magnitude < zero_threshold)
-        sign = _int(g > 0) + _int(g >= 0) - 1
-        currents.append((3 * (below + zero) + sign + 1).to(torch.int8))
-        squares.append(torch.sum(g.double() * g.double()))
-        samples.append(g[indices[i]])
-        if states is None:
-            rows.append(torch.stack([_count(zero)] + [torch.zeros((), dtype=torch.int32, device=g.device)] * 6))
-            continue
-        # Decoded without integer division: s // 3 == (11 * s) >> 5 for 0 <= s < 27.
-        s = states[i].to(torch.int32)
+    x = grad.to(_compare_dtype(grad.dtype))
+    square = torch.sum(x.double() * x.double())
+    if scale is not None:
+        x = x * scale.to(x.dtype)
+    magnitude = x.abs()
+    below = (magnitude < release_threshold).to(torch.int64)
+    zero = (magnitude < zero_threshold).to(torch.int64)
+    sign = (x > 0).to(torch.int64) - (x < 0).to(torch.int64)
+    level = below + zero
+    rows = [torch.sum(below * zero)]
+    if state is None:
+        rows += [torch.zeros((), dtype=torch.int64, device=x.device)] * 6
+    else:
+        s = state.to(torch.int64)
         previous = (s * 11) >> 5
         moved = s - 3 * previous - 1
         prev_sign = previous - 3 * ((previous * 11) >> 5) - 1
-        below_prev = _int(s >= 9)
+        below_prev = (s >= 9).to(torch.int64)
         product = prev_sign * sign
-        flipped = _int(product < 0)
+        flipped = (product < 0).to(torch.int64)
         direction = prev_sign * moved
-        rows.append(torch.stack([_count(zero), _count(below_prev), _count(below_prev * (1 - below)),
-                                 _count(_int(product != 0)), _count(flipped), _count(flipped * _int(direction < 0)),
-                                 _count(flipped * _int(direction > 0))]))
-    return torch.stack(rows), torch.stack(squares), currents, torch.cat(samples)
+        rows += [below_prev.sum(), (below_prev * (level == 0)).sum(), (product != 0).sum(), flipped.sum(),
+                 (flipped * (direction < 0)).sum(), (flipped * (direction > 0)).sum()]
+    p16, p8, c64, nibble = encode_weights(weight, eref)
+    byte = ((3 * level + sign + 1) | nibble).to(torch.uint8).view(torch.int8)
+    return torch.stack(rows), square, byte, (p16, p8, c64)
 
 
-def fused_dynamics_after(params: list[torch.Tensor], befores: list[torch.Tensor],
-                         currents: Optional[list[torch.Tensor]], norms: bool
-                         ) -> tuple[Optional[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """One pass per tensor (written for ``torch.compile``): the new state and squared update/weight norms.
+def dynamics_after_one(weight: torch.Tensor, byte: torch.Tensor, planes: Sequence[Optional[torch.Tensor]],
+                       eref: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tensor's part of the step after the optimiser (the reference of the C kernel; flat inputs).
 
     Args:
-        params: The weights after the step.
-        befores: Per tensor, the flat weights before the step.
-        currents: Per tensor, the flat `current_codes` of the step's gradients, or ``None`` (no state wanted).
-        norms: Compute the squared norms (else zeros are returned).
+        weight: The followed weight entries after the step (flat).
+        byte: Their state bytes from `dynamics_before_one`.
+        planes: ``(p16, p8, c64)`` from `dynamics_before_one`.
+        eref: The `exponent_max` the encoding used (float32 weights).
 
     Returns:
-        ``(states, update_squares, weight_squares)``: per tensor the flat ``int8`` state (or ``None``), and
-        ``(P,)`` float64 each.
+        ``(state, update_square, weight_square)``: the new ``int8`` state (`state_codes`: the current code and the
+        sign of the update), ``sum (w_after - w_before)**2`` and ``sum w_after**2`` (float64).
     """
-    states, updates, weights = [], [], []
-    for i, param in enumerate(params):
-        w = param.reshape(-1)
-        b = befores[i]
-        if currents is not None:
-            states.append((3 * currents[i].to(torch.int32) + _int(w > b) + _int(w >= b)).to(torch.int8))
-        if norms:
-            d = (w - b).double()
-            updates.append(torch.sum(d * d))
-            weights.append(torch.sum(w.double() * w.double()))
-        else:
-            updates.append(torch.zeros((), dtype=torch.float64, device=w.device))
-            weights.append(torch.zeros((), dtype=torch.float64, device=w.device))
-    return (states if currents is not None else None), torch.stack(updates), torch.stack(weights)
+    code = byte.view(torch.uint8).to(torch.int64)
+    before = decode_weights(weight, code, *planes, eref)
+    state = (3 * (code & 15) + (weight > before).to(torch.int64) + (weight >= before).to(torch.int64)).to(torch.int8)
+    a = weight.double()
+    d = a - before.double()
+    return state, torch.sum(d * d), torch.sum(a * a)
+
+
+def fused_dynamics_before(grads: list[torch.Tensor], states: Optional[list[torch.Tensor]],
+                          weights: list[torch.Tensor], zero_threshold: float, release_threshold: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[Any]]:
+    """`dynamics_before_one` over whole tensors (written for ``torch.compile``: Triton on a GPU).
+
+    Returns:
+        ``(counts, squares, bytes, planes, erefs)``: ``(P, 7)`` int64, ``(P,)`` float64, per tensor the state
+        bytes and ``(p16, p8, c64)``, and ``(P,)`` int64 `exponent_max` of each tensor's weights.
+    """
+    rows, squares, codes, planes, erefs = [], [], [], [], []
+    for i, grad in enumerate(grads):
+        weight = weights[i].reshape(-1)
+        eref = exponent_max(weight) if weight.dtype == torch.float32 else torch.zeros((), dtype=torch.int64,
+                                                                                        device=weight.device)
+        counts, square, byte, plane = dynamics_before_one(grad.reshape(-1), None if states is None else states[i],
+                                                          weight, zero_threshold, release_threshold, None, eref)
+        rows.append(counts)
+        squares.append(square)
+        codes.append(byte)
+        planes.append(plane)
+        erefs.append(eref)
+    return torch.stack(rows), torch.stack(squares), codes, planes, torch.stack(erefs)
+
+
+def fused_dynamics_after(weights: list[torch.Tensor], codes: list[torch.Tensor], planes: list[Any],
+                         erefs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`dynamics_after_one` over whole tensors (written for ``torch.compile``): per tensor the new state, and
+    ``(P,)`` float64 squared update and weight norms."""
+    states, updates, squares = [], [], []
+    for i, (weight, byte, plane) in enumerate(zip(weights, codes, planes)):
+        state, update, square = dynamics_after_one(weight.reshape(-1), byte, plane, erefs[i])
+        states.append(state)
+        updates.append(update)
+        squares.append(square)
+    return states, torch.stack(updates), torch.stack(squares)
 
 
 def fused_abs_summary(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -285,7 +395,9 @@ def compile_supported(device: torch.device) -> bool:
 
 def should_compile(total_steps: float, every_n_steps: int, device: torch.device) -> bool:
     """The ``compile="auto"`` rule: compile when the fit will log at least `COMPILE_MIN_LOGGED_STEPS` steps
-    (``total_steps / every_n_steps``; an unknown or infinite length does not) and `compile_supported`.
+    (``total_steps / every_n_steps``; an unknown or infinite length does not) and `compile_supported`, except
+    on a CPU where the C loops of `lightning_probes.functional._native` run (faster than Inductor's code: 0.6
+    vs 1.5 ms for the MLP's first pass, one thread).
 
     Example:
         >>> should_compile(1000, 1, torch.device("meta")), should_compile(float("inf"), 1, torch.device("cpu"))
@@ -293,7 +405,11 @@ def should_compile(total_steps: float, every_n_steps: int, device: torch.device)
     """
     if not math.isfinite(total_steps) or total_steps <= 0:
         return False
-    return total_steps / every_n_steps >= COMPILE_MIN_LOGGED_STEPS and compile_supported(device)
+    if total_steps / every_n_steps < COMPILE_MIN_LOGGED_STEPS or not compile_supported(device):
+        return False
+    from lightning_probes.functional import _native
+
+    return device.type != "cpu" or not _native.available()
 
 
 class FusedKernel:

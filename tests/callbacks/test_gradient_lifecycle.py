@@ -249,14 +249,14 @@ def test_disabling_in_a_lightning_hook_removes_the_post_hooks(tmp_path, monkeypa
     from lightning_probes.callbacks import gradient_dynamics
 
     probe = GradientDynamicsMonitor(every_n_steps=1, output_dir=str(tmp_path), on_error="warn", compile=False)
-    original = gradient_dynamics.gather_selected
+    original = gradient_dynamics.sample_of
 
-    def gather_selected(tensors, selection):  # in `on_before_optimizer_step` (a guarded Lightning hook)
+    def sample_of(*args):  # in `on_before_optimizer_step` (a guarded Lightning hook)
         if probe._optimizer_steps.get(0, 0) >= 2:
             raise RuntimeError("selection boom")
-        return original(tensors, selection)
+        return original(*args)
 
-    monkeypatch.setattr(gradient_dynamics, "gather_selected", gather_selected)
+    monkeypatch.setattr(gradient_dynamics, "sample_of", sample_of)
     seen = []
 
     class Watch(pl.Callback):

@@ -115,10 +115,11 @@ def test_compile_auto_rule(monkeypatch):
     steps and the platform can build kernels; the rule, not the timing, is tested."""
     from types import SimpleNamespace
 
-    from lightning_probes.functional import _fused
+    from lightning_probes.functional import _fused, _native
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(_fused, "compile_supported", lambda device: True)
+    monkeypatch.setattr(_native, "available", lambda: False)  # a CPU without the C loops: Inductor may pay
     bar = _fused.COMPILE_MIN_LOGGED_STEPS
     assert not _fused.should_compile(bar - 1, 1, cpu) and _fused.should_compile(bar, 1, cpu)
     assert not _fused.should_compile(50 * bar - 50, 50, cpu) and _fused.should_compile(50 * bar, 50, cpu)
@@ -133,6 +134,8 @@ def test_compile_auto_rule(monkeypatch):
         assert not getattr(probe, kernels).active
         probe.sharded = True  # FSDP2: the compiled kernels assume whole tensors
         assert not probe._decide_compile(SimpleNamespace(estimated_stepping_batches=10**9))
+    monkeypatch.setattr(_native, "available", lambda: True)  # the C loops beat Inductor's code on a CPU
+    assert not _fused.should_compile(10**9, 1, cpu) and _fused.should_compile(10**9, 1, torch.device("cuda"))
     monkeypatch.setattr(_fused, "compile_supported", lambda device: False)
     assert not _fused.should_compile(10**9, 1, cpu)
     with pytest.raises(ValueError, match="`compile` to be True, False or 'auto', but got 'yes'"):
