@@ -13,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from pytorch_lightning.trainer.states import TrainerFn
 
+from lightning_probes.budget import format_bytes
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec, check_plot_every
 from lightning_probes.checks import check_float, check_positive_int
@@ -31,6 +32,7 @@ from lightning_probes.probe_data import (
     ProbeInputError,
     ProbeSet,
     batch_inputs,
+    forward_peak_bytes,
     has_uninitialized,
     module_device_dtype,
     replace_inputs,
@@ -93,6 +95,15 @@ class NoiseRobustnessMonitor(AnalysisProbe):
     of the logits or logits that are not floating (or not one row per sample) refuse the run with one error.
     Models with lazy modules not yet built are checked at the first analysis instead.
 
+    Memory: the probe runs the model on at most ``chunk_size`` noisy inputs at once, fewer when their
+    activations would not fit its share of the memory budget the Trainer's probes share (`max_memory_gb` when
+    set). The pre-flight measures the activations of its check forward
+    (`lightning_probes.probe_data.forward_peak_bytes`), plans the forward batch (the record's ``forward_batch``)
+    and logs the plan. Beside the batches it holds the probe set, the clean scores of the set and one draw's
+    noise for the whole set: draw ``d`` is one noise tensor sliced batch by batch, so the ratios are those of one
+    forward of the whole set whatever the batch (and the same as before this plan when the set fits one
+    ``chunk_size``). Models with lazy modules not yet built run in batches of ``chunk_size``.
+
     Args:
         num_samples: Validation samples to probe.
         num_draws: Noisy copies of each sample.
@@ -100,7 +111,8 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         kl: Also compute the mean KL divergence from the clean softmax.
         every_n_epochs: Analyse every n-th validation epoch.
         seed: Seed of the sample choice and of the noise.
-        chunk_size: Most noisy inputs per forward pass.
+        chunk_size: Most noisy inputs per forward pass; the pre-flight lowers it to fit the probe's memory share
+            (the plan is logged; the ratios do not depend on it: see "Memory" above).
         search_batches: Validation batches searched for the subset (bounds the one-off cost).
         logits_fn: ``logits_fn(pl_module, x) -> (N, num_classes)`` logits of an input tensor, e.g.
             ``lambda module, x: module(x)[0]``; default ``pl_module(x)``. Not together with ``forward_fn``.
@@ -112,6 +124,8 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         class_dim: Axis of the classes in dense logits; ``None``: 1 for ``(N, C)`` and ``(N, C, d1, d2, ...)``,
             ambiguous (the probe is skipped) for 3-D logits. ``-1`` for sequence logits ``(N, T, C)``.
         target_key: For dict batches: the key of the class labels.
+        max_memory_gb: This probe's own memory allowance in GB (1e9 bytes); ``None`` (default): its share of the
+            probes' memory budget (`lightning_probes.set_memory_budget`).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``noise_robustness``. Two monitors (say, two
             ``sigma``) need two names.
@@ -130,6 +144,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
     """
 
     probe_name = "noise_robustness"
+    uses_memory_budget = True
     layout_stats = ()
     #: It analyses at the end of validation epochs: of a fit and of ``trainer.validate``.
     analysis_stages = (TrainerFn.FITTING, TrainerFn.VALIDATING)
@@ -150,6 +165,7 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         token_noise: Literal["embedding", "skip"] = "embedding",
         class_dim: Optional[int] = None,
         target_key: Optional[str] = None,
+        max_memory_gb: Optional[float] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
@@ -179,6 +195,11 @@ class NoiseRobustnessMonitor(AnalysisProbe):
                              f"than the batch axis 0), but got {class_dim!r}")
         self.logits_fn = logits_fn
         self.token_noise, self.class_dim = token_noise, class_dim
+        if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))
+                                          or not max_memory_gb > 0):
+            raise ValueError(f"Expected `max_memory_gb` to be None (its share of the probes' memory budget) or a "
+                             f"positive number of GB, but got {max_memory_gb!r}")
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
@@ -207,11 +228,36 @@ class NoiseRobustnessMonitor(AnalysisProbe):
             return None
         batch = to_module(probe.select(torch.arange(min(len(probe), 4))).batch, pl_module)
         x = batch_inputs(batch, self.input_key)
+        out: list[torch.Tensor] = []
         with find_input_embeddings(pl_module, x) as found:
-            logits = self._logits(batch)(pl_module, x)
+            peak = forward_peak_bytes(pl_module, lambda: out.append(self._logits(batch)(pl_module, x)))
+        logits = out[0]
         if not x.is_floating_point() and not found:
             return self._no_embedding_reason(x)
-        return self._layout_problem(logits)
+        problem = self._layout_problem(logits)
+        if problem is None:
+            self._plan(trainer, pl_module, probe, x, logits, peak, found[0][1] if found else None)
+        return problem
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, x: torch.Tensor,
+              logits: torch.Tensor, peak: int, embedding: Optional[torch.nn.Module]) -> None:
+        """The forward batch inside this probe's memory share, planned from the check forward of ``len(x)``
+        samples: the model's activations per sample (``peak / len(x)``), the noisy copy of a sample and its
+        scores; the whole set's clean scores and one draw's noise (the set's inputs, or the embeddings' outputs)
+        are held beside the batches."""
+        n, total = len(x), len(probe)
+        sample_in = x[0].numel() * x.element_size()
+        noise_row = sample_in if embedding is None else \
+            x[0].numel() * int(getattr(embedding, "embedding_dim", 1)) * embedding.weight.element_size()
+        scores = logits[0].numel() * 4 * (2 if logits.shape[1:] == (1,) or logits.ndim == 1 else 1)
+        fixed = total * (sample_in + noise_row + scores)
+        per_sample = peak / n + noise_row + sample_in + scores * (3 + (8 if self.kl else 0))
+        share = self.memory_share(trainer, pl_module)
+        wanted = min(self.chunk_size, total)
+        batch = self.plan_forward_batch(wanted, per_sample, share - fixed)
+        reduced = None if batch >= wanted else (f"forward batch {batch} of {wanted} samples (about "
+                                                f"{format_bytes(per_sample)} a sample)")
+        self.report_memory_plan(trainer, pl_module, int(fixed + batch * per_sample), reduced)
 
     def _where(self) -> str:
         return f"batch[{self.input_key!r}]" if self.input_key else "the batch's first element"
@@ -240,15 +286,16 @@ class NoiseRobustnessMonitor(AnalysisProbe):
         probe = self.probe_set(trainer)
         device, _ = module_device_dtype(pl_module)
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        preds, ratios, kls = [], [], []
-        space, noise_std = "input", self.sigma
-        for batch in probe.chunks(self.chunk_size):
+        total = len(probe)
+        space, noise_std, embedding = "input", self.sigma, None
+        # The clean pass, batch by batch: the clean scores and predictions of the whole set are kept (small).
+        batches, fns, cleans = [], [], []
+        for batch in probe.chunks(self.forward_batch or self.chunk_size):
             batch = to_module(batch, pl_module)
             x = batch_inputs(batch, self.input_key)
             fn = self._logits(batch)
             with find_input_embeddings(pl_module, x) as found:
                 logits = fn(pl_module, x)
-            embedding = None
             if not x.is_floating_point():
                 if self.token_noise == "skip" or not found:
                     raise ProbeInputError(f"{type(self).__name__}: {self._no_embedding_reason(x)}")
@@ -257,37 +304,56 @@ class NoiseRobustnessMonitor(AnalysisProbe):
             problem = self._layout_problem(logits)
             if problem is not None:
                 raise ProbeInputError(f"{type(self).__name__}: {problem}")
-            clean = self._scores(logits)  # (n, C, P)
-            clean_pred = clean.argmax(dim=1)  # (n, P)
-            agree = torch.zeros(len(x), dtype=torch.float64, device=clean.device)
-            kl = torch.zeros_like(agree)
-            for _ in range(self.num_draws):
+            batches.append(batch)
+            fns.append(fn)
+            cleans.append(self._scores(logits))  # (n, C, P)
+            del logits
+        clean_preds = [clean.argmax(dim=1) for clean in cleans]  # (n, P) each
+        agree = torch.zeros(total, dtype=torch.float64, device=cleans[0].device)
+        kl = torch.zeros_like(agree)
+        # Draws outside, batches inside: draw d is one noise tensor for the whole set, sliced per batch, so the
+        # ratios do not depend on the forward batch (the plan), and equal one forward of the whole set.
+        for _ in range(self.num_draws):
+            full: list[torch.Tensor] = []
+            start = 0
+            for batch, fn, clean, clean_pred in zip(batches, fns, cleans, clean_preds):
+                x = batch_inputs(batch, self.input_key)
+                rows = slice(start, start + len(x))
                 if embedding is not None:
-                    with embedding_noise(embedding, x, noise_std, generator):
+                    def draw(output: torch.Tensor, rows: slice = rows, full: list = full) -> torch.Tensor:
+                        if not full:
+                            full.append(torch.randn((total, *output.shape[1:]), generator=generator,
+                                                    device=output.device, dtype=output.dtype))
+                        return full[0][rows]
+
+                    with embedding_noise(embedding, x, noise_std, generator, draw=draw):
                         noisy_out = fn(pl_module, x)
                 else:
-                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    noisy_out = fn(pl_module, x + self.sigma * noise)
+                    if not full:
+                        full.append(torch.randn((total, *x.shape[1:]), generator=generator, device=x.device,
+                                                dtype=x.dtype))
+                    noisy_out = fn(pl_module, x + self.sigma * full[0][rows])
                 noisy = self._scores(noisy_out)
                 if noisy.shape != clean.shape:
                     raise ProbeInputError(f"{type(self).__name__}: the logits of the noisy inputs have shape "
-                                          f"{tuple(noisy_out.shape)}, but those of the clean inputs "
-                                          f"{tuple(logits.shape)}")
-                agree += agreement(clean_pred, noisy)
+                                          f"{tuple(noisy_out.shape)}, but those of the clean inputs have "
+                                          f"{tuple(clean.shape)} class scores")
+                agree[rows] += agreement(clean_pred, noisy)
                 if self.kl:
-                    kl += kl_per_position(clean, noisy)
-            ratios.append(agree / self.num_draws)
-            kls.append(kl / self.num_draws)
-            # One prediction per sample (classifiers); dense predictions have none (-1).
-            preds.append(clean_pred[:, 0] if clean_pred.shape[1] == 1 else torch.full_like(clean_pred[:, 0], -1))
-        clean_pred = torch.cat(preds).cpu().numpy()
-        ratio = torch.cat(ratios).cpu().numpy()
+                    kl[rows] += kl_per_position(clean, noisy)
+                del noisy_out, noisy
+                start += len(x)
+        ratio = (agree / self.num_draws).cpu().numpy()
+        # One prediction per sample (classifiers); dense predictions have none (-1).
+        clean_pred = torch.cat([p[:, 0] if p.shape[1] == 1 else torch.full_like(p[:, 0], -1)
+                                for p in clean_preds]).cpu().numpy()
         dense = bool((clean_pred < 0).all())
         labels = probe.labels.numpy() if probe.labels is not None and not dense else np.full(len(ratio), -1)
         results = {"sample_index": probe.indices.numpy(), "label": labels, "clean_pred": clean_pred, "ratio": ratio,
-                   "kl": torch.cat(kls).cpu().numpy() if self.kl else np.full(len(ratio), np.nan)}
+                   "kl": (kl / self.num_draws).cpu().numpy() if self.kl else np.full(len(ratio), np.nan)}
         summary = self._report(trainer, epoch, results, has_labels=probe.labels is not None and not dense,
-                               extra={"noise_space": space, "noise_std": noise_std})
+                               extra={"noise_space": space, "noise_std": noise_std,
+                                      "forward_batch": self.forward_batch or self.chunk_size})
         return {f"{self.name}/stability_ratio_mean": summary["stability_ratio_mean"]}
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:

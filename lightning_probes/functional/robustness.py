@@ -247,13 +247,15 @@ def embedding_std(embedding: nn.Module) -> float:
 
 @contextmanager
 def embedding_noise(embedding: nn.Module, tokens: torch.Tensor, std: float,
-                    generator: Optional[torch.Generator] = None) -> Iterator[None]:
+                    generator: Optional[torch.Generator] = None,
+                    draw: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator[None]:
     """Inside the block, add ``std * N(0, 1)`` to ``embedding``'s output wherever its input is ``tokens``.
 
-    One noise tensor is drawn (from ``generator``, in the output's shape, dtype and device) at the first such
-    call and reused by later calls on ``tokens`` in the block, so an input embedded twice (an encoder and a
-    decoder fed the same ids) is perturbed once; calls on other ids (a tied output head that calls the module)
-    are left alone. One block is one noisy draw.
+    One noise tensor is drawn (from ``generator``, in the output's shape, dtype and device; or ``draw(output)``
+    when given, which must return standard-normal noise of the output's shape) at the first such call and
+    reused by later calls on ``tokens`` in the block, so an input embedded twice (an encoder and a decoder fed
+    the same ids) is perturbed once; calls on other ids (a tied output head that calls the module) are left
+    alone. One block is one noisy draw.
     """
     noise: list[torch.Tensor] = []
 
@@ -261,7 +263,8 @@ def embedding_noise(embedding: nn.Module, tokens: torch.Tensor, std: float,
         if not (args and isinstance(output, torch.Tensor) and _is_tokens(args[0], tokens)):
             return None
         if not noise or noise[0].shape != output.shape:
-            noise[:] = [torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)]
+            noise[:] = [draw(output) if draw is not None else
+                        torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)]
         return output + std * noise[0]
 
     handle = embedding.register_forward_hook(perturb)
