@@ -298,7 +298,7 @@ def blockwise_layer_similarity(moments: MomentAccumulator, widths: list[int], ck
     squares = torch.zeros(layers, layers, dtype=torch.float64)
     for i in range(layers):
         a, b = edges[i], edges[i + 1]
-        block = moments.products[a:b].double()  # (w_i, F): one block row of the sums
+        block = moments.products[a:b].to(torch.float64, copy=True)  # (w_i, F): a copy of one block row
         block.sub_(n * torch.outer(mean[a:b], mean)).div_(n - 1)  # the covariance block row, in place
         if cka:
             for j in range(i, layers):
