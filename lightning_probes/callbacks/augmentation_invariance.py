@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -14,6 +15,8 @@ from torchvision.transforms import v2
 
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, FigureSpec
 from lightning_probes.callbacks.representation_base import RepresentationProbe
+from lightning_probes.callbacks.shared_pass import StreamingCapture
+from lightning_probes.capture import uncompiled
 from lightning_probes.checks import check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.representations import MomentAccumulator, correlation_from_covariance
@@ -49,6 +52,14 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     of the last analysis are kept in ``correlations.npz`` (float16, figure grade) and the example views in
     ``views.npz``, and go to the image loggers as colour-mapped images at every analysis.
 
+    Memory: the views of an image are made and run batch by batch (at most ``batch_size``, fewer when the
+    activations would not fit the probe's share of the memory budget the Trainer's probes share, or its
+    ``max_memory_gb``), and each layer's output is added to its sums inside its forward hook (nothing of it is kept
+    past the hook). The accumulators (`estimated_bytes`: per layer float64 sums, per end layer a float32
+    feature x feature product sum and the kept view rows) are planned inside 75% of the share at the pre-flight:
+    left at its default, ``max_features`` of the widest layers is lowered to fit (one warning); the plan is
+    logged.
+
     Augmentation: ``transform`` (a torchvision v2 transform), applied to the DataModule's raw ``uint8``
     validation images and normalised by it when it provides them (``val_set.images`` and
     ``val_set.normalize``, as the project's DataModules do), else to the normalised probe tensors. Default:
@@ -70,12 +81,14 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         layers: Module names to analyse; default every leaf module with parameters plus activation modules.
         max_features: Features kept per layer.
         every_n_epochs: Analyse after every n-th epoch.
-        batch_size: Views per forward pass.
+        batch_size: Most views per forward pass; the pre-flight lowers it to fit the probe's memory share.
         seed: Seed of the image choice and of the augmentation.
         forward_fn: ``forward_fn(pl_module, batch)``: runs the model on one batch of views (several inputs, dict
             batches); default ``pl_module(views)``. See `AnalysisProbe`.
         input_key: For dict batches: the key of the input (image) tensor.
         target_key: For dict batches: the key of the class labels that spread the images over classes.
+        max_memory_gb: This probe's own memory allowance in GB (1e9 bytes); ``None`` (default): its share of the
+            probes' memory budget (`lightning_probes.set_memory_budget`).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
         name: Name of the probe's files and scalar prefix; default ``augmentation_invariance``.
         plot_every_n_epochs: Draw the figures every n completed epochs and at the end of the fit; 0: never during
@@ -90,6 +103,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
     """
 
     probe_name = "augmentation_invariance"
+    uses_memory_budget = True
     layout_stats = ("invariance", "within_across_ratio")
 
     def __init__(
@@ -106,6 +120,7 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         forward_fn: Optional[Callable[[Any, Any], Any]] = None,
         input_key: Optional[str] = None,
         target_key: Optional[str] = None,
+        max_memory_gb: Optional[float] = None,
         output_dir: Optional[str] = None,
         name: Optional[str] = None,
         plot_every_n_epochs: int = 10,
@@ -129,6 +144,11 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         if transform is not None and not callable(transform):
             raise ValueError(f"Expected `transform` to be a callable (torchvision v2) transform, got {transform!r}")
         self.transform = transform
+        if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))
+                                          or not max_memory_gb > 0):
+            raise ValueError(f"Expected `max_memory_gb` to be None (its share of the probes' memory budget) or a "
+                             f"positive number of GB, but got {max_memory_gb!r}")
+        self.max_memory_gb = None if max_memory_gb is None else float(max_memory_gb)
         self.num_images, self.num_views, self.matrix_views = num_images, num_views, matrix_views
         self._images: Optional[list[Callable[[], torch.Tensor]]] = None
         self._templates: list[Any] = []
@@ -196,14 +216,29 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         super().reset_run()
         self._images, self._templates, self._drew_views = None, [], False
 
-    def _view_batches(self, template: Any, views: torch.Tensor) -> list[Any]:
-        """Batches of at most ``batch_size`` views: the template sample repeated, its input tensor replaced."""
+    def _view_batches(self, template: Any, views: torch.Tensor, size: Optional[int] = None) -> list[Any]:
+        """Batches of at most ``size`` (default ``batch_size``) views: the template sample repeated, its input
+        tensor replaced."""
         batches = []
-        for part in views.split(self.batch_size):
+        for part in views.split(size or self.batch_size):
             repeated = ProbeSet(template, None, torch.zeros(1, dtype=torch.long)).select([0] * len(part)).batch
             batches.append(replace_inputs(repeated, part, self.input_key))
         return batches
 
+    # -- memory -------------------------------------------------------------------------------------
+    def fit_caps(self, widths: dict[str, int]) -> dict[str, int]:
+        return self.fit_caps_in_share(super().fit_caps(widths), "the view sums and the end layers' covariances")
+
+    def accumulator_bytes(self, widths: Sequence[int]) -> int:
+        return estimated_bytes(list(widths), self.num_images, self.matrix_views)
+
+    def held_bytes_per_sample(self) -> float:
+        # Inside a layer's hook: its float32 rows, their float64 copy and square; and the view itself (made batch
+        # by batch, stacked once).
+        view = 2.0 * 4 * math.prod(self._shapes[next(iter(self._shapes))][1:]) if self._shapes else 0.0
+        return view + max((20.0 * w for w in (self._widths or {}).values()), default=0.0)
+
+    # -- analysis -----------------------------------------------------------------------------------
     def analyse_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         if self._images is None:
             self._images = self._view_makers(trainer)
@@ -214,36 +249,25 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
         moments: dict[str, Optional[MomentAccumulator]] = {n: None for n in ends}
         kept: dict[str, list[torch.Tensor]] = {n: [] for n in ends}
         examples = []
+        size = self.forward_batch or self.batch_size
         for make_view, template in zip(self._images, self._templates):
-            views = torch.stack([make_view() for _ in range(self.num_views)])  # (V, C, H, W)
-            examples.append(views[:6])
-            sums: dict[str, list[Any]] = {}
-            firsts: dict[str, list[torch.Tensor]] = {n: [] for n in ends}
-
-            def consume(outputs: dict[str, torch.Tensor], sums=sums, firsts=firsts) -> None:
-                for name, f in outputs.items():
-                    f = f.double()
-                    if name not in sums:
-                        sums[name] = [torch.zeros(f.shape[1], dtype=torch.float64, device=f.device),
-                                      torch.zeros(f.shape[1], dtype=torch.float64, device=f.device), 0]
-                    acc = sums[name]
-                    if name in moments:
-                        if moments[name] is None:
-                            moments[name] = MomentAccumulator(f.shape[1], device=f.device)
-                        moments[name].update(f)
-                        room = self.matrix_views - acc[2]
-                        if room > 0:  # the first `matrix_views` views, for the view x view matrix
-                            firsts[name].append(f[:room].float().cpu())
-                    acc[0] += f.sum(0)
-                    acc[1] += f.square().sum(0)
-                    acc[2] += f.shape[0]
-
-            self.for_each_batch(pl_module, self._view_batches(template, views), consume)
+            session, shown = _ViewSums(self, moments), []
+            stream = StreamingCapture({(n, False): m for n, m in self._modules.items()},
+                                      {(n, False): [session] for n in names})
+            with stream.capturing(), uncompiled(pl_module):
+                for start in range(0, self.num_views, size):  # the views made batch by batch, never all held
+                    views = torch.stack([make_view() for _ in range(min(size, self.num_views - start))])
+                    shown.append(views[:max(0, 6 - start)].clone())  # the first 6 views, for the example grid
+                    stream.batch_size = self.batch_now = len(views)
+                    self.forward(pl_module, self._view_batches(template, views, len(views))[0])
+                    stream.end_batch()
+                    del views
+            examples.append(torch.cat(shown))
             for name in names:
-                total, squares, count = sums[name]
+                total, squares, count = session.sums[name]
                 per_image[name].append((total / count, squares / count, count))
             for name in ends:
-                kept[name].append(torch.cat(firsts[name]))
+                kept[name].append(torch.cat(session.firsts[name]))
         records = []
         for name in names:
             means = torch.stack([m for m, _, _ in per_image[name]])  # (images, features)
@@ -314,6 +338,51 @@ class AugmentationInvarianceMonitor(RepresentationProbe):
                 grid = data["views"]
             specs.append(("views.png", "views", lambda: views_figure(grid)))
         return specs
+
+
+class _ViewSums:
+    """The views of one image, fed layer by layer inside the forward hooks (`StreamingCapture`): per layer the
+    sum and the sum of squares of its feature rows over the views; for the end layers also their moments and the
+    first ``matrix_views`` rows (copies: nothing of a layer's output is kept past its hook otherwise)."""
+
+    def __init__(self, probe: AugmentationInvarianceMonitor, moments: dict[str, Optional[MomentAccumulator]]) -> None:
+        self.probe, self.moments = probe, moments
+        self.sums: dict[str, list[Any]] = {}
+        self.firsts: dict[str, list[torch.Tensor]] = {n: [] for n in moments}
+
+    def consume_layer(self, name: str, output: torch.Tensor, batch: Optional[int] = None) -> None:
+        f = self.probe._reducers[name](output, batch).double()  # (views, features)
+        if name not in self.sums:
+            self.sums[name] = [torch.zeros(f.shape[1], dtype=torch.float64, device=f.device),
+                               torch.zeros(f.shape[1], dtype=torch.float64, device=f.device), 0]
+        acc = self.sums[name]
+        if name in self.moments:
+            if self.moments[name] is None:
+                self.moments[name] = MomentAccumulator(f.shape[1], device=f.device, dtype=torch.float32)
+            self.moments[name].update(f)
+            room = self.probe.matrix_views - acc[2]
+            if room > 0:  # the first `matrix_views` views, for the view x view matrix
+                self.firsts[name].append(f[:room].float().cpu())
+        acc[0] += f.sum(0)
+        acc[1] += f.square().sum(0)
+        acc[2] += f.shape[0]
+
+    def end_batch(self, batch: Optional[int] = None) -> None:
+        """Nothing to do: every layer was added in its hook."""
+
+
+def estimated_bytes(widths: list[int], num_images: int, matrix_views: int) -> int:
+    """Peak bytes of the accumulators for layers of ``widths`` kept features (the first and the last are the end
+    layers), the forward batch aside: per layer the float64 sums and squares of the current image and the means
+    of every image; per end layer a float32 ``(F x F)`` product sum and the kept view rows; while the report
+    derives the widest end layer's correlation, its float64 covariance and correlation; the view x view
+    matrices."""
+    if not widths:
+        return 0
+    ends = [widths[0], widths[-1]] if len(widths) > 1 else widths[:1]
+    rows = num_images * matrix_views
+    return (sum(16 * w * (num_images + 1) for w in widths) + sum(4 * w * w + 4 * rows * w for w in ends)
+            + 16 * max(ends) ** 2 + 24 * rows * rows)
 
 
 def invariance_figure(records: list[dict[str, Any]], epoch: int) -> Figure:
