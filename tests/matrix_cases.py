@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 NUM_CLASSES = 4
 VOCAB = 40
+#: The vocabulary of the next-token case: a dense confusion would be 2000^2 cells (ConfidenceMonitor goes sparse).
+LM_VOCAB = 2000
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -33,6 +35,13 @@ def images(n: int, shape: tuple[int, ...] = (3, 16, 16), seed: int = 0) -> Tenso
 def tokens(n: int, length: int = 12, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randint(0, VOCAB, (n, length), generator=g), torch.arange(n) % NUM_CLASSES)
+
+
+def next_tokens(n: int, length: int = 12, seed: int = 0) -> TensorDataset:
+    """Token ids and the next token of each position: targets ``(N, T)`` of ``LM_VOCAB`` classes."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LM_VOCAB, (n, length + 1), generator=g)
+    return TensorDataset(ids[:, :-1], ids[:, 1:])
 
 
 class DictTokens(torch.utils.data.Dataset):
@@ -247,6 +256,20 @@ class DemoTransformer(nn.Module):
         return out[:, -1, :NUM_CLASSES]
 
 
+class NextTokenLM(nn.Module):
+    """A next-token language model: logits ``(N, LM_VOCAB, T)`` (``cross_entropy``'s layout) for ``(N, T)`` ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(LM_VOCAB, 16)
+        self.mix = nn.Linear(16, 16)
+        self.act = nn.GELU()
+        self.head = nn.Linear(16, LM_VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.mix(self.embed(ids)))).transpose(1, 2)
+
+
 class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -356,6 +379,8 @@ CASES: dict[str, Case] = {
     "tied_embeddings": Case(_clf(TiedLanguageHead), **_TOKENS),
     "multihead_attention": Case(_clf(AttentionNet), **_TOKENS),
     "demo_transformer": Case(_clf(DemoTransformer), **_TOKENS),
+    "language_model_vocab": Case(_clf(NextTokenLM), train=lambda: loader(next_tokens(64)),
+                                 val=lambda: loader(next_tokens(32, seed=1))),
     # Trainer settings
     "gan_manual_two_optimizers": Case(TwoOptimizerGAN),
     "gradient_clipping": Case(_clf(small_cnn), trainer={"gradient_clip_val": 0.5}),

@@ -27,7 +27,7 @@ REPRESENTATION = ("LayerCorrelationMonitor", "ActivationStatsMonitor", "Augmenta
                   "AlignmentMonitor")
 ALL_IDLE = dict.fromkeys(NAMES, "idle")
 TOKEN_MODELS = ("lstm", "gru_dict_batches", "embedding_bag", "tied_embeddings", "multihead_attention",
-                "demo_transformer")
+                "demo_transformer", "language_model_vocab")
 
 
 def expected(case: str) -> dict[str, str]:
@@ -51,6 +51,8 @@ def expected(case: str) -> dict[str, str]:
         table["AugmentationInvarianceMonitor"] = "skipped"  # the default image augmentation cannot apply
     if case == "boring_model":  # Lightning's BoringModel: its validation_step returns no logits or targets
         table.update({"ConfidenceMonitor": "refused", "AugmentationInvarianceMonitor": "skipped"})
+    if case == "language_model_vocab":  # logits (N, V, T): the classes axis of 3-D logits is ambiguous
+        table["NoiseRobustnessMonitor"] = "skipped"
     if case == "one_big_tensor":
         table["AlignmentMonitor"] = "skipped"  # no nn.Linear / nn.Conv layer: alignment is about their weights
     return table
