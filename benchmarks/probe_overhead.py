@@ -14,7 +14,10 @@ The table shows, per configuration:
   one-off costs (setup, ``torch.compile``, end-of-fit figures) neither hide nor inflate it, and those one-off
   seconds apart: ``fit(short) - bare fit(short) - short * marginal``; ``compile s`` is what the probes' compiled
   kernels took in the first run of the process (later runs reuse the graphs);
-- the most bytes a probe holds between steps, and per tracked entry.
+- the most bytes a probe holds between steps, and per tracked entry; and during a compared step: what the
+  dynamics probe holds when the optimiser's post-step hook starts (its state buffer and the weights' copy, or the
+  older version's weight copy and codes; transient temporaries inside a hook are not counted: for those see the
+  peak RSS of ``benchmarks/dynamics_memory.py``).
 
 Configurations ``+compile`` run the probes with ``compile=True``. With ``--baseline SRC`` (a source tree of an
 older version, e.g. ``git archive <commit> lightning_probes | tar -x -C SRC``) every configuration also runs with
@@ -109,6 +112,7 @@ class StepTimer(pl.Callback):
         self.warmup = warmup
         self.start = self.end = 0.0
         self.held_bytes = 0
+        self.compared_bytes = 0
         self.hook_seconds = 0.0
         self.hook_cpu_seconds = 0.0
         self.cpu_start = self.cpu_end = 0.0
@@ -136,6 +140,22 @@ class StepTimer(pl.Callback):
 _HOOKS = ("on_before_optimizer_step", "_after_step", "on_train_batch_start", "on_train_batch_end")
 
 
+def compared_bytes(probe) -> int:
+    """Bytes of the per-entry tensors the dynamics probe holds for its pending steps (this version: the state
+    buffer and the weights' compact copy; the version before: the weights' float copy and the step's codes)."""
+    total = 0
+    for pending in getattr(probe, "_pending", {}).values():
+        buffers = getattr(pending, "buffers", None)
+        if buffers is not None:
+            total += buffers.nbytes()
+        for key in ("before", "current"):
+            value = getattr(pending, key, None)
+            for t in value if isinstance(value, list) else [value]:
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
 def _time_hooks(probe, timer: StepTimer) -> None:
     """Add the wall time spent inside the probe's per-step and per-epoch hooks to ``timer.hook_seconds``."""
     for name in _HOOKS:
@@ -143,7 +163,9 @@ def _time_hooks(probe, timer: StepTimer) -> None:
         if original is None:
             continue
 
-        def wrapper(*args, _original=original, **kwargs):
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            if _name == "_after_step":
+                timer.compared_bytes = max(timer.compared_bytes, compared_bytes(probe))
             start, cpu = time.perf_counter(), time.process_time()
             try:
                 return _original(*args, **kwargs)
@@ -257,6 +279,7 @@ def measure(args: argparse.Namespace, root: str) -> None:
     fits: dict[tuple[tuple[str, int], int], list[float]] = {(c, s): [] for c in configs for s in lengths}
     compile_first: dict[tuple[str, int], float] = {}
     held: dict[tuple[str, int], int] = {}
+    compared: dict[tuple[str, int], int] = {}
     rng = random.Random(0)
     for _ in range(args.repeats):
         order = [(c, s) for c in configs for s in lengths]
@@ -274,6 +297,7 @@ def measure(args: argparse.Namespace, root: str) -> None:
             hook_cpu[config].append(timer.hook_cpu_seconds / (args.steps - args.warmup))
             epoch_ends[config].append(timer.epoch_end_seconds)
             held[config] = timer.held_bytes
+            compared[config] = timer.compared_bytes
     bare = times[("bare", 0)]
     bare_step = statistics.median(bare)
     model = make_model(args.model)
@@ -288,13 +312,17 @@ def measure(args: argparse.Namespace, root: str) -> None:
           f"logger: {'TensorBoard' if not args.no_tensorboard else 'none'}")
     bare_marginal = statistics.median(marginal(("bare", 0), r) for r in range(args.repeats))
     bare_cpu = statistics.median(cpu_times[("bare", 0)])
+    from lightning_probes.functional import _native
+
+    print(f"C kernels ({'loaded' if _native.library() is not None else 'unavailable: eager torch'}): "
+          f"{_native.build_seconds():.2f} s to build or load, once per process (in the first run's first step)")
     print(f"bare step: median {bare_step * 1e3:.2f} ms wall, {bare_cpu * 1e3:.2f} ms CPU (steady state); "
           f"marginal {bare_marginal * 1e3:.2f} ms wall (long minus short)")
     print("| probe | every_n_steps | ratio to bare (wall) | ratio to bare (CPU) | target "
           "| ms per step in probe hooks (wall / CPU) | 1 + hook CPU / bare CPU step "
           "| marginal ms per step over bare (wall) | one-off s | compile s (first run) | epoch-end s (figures) "
-          "| bytes held between steps (per entry) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bytes held between steps (per entry) | bytes held during a compared step (per entry) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in configs[1:]:
         ratios = [t / b for t, b in zip(times[config], bare)]
         cpu_ratios = [t / b for t, b in zip(cpu_times[config], cpu_times[("bare", 0)])]
@@ -310,7 +338,8 @@ def measure(args: argparse.Namespace, root: str) -> None:
               f"{hook_ms:.2f} / {hook_cpu_ms:.2f} | {1 + hook_cpu_ms / (bare_cpu * 1e3):.3f}x | "
               f"{statistics.median(extra) * 1e3:.2f} | {statistics.median(one_off):.2f} | "
               f"{compile_first[config]:.1f} | {statistics.median(epoch_ends[config]):.2f} | "
-              f"{held[config]:,} ({held[config] / entries:.2f}) |")
+              f"{held[config]:,} ({held[config] / entries:.2f}) | "
+              f"{compared[config]:,} ({compared[config] / entries:.2f}) |")
 
 if __name__ == "__main__":
     main()

@@ -153,12 +153,15 @@ class Group:
 
     Args:
         sizes: Per tensor, the number of followed entries.
-        indices: Per tensor, the positions (``int64``, CPU, contiguous) of the followed entries in its flat local
-            tensor, or ``None`` for every entry.
+        indices: Per tensor, the positions (CPU, contiguous; int32 kept as they are when all are int32, else
+            int64) of the followed entries in its flat local tensor, or ``None`` for every entry.
     """
 
     def __init__(self, sizes: Sequence[int], indices: Sequence[Optional[torch.Tensor]]) -> None:
-        self.indices = [None if i is None else i.to(torch.int64).contiguous() for i in indices]  # kept alive
+        given = [i for i in indices if i is not None]
+        self.index64 = not all(i.dtype == torch.int32 for i in given)
+        dtype = torch.int64 if self.index64 else torch.int32
+        self.indices = [None if i is None else i.to(dtype).contiguous() for i in indices]  # kept alive
         self.n = np.asarray(list(sizes), dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.n)[:-1]]).astype(np.int64)
         self.index_ptrs = _pointers(self.indices)
@@ -186,6 +189,7 @@ def dynamics_before(group: Group, grads: Sequence[torch.Tensor], state: torch.Te
     gptr, wptr = _pointers(grads), _pointers(weights)  # kept alive through the call
     lib.lp_dynamics_before(
         ctypes.c_int64(count), ctypes.c_int(DTYPES[grads[0].dtype]), _ptr(gptr), _ptr(group.index_ptrs),
+        ctypes.c_int(int(group.index64)),
         _ptr(group.n), _ptr(group.offsets), _tensor_ptr(state), ctypes.c_int(int(has_previous)),
         ctypes.c_int(DTYPES[weights[0].dtype]), _ptr(wptr), _tensor_ptr(p16), _tensor_ptr(p8),
         _tensor_ptr(c64), _tensor_ptr(eref), ctypes.c_double(zero_threshold), ctypes.c_double(release_threshold),
@@ -207,7 +211,8 @@ def dynamics_after(group: Group, weights: Sequence[torch.Tensor], state: torch.T
     p16, p8, c64 = planes
     wptr = _pointers(weights)  # kept alive through the call
     lib.lp_dynamics_after(
-        ctypes.c_int64(count), _ptr(group.index_ptrs), _ptr(group.n), _ptr(group.offsets), _tensor_ptr(state),
+        ctypes.c_int64(count), _ptr(group.index_ptrs), ctypes.c_int(int(group.index64)), _ptr(group.n),
+        _ptr(group.offsets), _tensor_ptr(state),
         ctypes.c_int(int(snapshot)), ctypes.c_int(DTYPES[weights[0].dtype]), _ptr(wptr),
         _tensor_ptr(p16), _tensor_ptr(p8), _tensor_ptr(c64), _tensor_ptr(eref), ctypes.c_int(int(norms)),
         _tensor_ptr(updates),

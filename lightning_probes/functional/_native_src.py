@@ -14,6 +14,8 @@ SOURCE = r"""
 
 #define INLINE static inline __attribute__((always_inline))
 #define MANT 0x007FFFFFu /* also the zero mark: a +-0 weight in the tiny class (see _fused.encode_weights) */
+/* Index arrays of the followed entries: int32 (i64 == 0) or int64, one kind per call. */
+#define IDX(idx, k) ((idx) ? (i64 ? ((const int64_t*)(idx))[k] : (int64_t)((const int32_t*)(idx))[k]) : (k))
 
 typedef union { float f; uint32_t u; } f32_bits;
 INLINE float f32_from_bits(uint32_t u) { f32_bits b; b.u = u; return b.f; }
@@ -68,10 +70,10 @@ INLINE uint32_t decode_f32(uint32_t code, uint32_t q16, uint32_t q8, uint32_t er
     return sign | mag;
 }
 
-INLINE uint32_t exponent_max_f32(const float* w, const int64_t* idx, int64_t n) {
+INLINE uint32_t exponent_max_f32(const float* w, const void* idx, int i64, int64_t n) {
     uint32_t e = 0;
     for (int64_t k = 0; k < n; k++) {
-        uint32_t x = (bits_of_f32(w[idx ? idx[k] : k]) >> 23) & 0xFFu;
+        uint32_t x = (bits_of_f32(w[IDX(idx, k)]) >> 23) & 0xFFu;
         e = x > e ? x : e;
     }
     return e;
@@ -88,14 +90,14 @@ INLINE uint32_t exponent_max_f32(const float* w, const int64_t* idx, int64_t n) 
     } while (0)
 
 /* Generic loop: any dtype, an index, a scale. */
-static void before_tensor(int gdt, const void* g, const int64_t* idx, int64_t n, uint8_t* st, int has_prev,
+static void before_tensor(int gdt, const void* g, const void* idx, int i64, int64_t n, uint8_t* st, int has_prev,
                           int wdt, const void* w, uint16_t* p16, uint8_t* p8, double* c64, uint32_t eref,
                           float zt, float rt, double ztd, double rtd, float sc, double scd, int scaled,
                           int64_t* counts, double* sumsq) {
     int64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0;
     double sq = 0.0;
     for (int64_t k = 0; k < n; k++) {
-        int64_t j = idx ? idx[k] : k;
+        int64_t j = IDX(idx, k);
         int32_t sg, below, zero;
         if (gdt == 1) {
             double x = ((const double*)g)[j];
@@ -124,12 +126,12 @@ static void before_tensor(int gdt, const void* g, const int64_t* idx, int64_t n,
     *sumsq = sq;
 }
 
-static void after_tensor(int64_t n, const int64_t* idx, uint8_t* st, int snapshot, int wdt, const void* w,
+static void after_tensor(int64_t n, const void* idx, int i64, uint8_t* st, int snapshot, int wdt, const void* w,
                          const uint16_t* p16, const uint8_t* p8, const double* c64, uint32_t eref, int norms,
                          double* usq, double* wsq) {
     double us = 0.0, ws = 0.0;
     for (int64_t k = 0; k < n; k++) {
-        int64_t j = idx ? idx[k] : k;
+        int64_t j = IDX(idx, k);
         uint32_t code = st[k];
         int gt, ge;
         if (wdt == 1) {
@@ -232,35 +234,35 @@ static void abs_tensor(int dt, const void* g, int64_t n, double* out) {
 
 /* Group entry points: pointer and size arrays, one entry per tensor; eref: per tensor the largest exponent of
    its followed float32 weights (written by the first pass, read by the second). */
-void lp_dynamics_before(int64_t P, int gdt, const int64_t* gptr, const int64_t* iptr, const int64_t* n,
+void lp_dynamics_before(int64_t P, int gdt, const int64_t* gptr, const int64_t* iptr, int i64, const int64_t* n,
                         const int64_t* off, uint8_t* st, int has_prev, int wdt, const int64_t* wptr,
                         uint16_t* p16, uint8_t* p8, double* c64, int32_t* eref, double zt, double rt, double sc,
                         int scaled, int64_t* counts, double* sumsq) {
     for (int64_t i = 0; i < P; i++) {
         const void* g = (const void*)gptr[i];
         const void* w = (const void*)wptr[i];
-        const int64_t* idx = (const int64_t*)iptr[i];
+        const void* idx = (const int64_t*)iptr[i];
         int64_t o = off[i];
         uint16_t* q16 = p16 ? p16 + o : 0;
         uint8_t* q8 = p8 ? p8 + o : 0;
         double* q64 = c64 ? c64 + o : 0;
-        uint32_t e = wdt == 0 ? exponent_max_f32((const float*)w, idx, n[i]) : 0u;
+        uint32_t e = wdt == 0 ? exponent_max_f32((const float*)w, idx, i64, n[i]) : 0u;
         eref[i] = (int32_t)e;
         if (gdt == 0 && wdt == 0 && !idx && !scaled)
             before_f32((const float*)g, n[i], st + o, has_prev, (const float*)w, q16, q8, e, (float)zt, (float)rt,
                        counts + 7 * i, sumsq + i);
         else
-            before_tensor(gdt, g, idx, n[i], st + o, has_prev, wdt, w, q16, q8, q64, e, (float)zt, (float)rt, zt,
+            before_tensor(gdt, g, idx, i64, n[i], st + o, has_prev, wdt, w, q16, q8, q64, e, (float)zt, (float)rt, zt,
                           rt, (float)sc, sc, scaled, counts + 7 * i, sumsq + i);
     }
 }
 
-void lp_dynamics_after(int64_t P, const int64_t* iptr, const int64_t* n, const int64_t* off, uint8_t* st,
+void lp_dynamics_after(int64_t P, const int64_t* iptr, int i64, const int64_t* n, const int64_t* off, uint8_t* st,
                        int snapshot, int wdt, const int64_t* wptr, const uint16_t* p16, const uint8_t* p8,
                        const double* c64, const int32_t* eref, int norms, double* usq, double* wsq) {
     for (int64_t i = 0; i < P; i++) {
         const void* w = (const void*)wptr[i];
-        const int64_t* idx = (const int64_t*)iptr[i];
+        const void* idx = (const int64_t*)iptr[i];
         int64_t o = off[i];
         const uint16_t* q16 = p16 ? p16 + o : 0;
         const uint8_t* q8 = p8 ? p8 + o : 0;
@@ -268,7 +270,7 @@ void lp_dynamics_after(int64_t P, const int64_t* iptr, const int64_t* n, const i
         if (wdt == 0 && !idx && snapshot && norms)
             after_f32(n[i], st + o, (const float*)w, q16, q8, (uint32_t)eref[i], usq + i, wsq + i);
         else
-            after_tensor(n[i], idx, st + o, snapshot, wdt, w, q16, q8, q64, (uint32_t)eref[i], norms, usq + i,
+            after_tensor(n[i], idx, i64, st + o, snapshot, wdt, w, q16, q8, q64, (uint32_t)eref[i], norms, usq + i,
                          wsq + i);
     }
 }
