@@ -41,9 +41,9 @@ class Wide(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
+from lightning_probes import GradientDynamicsMonitor  # imported in every child, bare too: modules are no entry cost
 callbacks = []
 if probe == "dynamics":
-    from lightning_probes import GradientDynamicsMonitor
     callbacks.append(GradientDynamicsMonitor(every_n_steps=1, max_entries=None, compile=False,
                                              output_dir=sys.argv[4]))
 data = torch.utils.data.TensorDataset(torch.randn(8 * steps, width))

@@ -18,7 +18,7 @@ Counts and codes are identical on every path; norms agree to float rounding (sum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -107,7 +107,7 @@ class DynamicsPasses:
         if key not in self._groups:
             if len(self._groups) > 16:
                 self._groups.clear()
-            self._groups[key] = _native.Group(selection.sizes, selection.local_index)
+            self._groups[key] = _native.Group(selection.sizes, selection.local_index, selection.sample_local)
         return self._groups[key]
 
     @staticmethod
@@ -128,8 +128,9 @@ class DynamicsPasses:
     # -- before the step ----------------------------------------------------------------------------------
     def before(self, grads: list[torch.Tensor], params: list[torch.Tensor], selection: EntrySelection,
                state: Optional[torch.Tensor], zero_threshold: float, release_threshold: float,
-               scale: Optional[torch.Tensor], whole: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Buffers]:
-        """The first pass: ``(counts, squares, buffers)``.
+               scale: Optional[torch.Tensor], whole: bool
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Buffers]:
+        """The first pass: ``(counts, squares, sample, buffers)``.
 
         Args:
             grads: This rank's local gradients of the tracked tensors.
@@ -143,7 +144,9 @@ class DynamicsPasses:
 
         Returns:
             ``(P, 7)`` int64 counts (the last six meaningless without a state), ``(P,)`` float64 sums of the
-            squared unscaled gradients over the followed entries (``None``: not computed here) and the buffers.
+            squared unscaled gradients over the followed entries (``None``: not computed here), the values of
+            ``selection.sample_local`` as compared (float64; ``None``: not read here, see `sample_of`) and the
+            buffers.
         """
         device = grads[0].device
         total = sum(selection.sizes)
@@ -164,12 +167,12 @@ class DynamicsPasses:
                     if flat is not None:
                         flat[offset:offset + size].copy_(piece)
                 offset += size
-            return counts.long(), squares, buffers
+            return counts.long(), squares, None, buffers
         if self.native(grads, params) and dtype == params[0].dtype:
-            counts, squares = _native.dynamics_before(
+            counts, squares, sample = _native.dynamics_before(
                 self._group(selection), grads, buffer, has_previous, params, planes, buffers.eref, zero_threshold,
                 release_threshold, None if scale is None else float(scale))
-            return counts, squares, buffers
+            return counts, squares, sample, buffers
         counts = torch.zeros(len(grads), 7, dtype=torch.int64, device=device)
         pieces = _pieces(selection)
         if dtype == torch.float32:  # the encoding's reference exponent of each tensor, over all its followed entries
@@ -189,7 +192,7 @@ class DynamicsPasses:
             for flat, piece in zip(planes, parts):
                 if flat is not None:
                     flat[offset:offset + stop - start].copy_(piece.view(flat.dtype))
-        return counts, None, buffers
+        return counts, None, None, buffers
 
     # -- after the step -----------------------------------------------------------------------------------
     def after(self, params: list[torch.Tensor], selection: EntrySelection, buffers: Buffers, snapshot: bool,
@@ -233,12 +236,16 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 def sample_of(grads: list[torch.Tensor], selection: EntrySelection, dtype: torch.dtype,
-              scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """The step's sign-map columns read from the gradients (in ``dtype``, unscaled); under FSDP2 those this rank
-    holds, zeros elsewhere (summed over the ranks later)."""
-    values: Any = torch.cat([g.reshape(-1)[i] for g, i in zip(grads, selection.sample_local)]).to(dtype)
-    if scale is not None:
-        values = values * scale.to(dtype)
+              scale: Optional[torch.Tensor], values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The step's sign-map columns read from the gradients (in ``dtype``, unscaled; ``values``: already read, in
+    the order of ``selection.sample_local``); under FSDP2 those this rank holds, zeros elsewhere (summed over the
+    ranks later)."""
+    if values is None:
+        values = torch.cat([g.reshape(-1)[i] for g, i in zip(grads, selection.sample_local)]).to(dtype)
+        if scale is not None:
+            values = values * scale.to(dtype)
+    else:
+        values = values.to(dtype)
     if selection.sample_dst is None:
         return values
     return torch.zeros(selection.n_sample, dtype=dtype, device=values.device).index_copy_(

@@ -352,7 +352,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         scale = self.loss_scale_inverse(trainer, optimizer)
         whole = not self.sharded and all(self._subsets[i] is None for i in tracked)
         dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads])
-        counts, squares, buffers = self._passes.before(
+        counts, squares, sample, buffers = self._passes.before(
             grads, params, selection, state, zero_threshold_for(dtype, self.zero_threshold), self.release_threshold,
             scale, whole)  # one pass: counts, squared norms, the step's codes and the weights' compact copy
         squares = self._whole_squares(grads, squares, tracked, selection, device)
@@ -367,7 +367,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
             pending.counts = counts.double()  # (P, 7)
             pending.previous_finite = previous.finite if has_previous else pending.finite
             compare = torch.float64 if dtype == torch.float64 else torch.float32
-            pending.sample = sample_of(grads, selection, compare, scale)
+            pending.sample = sample_of(grads, selection, compare, scale, sample)
         self._pending[opt_index] = pending
 
     def _whole_squares(self, tensors: list[torch.Tensor], squares: Optional[torch.Tensor], tracked: list[int],

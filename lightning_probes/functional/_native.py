@@ -155,9 +155,17 @@ class Group:
         sizes: Per tensor, the number of followed entries.
         indices: Per tensor, the positions (CPU, contiguous; int32 kept as they are when all are int32, else
             int64) of the followed entries in its flat local tensor, or ``None`` for every entry.
+        samples: Per tensor, positions in its flat local tensor of the entries to return as the step's sample (the
+            sign-map columns); default none.
     """
 
-    def __init__(self, sizes: Sequence[int], indices: Sequence[Optional[torch.Tensor]]) -> None:
+    def __init__(self, sizes: Sequence[int], indices: Sequence[Optional[torch.Tensor]],
+                 samples: Optional[Sequence[torch.Tensor]] = None) -> None:
+        samples = samples if samples is not None else [torch.zeros(0, dtype=torch.int64)] * len(sizes)
+        self.samples = [t.to(torch.int64).contiguous() for t in samples]  # kept alive
+        self.sample_ptrs = _pointers(self.samples)
+        self.sample_n = np.asarray([t.numel() for t in self.samples], dtype=np.int64)
+        self.n_sample = int(self.sample_n.sum())
         given = [i for i in indices if i is not None]
         self.index64 = not all(i.dtype == torch.int32 for i in given)
         dtype = torch.int64 if self.index64 else torch.int32
@@ -171,20 +179,22 @@ class Group:
 def dynamics_before(group: Group, grads: Sequence[torch.Tensor], state: torch.Tensor, has_previous: bool,
                     weights: Sequence[torch.Tensor], planes: Sequence[Optional[torch.Tensor]], eref: torch.Tensor,
                     zero_threshold: float, release_threshold: float, scale: Optional[float]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C `lightning_probes.functional._fused.dynamics_before_eager` over a group (CPU; `supports` both lists).
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C `lightning_probes.functional._fused.dynamics_before_one` over a group (CPU; `supports` both lists).
 
     ``state`` (``int8``, ``group.total``) is read (``has_previous``) and overwritten in place with the current
     codes and the weights' exponent nibble; ``planes`` (`weight_planes`) receive the rest of the weights' encoding
     and ``eref`` (``(P,)`` int32) each tensor's `lightning_probes.functional._fused.exponent_max`.
 
     Returns:
-        ``(counts, squares)``: ``(P, 7)`` int64 counts and ``(P,)`` float64 sums of the squared (unscaled) gradients.
+        ``(counts, squares, sample)``: ``(P, 7)`` int64 counts, ``(P,)`` float64 sums of the squared (unscaled)
+        gradients, and the float64 values (scaled, as compared) of ``group.samples``' entries, in order.
     """
     lib = library()
     count = len(grads)
     counts = torch.empty(count, 7, dtype=torch.int64)
     squares = torch.empty(count, dtype=torch.float64)
+    sample = torch.empty(group.n_sample, dtype=torch.float64)
     p16, p8, c64 = planes
     gptr, wptr = _pointers(grads), _pointers(weights)  # kept alive through the call
     lib.lp_dynamics_before(
@@ -194,14 +204,15 @@ def dynamics_before(group: Group, grads: Sequence[torch.Tensor], state: torch.Te
         ctypes.c_int(DTYPES[weights[0].dtype]), _ptr(wptr), _tensor_ptr(p16), _tensor_ptr(p8),
         _tensor_ptr(c64), _tensor_ptr(eref), ctypes.c_double(zero_threshold), ctypes.c_double(release_threshold),
         ctypes.c_double(1.0 if scale is None else scale), ctypes.c_int(scale is not None),
-        _tensor_ptr(counts), _tensor_ptr(squares))
-    return counts, squares
+        _tensor_ptr(counts), _tensor_ptr(squares), _ptr(group.sample_ptrs), _ptr(group.sample_n),
+        _tensor_ptr(sample))
+    return counts, squares, sample
 
 
 def dynamics_after(group: Group, weights: Sequence[torch.Tensor], state: torch.Tensor,
                    planes: Sequence[Optional[torch.Tensor]], eref: torch.Tensor, snapshot: bool, norms: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C `lightning_probes.functional._fused.dynamics_after_eager` over a group: ``state`` becomes the new
+    """The C `lightning_probes.functional._fused.dynamics_after_one` over a group: ``state`` becomes the new
     state in place (``snapshot``); returns ``(P,)`` float64 squared update and weight norms (zeros unless
     ``norms``) over the followed entries."""
     lib = library()

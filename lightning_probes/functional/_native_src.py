@@ -2,8 +2,8 @@
 
 One loop per tensor reads each gradient, weight and state byte once and writes every count, squared norm and
 the new state byte; ``gcc -O3`` vectorises the common case (contiguous float32, every entry followed). Semantics
-are those of the eager reference in `lightning_probes.functional._fused` (`dynamics_before_eager`,
-`dynamics_after_eager`): comparisons in the gradients' dtype (float64 for float64, float32 otherwise), codes and
+are those of the eager reference in `lightning_probes.functional._fused` (`dynamics_before_one`,
+`dynamics_after_one`): comparisons in the gradients' dtype (float64 for float64, float32 otherwise), codes and
 the weight encoding bit for bit the same.
 """
 
@@ -237,7 +237,21 @@ static void abs_tensor(int dt, const void* g, int64_t n, double* out) {
 void lp_dynamics_before(int64_t P, int gdt, const int64_t* gptr, const int64_t* iptr, int i64, const int64_t* n,
                         const int64_t* off, uint8_t* st, int has_prev, int wdt, const int64_t* wptr,
                         uint16_t* p16, uint8_t* p8, double* c64, int32_t* eref, double zt, double rt, double sc,
-                        int scaled, int64_t* counts, double* sumsq) {
+                        int scaled, int64_t* counts, double* sumsq, const int64_t* sptr, const int64_t* sn,
+                        double* sample) {
+    /* The sign-map columns first: positions (int64) in each flat local gradient, values as compared. */
+    int64_t so = 0;
+    for (int64_t i = 0; i < P; i++) {
+        const int64_t* pos = (const int64_t*)sptr[i];
+        for (int64_t c = 0; c < sn[i]; c++, so++) {
+            int64_t j = pos[c];
+            if (gdt == 1) sample[so] = ((const double*)gptr[i])[j] * (scaled ? sc : 1.0);
+            else {
+                float x = load_f((const void*)gptr[i], j, gdt);
+                sample[so] = (double)(scaled ? x * (float)sc : x);
+            }
+        }
+    }
     for (int64_t i = 0; i < P; i++) {
         const void* g = (const void*)gptr[i];
         const void* w = (const void*)wptr[i];

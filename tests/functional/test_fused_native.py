@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_probes.callbacks._dynamics_paths import SLICE, DynamicsPasses
+from lightning_probes.callbacks._dynamics_paths import SLICE, DynamicsPasses, sample_of
 from lightning_probes.callbacks._entries import select_entries
 from lightning_probes.functional import _native
 from lightning_probes.functional._fused import (
@@ -108,13 +108,15 @@ def _run_step(path, grads_prev, before_prev, after_prev, grads, before, after, z
     selection = select_entries(list(range(n)), layouts, subsets, columns, [0] * n, torch.device("cpu"), False)
     whole = sizes_index is None
     params = [w.clone() for w in before_prev]
-    _, _, buffers = passes.before(grads_prev, params, selection, None, zero, rel, None, whole)
+    _, _, _, buffers = passes.before(grads_prev, params, selection, None, zero, rel, None, whole)
     for p, a in zip(params, after_prev):
         p.copy_(a)
     passes.after(params, selection, buffers, True, True, whole)
     state = buffers.state
     params = [w.clone() for w in before]
-    counts, squares, buffers = passes.before(grads, params, selection, state, zero, rel, None, whole)
+    counts, squares, sample, buffers = passes.before(grads, params, selection, state, zero, rel, None, whole)
+    if sample is not None:  # the native path reads the sign-map columns itself: those `sample_of` reads
+        torch.testing.assert_close(sample, sample_of(grads, selection, torch.float64, None), equal_nan=True)
     for p, a in zip(params, after):
         p.copy_(a)
     updates, weights = passes.after(params, selection, buffers, True, True, whole)
@@ -180,16 +182,19 @@ def test_native_scaled_gradients_and_mixed_layouts_fall_back_cleanly():
     gen = torch.Generator().manual_seed(4)
     grads = [_grads((50,), torch.float32, gen) * 1024 for _ in range(2)]
     weights = [_weights((50,), torch.float32, gen) for _ in range(2)]
-    group = _native.Group([50, 50], [None, None])
+    group = _native.Group([50, 50], [None, None], [torch.tensor([0, 1, 49]), torch.tensor([7])])
     state = torch.randint(0, 27, (100,), dtype=torch.int8, generator=gen)
     planes = (torch.empty(100, dtype=torch.int16), torch.empty(100, dtype=torch.uint8), None)
     eref = torch.zeros(2, dtype=torch.int32)
     reference = [dynamics_before_one(g.reshape(-1), s, w.reshape(-1), 1e-7, 1e-5, torch.tensor(1 / 1024.0,
                                                                                                 dtype=torch.float64))
                  for g, s, w in zip(grads, state.split(50), weights)]
-    counts, squares = _native.dynamics_before(group, grads, state, True, weights, planes, eref, 1e-7, 1e-5,
-                                              1 / 1024.0)
+    counts, squares, sample = _native.dynamics_before(group, grads, state, True, weights, planes, eref, 1e-7,
+                                                      1e-5, 1 / 1024.0)
     assert torch.equal(counts, torch.stack([r[0] for r in reference]))
+    expected = torch.stack([grads[0][0], grads[0][1], grads[0][49], grads[1][7]]) * torch.tensor(1 / 1024.0)
+    torch.testing.assert_close(sample, expected.double(), equal_nan=True, rtol=0, atol=0)  # the float32 products
+    torch.testing.assert_close(squares, torch.stack([g.double().square().sum() for g in grads]), equal_nan=True)
     assert torch.equal(state, torch.cat([r[2] for r in reference]))
     assert not _native.supports([torch.zeros(3), torch.zeros(3, dtype=torch.float64)])
     assert not _native.supports([torch.zeros(4, 4).t()])  # not contiguous
