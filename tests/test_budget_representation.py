@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -191,3 +192,38 @@ def test_an_inplace_activation_after_a_layer_does_not_change_what_was_read(tmp_p
     row = read(tmp_path / "activation_stats.jsonl")[0]
     assert row["mean"] == pytest.approx(fc1.mean(), abs=1e-6)
     assert row["positive_ratio"] == pytest.approx((fc1 > 0).mean())
+
+
+class _Depthwise(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 5, padding=2, groups=32),
+                                 nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_alignment_leaves_out_grouped_layers_that_cannot_fit_at_the_defaults(tmp_path):
+    # The depthwise conv's per-group sums (12 * 800 * 25 bytes) cannot be subsampled; 150 kB cannot hold them.
+    lp.set_memory_budget(150_000)
+    probe = AlignmentMonitor(num_samples=16, output_dir=str(tmp_path), plot_every_n_epochs=0)
+    fit = trainer(tmp_path, [probe], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"1 grouped convolution\(s\).*left out: net.2"):
+        fit.fit(_Depthwise(), RandomDataModule())
+    assert list(probe._modules) == ["net.0", "net.5"]
+    assert {r["layer"] for r in read(tmp_path / "alignment.jsonl")} == {"net.0", "net.5"}
+    assert "1 grouped layer(s) left out" in memory_plan(fit)["alignment"]["reduced"]
+    lp.set_memory_budget(150_000)
+    with pytest.raises(ProbeConfigurationError, match=r"`layers` is set"):  # named layers are never left out
+        trainer(tmp_path, [AlignmentMonitor(layers=["net.0", "net.2"], num_samples=16, output_dir=str(tmp_path))],
+                max_epochs=1).fit(_Depthwise(), RandomDataModule())

@@ -66,7 +66,9 @@ class AlignmentMonitor(RepresentationProbe):
     selection whose sums do not fit 75% of the share is reduced when ``layers`` is left at its default: the
     widest ``groups == 1`` layers keep a seeded subsample of their input features (the largest common number that
     fits; one warning names them), and their alignment is measured within that subspace (records:
-    ``kept_features`` beside ``features``; ``chance`` is ``1 / kept_features``). With ``layers`` set, it stops
+    ``kept_features`` beside ``features``; ``chance`` is ``1 / kept_features``); grouped convolutions, whose
+    per-group covariances are not subsampled, are left out, largest first, while even that does not fit (the
+    warning names them). With ``layers`` set, it stops
     with an error naming the largest layers and the share. The rest of the share sizes the patch chunks and the
     forward batches (`AnalysisProbe.plan_forward_batch`); the plan is logged once.
 
@@ -210,6 +212,16 @@ class AlignmentMonitor(RepresentationProbe):
         widest = {n: format_bytes(_sum_bytes(m)) for n, m in
                   sorted(self._modules.items(), key=lambda kv: -_sum_bytes(kv[1]))[:8]}
         cap = None if self.layers is not None else _fit_feature_cap(self._modules, available)
+        dropped: list[str] = []
+        while cap is None and self.layers is None:  # grouped layers cannot be subsampled: leave out the largest
+            grouped = [n for n, m in self._modules.items() if full[n][1] > 1]
+            if not grouped or len(self._modules) == 1:
+                break
+            name = max(grouped, key=lambda n: _sum_bytes(self._modules[n]))
+            dropped.append(name)
+            self._modules = {n: m for n, m in self._modules.items() if n != name}
+            widths.pop(name, None)
+            cap = _fit_feature_cap(self._modules, available)
         where = (f"the {format_bytes(max(0.0, available))} its sums may take ({self.accumulator_fraction:.0%} of "
                  f"{self.memory_share_text()}, {format_bytes(self._share or 0)}, less the patch chunks)")
         if cap is None:
@@ -223,12 +235,16 @@ class AlignmentMonitor(RepresentationProbe):
                    if full[n][1] == 1 and full[n][0] > cap}
         self._columns = {n: subsample_columns(full[n][0], cap, n) for n in reduced}
         self._cap = cap
-        self._reduced = f"{len(reduced)} widest layer(s) keep {cap} input features"
+        self._reduced = f"{len(reduced)} widest layer(s) keep {cap} input features" + (
+            f", {len(dropped)} grouped layer(s) left out" if dropped else "")
+        left_out = (f"; {len(dropped)} grouped convolution(s), whose per-group covariances cannot be subsampled, are "
+                    f"left out: {', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}") if dropped else ""
         rank_zero_warn(
-            f"{type(self).__name__}: the float64 input covariances of {len(self._modules)} layers would need about "
-            f"{format_bytes(estimate)}, above {where}; the {len(reduced)} widest layer(s) keep a seeded subsample "
-            f"of {cap} input features (their alignment is within that subspace; records: `kept_features`): "
-            f"{', '.join(f'{n} {v}' for n, v in reduced.items())}. Set `layers` to choose.")
+            f"{type(self).__name__}: the float64 input covariances of {len(self._modules) + len(dropped)} layers "
+            f"would need about {format_bytes(estimate)}, above {where}; the {len(reduced)} widest layer(s) keep a "
+            f"seeded subsample of {cap} input features (their alignment is within that subspace; records: "
+            f"`kept_features`): {', '.join(f'{n} {v}' for n, v in reduced.items())}{left_out}. Set `layers` to "
+            "choose.")
 
     def _chunk_bytes(self) -> int:
         """Bytes set aside for one chunk of convolution patches and its copies (at most 2**24 values; 1/8 of the
