@@ -2,6 +2,7 @@
 
 from lightning_probes.budget import memory_plan, set_memory_budget
 from lightning_probes.callbacks import (
+    ActivationOutlierMonitor,
     ActivationStatsMonitor,
     AlignmentMonitor,
     AugmentationInvarianceMonitor,
@@ -17,6 +18,7 @@ from lightning_probes.reading import read_probes
 
 __version__ = "0.1.0"
 __all__ = [
+    "ActivationOutlierMonitor",
     "ActivationStatsMonitor",
     "AlignmentMonitor",
     "AugmentationInvarianceMonitor",

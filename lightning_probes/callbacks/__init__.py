@@ -1,5 +1,6 @@
 """The probes: Lightning callbacks that make the inside of training visible."""
 
+from lightning_probes.callbacks.activation_outliers import ActivationOutlierMonitor
 from lightning_probes.callbacks.activation_stats import ActivationStatsMonitor
 from lightning_probes.callbacks.alignment import AlignmentMonitor
 from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
@@ -12,6 +13,7 @@ from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
 
 __all__ = [
+    "ActivationOutlierMonitor",
     "ActivationStatsMonitor",
     "AlignmentMonitor",
     "AugmentationInvarianceMonitor",

@@ -1,7 +1,7 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
-`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
+`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`, `outliers`,
 `representations`, `robustness`, `runs`, `statistics`, `weights`) is importable from here;
 `tests/functional/test_exports.py` keeps it so.
 """
@@ -90,6 +90,13 @@ from lightning_probes.functional.metanet import (
     stack_encoded,
 )
 from lightning_probes.functional.noise_profile import NOISE_PROFILE_COLUMNS, noise_profile_features
+from lightning_probes.functional.outliers import (
+    activation_outliers,
+    channel_dim_for,
+    exceed_count,
+    outlier_partials,
+    outlier_stats,
+)
 from lightning_probes.functional.representations import (
     EffectiveRankAccumulator,
     MomentAccumulator,
@@ -149,6 +156,11 @@ __all__ = [
     "forest_importance",
     "variance_shares",
     "ActivationAccumulator",
+    "activation_outliers",
+    "channel_dim_for",
+    "exceed_count",
+    "outlier_partials",
+    "outlier_stats",
     "AlignmentAccumulator",
     "ENCODINGS",
     "HEALTH_FORMULA",
