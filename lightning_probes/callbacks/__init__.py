@@ -3,6 +3,7 @@
 from lightning_probes.callbacks.activation_outliers import ActivationOutlierMonitor
 from lightning_probes.callbacks.activation_stats import ActivationStatsMonitor
 from lightning_probes.callbacks.alignment import AlignmentMonitor
+from lightning_probes.callbacks.attention import AttentionMonitor
 from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
@@ -16,6 +17,7 @@ __all__ = [
     "ActivationOutlierMonitor",
     "ActivationStatsMonitor",
     "AlignmentMonitor",
+    "AttentionMonitor",
     "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",

@@ -1,8 +1,8 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
-Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `boundary`,
-`calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`, `outliers`,
-`representations`, `robustness`, `runs`, `statistics`, `weights`) is importable from here;
+Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `attention`,
+`boundary`, `calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
+`outliers`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is importable from here;
 `tests/functional/test_exports.py` keeps it so.
 """
 
@@ -26,6 +26,17 @@ from lightning_probes.functional.alignment import (
     conv_patches,
     layer_features,
     layer_rows,
+)
+from lightning_probes.functional.attention import (
+    ATTENTION_MAXIMA,
+    ATTENTION_SUMS,
+    MASKED_BELOW,
+    attention_row_summary,
+    attention_stats,
+    canonical_mask,
+    mha_row_summary,
+    sample_query_rows,
+    sdpa_row_summary,
 )
 from lightning_probes.functional.boundary import boundary_distances, linear_stability
 from lightning_probes.functional.calibration import (
@@ -156,6 +167,15 @@ __all__ = [
     "forest_importance",
     "variance_shares",
     "ActivationAccumulator",
+    "ATTENTION_MAXIMA",
+    "ATTENTION_SUMS",
+    "MASKED_BELOW",
+    "attention_row_summary",
+    "attention_stats",
+    "canonical_mask",
+    "mha_row_summary",
+    "sample_query_rows",
+    "sdpa_row_summary",
     "activation_outliers",
     "channel_dim_for",
     "exceed_count",
