@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_probes import (
+    ActivationOutlierMonitor,
     ActivationStatsMonitor,
     AlignmentMonitor,
     AugmentationInvarianceMonitor,
@@ -45,7 +46,8 @@ from lightning_probes.errors import ProbeConfigurationError
 from tests.matrix_cases import CASES, Case
 
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
-          LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor)
+          LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
+          ActivationOutlierMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:
