@@ -6,11 +6,11 @@ Usage: ``python -m tests.matrix_run CASE[,CASE...] OUTPUT_DIR [--accelerator cpu
 ``{"case", "probes": {probe: status}, "details": {probe: text}, "global_step"}``.
 
 A probe's status is ``ok`` (it wrote records, every number finite), ``skipped`` (one skip warning and one
-skip record, nothing else), ``refused`` (the run stopped before any step with one error naming the probe; the
-case is then run again without it), ``idle`` (no record and no warning: the entry point gives it nothing to
-do), or ``disabled``/``nonfinite``/``warnings``/``crash``/``not reached`` (what must never happen). The probes
-run with ``on_error`` from ``$LIGHTNING_PROBES_ON_ERROR`` (the suite sets ``raise``), so any failure of a
-probe after the start surfaces as ``crash``.
+skip record per fit of the case, nothing else), ``refused`` (the run stopped before any step with one error
+naming the probe; the case is then run again without it), ``idle`` (no record and no warning: the entry point
+gives it nothing to do), or ``disabled``/``nonfinite``/``warnings``/``crash``/``not reached`` (what must never
+happen). The probes run with ``on_error`` from ``$LIGHTNING_PROBES_ON_ERROR`` (the suite sets ``raise``), so any
+failure of a probe after the start surfaces as ``crash``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from lightning_probes import (
     ActivationOutlierMonitor,
     ActivationStatsMonitor,
     AlignmentMonitor,
+    AttentionMonitor,
     AugmentationInvarianceMonitor,
     ConfidenceMonitor,
     GradientDynamicsMonitor,
@@ -47,7 +48,7 @@ from tests.matrix_cases import CASES, Case
 
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
           LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
-          ActivationOutlierMonitor)
+          ActivationOutlierMonitor, AttentionMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:
@@ -118,7 +119,9 @@ def _first_nonfinite(value: Any, path: str = "") -> str | None:
     return None
 
 
-def status_of(probe: Any, probes_dir: Path, caught: list[warnings.WarningMessage]) -> tuple[str, str]:
+def status_of(probe: Any, probes_dir: Path, caught: list[warnings.WarningMessage], fits: int = 1) -> tuple[str, str]:
+    """The probe's status; ``fits``: the runs of the case (2 for a resume or a second fit), each of which may skip
+    the probe once (one warning each; the resumed history keeps the first run's skip record)."""
     prefix = f"{type(probe).__name__} {probe.name!r}"
     own = [str(w.message) for w in caught if issubclass(w.category, ProbeWarning)
            and str(w.message).startswith(prefix)]
@@ -129,7 +132,7 @@ def status_of(probe: Any, probes_dir: Path, caught: list[warnings.WarningMessage
     if disabled:
         return "disabled", disabled[0]["reason"]
     if skipped:
-        if len(skipped) == 1 and len(own) == 1 and len(records) == 1:
+        if 1 <= len(skipped) <= fits and len(own) == fits and len(records) == len(skipped):
             return "skipped", skipped[0]["reason"]
         return "warnings", f"{len(skipped)} skip records, {len(own)} warnings, {len(records)} records"
     if own:
@@ -196,7 +199,7 @@ def run_one(name: str, out: Path, args: argparse.Namespace) -> None:
             break
         probes_dir = Path(trainer.log_dir or root) / "probes"
         for probe in probes:
-            status, detail = status_of(probe, probes_dir, caught)
+            status, detail = status_of(probe, probes_dir, caught, 2 if case.entry in ("resume", "refit") else 1)
             result["probes"][type(probe).__name__] = status
             result["details"][type(probe).__name__] = detail
         result["global_step"] = trainer.global_step

@@ -28,6 +28,8 @@ REPRESENTATION = ("LayerCorrelationMonitor", "ActivationStatsMonitor", "Augmenta
 ALL_IDLE = dict.fromkeys(NAMES, "idle")
 TOKEN_MODELS = ("lstm", "gru_dict_batches", "embedding_bag", "tied_embeddings", "multihead_attention",
                 "demo_transformer", "language_model_vocab")
+#: Cases whose model holds an nn.MultiheadAttention (torchvision's ViT, Lightning's demo Transformer, ...).
+ATTENTION_MODELS = ("vit_tiny", "multihead_attention", "demo_transformer")
 
 
 def expected(case: str) -> dict[str, str]:
@@ -56,6 +58,10 @@ def expected(case: str) -> dict[str, str]:
         table["NoiseRobustnessMonitor"] = "skipped"
     if case == "one_big_tensor":
         table["AlignmentMonitor"] = "skipped"  # no nn.Linear / nn.Conv layer: alignment is about their weights
+    if case in ("validate_only", "test_only", "predict_only"):
+        table["AttentionMonitor"] = "idle"  # it watches training batches only
+    elif case not in ATTENTION_MODELS:
+        table["AttentionMonitor"] = "skipped"  # no nn.MultiheadAttention (SDPA modules are observed when named)
     return table
 
 

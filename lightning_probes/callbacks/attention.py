@@ -12,6 +12,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -184,6 +185,8 @@ class AttentionMonitor(ProbeCallback):
     # -- selection ----------------------------------------------------------------------------------
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         self._rank = trainer.global_rank
+        if trainer.state.fn != TrainerFn.FITTING:
+            return None  # it watches training batches only: idle in validate, test and predict
         modules: dict[str, nn.Module] = {}
         for raw, module in pl_module.named_modules():
             modules.setdefault(clean_name(raw), module)
