@@ -223,6 +223,8 @@ class ActivationOutlierMonitor(ProbeCallback):
         self._trainer: Optional[pl.Trainer] = None
         self._last_watched: Optional[int] = None
         self._channels: dict[str, int] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
         self._told: set[str] = set()
         self._headline: dict[str, Optional[float]] = {}
         #: Bytes of layer outputs held from their hook to the end of the last watched forward (distinct storages;
@@ -239,6 +241,7 @@ class ActivationOutlierMonitor(ProbeCallback):
         self._modules = {}
         self._last_watched = None
         self._channels = {}
+        self._constants, self._indices = {}, {}
         self._told = set()
         self._headline = {}
         self.last_held_bytes = 0
@@ -359,70 +362,82 @@ class ActivationOutlierMonitor(ProbeCallback):
         if self._watch is not None:  # a step without backward (training_step returned None)
             self._finish(trainer, pl_module)
 
+    def _constant(self, values: tuple, device: torch.device) -> torch.Tensor:
+        """A float64 tensor of host ``values`` on ``device``, made once per value (a copy to the device, which may
+        synchronise, the first time only)."""
+        key = (values, str(device))
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        return self._constants[key]
+
+    def _padding_index(self, widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``(L, max width)`` indices into the concatenated channel maxima plus one ``nan`` after them: layer
+        ``i``'s channels, then the ``nan`` (made once per widths)."""
+        key = (widths, str(device))
+        if key not in self._indices:
+            total, widest = sum(widths), max(max(widths), 1)
+            index = torch.full((len(widths), widest), total, dtype=torch.long)
+            offset = 0
+            for i, width in enumerate(widths):
+                index[i, :width] = torch.arange(offset, offset + width)
+                offset += width
+            self._indices[key] = index.to(device)
+        return self._indices[key]
+
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every rank, once per watched step: the same collectives in the same order, one host transfer."""
+        """Every rank, once per watched step: three all-reduces in the same order, one host transfer; a constant
+        number of device operations besides one count per held output."""
         self._remove_hooks()
         watch, self._watch = self._watch, None
         names = list(self._modules)
-        device = trainer.strategy.root_device
-        for slot in watch.slots.values():  # the outputs' device (a module on another device than the root's)
-            device = slot.sums.device
-            break
-        # (L + 1, 4): per layer [sum x^2, n, ranks that saw it, channels * seen]; last row [ranks that failed].
-        head = torch.zeros(len(names) + 1, 4, dtype=torch.float64, device=device)
-        for i, name in enumerate(names):
-            slot = watch.slots.get(name)
+        slots = [watch.slots.get(n) for n in names]
+        device = next((s.sums.device for s in slots if s is not None), trainer.strategy.root_device)
+        for name, slot in zip(names, slots):
             if slot is not None:
-                head[i, :2] = slot.sums.to(device)
-                head[i, 2] = 1.0
-                head[i, 3] = float(slot.channel_max.numel())
                 self._channels[name] = slot.channel_max.numel()
-        head[-1, 0] = float(watch.error is not None)
+        zeros = torch.zeros(2, dtype=torch.float64, device=device)
+        sums = torch.stack([zeros if s is None else s.sums.to(device) for s in slots])  # (L, 2): sum x^2, n
+        # (L + 1, 4): per layer [sum x^2, n, ranks that saw it, channels * seen]; last row [ranks that failed, ...].
+        meta = self._constant(tuple((0.0, 0.0) if s is None else (1.0, float(s.channel_max.numel())) for s in slots)
+                              + ((float(watch.error is not None), 0.0),), device)
+        head = torch.cat([torch.cat([sums, sums.new_zeros(1, 2)]), meta], dim=1)
         all_reduce_sum(head)
-        unknown = [n for n in names if n not in self._channels]
-        if unknown:  # a layer that ran on another rank only, for the first time: learn its width (host copy)
+        if any(n not in self._channels for n in names):  # a layer that ran on another rank only: learn its width
             host = head.cpu()
             for i, name in enumerate(names):
                 if name not in self._channels and host[i, 2] > 0:
                     self._channels[name] = int(round(float(host[i, 3] / host[i, 2])))
-        widths = [self._channels.get(n, 0) for n in names]
-        flat = torch.zeros(max(1, sum(widths)), dtype=torch.float64, device=device)
-        offset = 0
-        for name, width in zip(names, widths):
-            slot = watch.slots.get(name)
-            if slot is not None and width:
-                flat[offset:offset + width] = slot.channel_max.to(device=device, dtype=torch.float64)
-            offset += width
+        widths = tuple(self._channels.get(n, 0) for n in names)
+        pieces = [s.channel_max.to(device) if s is not None else torch.zeros(w, device=device)
+                  for s, w in zip(slots, widths)]
+        flat = torch.cat(pieces).double()  # (sum of widths,)
         all_reduce_max(flat)
         # (L, 2): [entries above k * RMS, ranks that counted against their own RMS].
-        counts = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
         rms = (head[:-1, 0] / head[:-1, 1].clamp_min(1.0)).sqrt()
-        for i, name in enumerate(names):
-            slot = watch.slots.get(name)
+        counts, local = [], []
+        for i, slot in enumerate(slots):
             if slot is None:
-                continue
-            if slot.exceed is not None:  # counted in its hook: against this rank's RMS (the global one in one process)
-                counts[i, 0] = slot.exceed.to(device)
-                counts[i, 1] = float(trainer.world_size > 1)
+                counts.append(zeros[0])
+                local.append(0.0)
+            elif slot.exceed is not None:  # counted in its hook: against this rank's RMS (one process: the global)
+                counts.append(slot.exceed.to(device))
+                local.append(float(trainer.world_size > 1))
             elif slot.kept._version == slot.version:
-                counts[i, 0] = exceed_count(slot.kept, self.k * rms[i].to(slot.kept.device)).to(device)
+                counts.append(exceed_count(slot.kept, self.k * rms[i].to(slot.kept.device)).to(device))
+                local.append(0.0)
             else:  # changed in place after the hook: only this rank's own-RMS count is left
-                counts[i, 0] = slot.local_exceed.to(device)
-                counts[i, 1] = 1.0
-            slot.kept = None
+                counts.append(slot.local_exceed.to(device))
+                local.append(1.0)
+            if slot is not None:
+                slot.kept = None
         self.last_held_bytes = watch.held_bytes
+        counts = torch.stack([torch.stack(counts), self._constant(tuple(local), device)], dim=1)
         all_reduce_sum(counts)
-        rows = []
-        offset = 0
-        for i, width in enumerate(widths):
-            if width:
-                rows.append(outlier_stats(head[i, :2], counts[i, 0], flat[offset:offset + width]))
-            else:
-                rows.append(torch.full((5,), math.nan, dtype=torch.float64, device=device))
-            offset += width
-        block = torch.cat([torch.stack(rows), head[:-1, 1:3], counts[:, 1:2],
-                           head[-1:, :3].expand(len(names), 3)], dim=1).cpu()  # the one transfer
-        self._write(trainer, watch, names, widths, block)
+        padded = torch.cat([flat, flat.new_full((1,), math.nan)])[self._padding_index(widths, device)]
+        stats = outlier_stats(head[:-1, :2], counts[:, 0], padded)  # (L, 5)
+        block = torch.cat([stats, head[:-1, 1:3], counts[:, 1:2], head[-1:, 2:3].expand(len(names), 1)],
+                          dim=1).cpu()  # the one transfer
+        self._write(trainer, watch, names, list(widths), block)
 
     def _write(self, trainer: pl.Trainer, watch: _Watch, names: list[str], widths: list[int],
                block: torch.Tensor) -> None:

@@ -100,9 +100,31 @@ def test_low_precision_and_nonfinite_outputs():
     assert stats["exceed_fraction"] == np.mean(np.abs(a) > 2.0 * np.sqrt(np.mean(a ** 2)))
     x = torch.ones(4, 3)
     x[1, 1] = float("nan")
-    assert np.isnan(activation_outliers(x)["rms"])
-    assert activation_outliers(torch.zeros(4, 3))["channel_max_ratio"] != activation_outliers(torch.zeros(4, 3))[
-        "channel_max_ratio"]  # 0 / 0: nan, written as null
+    stats = activation_outliers(x)  # a nan entry: every statistic nan (null in the records)
+    assert all(np.isnan(stats[k]) for k in ("rms", "max_abs", "exceed_fraction", "channel_max_ratio"))
+    assert stats["top_channel"] is None
+    assert np.isnan(activation_outliers(torch.zeros(4, 3))["channel_max_ratio"])  # 0 / 0
+    x = torch.zeros(4, 3)
+    x[0, 0] = 1.0
+    assert activation_outliers(x)["channel_max_ratio"] == float("inf")  # a zero median (null in the records)
+
+
+def test_large_and_low_precision_outputs_are_reduced_in_pieces(monkeypatch):
+    """Pieces of a reduction (a contiguous output's flat pieces, a strided one's slices of dim 0) give the same
+    numbers, and a threshold between two bfloat16 values counts as the exact comparison does."""
+    import lightning_probes.functional.outliers as outliers
+
+    x = (torch.randn(6, 10, 7, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+    whole = activation_outliers(x, k=1.7)
+    monkeypatch.setattr(outliers, "_PIECE", 16)
+    assert activation_outliers(x, k=1.7) == pytest.approx(whole, rel=1e-6)  # float32 sums of other pieces
+    assert activation_outliers(x.transpose(1, 2), k=1.7) == pytest.approx(
+        activation_outliers(x.transpose(1, 2).contiguous(), k=1.7), rel=1e-6)
+    a = x.double().numpy()
+    for t in (0.7, 1.0, 1.0039, 2.5):  # 1.0039: between the bfloat16 values 1.0 and 1.0078125
+        assert float(exceed_count(x, torch.tensor(t, dtype=torch.float64))) == np.sum(np.abs(a) > t)
+    y = torch.tensor([1.0, 1.0078125, -1.0078125], dtype=torch.bfloat16)
+    assert float(exceed_count(y, torch.tensor(1.0039))) == 2
 
 
 def test_first_float_tensor_of_structured_outputs():
