@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=None, metavar="SRC", help="also measure SRC/lightning_probes' probe")
     parser.add_argument("--output", default="/tmp/dynamics_memory")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.width, args.steps, args.repeats = 64, 2, 1
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     configs = [("bare", "bare", here), ("dynamics", "dynamics", here)]
     if args.baseline:

@@ -161,7 +161,14 @@ class ProbeCallback(FailSafe, BudgetUser, ProbeOutputs, Callback):
     # -- identity and state -------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name, output_dir=self._output_dir_arg)
+        # Lightning reads it for every hook of every callback (its profiler's action name): built once per
+        # (name, output_dir), not at every call.
+        ident = (self.name, self._output_dir_arg)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != ident:
+            cached = (ident, self._generate_state_key(name=self.name, output_dir=self._output_dir_arg))
+            self.__dict__["_state_key_cache"] = cached
+        return cached[1]
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning collects the callbacks' state before `on_save_checkpoint`: write the buffer first, so the
