@@ -26,9 +26,9 @@ from tests.helpers import RandomDataModule  # noqa: E402
 PROBES = {
     "gradient_stats": lambda out: lp.GradientStatsMonitor(every_n_steps=1, window=2, output_dir=out),
     "gradient_dynamics": lambda out: lp.GradientDynamicsMonitor(every_n_steps=1, max_columns=50,
-                                                                output_dir=out),
+                                                                output_dir=out, init_distance=True),
     "gradient_dynamics_sampled": lambda out: lp.GradientDynamicsMonitor(
-        every_n_steps=2, max_entries=7, name="gradient_dynamics_sampled", output_dir=out),
+        every_n_steps=2, max_entries=7, name="gradient_dynamics_sampled", output_dir=out, init_distance=True),
     "gradient_stats_every_3": lambda out: lp.GradientStatsMonitor(every_n_steps=3, name="gradient_stats_every_3",
                                                                  output_dir=out),
     "confidence": lambda out: lp.ConfidenceMonitor(output_dir=out),

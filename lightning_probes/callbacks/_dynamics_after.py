@@ -10,7 +10,10 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 
+from lightning_probes.callbacks._dynamics_init import followed_flat
 from lightning_probes.callbacks._dynamics_step import Previous
+from lightning_probes.callbacks._entries import EntrySelection
+from lightning_probes.functional.gradients import l2_norms
 from lightning_probes.sharding import local_tensor
 
 #: The name a failure of the post-step hook is reported under (the guard's "hook").
@@ -27,7 +30,8 @@ class AfterStep:
     acting at once and its hooks go at ``teardown``.
 
     It uses the probe's ``_hooks``, ``_pending``, ``_previous``, ``_params``, ``_passes``, ``_tracked_for``,
-    ``_selection_for``, ``_whole_squares``, ``_write``, ``active`` and ``_hook_failed``.
+    ``_selection_for``, ``_whole_squares``, ``_owned``, ``_initial_squares``, ``_write``, ``active`` and
+    ``_hook_failed``.
     """
 
     _in_after_step = False
@@ -74,11 +78,25 @@ class AfterStep:
         if pending.log:
             pending.update_norm = updates.to(device)
             pending.weight_norm = self._whole_squares(params, squares, pending.tracked, selection, device)
+            pending.followed_weight = self._followed_squares(params, squares, pending.tracked, selection, device,
+                                                             pending.weight_norm)
+            pending.initial = self._initial_squares(params, selection.local_index, pending.tracked, device)
         if pending.snapshot:
             self._previous[opt_index] = Previous(state=state, finite=pending.finite, count=pending.count,
                                                   tracked=pending.tracked)
         if pending.log:
             self._write(trainer, opt_index, pending, skipped=False)
+
+    def _followed_squares(self, params: list[torch.Tensor], squares: Optional[torch.Tensor], tracked: list[int],
+                          selection: EntrySelection, device: torch.device, whole: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` float64 ``||w_after||**2`` over the followed entries (``update_ratio``'s denominator, over the
+        entries ``update_norm`` is over): ``whole`` when every entry is followed."""
+        if all(index is None for index in selection.local_index):
+            return whole
+        if squares is None:
+            squares = l2_norms([followed_flat(p, index) for p, index in zip(params, selection.local_index)])
+            squares = squares.double().square()
+        return self._owned(squares.to(device), tracked, device)
 
     def _resolve_skipped(self, trainer: pl.Trainer, opt_index: Optional[int] = None) -> None:
         """A pending step whose post-step hook never ran was skipped (AMP found non-finite gradients)."""

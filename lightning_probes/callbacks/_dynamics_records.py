@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, record_columns
+from lightning_probes.callbacks._dynamics_step import INTEGER_KEYS, initial_columns, ratio_columns, record_columns
 from lightning_probes.functional.dynamics import COUNT_NAMES
 from lightning_probes.naming import TOTAL
 
@@ -31,8 +31,9 @@ class DynamicsRecords:
         """The records of a logged step from its combined block (on the host), when the buffer is written."""
         n_layers = len(tracked)
         packed = packed.numpy()
-        sections = np.cumsum([n_layers * len(COUNT_NAMES), n_layers, n_layers, n_layers, 2])
-        counts, grad_norm, update_norm, weight_norm, flags, sample = np.split(packed, sections)
+        sections = np.cumsum([n_layers * len(COUNT_NAMES), *[n_layers] * 6, 2])
+        counts, grad_norm, update_norm, weight_norm, followed, initial, initial_ref, flags, sample = np.split(
+            packed, sections)
         grad_norm, update_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(update_norm), np.sqrt(weight_norm)
         finite, previous_finite = flags[0] == 0, flags[1] == 0
         skipped = base["skipped"]
@@ -44,6 +45,9 @@ class DynamicsRecords:
         sizes = [self._selected_counts[i] for i in tracked]
         comparable = has_previous and previous_finite and finite and not skipped
         columns = record_columns(counts, sizes, grad_norm, update_norm, weight_norm, comparable, skipped)
+        columns.update(ratio_columns(update_norm ** 2, followed, sizes, skipped))
+        if self.init_distance:
+            columns.update(initial_columns(initial, initial_ref))
         names = [self._names[i] for i in tracked] + [TOTAL]
         base = {**base, "has_previous": comparable}
         keys = list(columns)

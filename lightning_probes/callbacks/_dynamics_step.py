@@ -60,6 +60,9 @@ class Pending:
         update_norm: ``(P,)`` ``||w_after - w_before||**2`` over the followed entries (set after the step).
         weight_norm: ``(P,)`` ``||w_after||**2`` (set after the step).
         scale: ``1 / loss scale`` when the gradients were still scaled by an AMP GradScaler, else ``None``.
+        followed_weight: ``(P,)`` ``||w_after||**2`` over the followed entries (set after a logged step; the
+            denominator of ``update_ratio``).
+        initial: ``(||w_after - w_0||**2, ||w_0||**2)``, ``(P,)`` each (``init_distance``; set after a logged step).
     """
 
     count: int
@@ -80,6 +83,8 @@ class Pending:
     update_norm: Optional[torch.Tensor] = None
     weight_norm: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
+    followed_weight: Optional[torch.Tensor] = None
+    initial: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class Deferred:
@@ -149,3 +154,42 @@ def record_columns(counts: np.ndarray, sizes: Sequence[int], grad_norm: np.ndarr
                         ("weight_norm", weight_norm)):
         columns[key] = np.append(values, np.sqrt(np.sum(np.square(values))))
     return columns
+
+
+def ratio_columns(update_squares: np.ndarray, weight_squares: np.ndarray, sizes: Sequence[int],
+                  skipped: bool) -> dict[str, np.ndarray]:
+    """``update_ratio`` (``||dw|| / ||w||``) and ``update_rms`` (``||dw|| / sqrt(n)``) per tracked tensor and for
+    all of them, from the squared norms combined over the ranks, over the same (followed) entries; NaN where the
+    step made no update (skipped) or a weight norm is 0.
+
+    Example:
+        >>> c = ratio_columns(np.array([1.0, 4.0]), np.array([4.0, 16.0]), [1, 4], False)
+        >>> c["update_ratio"].tolist(), c["update_rms"].tolist()
+        ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
+    """
+    n = len(sizes)
+    if skipped:
+        return {"update_ratio": np.full(n + 1, np.nan), "update_rms": np.full(n + 1, np.nan)}
+    update = np.append(update_squares, update_squares.sum())
+    weight = np.append(weight_squares, weight_squares.sum())
+    entries = np.array([*sizes, sum(sizes)], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(weight > 0, np.sqrt(update) / np.sqrt(weight), np.nan)
+        rms = np.where(entries > 0, np.sqrt(update / entries), np.nan)
+    return {"update_ratio": ratio, "update_rms": rms}
+
+
+def initial_columns(distance_squares: np.ndarray, initial_squares: np.ndarray) -> dict[str, np.ndarray]:
+    """``init_distance`` (``||w - w_0||``) and ``relative_init_distance`` (``||w - w_0|| / ||w_0||``) per tracked
+    tensor and for all of them; NaN where unknown (a skipped step) or ``||w_0|| = 0``.
+
+    Example:
+        >>> c = initial_columns(np.array([9.0, 16.0]), np.array([9.0, 0.0]))
+        >>> c["init_distance"].tolist(), c["relative_init_distance"].tolist()[0]
+        ([3.0, 4.0, 5.0], 1.0)
+    """
+    distance = np.append(distance_squares, distance_squares.sum())
+    reference = np.append(initial_squares, initial_squares.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(reference > 0, np.sqrt(distance) / np.sqrt(reference), np.nan)
+    return {"init_distance": np.sqrt(distance), "relative_init_distance": relative}

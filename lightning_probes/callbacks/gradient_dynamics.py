@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_probes.callbacks._dynamics_after import AfterStep
+from lightning_probes.callbacks._dynamics_init import InitDistance
 from lightning_probes.callbacks._dynamics_paths import DynamicsPasses, sample_of
 from lightning_probes.callbacks._dynamics_records import EPOCH_MEANS, DynamicsRecords
 from lightning_probes.callbacks._dynamics_step import Deferred, Pending, Previous
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 _AUTO_ABOVE = 100_000_000
 
 
-class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
+class GradientDynamicsMonitor(AfterStep, InitDistance, DynamicsRecords, ParameterProbe):
     """Tracks how the optimiser moves: near-zero gradients, their release, sign flips and weight updates.
 
     At every ``every_n_steps``-th optimiser step ``t`` it compares the gradient with the one at step ``t-1``
@@ -61,7 +62,14 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
     - ``minima_crossings`` / ``maxima_crossings``: flipped entries with ``dw * dg > 0`` / ``< 0``, where
       ``dw = w_t - w_{t-1}`` and ``dg = g_t - g_{t-1}``;
     - ``update_norm`` (``||w_after - w_before||`` of step ``t``), ``weight_norm`` (after the step),
-      ``grad_norm``, and their exponential moving averages ``*_ema`` (over logged steps, ``ema_decay``).
+      ``grad_norm``, and their exponential moving averages ``*_ema`` (over logged steps, ``ema_decay``);
+    - ``update_ratio`` (``||w_after - w_before|| / ||w_after||``, the update-to-weight ratio; the ratio of the
+      RMS values is the same number) and ``update_rms`` (``||w_after - w_before|| / sqrt(n)``);
+    - with ``init_distance=True``: ``init_distance`` (``||w_after - w_0||``, ``w_0`` the weights at the first
+      optimiser step of the fit) and ``relative_init_distance`` (``||w_after - w_0|| / ||w_0||``). ``w_0`` is
+      written once to ``<name>/initial_weights.rank<r>.bin`` (4 bytes per followed entry on disk, 8 for float64;
+      never a second model in memory) and read back in pieces of 64 MiB on logged steps; a resumed fit reopens
+      the file of the fit it resumes.
 
     A record of a step the AMP GradScaler skipped (non-finite gradients) has ``skipped: true`` and no flip,
     release or update statistics; the next step then has no previous gradient (``has_previous: false``), as
@@ -138,6 +146,8 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         max_entries: Most entries followed per tensor (a seeded fixed subset); ``None``: all; ``"auto"``: all up
             to 100M tracked entries, else the cap that keeps the probe under 10% of the parameters' memory.
         seed: Seed of the ``max_entries`` subsets.
+        init_distance: Also record the distance from the initial weights (``init_distance``,
+            ``relative_init_distance``): costs a file of the followed weights on disk and reading it on logged steps.
 
     Example:
         >>> from pytorch_lightning import Trainer
@@ -145,9 +155,14 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
     """
 
     probe_name = "gradient_dynamics"
-    layout_stats = ("zero_count", "zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction",
-                    "minima_crossings", "maxima_crossings", "grad_norm", "update_norm", "weight_norm",
-                    "grad_norm_ema", "weight_norm_ema")
+    _charted = ("zero_count", "zero_fraction", "released_fraction", "retained_fraction", "sign_flip_fraction",
+                "minima_crossings", "maxima_crossings", "grad_norm", "update_norm", "weight_norm", "grad_norm_ema",
+                "weight_norm_ema", "update_ratio", "update_rms")
+
+    @property
+    def layout_stats(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The statistics charted in TensorBoard's custom-scalar layout (one chart each, every layer in it)."""
+        return self._charted + (("init_distance", "relative_init_distance") if self.init_distance else ())
 
     def __init__(
         self,
@@ -167,6 +182,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         max_entries: Union[int, None, Literal["auto"]] = "auto",
         seed: int = 0,
         on_error: Optional[str] = None,
+        init_distance: bool = False,
     ) -> None:
         super().__init__(every_n_steps, include, exclude, output_dir, name,
                          flush_every_n_steps=flush_every_n_steps, flush_secs=flush_secs, on_error=on_error)
@@ -202,6 +218,9 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
             raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed!r}")
         self.max_entries = max_entries
         self.seed = seed
+        if not isinstance(init_distance, bool):
+            raise ValueError(f"Expected `init_distance` to be True or False, but got {init_distance!r}")
+        self.init_distance = init_distance
         # Per tracked tensor: the followed subset (None: every entry), the count of followed entries, the sign-map
         # columns (positions in the followed entries, CPU) and where they start in a map row.
         self._subsets: list[Optional[np.ndarray]] = []
@@ -236,7 +255,8 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         latest = None if self._latest_row is None else self._latest_row.tolist()
         return {**state, "ema": {k: dict(v) for k, v in self._ema.items()},
                 "sign_rows": [r.tolist() for r in self._sign_rows], "sign_epochs": list(self._sign_epochs),
-                "latest_row": latest, "epoch_sums": {k: list(v) for k, v in self._epoch_sums.items()}}
+                "latest_row": latest, "epoch_sums": {k: list(v) for k, v in self._epoch_sums.items()},
+                **self._initial_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -247,6 +267,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         self._latest_row = None if latest is None else np.asarray(latest, dtype=float)
         self._epoch_sums = {k: [float(v[0]), int(v[1])] for k, v in state_dict.get("epoch_sums", {}).items()}
         self._previous = {}  # the first step after a restore has no previous gradient
+        self._restored_initial = state_dict.get("initial_weights")  # `w_0` is the resumed fit's own
 
     # -- setup and teardown -------------------------------------------------------------------------
     def reset_run(self) -> None:
@@ -261,6 +282,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
         self._selections = {}
         self._passes.reset()
         self._warned_nonfinite = False
+        self._reset_initial()
 
     def on_disable(self, trainer: pl.Trainer) -> None:
         self._remove_hooks()  # from inside a post-hook: at teardown (see `AfterStep`)
@@ -333,6 +355,7 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
             return
         opt_index, tracked = self._tracked_for(trainer, optimizer)
         self._resolve_skipped(trainer, opt_index)
+        self._ensure_initial(trainer)
         count = self._next_step(opt_index)
         log_now = count % self.every_n_steps == 0
         snapshot = (count + 1) % self.every_n_steps == 0
@@ -406,6 +429,8 @@ class GradientDynamicsMonitor(AfterStep, DynamicsRecords, ParameterProbe):
             pending.grad_norm.double(),
             (missing if pending.update_norm is None else pending.update_norm).double(),
             (missing if pending.weight_norm is None else pending.weight_norm).double(),
+            (missing if pending.followed_weight is None else pending.followed_weight).double(),
+            *((missing, missing) if pending.initial is None else pending.initial),
             not_finite.double(),
             pending.sample.double(),
         ])

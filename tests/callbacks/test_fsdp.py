@@ -53,6 +53,7 @@ def test_fsdp2_records_equal_the_ddp_records(runs, name):
     if name.startswith("gradient_dynamics"):
         assert any(r["sign_flip_fraction"] for r in fsdp)  # the comparison ran, not only zeros
         assert any(r["has_previous"] for r in fsdp)
+        assert all(r["init_distance"] > 0 and r["update_ratio"] > 0 for r in fsdp)  # equal to DDP's, above
 
 
 def test_fsdp2_headlines_and_files_equal_ddp(runs):

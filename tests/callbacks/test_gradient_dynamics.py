@@ -246,10 +246,11 @@ def test_layout_has_one_chart_per_logged_statistic(tmp_path):
 
     pl.seed_everything(0)
     logger = CaptureLogger()
-    probe = GradientDynamicsMonitor(every_n_steps=1, release_threshold=1e-2, output_dir=str(tmp_path))
+    probe = GradientDynamicsMonitor(every_n_steps=1, release_threshold=1e-2, output_dir=str(tmp_path),
+                                    init_distance=True)
     trainer(tmp_path, [probe], logger=logger, max_steps=2, log_every_n_steps=1).fit(small_mlp(), RandomDataModule())
     layout = probe.layout()
-    assert len(layout) == 12
+    assert len(layout) == 16 and len(GradientDynamicsMonitor().layout()) == 14
     charted = set()
     for stat, (_, [pattern]) in layout.items():
         matched = {k for k in logger.keys() if re.search(pattern, k)}
@@ -283,7 +284,7 @@ def test_compiled_kernels_give_the_eager_records(tmp_path):
     steps = recorder.by_step()
     for a, b in zip(eager, fused):
         for key, value in a.items():
-            if "norm" in key:
+            if "norm" in key or key in ("update_ratio", "update_rms"):
                 assert b[key] == approx(value, rel=1e-6), (a["step"], a["layer"], key)
             else:
                 assert b[key] == value, (a["step"], a["layer"], key)
