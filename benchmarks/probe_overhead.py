@@ -1,5 +1,5 @@
-"""Overhead of the gradient probes on the MNIST MLP (random MNIST-shaped data) or a 12-block transformer (random
-tokens), against a bare run.
+"""Overhead of the gradient probes (or, with ``--set health``, of issue 32's training-health probes) on the MNIST
+MLP (random MNIST-shaped data) or a 12-block transformer (random tokens), against a bare run.
 
 Every configuration runs in this one process, twice per repeat: ``--steps`` optimiser steps (long) and
 ``--short-steps`` (short). The runs are interleaved (each repeat runs every configuration and length once, in a
@@ -22,18 +22,26 @@ The table shows, per configuration:
 Configurations ``+compile`` run the probes with ``compile=True``. With ``--baseline SRC`` (a source tree of an
 older version, e.g. ``git archive <commit> lightning_probes | tar -x -C SRC``) every configuration also runs with
 that version's probes (``old:`` rows) in the same process, interleaved with the others: before/after side by side.
+``--set health`` times ``ActivationOutlierMonitor``, ``AttentionMonitor``, ``StabilityMonitor`` and
+``GradientNoiseScaleMonitor`` each alone and all four together (``health``; target <= 1.03x at the default
+cadences, issue 32); ``--every 0`` means each probe's default cadence. ``GradientNoiseScaleMonitor`` needs two batch
+sizes: run with ``--accumulate 2`` (every configuration, bare included, then accumulates 2 micro-batches per
+optimiser step) or it skips itself at setup, as it would in a real single-device run without accumulation.
 Every run writes into its own directory under ``--output`` (default: a temporary directory). ``--smoke`` runs the
 smallest setting (seconds). The machine may be shared: read the ratios as medians of interleaved repeats, not as
 exact figures.
 
     python benchmarks/probe_overhead.py --threads 1 --steps 150 --repeats 5 --every 1 50 --no-tensorboard
     python benchmarks/probe_overhead.py --model transformer --threads 1 --steps 120 --every 1 50 --baseline SRC
+    python benchmarks/probe_overhead.py --set health --model transformer --threads 1 --steps 150 --every 0 \
+        --accumulate 2 --no-tensorboard
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import random
@@ -55,6 +63,19 @@ from lightning_probes.models import MLP
 #: The probe classes of each version: "" (this tree) and, with --baseline, "old".
 PROBES: dict[str, tuple[Any, Any]] = {"": (lightning_probes.GradientStatsMonitor,
                                            lightning_probes.GradientDynamicsMonitor)}
+
+
+#: Issue 32's probes, by configuration name (``--set health``); "health" runs all of them together.
+_HEALTH_CLASSES = {"outliers": "ActivationOutlierMonitor", "attention": "AttentionMonitor",
+                   "stability": "StabilityMonitor", "noise_scale": "GradientNoiseScaleMonitor"}
+HEALTH = tuple(k for k, name in _HEALTH_CLASSES.items() if hasattr(lightning_probes, name))
+
+
+def health_probe(kind: str, every: int) -> Any:
+    """One of issue 32's probes at ``every_n_steps=every`` (``0``: the probe's default cadence)."""
+    cls = getattr(lightning_probes, _HEALTH_CLASSES[kind])
+    accepts = "every_n_steps" in inspect.signature(cls).parameters
+    return cls(every_n_steps=every) if every and accepts else cls()
 
 
 def load_baseline(source: str) -> None:
@@ -184,20 +205,20 @@ _RUN_IDS = iter(range(10**9))
 
 
 def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data: TensorDataset, tb: bool,
-        root: str, model: str = "mlp") -> StepTimer:
+        root: str, model: str = "mlp", accumulate: int = 1) -> StepTimer:
     version, _, config_name = config.rpartition(":")
     kind, _, option = config_name.partition("+")
     options = {"compile": option == "compile"}
     stats_class, dynamics_class = PROBES[version]
-    probes = []
+    probes = [health_probe(k, every) for k in HEALTH if kind in (k, "health")]
     if kind in ("stats", "both"):
         probes.append(stats_class(every_n_steps=every, **options))
     if kind in ("dynamics", "both"):
         probes.append(dynamics_class(every_n_steps=every, **options))
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup * accumulate)  # batches: the timed steps are optimiser steps
     for probe in probes:
         _time_hooks(probe, timer)
-        original = probe.on_train_epoch_end
+        original = getattr(probe, "on_train_epoch_end")
 
         def epoch_end(*args, _original=original, **kwargs):
             start = time.perf_counter()
@@ -212,7 +233,8 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
     logger = pl.loggers.TensorBoardLogger(run_dir, name="tb") if tb else False
     trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir,
-                         callbacks=[timer, *probes], accelerator="cpu", log_every_n_steps=50)
+                         callbacks=[timer, *probes], accelerator="cpu", log_every_n_steps=50,
+                         accumulate_grad_batches=accumulate)
     torch.manual_seed(0)
     start = time.perf_counter()
     trainer.fit(make_model(model), DataLoader(data, batch_size=batch_size, shuffle=True))
@@ -240,6 +262,11 @@ def main() -> None:
                              "at least warmup + 10")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
                         help="run the probes eagerly, with compile=True, or both (compiled: 'both' probes only)")
+    parser.add_argument("--set", choices=("gradient", "health"), default="gradient", dest="probe_set",
+                        help="the gradient probes (default) or issue 32's training-health probes")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="accumulate_grad_batches of every run, bare included (GradientNoiseScaleMonitor needs "
+                             ">= 2 on one device); --steps counts optimiser steps")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every run (default: PyTorch's default)")
     add_output_argument(parser)
@@ -247,6 +274,8 @@ def main() -> None:
     if args.smoke:
         args.steps, args.short_steps, args.warmup, args.repeats, args.every = 14, 12, 2, 1, [1]
         args.compile, args.no_tensorboard = "off", True
+        if args.probe_set == "health":
+            args.accumulate = 2
     if args.batch_size is None:
         args.batch_size = 16 if args.model == "transformer" else 128
     if args.baseline:
@@ -263,10 +292,12 @@ def measure(args: argparse.Namespace, root: str) -> None:
     short = args.short_steps or max(args.steps // 3, args.warmup + 10)
     if not args.warmup + 2 <= short < args.steps:
         raise SystemExit(f"need warmup + 2 <= short steps ({short}) < steps ({args.steps})")
-    n = args.batch_size * args.steps
+    n = args.batch_size * args.steps * args.accumulate
     data = make_data(args.model, n)
     kinds = {"off": ["stats", "dynamics", "both"], "on": ["stats+compile", "dynamics+compile", "both+compile"],
              "both": ["stats", "dynamics", "both", "both+compile"]}[args.compile]
+    if args.probe_set == "health":
+        kinds = [*HEALTH, "health"]
     if "old" in PROBES:  # before/after side by side: the old version's "both" rows beside this one's
         kinds = kinds + [f"old:{k}" for k in kinds if k.startswith("both")]
     configs = [("bare", 0)] + [(c, e) for e in args.every for c in kinds]
@@ -286,7 +317,7 @@ def measure(args: argparse.Namespace, root: str) -> None:
         rng.shuffle(order)
         for config, steps in order:
             timer = run(*config, steps, args.warmup, args.batch_size, data, not args.no_tensorboard, root,
-                        args.model)
+                        args.model, args.accumulate)
             fits[config, steps].append(timer.fit_seconds)
             compile_first.setdefault(config, timer.compile_seconds)
             if steps != args.steps:
@@ -308,7 +339,7 @@ def measure(args: argparse.Namespace, root: str) -> None:
 
     print(f"{type(model).__name__} ({entries:,} parameters, {len(list(model.parameters()))} tensors), "
           f"batch {args.batch_size}, {args.steps} (long) and {short} (short) steps x "
-          f"{args.repeats} repeats, {torch.get_num_threads()} threads, "
+          f"{args.repeats} repeats, {torch.get_num_threads()} threads, accumulate_grad_batches {args.accumulate}, "
           f"logger: {'TensorBoard' if not args.no_tensorboard else 'none'}")
     bare_marginal = statistics.median(marginal(("bare", 0), r) for r in range(args.repeats))
     bare_cpu = statistics.median(cpu_times[("bare", 0)])
@@ -332,8 +363,8 @@ def measure(args: argparse.Namespace, root: str) -> None:
         one_off = [fits[config, short][r] - fits[("bare", 0), short][r] - short * extra[r]
                    for r in range(args.repeats)]
         target = TARGETS.get((args.model, config[1], "compile" in config[0])) \
-            if config[0].startswith("both") else None
-        print(f"| {config[0]} | {config[1]} | {statistics.median(ratios):.3f}x | "
+            if config[0].startswith("both") else (1.03 if config == ("health", 0) else None)
+        print(f"| {config[0]} | {config[1] or 'default'} | {statistics.median(ratios):.3f}x | "
               f"{statistics.median(cpu_ratios):.3f}x | {'-' if target is None else f'<= {target:.2f}x'} | "
               f"{hook_ms:.2f} / {hook_cpu_ms:.2f} | {1 + hook_cpu_ms / (bare_cpu * 1e3):.3f}x | "
               f"{statistics.median(extra) * 1e3:.2f} | {statistics.median(one_off):.2f} | "
