@@ -144,16 +144,24 @@ def check_strategy(probe: str, strategy: Any) -> bool:
             f"`configure_model` and train with ModelParallelStrategy(data_parallel_size=<processes>, "
             f"tensor_parallel_size=1).")
     if "ModelParallelStrategy" in names:
-        size = getattr(strategy, "_tensor_parallel_size", 1)
-        if size == "auto":  # resolved in setup_environment; by then it holds the number of processes per node
-            size = getattr(strategy, "num_processes", 1)
-        if isinstance(size, int) and size > 1:
+        size = tensor_parallel_size(strategy)
+        if size > 1:
             raise ValueError(
                 f"{probe} does not support tensor parallelism: ModelParallelStrategy has tensor_parallel_size="
                 f"{size}. Use ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) with "
                 f"`fully_shard` (FSDP2), or strategy='ddp'.")
         return True
     return False
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size of a ``ModelParallelStrategy`` (1 for any other strategy, or one not resolved)."""
+    if "ModelParallelStrategy" not in [c.__name__ for c in type(strategy).__mro__]:
+        return 1
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    if size == "auto":  # resolved in setup_environment; by then it holds the number of processes per node
+        size = getattr(strategy, "num_processes", 1)
+    return size if isinstance(size, int) else 1
 
 
 def owned_rows(layouts: Sequence[ShardLayout], device: torch.device) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.feature_rows import CHANNEL_FIRST, FEATURES_LAST
 from lightning_probes.functional.outliers import channel_dim_for, exceed_count, outlier_partials, outlier_stats
 from lightning_probes.naming import Patterns, clean_name, close_matches, compile_patterns, name_filter
-from lightning_probes.sharding import all_reduce_max, all_reduce_sum, is_dtensor
+from lightning_probes.sharding import all_reduce_max, all_reduce_sum, is_dtensor, tensor_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -249,16 +249,12 @@ class ActivationOutlierMonitor(ProbeCallback):
     # -- selection ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        strategy = trainer.strategy
-        if "ModelParallelStrategy" in [c.__name__ for c in type(strategy).__mro__]:
-            size = getattr(strategy, "_tensor_parallel_size", 1)
-            if size == "auto":
-                size = getattr(strategy, "num_processes", 1)
-            if isinstance(size, int) and size > 1:
-                raise ProbeConfigurationError(
-                    f"{type(self).__name__} does not support tensor parallelism (ModelParallelStrategy with "
-                    f"tensor_parallel_size={size}): the layer outputs are sharded. Use tensor_parallel_size=1 "
-                    f"(FSDP2) or strategy='ddp', or remove the probe.")
+        size = tensor_parallel_size(trainer.strategy)
+        if size > 1:
+            raise ProbeConfigurationError(
+                f"{type(self).__name__} does not support tensor parallelism (ModelParallelStrategy with "
+                f"tensor_parallel_size={size}): the layer outputs are sharded. Use tensor_parallel_size=1 "
+                f"(FSDP2) or strategy='ddp', or remove the probe.")
 
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         """``fit`` only: select the layers; refuse unknown ``layers`` and filters that leave nothing; skip a model
