@@ -12,6 +12,7 @@ from lightning_probes.callbacks import (
     GradientStatsMonitor,
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
+    StabilityMonitor,
 )
 from lightning_probes.callbacks.guard import ProbeDisabledWarning, ProbeSkippedWarning, ProbeWarning
 from lightning_probes.errors import ProbeConfigurationError
@@ -33,6 +34,7 @@ __all__ = [
     "ProbeDisabledWarning",
     "ProbeSkippedWarning",
     "ProbeWarning",
+    "StabilityMonitor",
     "__version__",
     "memory_plan",
     "read_probes",

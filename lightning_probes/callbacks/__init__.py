@@ -12,6 +12,7 @@ from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
 from lightning_probes.callbacks.layer_correlation import LayerCorrelationMonitor
 from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
+from lightning_probes.callbacks.stability import StabilityMonitor
 
 __all__ = [
     "ActivationOutlierMonitor",
@@ -26,4 +27,5 @@ __all__ = [
     "NoiseRobustnessMonitor",
     "ParameterProbe",
     "ProbeCallback",
+    "StabilityMonitor",
 ]

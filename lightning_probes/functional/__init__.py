@@ -2,7 +2,7 @@
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `attention`,
 `boundary`, `calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
-`outliers`, `representations`, `robustness`, `runs`, `statistics`, `weights`) is importable from here;
+`outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`, `weights`) is importable from here;
 `tests/functional/test_exports.py` keeps it so.
 """
 
@@ -145,6 +145,15 @@ from lightning_probes.functional.runs import (
     stability_window,
     training_dynamics,
 )
+from lightning_probes.functional.stability import (
+    SPIKE_RULES,
+    detect_spikes,
+    ring_push,
+    spike_flags,
+    spike_score,
+    window_moments,
+    window_zscores,
+)
 from lightning_probes.functional.statistics import (
     moving_average,
     per_epoch_mean_std,
@@ -181,6 +190,13 @@ __all__ = [
     "exceed_count",
     "outlier_partials",
     "outlier_stats",
+    "SPIKE_RULES",
+    "detect_spikes",
+    "ring_push",
+    "spike_flags",
+    "spike_score",
+    "window_moments",
+    "window_zscores",
     "AlignmentAccumulator",
     "ENCODINGS",
     "HEALTH_FORMULA",
