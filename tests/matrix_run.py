@@ -40,6 +40,7 @@ from lightning_probes import (
     GradientStatsMonitor,
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
+    StabilityMonitor,
 )
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
 from lightning_probes.callbacks.guard import ProbeWarning
@@ -48,7 +49,7 @@ from tests.matrix_cases import CASES, Case
 
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
           LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
-          ActivationOutlierMonitor, AttentionMonitor)
+          ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:

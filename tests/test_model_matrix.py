@@ -62,6 +62,10 @@ def expected(case: str) -> dict[str, str]:
         table["AttentionMonitor"] = "idle"  # it watches training batches only
     elif case not in ATTENTION_MODELS:
         table["AttentionMonitor"] = "skipped"  # no nn.MultiheadAttention (SDPA modules are observed when named)
+    if case == "validate_only":
+        table["StabilityMonitor"] = "idle"  # it watches optimiser steps only
+    elif case == "gan_manual_two_optimizers":
+        table["StabilityMonitor"] = "skipped"  # manual optimisation: no one loss per automatic optimiser step
     return table
 
 

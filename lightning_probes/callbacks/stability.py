@@ -352,8 +352,11 @@ class StabilityMonitor(ParameterProbe):
                 grads.append(local_tensor(grad))
         if not grads:
             return self._constant((0.0,), device, torch.float64)[0], present
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32) if all(g.is_floating_point() for g in grads) \
-            else [g.float().norm() for g in grads]
+        if all(g.is_floating_point() for g in grads):  # per-tensor norms in at least float32 (no narrowing)
+            wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+            norms = torch._foreach_norm(grads, 2.0, dtype=wide)
+        else:
+            norms = [torch.linalg.vector_norm(g).double() for g in grads]
         square = torch.stack([n.to(device) for n in norms]).double().square().sum()
         inverse = self.loss_scale_inverse(trainer, optimizer)  # fused optimizers: still scaled here
         if inverse is not None:
