@@ -108,6 +108,16 @@ from lightning_probes.functional.outliers import (
     outlier_partials,
     outlier_stats,
 )
+from lightning_probes.functional.per_sample import (
+    chunk_size_for,
+    cross_entropy_loss,
+    eval_mode,
+    per_sample_bytes,
+    per_sample_gradients,
+    sample_count,
+    slice_samples,
+    stack_chunks,
+)
 from lightning_probes.functional.representations import (
     EffectiveRankAccumulator,
     MomentAccumulator,
@@ -314,4 +324,12 @@ __all__ = [
     "kl_per_position",
     "resolve_class_dim",
     "layer_features",
+    "chunk_size_for",
+    "cross_entropy_loss",
+    "eval_mode",
+    "per_sample_bytes",
+    "per_sample_gradients",
+    "sample_count",
+    "slice_samples",
+    "stack_chunks",
 ]
