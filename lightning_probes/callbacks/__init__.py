@@ -8,6 +8,7 @@ from lightning_probes.callbacks.augmentation_invariance import AugmentationInvar
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
 from lightning_probes.callbacks.gradient_dynamics import GradientDynamicsMonitor
+from lightning_probes.callbacks.gradient_noise_scale import GradientNoiseScaleMonitor
 from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
 from lightning_probes.callbacks.layer_correlation import LayerCorrelationMonitor
 from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
@@ -22,6 +23,7 @@ __all__ = [
     "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
     "GradientDynamicsMonitor",
+    "GradientNoiseScaleMonitor",
     "GradientStatsMonitor",
     "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",

@@ -2,8 +2,8 @@
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `attention`,
 `boundary`, `calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
-`outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`, `weights`) is importable from here;
-`tests/functional/test_exports.py` keeps it so.
+`noise_scale`, `outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`, `weights`) is
+importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -101,6 +101,14 @@ from lightning_probes.functional.metanet import (
     stack_encoded,
 )
 from lightning_probes.functional.noise_profile import NOISE_PROFILE_COLUMNS, noise_profile_features
+from lightning_probes.functional.noise_scale import (
+    batch_sizes,
+    ema_update,
+    noise_scale_estimates,
+    noise_scale_from_micro_batches,
+    noise_scale_terms,
+    simple_noise_scale,
+)
 from lightning_probes.functional.outliers import (
     activation_outliers,
     channel_dim_for,
@@ -200,6 +208,12 @@ __all__ = [
     "exceed_count",
     "outlier_partials",
     "outlier_stats",
+    "batch_sizes",
+    "ema_update",
+    "noise_scale_estimates",
+    "noise_scale_from_micro_batches",
+    "noise_scale_terms",
+    "simple_noise_scale",
     "SPIKE_RULES",
     "detect_spikes",
     "ring_push",
