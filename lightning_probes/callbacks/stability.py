@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
@@ -28,12 +29,7 @@ __all__ = ["StabilityMonitor"]
 #: The series, in the order of every (2,) state tensor.
 SERIES = ("loss", "grad_norm")
 POLICIES = ("warn", "skip", "stop")
-#: Columns of a step's row in the on-device buffer (`_row`).
-_COLUMNS = ("loss", "grad_norm", "loss_z", "grad_norm_z", "loss_mean", "grad_norm_mean", "loss_std",
-            "grad_norm_std", "loss_n", "grad_norm_n", "loss_spike", "grad_norm_spike", "loss_present",
-            "grad_norm_present", "spike", "nonfinite", "amp_overflow")
-_COL = {c: i for i, c in enumerate(_COLUMNS)}
-#: Running totals on the device: [loss spikes, grad-norm spikes, spike steps, non-finite steps, AMP overflows].
+#: Running totals: [loss spikes, grad-norm spikes, spike steps, non-finite steps, AMP overflows].
 _TOTALS = ("loss_spikes_total", "grad_norm_spikes_total", "spikes_total", "nonfinite_total", "amp_overflow_total")
 
 
@@ -167,25 +163,35 @@ class StabilityMonitor(ParameterProbe):
         self.warmup = window if warmup is None else warmup
         self.exclude_spikes = exclude_spikes
         self.watch = tuple(watch)
+        self._watched = np.array([series in self.watch for series in SERIES])
         self._wrapped: list[tuple[torch.optim.Optimizer, Any, bool, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
         self._init_state()
 
     def _init_state(self) -> None:
-        self._state: Optional[dict[str, torch.Tensor]] = None  # on the device, see `_state_on`
+        # The windows, on the host (NumPy, float64): the device only accumulates the raw numbers of each step.
+        self._values = np.zeros((2, self.window))
+        self._count = np.zeros(2, dtype=np.int64)
+        self._last = np.zeros(2)
+        self._flags = np.zeros(self.window)  # ring of the last `window` steps' spike flags
+        self._totals = np.zeros(len(_TOTALS))
         self._steps_seen = 0
-        self._row_steps: list[Optional[int]] = [None] * self.every_n_steps
-        self._last_read = -1  # the last step whose rows were read
+        self._rows: list[dict[str, Any]] = []  # processed steps whose records are not written yet
+        self._last_read = -1  # the last step whose records were written
         self._skipped: list[int] = []
         self._stopped_at: Optional[int] = None
+        # On the device: each step's [sum of the ranks' losses, ranks with a loss, sum of squared gradients].
+        self._step_rows: Optional[torch.Tensor] = None
+        self._slots: list[Optional[tuple[int, bool]]] = [None] * self.every_n_steps  # (step, gradients present)
         self._loss_acc: Optional[torch.Tensor] = None
-        self._pending: Optional[torch.Tensor] = None
-        self._pending_step: Optional[int] = None
+        self._pending: Optional[tuple[int, torch.Tensor, bool]] = None  # "skip"/"stop": the step to decide
         self._read_due: Optional[int] = None
         self._constants: dict[tuple, torch.Tensor] = {}
+        self._owned_params: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._grad_dtypes: dict[int, tuple[torch.dtype, set[torch.dtype]]] = {}
         self._headline: dict[str, Optional[float]] = {}
-        self._last_step_record: Optional[dict[str, Any]] = None
-        #: Device-to-host reads of the decision flag so far ("skip"/"stop": one per optimiser step; "warn": none).
+        self._scaler = False
+        #: Device-to-host reads of a step's numbers so far ("skip"/"stop": one per optimiser step; "warn": none).
         self.decision_reads = 0
 
     def reset_run(self) -> None:
@@ -195,48 +201,38 @@ class StabilityMonitor(ParameterProbe):
         self._init_state()
 
     # -- state ----------------------------------------------------------------------------------------
-    def _state_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The windows, totals and row buffer on ``device`` (allocated at the first step; restored state moved)."""
-        state = self._state
-        if state is None:
-            state = {"values": torch.zeros(2, self.window, dtype=torch.float64),
-                     "count": torch.zeros(2, dtype=torch.int64),
-                     "last": torch.zeros(2, dtype=torch.float64),
-                     "flags": torch.zeros(self.window, dtype=torch.float64),
-                     "totals": torch.zeros(len(_TOTALS), dtype=torch.float64),
-                     "rows": torch.full((self.every_n_steps, len(_COLUMNS)), math.nan, dtype=torch.float64)}
-        if any(t.device != device for t in state.values()):
-            state = {k: v.to(device) for k, v in state.items()}
-        self._state = state
-        return state
-
     def state_dict(self) -> dict[str, Any]:
+        self._drain()  # the steps still on the device (a checkpoint between logged steps): one transfer
         state = super().state_dict()
         state["stability"] = {
-            "tensors": None if self._state is None else {k: v.detach().cpu() for k, v in self._state.items()},
-            "steps_seen": self._steps_seen, "row_steps": list(self._row_steps), "last_read": self._last_read,
-            "skipped": list(self._skipped), "window": self.window, "every_n_steps": self.every_n_steps}
+            "values": self._values.tolist(), "count": self._count.tolist(), "last": self._last.tolist(),
+            "flags": self._flags.tolist(), "totals": self._totals.tolist(), "steps_seen": self._steps_seen,
+            "rows": [dict(r) for r in self._rows], "last_read": self._last_read, "skipped": list(self._skipped),
+            "window": self.window}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved = state_dict.get("stability")
-        if not saved or saved.get("window") != self.window or saved.get("every_n_steps") != self.every_n_steps:
-            if saved:
-                rank_zero_warn(f"{type(self).__name__} {self.name!r}: the checkpoint's windows were made with other "
-                               f"settings (window, every_n_steps); they start empty.")
+        if not saved:
             return
-        self._state = saved.get("tensors")  # CPU tensors: moved at their first use
-        self._steps_seen = int(saved.get("steps_seen", 0))
-        self._row_steps = list(saved.get("row_steps", [None] * self.every_n_steps))
+        if saved.get("window") != self.window:
+            rank_zero_warn(f"{type(self).__name__} {self.name!r}: the checkpoint's windows hold "
+                           f"{saved.get('window')} values, this probe {self.window}; they start empty.")
+            return
+        self._values, self._count = np.array(saved["values"]), np.array(saved["count"], dtype=np.int64)
+        self._last, self._flags = np.array(saved["last"]), np.array(saved["flags"])
+        self._totals = np.array(saved["totals"])
+        self._steps_seen = int(saved["steps_seen"])
+        self._rows = [dict(r) for r in saved.get("rows", [])]
         self._last_read = int(saved.get("last_read", -1))
         self._skipped = [int(s) for s in saved.get("skipped", [])]
 
-    def _constant(self, values: tuple, device: torch.device, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """A tensor of host ``values`` on ``device``, copied there once."""
-        key = (values, str(device), dtype)
+    def _constant(self, value: float, device: torch.device) -> torch.Tensor:
+        """A float64 0-d tensor on ``device``, copied there once."""
+        key = (value, device)
         if key not in self._constants:
-            self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
+            self._constants[key] = torch.tensor(value, dtype=torch.float64, device=device)
         return self._constants[key]
 
     # -- pre-flight and the optimiser wrappers ---------------------------------------------------------
@@ -306,17 +302,16 @@ class StabilityMonitor(ParameterProbe):
         return inner(*args, **kwargs)
 
     def _decide(self) -> bool:
-        """Read this step's flag (the one host read of "skip"/"stop") and act on it."""
-        flag, step = self._pending, self._pending_step
-        self._pending = self._pending_step = None
+        """Read this step's numbers (the one host read of "skip"/"stop"), run the rule and act on a spike."""
+        step, packed, grads_present = self._pending
+        self._pending = None
         self.decision_reads += 1
-        if not bool(flag):
+        if not self._process(step, packed.tolist(), grads_present):
             return False
         self._skipped.append(step)
-        trainer = self._trainer
         if self.on_spike == "stop" and self._stopped_at is None:
             self._stopped_at = step
-            trainer.should_stop = True
+            self._trainer.should_stop = True
             rank_zero_warn(f"{type(self).__name__} {self.name!r}: spike at step {step}; its update is not applied "
                            f"and training stops (on_spike='stop').")
         return True
@@ -337,27 +332,38 @@ class StabilityMonitor(ParameterProbe):
         scale = getattr(scaler, "_scale", None)
         return None if scale is None else scale.double().reciprocal()
 
+    def _on_layout(self, trainer: pl.Trainer) -> None:
+        self._owned_params, self._grad_dtypes = {}, {}  # a new selection (training starts; lazy modules)
+
     def _grad_square(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
                      device: torch.device) -> tuple[torch.Tensor, bool]:
         """This rank's part of ``sum ||g||^2`` (float64 on ``device``) and whether any tracked gradient exists."""
-        _, tracked = self._tracked_for(trainer, optimizer)
-        present = False
-        grads = []
-        for i in tracked:
-            grad = self._params[i].grad
-            if grad is None:
-                continue
-            present = True
-            if self._layouts[i].owner:  # a shard, or rank 0's copy of a replicated (DDP) gradient
-                grads.append(local_tensor(grad))
+        key = id(optimizer)
+        if key not in self._owned_params:
+            _, tracked = self._tracked_for(trainer, optimizer)
+            # A shard, or rank 0's copy of a replicated (DDP) gradient, counts; the other ranks' copies do not.
+            self._owned_params[key] = ([self._params[i] for i in tracked],
+                                       [self._params[i] for i in tracked if self._layouts[i].owner])
+        tracked, owned = self._owned_params[key]
+        grads = [p.grad for p in owned if p.grad is not None]
+        present = bool(grads) or any(p.grad is not None for p in tracked)
         if not grads:
-            return self._constant((0.0,), device, torch.float64)[0], present
-        if all(g.is_floating_point() for g in grads):  # per-tensor norms in at least float32 (no narrowing)
-            wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-            norms = torch._foreach_norm(grads, 2.0, dtype=wide)
+            return self._constant(0.0, device), present
+        if self.sharded:
+            grads = [local_tensor(g) for g in grads]
+        dtypes = self._grad_dtypes.get(key)
+        if dtypes is None or dtypes[0] is not grads[0].dtype:  # learnt at the first step (and if it changes)
+            dtypes = self._grad_dtypes[key] = (grads[0].dtype, {g.dtype for g in grads})
+        kinds = dtypes[1]
+        if all(d.is_floating_point for d in kinds):  # per-tensor norms in at least float32 (no narrowing)
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64 if torch.float64 in kinds else torch.float32)
         else:
             norms = [torch.linalg.vector_norm(g).double() for g in grads]
-        square = torch.stack([n.to(device) for n in norms]).double().square().sum()
+        try:
+            stacked = torch.stack(norms)
+        except RuntimeError:  # gradients on several devices
+            stacked = torch.stack([n.to(device) for n in norms])
+        square = stacked.double().square().sum().to(device)
         inverse = self.loss_scale_inverse(trainer, optimizer)  # fused optimizers: still scaled here
         if inverse is not None:
             square = square * inverse.to(device).square()
@@ -365,100 +371,124 @@ class StabilityMonitor(ParameterProbe):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        """A constant number of device operations, no host read ("warn"): the step's loss and squared gradient norm
+        go into the device buffer (one all-reduce with several processes)."""
         self._ensure_layout(trainer, pl_module)
         step = trainer.global_step
         loss, self._loss_acc = self._loss_acc, None
         device = loss.device if loss is not None else trainer.strategy.root_device
-        state = self._state_on(device)
         square, grads_present = self._grad_square(trainer, optimizer, device)
-        zero = self._constant((0.0,), device, torch.float64)[0]
-        one = self._constant((1.0,), device, torch.float64)[0]
-        # One all-reduce per step: [sum of the ranks' losses, ranks with a loss, sum of squared gradient entries].
-        packed = torch.stack([zero if loss is None else loss, zero if loss is None else one, square])
+        self._scaler = self._loss_scale_inverse(trainer) is not None
+        zero = self._constant(0.0, device)
+        # [sum of the ranks' losses, ranks with a loss, sum of squared gradient entries]: one all-reduce.
+        packed = torch.stack([zero if loss is None else loss, zero if loss is None else self._constant(1.0, device),
+                              square])
         if trainer.world_size > 1:
             all_reduce_sum(packed)
-        x = torch.stack([packed[0] / packed[1], packed[2].sqrt()])  # (2,): loss (nan without any), grad norm
-        present = torch.stack([packed[1] > 0, self._constant((grads_present,), device)[0]])
-        scaler = self._loss_scale_inverse(trainer) is not None
-        mean, std, n = window_moments(state["values"], state["count"])
-        flags, z = spike_flags(x, mean, std, n, state["last"], rule=self.rule, threshold=self.threshold,
-                               atol=self.atol, rtol=self.rtol, mode=self.mode, armed=self._steps_seen >= self.warmup,
-                               countable=self._constant((True, not scaler), device))
-        watched = self._constant(tuple(s in self.watch for s in SERIES), device)
-        flags = flags & present & watched
-        finite = torch.isfinite(x)
-        accept = present & finite & ~flags if self.exclude_spikes else present & finite
-        state["values"], state["count"] = ring_push(state["values"], state["count"], x, accept)
-        state["last"] = torch.where(accept, x, state["last"])
-        spike = flags.any()
-        nonfinite = (present & ~finite & self._constant((True, not scaler), device)).any()
-        overflow = present[1] & ~finite[1] & scaler
-        events = torch.stack([flags[0], flags[1], spike, nonfinite, overflow]).double()
-        state["totals"] = state["totals"] + events
-        state["flags"][self._steps_seen % self.window] = events[2]
-        slot = step % self.every_n_steps
-        state["rows"][slot] = torch.cat([x, z, mean, std, n, flags.double(), present.double(), events[2:]])
-        self._row_steps[slot] = step
-        self._steps_seen += 1
-        if self.on_spike != "warn":
-            self._pending, self._pending_step = spike, step
+        if self.on_spike == "warn":
+            slot = step % self.every_n_steps
+            if self._slots[slot] is not None:  # a step not read yet would be overwritten (steps out of cadence)
+                self._drain()
+            if self._step_rows is None or self._step_rows.device != packed.device:
+                self._step_rows = torch.zeros(self.every_n_steps, 3, dtype=torch.float64, device=packed.device)
+            self._step_rows[slot] = packed
+            self._slots[slot] = (step, grads_present)
+        else:
+            self._pending = (step, packed, grads_present)
         if step % self.every_n_steps == 0:
             self._read_due = step  # read after the optimiser step, once "skip"/"stop" have decided
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._pending = self._pending_step = None  # a step the GradScaler skipped never reached `_step`
+        if self._pending is not None:  # the GradScaler skipped the step (overflow): `_step` never ran
+            step, packed, grads_present = self._pending
+            self._pending = None
+            self._process(step, packed.tolist(), grads_present)
         if self._read_due is not None:
             step, self._read_due = self._read_due, None
-            self._read(trainer, step, step_record=True)
+            self._write(trainer, step, step_record=True)
 
-    # -- reading the buffer: one transfer -------------------------------------------------------------
-    def _read(self, trainer: pl.Trainer, step: int, step_record: bool) -> None:
-        """Move the buffer and totals to the host (one copy), write the step record (``step_record``) and one
-        record per spike step since the last read; warn once for the new spikes."""
-        state = self._state
-        if state is None:
+    # -- the rule, on the host ------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Move the device buffer's unread steps to the host (one transfer) and run the rule over them in order."""
+        taken = sorted((entry, slot) for slot, entry in enumerate(self._slots) if entry is not None)
+        if not taken:
             return
-        seen = min(self._steps_seen, self.window)
-        block = torch.cat([state["rows"].flatten(), state["totals"], state["flags"][:seen].sum().view(1)]).cpu()
-        width = self.every_n_steps * len(_COLUMNS)
-        rows = block[:width].view(self.every_n_steps, len(_COLUMNS)).tolist()
-        totals = dict(zip(_TOTALS, block[width:width + len(_TOTALS)].tolist()))
-        in_window = block[-1].item()
-        new = sorted((s, rows[i]) for i, s in enumerate(self._row_steps)
-                     if s is not None and self._last_read < s <= step)
+        block = self._step_rows.cpu().tolist()
+        for (step, grads_present), slot in taken:
+            self._process(step, block[slot], grads_present)
+        self._slots = [None] * self.every_n_steps
+
+    def _process(self, step: int, packed: list[float], grads_present: bool) -> bool:
+        """Run the rule on one step's ``[loss sum, ranks with a loss, squared gradient norm]``: update the windows
+        and totals, keep the step's row for its records. Returns whether the step is a spike step."""
+        loss_sum, ranks, square = packed
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x = np.array([loss_sum / ranks if ranks > 0 else math.nan, math.sqrt(square) if square >= 0 else square])
+        present = np.array([ranks > 0, grads_present])
+        countable = np.array([True, not self._scaler])
+        mean, std, n = window_moments(self._values, self._count)
+        flags, z = spike_flags(x, mean, std, n, self._last, rule=self.rule, threshold=self.threshold,
+                               atol=self.atol, rtol=self.rtol, mode=self.mode, armed=self._steps_seen >= self.warmup,
+                               countable=countable)
+        flags = flags & present & self._watched
+        finite = np.isfinite(x)
+        accept = present & finite & ~flags if self.exclude_spikes else present & finite
+        self._values, self._count = ring_push(self._values, self._count, x, accept)
+        self._last = np.where(accept, x, self._last)
+        spike = bool(flags.any())
+        nonfinite = bool((present & ~finite & countable).any())
+        overflow = bool(present[1] and not finite[1] and self._scaler)
+        self._totals += [flags[0], flags[1], spike, nonfinite, overflow]
+        self._flags[self._steps_seen % self.window] = spike
+        self._steps_seen += 1
+        row: dict[str, Any] = {"step": step}
+        for i, series in enumerate(SERIES):
+            row[series] = _finite(float(x[i])) if present[i] else None
+            row[f"{series}_z"] = _finite(float(z[i]))
+            row[f"{series}_mean"], row[f"{series}_std"] = _finite(float(mean[i])), _finite(float(std[i]))
+            row[f"{series}_n"] = int(n[i])
+            row[f"{series}_spike"] = bool(flags[i])
+        row.update(spike=spike, nonfinite=nonfinite, amp_overflow=overflow)
+        self._rows.append(row)
+        return spike
+
+    # -- records ----------------------------------------------------------------------------------------
+    def _write(self, trainer: pl.Trainer, step: int, step_record: bool) -> None:
+        """Write the step record of ``step`` (``step_record``) and one record per spike step up to it; warn once for
+        the new spikes. Every rank runs it (the same numbers everywhere); global rank 0 writes."""
+        self._drain()
+        rows = [r for r in self._rows if self._last_read < r["step"] <= step]
+        self._rows = [r for r in self._rows if r["step"] > step]
         self._last_read = max(self._last_read, step)
         epoch = trainer.current_epoch
-        records = []
-        spikes = []
-        for s, row in new:
-            if row[_COL["spike"]] > 0:
-                spikes.append(s)
-                records.append({"kind": "spike", "step": s, "epoch": epoch, **self._values(row),
-                                "loss_spike": row[_COL["loss_spike"]] > 0,
-                                "grad_norm_spike": row[_COL["grad_norm_spike"]] > 0,
-                                "nonfinite": row[_COL["nonfinite"]] > 0, "action": self._action(s)})
-        if step_record and new and new[-1][0] == step:
-            row = new[-1][1]
-            record = {"kind": "step", "step": step, "epoch": epoch, **self._values(row),
-                      "loss_mean": _finite(row[_COL["loss_mean"]]), "loss_std": _finite(row[_COL["loss_std"]]),
-                      "loss_n": int(row[_COL["loss_n"]]), "grad_norm_mean": _finite(row[_COL["grad_norm_mean"]]),
-                      "grad_norm_std": _finite(row[_COL["grad_norm_std"]]),
-                      "grad_norm_n": int(row[_COL["grad_norm_n"]]), "spike": row[_COL["spike"]] > 0,
-                      "spikes": int(in_window), "spike_score": in_window / seen if seen else None,
-                      "spike_score_total": totals["spikes_total"] / self._steps_seen,
-                      **{k: int(v) for k, v in totals.items()}, "skipped_total": len(self._skipped)}
-            records.insert(0, record)
-            self._last_step_record = record
+        records: list[dict[str, Any]] = []
+        keep = ("loss", "grad_norm", "loss_z", "grad_norm_z", "loss_spike", "grad_norm_spike", "nonfinite")
+        spikes = [r for r in rows if r["spike"]]
+        if step_record and rows and rows[-1]["step"] == step:
+            row = rows[-1]
+            seen = min(self._steps_seen, self.window)
+            in_window = int(self._flags[:seen].sum())
+            record = {"kind": "step", "step": step, "epoch": epoch,
+                      **{k: v for k, v in row.items() if k not in ("step", "amp_overflow")},
+                      "spikes": in_window, "spike_score": in_window / seen if seen else None,
+                      "spike_score_total": float(self._totals[2] / self._steps_seen),
+                      **{k: int(v) for k, v in zip(_TOTALS, self._totals)}, "skipped_total": len(self._skipped)}
+            for series in SERIES:
+                del record[f"{series}_spike"]
+            records.append(record)
+            self._headline = {f"{self.name}/spike_score": record["spike_score"],
+                              f"{self.name}/skipped_total": float(len(self._skipped))}
             if trainer.is_global_zero and self.logger_due(trainer, step):
                 keys = ("loss", "grad_norm", "loss_z", "grad_norm_z", "loss_mean", "loss_std", "grad_norm_mean",
                         "grad_norm_std", "spike_score", "spike_score_total", "spikes_total", "skipped_total")
                 self.log_scalars(trainer, {f"{self.name}/{k}": record[k] for k in keys}, step)
-        self._headline = {f"{self.name}/spike_score": (self._last_step_record or {}).get("spike_score"),
-                          f"{self.name}/skipped_total": float(len(self._skipped))}
+        records += [{"kind": "spike", "step": r["step"], "epoch": epoch, **{k: r[k] for k in keep},
+                     "action": self._action(r["step"])} for r in spikes]
         self.write_records(trainer, records)
         if spikes and self.on_spike != "stop":
-            shown = ", ".join(map(str, spikes[:10])) + (f" and {len(spikes) - 10} more" if len(spikes) > 10 else "")
+            shown = ", ".join(str(r["step"]) for r in spikes[:10])
+            shown += f" and {len(spikes) - 10} more" if len(spikes) > 10 else ""
             what = "their updates were not applied" if self.on_spike == "skip" else "training goes on"
             rank_zero_warn(f"{type(self).__name__} {self.name!r}: {len(spikes)} spike step(s) of the loss or gradient "
                            f"norm at step(s) {shown}; {what} (see {self.name}.jsonl).")
@@ -470,15 +500,9 @@ class StabilityMonitor(ParameterProbe):
             return "skipped"
         return "warned"
 
-    @staticmethod
-    def _values(row: list[float]) -> dict[str, Optional[float]]:
-        return {"loss": _finite(row[_COL["loss"]]) if row[_COL["loss_present"]] > 0 else None,
-                "grad_norm": _finite(row[_COL["grad_norm"]]) if row[_COL["grad_norm_present"]] > 0 else None,
-                "loss_z": _finite(row[_COL["loss_z"]]), "grad_norm_z": _finite(row[_COL["grad_norm_z"]])}
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The spike steps since the last logged step (a stop, the end of the fit): every rank reads.
-        self._read(trainer, trainer.global_step, step_record=False)
+        self._write(trainer, trainer.global_step, step_record=False)
         self._unwrap()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -493,6 +517,7 @@ class StabilityMonitor(ParameterProbe):
     def on_disable(self, trainer: pl.Trainer) -> None:
         self._unwrap()
         self._pending = None
+        self._step_rows = None
 
     @property
     def skipped_steps(self) -> list[int]:
