@@ -36,7 +36,8 @@ _TOTALS = ("loss_spikes_total", "grad_norm_spikes_total", "spikes_total", "nonfi
 class StabilityMonitor(ParameterProbe):
     """Flags loss and gradient-norm spikes against rolling windows, logs the spike score, and warns, skips or stops.
 
-    At every optimiser step (automatic optimisation) the probe takes two numbers, on the device:
+    At every optimiser step (automatic optimisation) the probe takes two numbers on the device (a handful of
+    operations; nothing read on the host):
 
     - ``loss``: the training loss of the step, read in ``on_before_backward`` (the closure loss, which Lightning
       divides by ``accumulate_grad_batches``: summed over the micro-batches it is their mean; divided by the
@@ -45,7 +46,7 @@ class StabilityMonitor(ParameterProbe):
       (accumulated, unscaled, not yet clipped), ``sqrt(sum_p ||g_p||^2)``; under FSDP2 the sum of squares of every
       rank's local shards, all-reduced (the same all-reduce as the loss).
 
-    Each is compared with a rolling window of its last ``window`` values (a ring buffer on the device; see
+    Each is compared with a rolling window of its last ``window`` values (a ring buffer, see
     `lightning_probes.functional.stability`): with ``rule="zscore"`` (default, OLMo-core's spike score) a value is a
     spike when ``z = (x - mean) / std > threshold``; with ``rule="relative"`` (Lightning Fabric's ``SpikeDetection``)
     when it is worse than the last accepted value and ``|x - mean| >= |rtol * mean|`` (and ``>= |atol|``). A
@@ -54,16 +55,22 @@ class StabilityMonitor(ParameterProbe):
     the ``watch``-ed series spiked. The rule flags only after ``warmup`` steps; non-finite values from the first.
     Non-finite values never enter a window; spikes do unless ``exclude_spikes``.
 
+    Where the rule runs: each step's three raw numbers ``[sum of the ranks' losses, ranks with a loss, sum of
+    squared gradient entries]`` wait in a small device buffer (``every_n_steps`` rows); at a logged step the buffer
+    goes to the host in one transfer and the rule runs there, step by step, on the windows (NumPy float64). A
+    per-step rule on the device would cost some 70 tiny kernels a step (0.32 ms a step on the CPU MLP of
+    ``benchmarks/probe_overhead.py``, measured); on the host it costs microseconds per step, once, at the read.
+
     What a spike step does (``on_spike``, the same decision on every rank, since every rank holds the same reduced
-    values and windows):
+    values and runs the same host arithmetic on them):
 
     - ``"warn"`` (default): one ``rank_zero_warn`` at the next logged step naming the new spike steps. No host
       synchronisation on a step that is not logged.
     - ``"skip"``: the optimiser step is not applied: parameters and optimiser state (Adam's moments, its step count)
       stay exactly as they were, as when a ``GradScaler`` skips a step; the step still counts in
       ``trainer.global_step`` and the LR scheduler still steps (as with the scaler). The probe wraps each optimiser's
-      ``step`` for the fit (restored at teardown); deciding costs one 1-element device-to-host read per step, as the
-      ``GradScaler`` reads ``found_inf``.
+      ``step`` for the fit (restored at teardown); deciding costs one device-to-host read per step (of the step's
+      three numbers), as the ``GradScaler`` reads ``found_inf``.
     - ``"stop"``: the spike step is not applied either (so the weights stay finite and pre-spike), and
       ``trainer.should_stop`` is set: Lightning ends the fit through its normal path (validation when due,
       ``ModelCheckpoint``'s end-of-epoch save, ``on_train_end``), once ``min_epochs``/``min_steps`` allow. Same cost
@@ -76,8 +83,8 @@ class StabilityMonitor(ParameterProbe):
     share), ``spike_score_total`` (spike steps / steps since the start), the running totals ``spikes_total``,
     ``loss_spikes_total``, ``grad_norm_spikes_total``, ``nonfinite_total``, ``amp_overflow_total``,
     ``skipped_total``; and one ``{"kind": "spike"}`` record per spike step since the last logged step (its values,
-    which series spiked, ``nonfinite``, ``action``). They are kept on the device and read in one transfer at the
-    logged step (and at the end of the fit). The same scalars go to the loggers as ``<name>/<stat>`` (at most once
+    which series spiked, ``nonfinite``, ``action``), written at the logged step after it (or at the end of the
+    fit). The same scalars go to the loggers as ``<name>/<stat>`` (at most once
     per ``log_every_n_steps``); ``<name>/spike_score`` and ``<name>/skipped_total`` to ``trainer.callback_metrics``
     at every train epoch end.
 
