@@ -62,6 +62,16 @@ from lightning_probes.functional.calibration import (
     thresholded_confusion,
     top_confusions,
 )
+from lightning_probes.functional.curvature import (
+    directional_samples,
+    flatten,
+    hutchinson_trace,
+    hvp_operator,
+    lanczos,
+    local_step_alpha,
+    quadratic_fit,
+    unflatten,
+)
 from lightning_probes.functional.dynamics import (
     counts_from_histogram,
     encode_codes,
@@ -346,4 +356,12 @@ __all__ = [
     "sample_count",
     "slice_samples",
     "stack_chunks",
+    "directional_samples",
+    "flatten",
+    "hutchinson_trace",
+    "hvp_operator",
+    "lanczos",
+    "local_step_alpha",
+    "quadratic_fit",
+    "unflatten",
 ]
