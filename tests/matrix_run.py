@@ -37,6 +37,7 @@ from lightning_probes import (
     AugmentationInvarianceMonitor,
     ConfidenceMonitor,
     GradientDynamicsMonitor,
+    GradientNoiseScaleMonitor,
     GradientStatsMonitor,
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
@@ -49,7 +50,7 @@ from tests.matrix_cases import CASES, Case
 
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
           LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
-          ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor)
+          ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor, GradientNoiseScaleMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:

@@ -66,6 +66,11 @@ def expected(case: str) -> dict[str, str]:
         table["StabilityMonitor"] = "idle"  # it watches optimiser steps only
     elif case == "gan_manual_two_optimizers":
         table["StabilityMonitor"] = "skipped"  # manual optimisation: no one loss per automatic optimiser step
+    # Two batch sizes need gradient accumulation (or DDP): every one-device fit without accumulation skips it.
+    if case in ("validate_only", "test_only", "predict_only"):
+        table["GradientNoiseScaleMonitor"] = "idle"
+    elif case != "accumulation":
+        table["GradientNoiseScaleMonitor"] = "skipped"
     return table
 
 
