@@ -7,6 +7,7 @@ from lightning_probes.callbacks.attention import AttentionMonitor
 from lightning_probes.callbacks.augmentation_invariance import AugmentationInvarianceMonitor
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.callbacks.confidence import ConfidenceMonitor
+from lightning_probes.callbacks.curvature import CurvatureMonitor
 from lightning_probes.callbacks.gradient_dynamics import GradientDynamicsMonitor
 from lightning_probes.callbacks.gradient_noise_scale import GradientNoiseScaleMonitor
 from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
@@ -22,6 +23,7 @@ __all__ = [
     "AttentionMonitor",
     "AugmentationInvarianceMonitor",
     "ConfidenceMonitor",
+    "CurvatureMonitor",
     "GradientDynamicsMonitor",
     "GradientNoiseScaleMonitor",
     "GradientStatsMonitor",
