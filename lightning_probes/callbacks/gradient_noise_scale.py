@@ -162,6 +162,7 @@ class GradientNoiseScaleMonitor(ParameterProbe):
         self._acc: Optional[torch.Tensor] = None  # (_ACC,): sums since the last record
         self._pending = 0  # measured steps since the last record
         self._last_measured: Optional[int] = None
+        self._last_epoch = 0  # the epoch of the last measurement (the train-end record's)
         self._headline: Optional[float] = None
 
     def _reset_step(self, step: Optional[int]) -> None:
@@ -188,6 +189,7 @@ class GradientNoiseScaleMonitor(ParameterProbe):
         state["sums"] = None if self._acc is None else self._acc.detach().cpu()
         state["pending"] = self._pending
         state["last_measured"] = self._last_measured
+        state["last_epoch"] = self._last_epoch
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -196,6 +198,7 @@ class GradientNoiseScaleMonitor(ParameterProbe):
         self._acc = state_dict.get("sums")
         self._pending = int(state_dict.get("pending", 0))
         self._last_measured = state_dict.get("last_measured")
+        self._last_epoch = int(state_dict.get("last_epoch", 0))
 
     def _state_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ema is None or self._ema.shape != (3,):
@@ -342,7 +345,7 @@ class GradientNoiseScaleMonitor(ParameterProbe):
         flags = torch.stack([usable, ~usable, reduced[3] > 0]).double()
         acc += torch.cat([terms, flags])
         self._pending += 1
-        self._last_measured = step
+        self._last_measured, self._last_epoch = step, trainer.current_epoch
         if step % self._log_every == 0:
             self._record(trainer, step)
 
@@ -370,7 +373,7 @@ class GradientNoiseScaleMonitor(ParameterProbe):
     def _make_record(self, trainer: pl.Trainer, step: int, values: list[float]) -> dict[str, Any]:
         n = int(values[len(TERMS)])
         means = [v / n if n else None for v in values[:len(TERMS)]]
-        record: dict[str, Any] = {"step": step, "epoch": trainer.current_epoch, "measurements": n,
+        record: dict[str, Any] = {"step": step, "epoch": self._last_epoch, "measurements": n,
                                   "rejected": int(values[len(TERMS) + 1])}
         record.update(zip(TERMS, means))
         record["b_simple"] = None if not n else simple_noise_scale(record["trace_sigma"], record["grad_sq"])
