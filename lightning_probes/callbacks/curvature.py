@@ -107,12 +107,12 @@ class CurvatureMonitor(ProbeCallback):
         self._last_step = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         if type(trainer.strategy).__name__ == "ModelParallelStrategy":
             raise ProbeConfigurationError(
                 f"{type(self).__name__} does not support ModelParallelStrategy (FSDP2 or tensor parallelism): its "
                 f"Hessian-vector products need the full parameters in every process. Use strategy='ddp' or remove "
                 f"the probe.")
+        super().setup(trainer, pl_module, stage)
 
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         if trainer.state.fn != "fit":

@@ -86,3 +86,34 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="loss_fn"):
         CurvatureMonitor(loss_fn=3)
     assert issubclass(ProbeConfigurationError, Exception)
+
+
+def test_model_parallel_strategy_is_refused_at_setup(tmp_path):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    probe = CurvatureMonitor(output_dir=str(tmp_path))
+    fake = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    with pytest.raises(ProbeConfigurationError, match="ModelParallelStrategy"):
+        probe.setup(fake, None, "fit")
+
+
+def test_ddp_equals_one_process_on_the_union_batch(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from tests.curvature_dist_run import fit
+    from tests.helpers import run_in_new_session
+
+    root = Path(__file__).parents[2]
+    run_in_new_session([sys.executable, str(root / "tests" / "curvature_dist_run.py"), str(tmp_path)], 240,
+                       "the DDP curvature run")
+    fit(str(tmp_path / "single"), "single", 16, 1)
+    single = read(tmp_path / "single" / "curvature.jsonl")
+    multi = read(tmp_path / "ddp" / "curvature.jsonl")
+    assert [r["step"] for r in multi] == [r["step"] for r in single] == [0, 2]
+    for a, b in zip(single, multi):
+        assert b["num_samples"] == a["num_samples"] == 16
+        for key in ("loss", "lambda_max", "lambda_min", "trace", "trace_stderr"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-7, abs_tol=1e-10), key

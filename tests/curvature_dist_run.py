@@ -1,0 +1,98 @@
+"""`CurvatureMonitor` under DDP (2 CPU ranks, gloo) against one process on the union batch.
+
+``python tests/curvature_dist_run.py OUTPUT_DIR`` starts two rank processes of this file and waits for them. Each
+rank fits `TanhNet` under ``strategy="ddp"`` on its half of the data (rank r takes samples r, r + 2, ...) with
+batches of 8 and a probe batch of 8, into ``OUTPUT_DIR/ddp``; the test fits one process on batches of 16 (the union)
+with a probe batch of 16 and compares the records.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import lightning_probes as lp  # noqa: E402
+
+_RANK = "CURVATURE_RUN_RANK"
+
+
+class TanhNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(48, 16, generator=g)
+        self.y = torch.randint(0, 4, (48,), generator=g)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DataLoader(TensorDataset(self.x[rank::world], self.y[rank::world]), batch_size=self.batch_size,
+                          shuffle=False)
+
+
+def fit(out: str, kind: str, batch_size: int, devices: int) -> pl.Trainer:
+    pl.seed_everything(0)
+    model = TanhNet().double()
+    probe = lp.CurvatureMonitor(every_n_steps=2, num_samples=batch_size, lanczos_iters=30, trace_samples=8,
+                                output_dir=out)
+    trainer = pl.Trainer(
+        strategy="ddp" if kind == "ddp" else "auto", accelerator="cpu", devices=devices, max_epochs=1,
+        default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[probe], num_sanity_val_steps=0, use_distributed_sampler=False,
+        precision="64-true")
+    trainer.fit(model, Data(batch_size))
+    return trainer
+
+
+def rank_main(out: str) -> None:
+    fit(os.path.join(out, "ddp"), "ddp", 8, 2)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: gloo's threads abort a rank now and then there
+
+
+def launch(out: str) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    children = []
+    for rank in (0, 1):
+        env = {**os.environ, _RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
+        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out], env=env))
+    codes = [child.wait() for child in children]
+    return max(abs(c) for c in codes)
+
+
+if __name__ == "__main__":
+    if _RANK in os.environ:
+        rank_main(sys.argv[1])
+    else:
+        sys.exit(launch(sys.argv[1]))
