@@ -39,7 +39,7 @@ class _JsonlFile:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self._offset = 0
-        self._stamp: tuple[int, int] = (-1, -1)
+        self._stamp: tuple[int, int, int] = (-1, -1, -1)
         self._lock = threading.Lock()
 
     def read(self) -> list[dict[str, Any]]:
@@ -47,11 +47,11 @@ class _JsonlFile:
             stat = os.stat(self.path)
         except OSError:
             return []
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
             if stamp == self._stamp:
                 return self.records
-            if stat.st_size < self._offset:  # rewritten (a fresh run): start over
+            if stat.st_ino != self._stamp[0] or stat.st_size < self._offset:  # replaced or rewritten: start over
                 self.records, self._offset = [], 0
             with open(self.path, "rb") as handle:
                 handle.seek(self._offset)

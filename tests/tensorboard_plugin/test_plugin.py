@@ -189,3 +189,27 @@ def test_tab_in_headless_chromium(logdir, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_cache_reads_appended_records_and_waits_for_a_torn_line(tmp_path):
+    from lightning_probes.tensorboard_plugin import ProbeRuns
+
+    probes = tmp_path / "run" / "probes"
+    probes.mkdir(parents=True)
+    path = probes / "p.jsonl"
+    rows = [{"step": s, "epoch": 0, "layer": layer, "v": float(s + i)} for s in (0, 5) for i, layer in enumerate("ab")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = ProbeRuns(str(tmp_path))
+    assert runs.runs() == ["run"]
+    assert runs.heatmap("run", "p", "v")["values"] == [[0.0, 5.0], [1.0, 6.0]]
+    line = json.dumps({"step": 9, "epoch": 1, "layer": "b", "v": 2.5})
+    with open(path, "a") as handle:
+        handle.write(line[:10])  # a record being written
+        handle.flush()
+        assert runs.heatmap("run", "p", "v")["steps"] == [0, 5]
+        handle.write(line[10:] + "\n")
+    heat = runs.heatmap("run", "p", "v")
+    assert heat["steps"] == [0, 5, 9] and heat["values"][1] == [1.0, 6.0, 2.5] and heat["values"][0][2] is None
+    assert len(runs.records("run", "p")) == len(read_probes(tmp_path / "run", "p")) == 5
+    path.write_text(json.dumps(rows[0]) + "\n")  # rewritten by a fresh run: read from the start
+    assert runs.heatmap("run", "p", "v")["steps"] == [0]
