@@ -59,9 +59,9 @@ class CurvatureMonitor(ProbeCallback):
     full parameters in every process.
 
     Args:
-        every_n_steps: Analyse every n-th optimiser step (default 500: one analysis costs about
-            ``2 + lanczos_iters + trace_samples`` backward passes on the probe batch, so on a model whose training
-            batch is the probe batch's size it stays below 5% of the training time; see the docs page).
+        every_n_steps: Analyse every n-th optimiser step. Default 500: one analysis at the defaults costs about as
+            much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread; measured 17.8 ms
+            against 0.95 ms), so every 500 steps it adds about 4% (the issue's target: at most 5%).
         num_samples: Samples of the probe batch (per rank).
         lanczos_iters: Lanczos steps (Hessian-vector products) for the eigenvalues.
         trace_samples: Rademacher vectors for the trace (>= 2 for a standard error).
@@ -76,13 +76,13 @@ class CurvatureMonitor(ProbeCallback):
 
     Example:
         >>> from pytorch_lightning import Trainer
-        >>> trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500, num_samples=128)])
+        >>> trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500, num_samples=64)])
     """
 
     probe_name = "curvature"
     layout_stats = ("lambda_max", "trace", "sharpness_ratio")
 
-    def __init__(self, every_n_steps: int = 500, num_samples: int = 128, lanczos_iters: int = 10,
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 64, lanczos_iters: int = 10,
                  trace_samples: int = 10, seed: int = 0, loss_fn: PerSampleLoss = cross_entropy_loss,
                  output_dir: Optional[str] = None, name: Optional[str] = None,
                  flush_every_n_steps: Optional[int] = None, flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
