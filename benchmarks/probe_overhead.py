@@ -218,7 +218,7 @@ def run(config: str, every: int, steps: int, warmup: int, batch_size: int, data:
     timer = StepTimer(warmup * accumulate)  # batches: the timed steps are optimiser steps
     for probe in probes:
         _time_hooks(probe, timer)
-        original = getattr(probe, "on_train_epoch_end")
+        original = probe.on_train_epoch_end
 
         def epoch_end(*args, _original=original, **kwargs):
             start = time.perf_counter()

@@ -95,7 +95,7 @@ class LearningRateSpike(pl.Callback):
 def probes(every: int) -> list[pl.Callback]:
     """Every training-health probe, each logging every ``every`` optimiser steps."""
     return [
-        lp.StabilityMonitor(),
+        lp.StabilityMonitor(every_n_steps=every, window=50),  # the z-scores need 50 steps of history
         lp.GradientDynamicsMonitor(every_n_steps=every, init_distance=True),
         lp.ActivationOutlierMonitor(every_n_steps=every),
         lp.AttentionMonitor(every_n_steps=every),
@@ -130,7 +130,8 @@ def health_figure(run: str, spike_at: int, spike_steps: int):
     table = lp.read_probes(run)
     by = {name: table[table.probe == name] for name in table.probe.unique()}
     fig, axes = plt.subplots(3, 2, figsize=(11, 8.5), sharex=True)
-    stability = by["stability"].sort_values("step")
+    stability = by["stability"]
+    stability = stability[stability.kind == "step"].sort_values("step")
     total = by["gradient_dynamics"]
     total = total[total.layer == "__total__"].sort_values("step")
     attention = by["attention"].groupby("step").max_logit.max()

@@ -20,7 +20,8 @@ def run_example(name: str, monkeypatch, *argv: str) -> dict:
 
 
 def test_every_example_is_tested():
-    tested = {"plain_trainer.py", "two_inputs.py", "dict_batches.py", "read_and_plot.py", "study_from_python.py"}
+    tested = {"plain_trainer.py", "two_inputs.py", "dict_batches.py", "read_and_plot.py", "study_from_python.py",
+              "training_health.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -74,3 +75,17 @@ def test_study_from_python(tmp_path, monkeypatch):
 def test_examples_have_a_docstring_and_help(name):
     source = (EXAMPLES / name).read_text()
     assert source.startswith('"""') and "argparse" in source
+
+
+def test_training_health_every_probe_and_the_spike(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    run_example("training_health.py", monkeypatch, "--data_dir", str(tiny_data), "--output", "runs", "--every", "1",
+                "--spike_at", "3", "--spike_steps", "2", "--limit_batches", "16")
+    (run,) = (tmp_path / "runs" / "training_health").glob("version_*")
+    table = read_probes(run)
+    assert {"stability", "gradient_dynamics", "activation_outliers", "attention",
+            "gradient_noise_scale"} <= set(table.probe)
+    steps = table[(table.probe == "stability") & (table.kind == "step")]
+    assert len(steps) >= 1 and steps.loss.notna().all()  # the tiny split gives a step or two
+    assert table[table.probe == "gradient_dynamics"].update_ratio.notna().any()
+    assert (run / "training_health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
