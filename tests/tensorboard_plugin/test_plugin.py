@@ -143,6 +143,50 @@ def _attr(dom: str, css_class: str, name: str) -> str:
     return re.search(rf'{name}="([^"]*)"', tag.group(0)).group(1)
 
 
+def _slide(browser, url, profile) -> list[tuple[str, str]]:
+    """Open ``url`` with a DevTools port; read the matrix canvas, move the epoch slider to its first position
+    (an ``input`` event, as a drag fires), read the canvas again: ``[(epoch, checksum), (epoch, checksum)]``."""
+    import re
+    import urllib.request
+
+    from tests.tensorboard_plugin.cdp import DevTools
+
+    chrome = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                               f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        port = None
+        for line in chrome.stderr:
+            found = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+            if found:
+                port = found.group(1)
+                break
+        assert port, "Chromium printed no DevTools address"
+        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        devtools = DevTools(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"])
+        read = ("new Promise(r => { const t = setInterval(() => { const c = document.querySelector('canvas.matrix');"
+                " if (c) { clearInterval(t); r([c.dataset.epoch, c.dataset.checksum]); } }, 50); })")
+        for _ in range(150):  # until the page has an execution context
+            try:
+                before = devtools.evaluate(read)
+                break
+            except RuntimeError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the page never loaded")
+        after = devtools.evaluate(
+            "(async () => { const s = document.querySelector('.epoch-slider'); const old = "
+            "document.querySelector('canvas.matrix'); s.value = 0; s.dispatchEvent(new Event('input'));"
+            " for (let i = 0; i < 200 && document.querySelector('canvas.matrix') === old; i++)"
+            " await new Promise(r => setTimeout(r, 25));"
+            " const c = document.querySelector('canvas.matrix'); return [c.dataset.epoch, c.dataset.checksum]; })()")
+        devtools.close()
+        return [tuple(before), tuple(after)]
+    finally:
+        os.killpg(chrome.pid, signal.SIGKILL)
+        chrome.wait()
+
+
 def test_tab_in_headless_chromium(logdir, tmp_path):
     browser = _browser()
     if browser is None:
@@ -170,13 +214,13 @@ def test_tab_in_headless_chromium(logdir, tmp_path):
         assert int(_attr(dom, "heatmap", "data-columns")) == frame.step.nunique()
 
         pairs = read_probes(logdir / RUN, "layer_correlation")
-        epochs = sorted(pairs.epoch.unique())
+        epochs = sorted(int(e) for e in pairs.epoch.unique())
         first = _dom(browser, entry + f"&probe=layer_correlation&field=cka&epoch={epochs[0]}", tmp_path / "p2")
-        last = _dom(browser, entry + f"&probe=layer_correlation&field=cka&epoch={epochs[-1]}", tmp_path / "p2")
-        assert int(_attr(first, "matrix", "data-epoch")) == epochs[0]
-        assert int(_attr(last, "matrix", "data-epoch")) == epochs[-1]
-        assert _attr(first, "matrix", "data-checksum") != _attr(last, "matrix", "data-checksum")
-        assert 'class="epoch-slider"' in first
+        assert int(_attr(first, "matrix", "data-epoch")) == epochs[0] and 'class="epoch-slider"' in first
+        # the slider itself, moved in a live page through the DevTools protocol
+        moved = _slide(browser, entry + "&probe=layer_correlation&field=cka", tmp_path / "p4")
+        assert [int(e) for e, _ in moved] == [epochs[-1], epochs[0]]
+        assert moved[0][1] != moved[1][1] and moved[1][1] == _attr(first, "matrix", "data-checksum")
 
         # a running training appends a record at a new step: the next load shows one more column
         path = logdir / RUN / "probes/gradient_stats.jsonl"
