@@ -9,8 +9,6 @@ with a probe batch of 16 and compares the records.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +19,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
+from tests.two_ranks import launch_two_ranks, leave_rank  # noqa: E402
 
 _RANK = "CURVATURE_RUN_RANK"
 
@@ -70,25 +69,11 @@ def fit(out: str, kind: str, batch_size: int, devices: int) -> pl.Trainer:
 
 def rank_main(out: str) -> None:
     fit(os.path.join(out, "ddp"), "ddp", 8, 2)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter teardown: gloo's threads abort a rank now and then there
+    leave_rank()
 
 
 def launch(out: str) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    children = []
-    for rank in (0, 1):
-        env = {**os.environ, _RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
-        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out], env=env))
-    codes = [child.wait() for child in children]
-    return max(abs(c) for c in codes)
+    return launch_two_ranks(__file__, out, _RANK)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ global one). The test compares the records with a one-process fit on batches of 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +21,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
+from tests.two_ranks import launch_two_ranks, leave_rank  # noqa: E402
 
 _RANK = "OUTLIERS_RUN_RANK"
 
@@ -149,27 +148,11 @@ def rank_main(out: str) -> None:
             held = max(p.last_held_bytes for p in trainer.callbacks if isinstance(p, lp.ActivationOutlierMonitor))
             with open(os.path.join(out, kind, "held_bytes.txt"), "w") as f:
                 f.write(str(held))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # Leave without the interpreter's teardown: gloo's threads torn down by it abort a rank now and then
-    # ("terminate called without an active exception") after everything is written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()
 
 
 def launch(out: str) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    children = []
-    for rank in (0, 1):
-        env = {**os.environ, _RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
-        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out], env=env))
-    codes = [child.wait() for child in children]
-    return max(abs(c) for c in codes)
+    return launch_two_ranks(__file__, out, _RANK)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ one-process fit on batches of 16.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +23,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
+from tests.two_ranks import launch_two_ranks, leave_rank  # noqa: E402
 
 _RANK = "STABILITY_RUN_RANK"
 SPIKE_STEP = 6
@@ -109,26 +108,11 @@ def rank_main(out: str) -> None:
         skipped = trainer.callbacks[0].skipped_steps
         with open(os.path.join(out, kind, f"skipped_rank{trainer.global_rank}.txt"), "w") as f:
             f.write(",".join(map(str, skipped)))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # Leave without the interpreter's teardown: gloo's threads torn down by it abort a rank now and then.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()
 
 
 def launch(out: str) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    children = []
-    for rank in (0, 1):
-        env = {**os.environ, _RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
-        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out], env=env))
-    codes = [child.wait() for child in children]
-    return max(abs(c) for c in codes)
+    return launch_two_ranks(__file__, out, _RANK)
 
 
 if __name__ == "__main__":
