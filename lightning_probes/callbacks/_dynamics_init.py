@@ -62,10 +62,10 @@ class InitialWeights:
         except (OSError, ValueError):
             return False
         want = np.dtype(_numpy_dtype(dtype))
-        if (meta.get("sizes") != list(sizes) or meta.get("dtype") != want.str
+        if (meta.get("sizes") != list(sizes) or meta.get("dtype") != want.str or "squares" not in meta
                 or os.path.getsize(self.path) != sum(sizes) * want.itemsize):
             return False
-        self._attach(list(sizes), want, int(meta.get("step", 0)), meta.get("squares"))
+        self._attach(list(sizes), want, int(meta.get("step", 0)), meta["squares"])
         return True
 
     def take(self, tensors: Sequence[torch.Tensor], step: int) -> None:
@@ -90,18 +90,15 @@ class InitialWeights:
         os.replace(self._meta_path() + ".tmp", self._meta_path())
         self._attach(sizes, dtype, step, squares)
 
-    def _attach(self, sizes: list[int], dtype: np.dtype, step: int, squares: Optional[list[float]]) -> None:
+    def _attach(self, sizes: list[int], dtype: np.dtype, step: int, squares: list[float]) -> None:
         self.sizes, self.dtype, self.step = sizes, dtype, step
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self._map = (np.memmap(self.path, dtype=dtype, mode="r", shape=(sum(sizes),)) if sum(sizes)
                      else np.zeros(0, dtype=dtype))
-        self._squares = None if squares is None else torch.tensor(squares, dtype=torch.float64)
+        self._squares = torch.tensor(squares, dtype=torch.float64)
 
     def squares(self, tracked: Sequence[int], device: torch.device) -> torch.Tensor:
         """``(P,)`` float64 ``||w_0||^2`` of the ``tracked`` parameters' followed entries on this rank."""
-        if self._squares is None:  # an old sidecar without them: read once
-            self._squares = torch.tensor([float(np.square(self._slice(i), dtype=np.float64).sum())
-                                          for i in range(len(self.sizes))], dtype=torch.float64)
         return self._squares[list(tracked)].to(device)
 
     def _slice(self, i: int) -> np.ndarray:
