@@ -2,8 +2,10 @@
 
 ``python tests/curvature_dist_run.py OUTPUT_DIR`` starts two rank processes of this file and waits for them. Each
 rank fits `TanhNet` under ``strategy="ddp"`` on its half of the data (rank r takes samples r, r + 2, ...) with
-batches of 8 and a probe batch of 8, into ``OUTPUT_DIR/ddp``; the test fits one process on batches of 16 (the union)
-with a probe batch of 16 and compares the records.
+batches of 8 and a probe batch of 8 for 2 epochs, into ``OUTPUT_DIR/ddp``; the test fits one process on batches of
+16 (the union) with a probe batch of 16 and compares the records. Then each rank fits 1 epoch with a checkpoint and
+resumes it for the second into ``OUTPUT_DIR/resumed``: the second epoch runs over the data in reverse order, so
+the resumed run's first batches are not the probe batches, which must come back from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ class TanhNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """Epoch 0 in order, epoch 1 reversed."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        return iter(order[::-1] if self.epoch % 2 else order)
+
+
 class Data(pl.LightningDataModule):
     def __init__(self, batch_size: int) -> None:
         super().__init__()
@@ -49,26 +68,33 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return DataLoader(TensorDataset(self.x[rank::world], self.y[rank::world]), batch_size=self.batch_size,
-                          shuffle=False)
+        data = TensorDataset(self.x[rank::world], self.y[rank::world])
+        return DataLoader(data, batch_size=self.batch_size, sampler=EpochOrder(len(data)))
 
 
-def fit(out: str, kind: str, batch_size: int, devices: int) -> pl.Trainer:
+def fit(out: str, kind: str, batch_size: int, devices: int, max_epochs: int = 2, checkpoint: bool = False,
+        ckpt_path: str | None = None) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     pl.seed_everything(0)
     model = TanhNet().double()
     probe = lp.CurvatureMonitor(every_n_steps=2, num_samples=batch_size, lanczos_iters=30, trace_samples=8,
                                 output_dir=out)
     trainer = pl.Trainer(
-        strategy="ddp" if kind == "ddp" else "auto", accelerator="cpu", devices=devices, max_epochs=1,
-        default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[probe], num_sanity_val_steps=0, use_distributed_sampler=False,
-        precision="64-true")
-    trainer.fit(model, Data(batch_size))
+        strategy="ddp" if kind == "ddp" else "auto", accelerator="cpu", devices=devices, max_epochs=max_epochs,
+        default_root_dir=out, logger=False, enable_checkpointing=checkpoint, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, precision="64-true",
+        callbacks=[probe] + ([ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True)] if checkpoint
+                             else []))
+    trainer.fit(model, Data(batch_size), ckpt_path=ckpt_path)
     return trainer
 
 
 def rank_main(out: str) -> None:
     fit(os.path.join(out, "ddp"), "ddp", 8, 2)
+    resumed = os.path.join(out, "resumed")
+    fit(resumed, "ddp", 8, 2, max_epochs=1, checkpoint=True)
+    fit(resumed, "ddp", 8, 2, ckpt_path=os.path.join(resumed, "ckpt", "last.ckpt"))
     leave_rank()
 
 

@@ -63,6 +63,7 @@ from lightning_probes.functional.calibration import (
     top_confusions,
 )
 from lightning_probes.functional.curvature import (
+    alpha_sums,
     directional_samples,
     flatten,
     hutchinson_trace,
@@ -70,6 +71,7 @@ from lightning_probes.functional.curvature import (
     lanczos,
     local_step_alpha,
     quadratic_fit,
+    step_alpha,
     unflatten,
 )
 from lightning_probes.functional.dynamics import (
@@ -356,6 +358,7 @@ __all__ = [
     "sample_count",
     "slice_samples",
     "stack_chunks",
+    "alpha_sums",
     "directional_samples",
     "flatten",
     "hutchinson_trace",
@@ -363,5 +366,6 @@ __all__ = [
     "lanczos",
     "local_step_alpha",
     "quadratic_fit",
+    "step_alpha",
     "unflatten",
 ]

@@ -13,7 +13,9 @@ algorithms are a few lines of linear algebra and a distributed caller can all-re
 - `hutchinson_trace`: ``tr H ~ mean_j v_j^T H v_j`` over Rademacher vectors ``v_j``, with its standard error
   ``std_j(v_j^T H v_j) / sqrt(m)``.
 - `quadratic_fit` and `local_step_alpha`: Cockpit's alpha (Schneider et al., 2021), the position of a step on the
-  one-dimensional quadratic fitted to the loss and the directional derivative at both ends of the step.
+  one-dimensional quadratic fitted to the loss and the directional derivative at both ends of the step;
+  `directional_samples` gives the per-sample losses and derivatives along the step, `alpha_sums` the sums a
+  distributed caller all-reduces and `step_alpha` alpha from them.
 
 No function here synchronises with the host: the results stay tensors on the device.
 """
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["directional_samples", "flatten", "hutchinson_trace", "hvp_operator", "lanczos", "local_step_alpha",
-           "quadratic_fit", "unflatten"]
+__all__ = ["alpha_sums", "directional_samples", "flatten", "hutchinson_trace", "hvp_operator", "lanczos",
+           "local_step_alpha", "quadratic_fit", "step_alpha", "unflatten"]
 
 #: ``v -> H v`` on flat vectors.
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -181,14 +183,21 @@ def quadratic_fit(t: torch.Tensor, fs: torch.Tensor, dfs: torch.Tensor, var_fs: 
     weights = 1.0 / var  # (4,)
     y = torch.cat([fs.double(), dfs.double()])
     normal = phi.T @ (weights[:, None] * phi)  # (3, 3)
-    return torch.linalg.solve(normal, phi.T @ (weights * y))
+    # solve_ex: no error check, so no host synchronisation (t = 0 makes `normal` singular: see `step_alpha`)
+    return torch.linalg.solve_ex(normal, (phi.T @ (weights * y))[:, None], check_errors=False)[0][:, 0]
 
 
 def local_step_alpha(mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Cockpit's alpha from the fit ``mu`` and the step length ``t``: ``2 t / (-w1 / w2) - 1``.
 
     ``0``: the step landed at the minimum of the fitted quadratic; ``1``: on its other side, at the height it
-    started from; above 1: overshooting; ``-1``: no move, and (as Cockpit logs it) any concave fit (``w2 < 0``).
+    started from; above 1: overshooting; ``-1``: as Cockpit logs it, any concave fit (``w2 < 0``). A step of
+    length 0 has no fit (`step_alpha` gives NaN for it).
+
+    Example:
+        >>> mu = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64)  # 1 - 2 s + s^2: the minimum at s = 1
+        >>> float(local_step_alpha(mu, torch.tensor(1.0))), float(local_step_alpha(mu, torch.tensor(2.0)))
+        (0.0, 1.0)
     """
     alpha_bar = -mu[1] / mu[2]
     alpha = 2 * t.double() / alpha_bar - 1
@@ -198,18 +207,104 @@ def local_step_alpha(mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def directional_samples(module: nn.Module, batch: Any, params: Mapping[str, torch.Tensor],
                         direction: Sequence[torch.Tensor],
                         loss_fn: Callable[[Callable[..., Any], Any], torch.Tensor],
-                        chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample losses and per-sample derivatives along ``direction`` (tensors in ``params``' order).
+                        chunk_size: Optional[int] = None,
+                        buffers: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample losses ``l_i`` and per-sample derivatives ``g_i . u`` along ``direction`` ``u`` at ``params``.
 
-    The derivative of sample ``i`` is ``g_i . direction`` with ``g_i`` its gradient
-    (`lightning_probes.functional.per_sample.per_sample_gradients`, chunked). Returns two ``(n,)`` tensors.
+    The losses are ``loss_fn`` on each sample alone (``vmap`` over batches of one sample, as in
+    `lightning_probes.functional.per_sample`); the derivatives are the Jacobian-vector product ``J u`` of the
+    ``(n,)`` losses, taken in reverse mode by the double-vjp trick (``J^T w`` with a dummy ``w`` and
+    ``create_graph=True``, then the derivative of ``(J^T w) . u`` with respect to ``w``): one forward and two
+    backward passes, no per-sample gradient held, and it works wherever Hessian-vector products do.
+
+    Args:
+        module: The model (put it in the mode you want); nothing of it is changed.
+        batch: The batch (every tensor with the samples in dimension 0).
+        params: The point, by parameter name; other parameters keep their values.
+        direction: One tensor per entry of ``params``, in its order.
+        loss_fn: ``loss_fn(module_call, batch) -> scalar`` (called on batches of one sample).
+        chunk_size: Samples per chunk (default all at once).
+        buffers: Buffers to use (default the module's own).
+
+    Returns:
+        Two ``(n,)`` tensors: the losses and the derivatives (detached).
     """
-    from lightning_probes.functional.per_sample import per_sample_gradients
+    from torch.func import vmap
+    from torch.utils._pytree import tree_map
 
-    losses, derivs = [], []
+    from lightning_probes.functional.per_sample import sample_count, slice_samples
+
     names = list(params)
-    for grads, loss in per_sample_gradients(module, batch, params, loss_fn, chunk_size):
-        dot = sum((grads[n].flatten(1) * d.reshape(1, -1)).sum(1) for n, d in zip(names, direction))
-        losses.append(loss.detach())
-        derivs.append(dot.detach())
+    buffers = dict(module.named_buffers()) if buffers is None else dict(buffers)
+
+    def sample_loss(leaves: dict[str, torch.Tensor], sample: Any) -> torch.Tensor:
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(module, (leaves, buffers), args, kwargs)
+
+        return loss_fn(call, one)
+
+    n = sample_count(batch)
+    size = max(1, n if chunk_size is None else int(chunk_size))
+    losses, derivs = [], []
+    for start in range(0, n, size):
+        chunk = slice_samples(batch, start, min(n, start + size))
+        with torch.enable_grad():
+            leaves = {k: params[k].detach().requires_grad_(True) for k in names}
+            values = vmap(sample_loss, in_dims=(None, 0), randomness="different")(leaves, chunk)  # (c,)
+            dummy = torch.zeros_like(values, requires_grad=True)
+            inputs = [leaves[k] for k in names]
+            grads = torch.autograd.grad(values, inputs, grad_outputs=dummy, create_graph=True, allow_unused=True)
+            used = [(g, d) for g, d in zip(grads, direction) if g is not None]
+            if used:
+                dot = sum((g * d).sum() for g, d in used)
+                (jvp,) = torch.autograd.grad(dot, dummy, allow_unused=True)
+            else:
+                jvp = None
+        losses.append(values.detach())
+        derivs.append(torch.zeros_like(values).detach() if jvp is None else jvp.detach())
     return torch.cat(losses), torch.cat(derivs)
+
+
+def alpha_sums(losses_start: torch.Tensor, derivs_start: torch.Tensor, losses_end: torch.Tensor,
+               derivs_end: torch.Tensor) -> torch.Tensor:
+    """The sums alpha needs from the per-sample values at both ends of a step (float64, shape ``(9,)``).
+
+    ``[n, sum l0, sum l0^2, sum d0, sum d0^2, sum l1, sum l1^2, sum d1, sum d1^2]`` with ``l`` the per-sample
+    losses and ``d`` the per-sample derivatives along the (unnormalised) step at the start (0) and the end (1):
+    sums over samples, so a distributed caller all-reduces this one tensor to get those of the union batch.
+    """
+    parts = [losses_start.double(), derivs_start.double(), losses_end.double(), derivs_end.double()]
+    n = parts[0].new_tensor([float(parts[0].numel())])
+    return torch.cat([n] + [torch.stack([x.sum(), (x * x).sum()]) for x in parts])
+
+
+def step_alpha(step_length: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cockpit's alpha of one step from `alpha_sums` (exactly `cockpit.quantities.Alpha`'s fit).
+
+    With ``t = ||theta_1 - theta_0||`` (``step_length``) and the step direction ``u = (theta_1 - theta_0) / t``:
+    the observations are the mean losses ``f(0), f(t)``, the variances of the per-sample losses (``ddof=1``),
+    the mean directional derivatives ``f'(0), f'(t)`` along ``u`` and the variances of the per-sample ones
+    (``ddof=1``), as Cockpit takes them; `quadratic_fit` and `local_step_alpha` do the rest.
+
+    Returns:
+        ``{"alpha", "loss_start", "loss_end", "slope_start", "slope_end"}`` (float64 scalars on the device;
+        ``alpha`` and the slopes NaN for a step of length 0, where there is nothing to fit; variances of one
+        sample are 0, which the fit replaces by Cockpit's ``1e-10``).
+    """
+    t = step_length.double()
+    n = sums[0]
+    means = sums[1::2] / n  # (4,): l0, d0, l1, d1
+    spread = (sums[2::2] - n * means * means).clamp_min(0.0)
+    var = torch.where(n > 1, spread / (n - 1).clamp_min(1.0), torch.zeros_like(spread))
+    safe_t = torch.where(t > 0, t, torch.ones_like(t))
+    fs = torch.stack([means[0], means[2]])
+    dfs = torch.stack([means[1], means[3]]) / safe_t
+    var_fs = torch.stack([var[0], var[2]])
+    var_dfs = torch.stack([var[1], var[3]]) / (safe_t * safe_t)
+    alpha = local_step_alpha(quadratic_fit(safe_t, fs, dfs, var_fs, var_dfs), safe_t)
+    nan = torch.full_like(alpha, math.nan)
+    moved = t > 0
+    return {"alpha": torch.where(moved, alpha, nan), "loss_start": fs[0], "loss_end": fs[1],
+            "slope_start": torch.where(moved, dfs[0], nan), "slope_end": torch.where(moved, dfs[1], nan)}

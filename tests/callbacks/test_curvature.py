@@ -112,8 +112,202 @@ def test_ddp_equals_one_process_on_the_union_batch(tmp_path):
     fit(str(tmp_path / "single"), "single", 16, 1)
     single = read(tmp_path / "single" / "curvature.jsonl")
     multi = read(tmp_path / "ddp" / "curvature.jsonl")
-    assert [r["step"] for r in multi] == [r["step"] for r in single] == [0, 2]
-    for a, b in zip(single, multi):
+    resumed = read(tmp_path / "resumed" / "curvature.jsonl")
+    assert [r["step"] for r in multi] == [r["step"] for r in single] == [r["step"] for r in resumed] == [0, 2, 4]
+    for a, b in [*zip(single, multi), *zip(multi, resumed)]:
         assert b["num_samples"] == a["num_samples"] == 16
-        for key in ("loss", "lambda_max", "lambda_min", "trace", "trace_stderr"):
+        for key in ("loss", "lambda_max", "lambda_min", "trace", "trace_stderr", "alpha", "step_length", "loss_end",
+                    "slope_start", "slope_end"):
             assert math.isclose(a[key], b[key], rel_tol=1e-7, abs_tol=1e-10), key
+
+
+# -- alpha -------------------------------------------------------------------------------------------------------
+def _cockpit():
+    import sys
+    import types
+
+    if "pkg_resources" not in sys.modules:  # cockpit 1.0.2 imports it; setuptools >= 81 no longer ships it
+        shim = types.ModuleType("pkg_resources")
+        shim.DistributionNotFound = type("DistributionNotFound", (Exception,), {})
+        shim.get_distribution = lambda name: (_ for _ in ()).throw(shim.DistributionNotFound())
+        sys.modules["pkg_resources"] = shim
+    return pytest.importorskip("cockpit")
+
+
+class ReluNet(pl.LightningModule):
+    """Linear/ReLU (what BackPACK supports), full-batch SGD: Cockpit's two ends of a step see the same batch."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_alpha_equals_cockpits_alpha_quantity(tmp_path):
+    """Cockpit's `Alpha` in its own plain loop (BackPACK's BatchGrad projections) against the records: full-batch
+    SGD on 16 samples, so Cockpit's start batch and end batch are the probe batch."""
+    cockpit = _cockpit()
+    from backpack import extend
+    from cockpit.utils.schedules import linear
+
+    data = RandomDataModule(n=16, batch_size=16)
+    torch.manual_seed(0)
+    model = ReluNet().double()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = CurvatureMonitor(every_n_steps=1, num_samples=16, lanczos_iters=2, trace_samples=2,
+                             output_dir=str(tmp_path))
+    trainer(tmp_path, [probe], max_epochs=4, precision="64-true").fit(model, data)
+    records = read(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+
+    net = ReluNet().double().net
+    net.load_state_dict({k[len("net."):]: v for k, v in init.items()})
+    net = extend(net)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    pit = cockpit.Cockpit(net.parameters(), quantities=[cockpit.quantities.Alpha(linear(1))])
+    x, y = data.x.double(), data.y
+    lengths = []
+    for step in range(5):
+        opt.zero_grad()
+        out = net(x)
+        loss = loss_fn(out, y)
+        losses = nn.functional.cross_entropy(out, y, reduction="none")
+        before = [p.detach().clone() for p in net.parameters()]
+        with pit(step, info={"batch_size": 16, "individual_losses": losses, "loss": loss, "optimizer": opt}):
+            loss.backward(create_graph=pit.create_graph(step))
+        opt.step()
+        lengths.append(float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.parameters(),
+                                                                                         before)))))
+    theirs = {step: out["Alpha"] for step, out in pit.get_output().items() if "Alpha" in out}
+    for record in records:
+        assert math.isclose(record["alpha"], theirs[record["step"]], rel_tol=1e-6, abs_tol=1e-9), record["step"]
+        assert math.isclose(record["step_length"], lengths[record["step"]], rel_tol=1e-9)
+        assert math.isclose(record["loss_end"], records[record["step"] + 1]["loss"], rel_tol=1e-9) \
+            if record["step"] < 3 else True
+    assert len({round(r["alpha"], 6) for r in records}) == 4  # four different steps, not one value repeated
+
+
+class Line(pl.LightningModule):
+    """``w * x`` with a mean squared error: the probe loss is exactly quadratic in ``w``."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.w * x
+
+    def training_step(self, batch, batch_idx):
+        return ((self(batch[0]) - batch[1]) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _mse(call, batch):
+    return ((call(batch[0]) - batch[1]) ** 2).mean()
+
+
+@pytest.mark.parametrize("lr_times_a", [0.5, 1.0, 1.5, 1.9])
+def test_alpha_on_a_hand_worked_quadratic(tmp_path, lr_times_a):
+    """f(w) = mean (w x_i - y_i)^2 = a/2 (w - w*)^2 + c with a = 2 mean x^2: a gradient step moves w to
+    w* + (1 - lr a)(w - w*), so the step overshoots the minimum by (lr a - 1) of the way: alpha = lr a - 1."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64)
+    y = 3.0 * x + torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64)
+    a = 2 * float((x * x).mean())
+    lr = lr_times_a / a
+    model = Line(lr)
+    probe = CurvatureMonitor(every_n_steps=1, num_samples=4, lanczos_iters=1, trace_samples=2, loss_fn=_mse,
+                             output_dir=str(tmp_path))
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(x, y), batch_size=4)
+
+    trainer(tmp_path, [probe], max_epochs=2, precision="64-true").fit(model, Data())
+    records = read(tmp_path / "curvature.jsonl")
+    assert len(records) == 2
+    w_star = float((x * y).mean() / (x * x).mean())
+    w = 0.0
+    if lr_times_a == 1.0:  # the first step lands on the minimum; the second does not move: nothing to fit
+        assert records[1]["step_length"] < 1e-12 and records[1]["alpha"] is None
+        records = records[:1]
+    for record in records:
+        assert math.isclose(record["lambda_max"], a, rel_tol=1e-12)  # the 1 x 1 Hessian
+        assert math.isclose(record["sharpness_ratio"], lr_times_a / 2, rel_tol=1e-12)
+        assert math.isclose(record["alpha"], lr_times_a - 1, rel_tol=1e-7, abs_tol=1e-9)
+        assert math.isclose(record["step_length"], lr * a * abs(w - w_star), rel_tol=1e-9)
+        assert math.isclose(record["slope_start"], -a * abs(w - w_star), rel_tol=1e-9)  # downhill along the step
+        w = w_star + (1 - lr * a) * (w - w_star)
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+class _EpochOrder(torch.utils.data.Sampler):
+    """Epoch 0 in order, epoch 1 reversed, ...: a resumed run's first batch is not the first run's."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        return iter(order[::-1] if self.epoch % 2 else order)
+
+
+class _EpochData(RandomDataModule):
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, sampler=_EpochOrder(len(self.x)))
+
+
+def test_a_resumed_run_writes_the_records_of_an_uninterrupted_one(tmp_path):
+    """2 epochs straight against 1 epoch, a checkpoint and a resume with a new probe instance: the same records
+    (the probe batch comes back from the checkpoint: the resumed run's first batch holds other samples), each
+    step once."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def probe(out):
+        return CurvatureMonitor(every_n_steps=2, num_samples=8, lanczos_iters=6, trace_samples=3,
+                                output_dir=str(out))
+
+    def model():
+        torch.manual_seed(0)
+        return TanhNet().double()
+
+    trainer(tmp_path, [probe(tmp_path / "full")], precision="64-true").fit(model(), _EpochData(n=48))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [probe(tmp_path / "resumed"), checkpoint], max_epochs=1, precision="64-true",
+            enable_checkpointing=True).fit(model(), _EpochData(n=48))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("CurvatureMonitor")]
+    assert state["next_due"] == 4 and len(state["probe_batches"]) == 1
+    torch.testing.assert_close(state["probe_batches"][0][0], _EpochData(n=48).x[:8].double())
+    trainer(tmp_path, [probe(tmp_path / "resumed")], precision="64-true").fit(
+        model(), _EpochData(n=48), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    want = read(tmp_path / "full" / "curvature.jsonl")
+    got = read(tmp_path / "resumed" / "curvature.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 2, 4]
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert b[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
