@@ -3,6 +3,7 @@ Chromium served by a real TensorBoard (heatmap rows/columns, the epoch selection
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,17 +144,18 @@ def _attr(dom: str, css_class: str, name: str) -> str:
     return re.search(rf'{name}="([^"]*)"', tag.group(0)).group(1)
 
 
-def _slide(browser, url, profile) -> list[tuple[str, str]]:
-    """Open ``url`` with a DevTools port; read the matrix canvas, move the epoch slider to its first position
-    (an ``input`` event, as a drag fires), read the canvas again: ``[(epoch, checksum), (epoch, checksum)]``."""
+@contextlib.contextmanager
+def _live_page(browser, url, profile):
+    """Open ``url`` in headless Chromium with a DevTools port; yield a `DevTools` client of the page once it has
+    an execution context; kill the browser's process group afterwards."""
     import re
-    import urllib.request
 
     from tests.tensorboard_plugin.cdp import DevTools
 
     chrome = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                               f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+                               f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1400,1000",
+                               url], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              start_new_session=True)
     try:
         port = None
         for line in chrome.stderr:
@@ -164,27 +166,57 @@ def _slide(browser, url, profile) -> list[tuple[str, str]]:
         assert port, "Chromium printed no DevTools address"
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         devtools = DevTools(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"])
-        read = ("new Promise(r => { const t = setInterval(() => { const c = document.querySelector('canvas.matrix');"
-                " if (c) { clearInterval(t); r([c.dataset.epoch, c.dataset.checksum]); } }, 50); })")
         for _ in range(150):  # until the page has an execution context
             try:
-                before = devtools.evaluate(read)
+                devtools.evaluate("1")
                 break
             except RuntimeError:
                 time.sleep(0.2)
         else:
             pytest.fail("the page never loaded")
+        try:
+            yield devtools
+        finally:
+            devtools.close()
+    finally:
+        os.killpg(chrome.pid, signal.SIGKILL)
+        chrome.wait()
+
+
+def _slide(browser, url, profile) -> list[tuple[str, str]]:
+    """Read the matrix canvas, move the epoch slider to its first position (an ``input`` event, as a drag fires),
+    read the canvas again: ``[(epoch, checksum), (epoch, checksum)]``."""
+    with _live_page(browser, url, profile) as devtools:
+        before = devtools.evaluate(
+            "new Promise(r => { const t = setInterval(() => { const c = document.querySelector('canvas.matrix');"
+            " if (c) { clearInterval(t); r([c.dataset.epoch, c.dataset.checksum]); } }, 50); })")
         after = devtools.evaluate(
             "(async () => { const s = document.querySelector('.epoch-slider'); const old = "
             "document.querySelector('canvas.matrix'); s.value = 0; s.dispatchEvent(new Event('input'));"
             " for (let i = 0; i < 200 && document.querySelector('canvas.matrix') === old; i++)"
             " await new Promise(r => setTimeout(r, 25));"
             " const c = document.querySelector('canvas.matrix'); return [c.dataset.epoch, c.dataset.checksum]; })()")
-        devtools.close()
-        return [tuple(before), tuple(after)]
-    finally:
-        os.killpg(chrome.pid, signal.SIGKILL)
-        chrome.wait()
+    return [tuple(before), tuple(after)]
+
+
+#: In TensorBoard's own page (``/#probes``): the tab names, and inside the plugin's iframe the heatmap's rows,
+#: columns, row labels and column ticks (the shell may put its parts in shadow roots: searched through them).
+_SHELL = """(async () => {
+  const deep = (root, sel) => { const hit = root.querySelector(sel); if (hit) return hit;
+    for (const n of root.querySelectorAll('*'))
+      if (n.shadowRoot) { const f = deep(n.shadowRoot, sel); if (f) return f; }
+    return null; };
+  for (let i = 0; i < 600; i++) {
+    const frame = deep(document, 'iframe'), inner = frame && frame.contentDocument;
+    const c = inner && inner.querySelector('canvas.heatmap');
+    if (c) return {src: frame.getAttribute('src'), rows: +c.dataset.rows, columns: +c.dataset.columns,
+                   labels: [...inner.querySelectorAll('.row-label')].map(n => n.textContent),
+                   ticks: inner.querySelectorAll('.column-tick').length,
+                   tabs: [...document.querySelectorAll('a, [role=tab]')].map(t => t.textContent.trim())};
+    await new Promise(r => setTimeout(r, 50));
+  }
+  return null;
+})()"""
 
 
 def test_tab_in_headless_chromium(logdir, tmp_path):
@@ -209,6 +241,20 @@ def test_tab_in_headless_chromium(logdir, tmp_path):
         entry = f"{base}/data/plugin_entry.html?name=probes&run={RUN}"
 
         frame = read_probes(logdir / RUN, "gradient_stats")
+        # TensorBoard's own page: the "Probes" tab is one of its tabs and holds the heatmap with its axes
+        with _live_page(browser, f"{base}/#probes", tmp_path / "p0") as devtools:
+            shell = None
+            for _ in range(50):  # the shell may navigate once while it starts (a new execution context)
+                try:
+                    shell = devtools.evaluate(_SHELL)
+                    break
+                except RuntimeError:
+                    time.sleep(0.2)
+        assert shell is not None, "no heatmap in the Probes tab of TensorBoard's page"
+        assert "Probes" in shell["tabs"] and shell["src"].startswith("data/plugin_entry.html?name=probes")
+        layers = list(dict.fromkeys(frame.layer))
+        assert shell["rows"] == len(layers) and shell["columns"] == frame.step.nunique()
+        assert sorted(shell["labels"]) == sorted(layers) and shell["ticks"] == min(6, frame.step.nunique())
         dom = _dom(browser, entry + "&probe=gradient_stats&field=grad_norm&scale=log", tmp_path / "p1")
         assert int(_attr(dom, "heatmap", "data-rows")) == frame.layer.nunique()
         assert int(_attr(dom, "heatmap", "data-columns")) == frame.step.nunique()

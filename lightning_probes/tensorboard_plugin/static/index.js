@@ -64,6 +64,36 @@ function drawMatrix(canvas, values, scale, label, cell = null) {
     tooltip.style.display = "block";
   };
   canvas.onmouseleave = () => { tooltip.style.display = "none"; };
+  return {cw, ch};
+}
+
+// The canvas inside axes: row labels on the left (every k-th where rows are thinner than a line of text),
+// column ticks below (about six, at cell centres) and an axis title; returns the wrapping element.
+function withAxes(canvas, {cw, ch}, rowLabels, columnLabels, columnTitle) {
+  const grid = el("div", {class: "axes"});
+  // one in-flow box per row (so the column is as wide as the longest shown label); a thin row's label
+  // overflows into the unlabelled rows below it
+  const left = el("div", {class: "row-labels"});
+  const every = Math.max(1, Math.ceil(14 / ch));
+  rowLabels.forEach((text, i) => {
+    const shown = i % every === 0;
+    left.append(el("div", {class: shown ? "row-label" : "row-spacer", title: text,
+                           style: `height:${ch}px;line-height:${Math.max(ch, 14)}px`}, shown ? text : ""));
+  });
+  const bottom = el("div", {class: "column-ticks", style: `width:${canvas.width}px`});
+  const n = columnLabels.length, ticks = Math.min(n, 6);
+  const at = new Set(Array.from({length: ticks}, (_, k) => ticks > 1 ? Math.round(k * (n - 1) / (ticks - 1)) : 0));
+  for (const j of at) bottom.append(el("div", {class: "column-tick", style: `left:${j * cw + cw / 2}px`}, String(columnLabels[j])));
+  grid.append(left, canvas, el("div"), bottom, el("div"), el("div", {class: "axis-title"}, columnTitle));
+  return grid;
+}
+
+// A horizontal colour bar from low to high (log10 where log) with its two end values.
+function colourBar(low, high, log) {
+  const bar = el("canvas", {class: "colour-bar", width: 160, height: 10});
+  const ctx = bar.getContext("2d");
+  for (let x = 0; x < 160; x++) { const [r, g, b] = colour(x / 159); ctx.fillStyle = `rgb(${r},${g},${b})`; ctx.fillRect(x, 0, 1, 10); }
+  return el("div", {class: "legend"}, fmt(low), bar, fmt(high) + (log ? " (log scale)" : ""));
 }
 
 function valueScale(low, high, log) {
@@ -81,24 +111,27 @@ async function heatmapPanel(container, run, probe, field, logScale) {
                                "data-total-steps": data.total_steps, "data-bin": data.bin});
   const log = logScale && data.min_positive !== null;
   const scale = valueScale(log ? data.min_positive : data.min ?? 0, data.max ?? 1, log);
-  drawMatrix(canvas, data.values, scale, (i, j, v) =>
-    `${data.layers[i]}\nstep ${data.steps[j]}${data.bin > 1 ? "-" + (data.steps[j] + 0) + " (bin of " + data.bin + ")" : ""}\n${field} = ${fmt(v)}`);
+  const size = drawMatrix(canvas, data.values, scale, (i, j, v) =>
+    `${data.layers[i]}\nstep ${data.steps[j]}${data.bin > 1 ? " (bin of " + data.bin + " logged steps)" : ""}\n${field} = ${fmt(v)}`);
   container.append(el("h3", {}, `${run}: ${probe} / ${field}`),
     el("div", {class: "note"}, `${data.layers.length} layers x ${data.steps.length} columns` +
-      (data.bin > 1 ? ` (${data.total_steps} steps, bins of ${data.bin})` : "") +
-      `; range ${fmt(data.min)} .. ${fmt(data.max)}${log ? " (log)" : ""}`), canvas);
+      (data.bin > 1 ? ` (${data.total_steps} steps, bins of ${data.bin})` : "")),
+    withAxes(canvas, size, data.layers, data.steps, data.bin > 1 ? "step (first of each bin)" : "step"),
+    colourBar(log ? data.min_positive : data.min ?? 0, data.max ?? 1, log));
 }
 
 async function signMapPanel(container, run, probe) {
   const data = await getJSON("sign_map", {run, probe});
   if (!data.rows.length) return;
   const canvas = el("canvas", {class: "sign-map", "data-run": run});
-  drawMatrix(canvas, data.rows, (v) => SIGN_COLOURS[v] || [211, 211, 211],
+  const size = drawMatrix(canvas, data.rows, (v) => SIGN_COLOURS[v] || [211, 211, 211],
     (i, j, v) => `epoch ${data.epochs[i]}\nentry ${j * data.stride}\n` +
       ["|g| > threshold", "small g < 0", "small g > 0", "g = 0"][v]);
+  const entries = Array.from({length: data.rows[0].length}, (_, j) => j * data.stride);
   container.append(el("h3", {}, `${run}: gradient sign map`),
     el("div", {class: "note"}, "white |g| > threshold, red small negative, green small positive, black zero; " +
-      `${data.columns} sampled entries` + (data.stride > 1 ? `, every ${data.stride}th shown` : "")), canvas);
+      `${data.columns} sampled entries` + (data.stride > 1 ? `, every ${data.stride}th shown` : "")),
+    withAxes(canvas, size, data.epochs.map((e) => `epoch ${e}`), entries, "sampled entry"));
 }
 
 // A panel with an epoch slider: fetch(epoch) returns the payload, draw(payload, box) draws it.
@@ -123,9 +156,10 @@ async function matrixPanel(container, run, probe, field) {
   if (!first.epochs.length) return;
   await epochPanel(container, `${run}: ${probe} / ${field}`, first, query, (m, box) => {
     const canvas = el("canvas", {class: "matrix", "data-epoch": m.epoch, "data-field": field});
-    drawMatrix(canvas, m.values, valueScale(0, 1, false), (i, j, v) => `${m.layers[i]}\n${m.layers[j]}\n${field} = ${fmt(v)}`,
-               Math.max(8, Math.floor(320 / Math.max(1, m.layers.length))));
-    box.append(canvas, el("div", {class: "note"}, m.layers.join(", ")));
+    const size = drawMatrix(canvas, m.values, valueScale(0, 1, false),
+      (i, j, v) => `${m.layers[i]}\n${m.layers[j]}\n${field} = ${fmt(v)}`, Math.max(8, Math.floor(320 / Math.max(1, m.layers.length))));
+    box.append(withAxes(canvas, size, m.layers, m.layers.map((_, j) => j), "layer (numbered as the rows, from 0)"),
+               colourBar(0, 1, false));
   });
 }
 
