@@ -1,9 +1,9 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `attention`,
-`boundary`, `calibration`, `dynamics`, `gradients`, `importance`, `linear_probes`, `metanet`, `noise_profile`,
-`noise_scale`, `outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`, `weights`) is
-importable from here; `tests/functional/test_exports.py` keeps it so.
+`boundary`, `calibration`, `dynamics`, `gradient_tests`, `gradients`, `importance`, `linear_probes`, `metanet`,
+`noise_profile`, `noise_scale`, `outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`,
+`weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -84,6 +84,16 @@ from lightning_probes.functional.dynamics import (
     transition_histogram,
     zero_threshold_for,
 )
+from lightning_probes.functional.gradient_tests import (
+    GRADIENT_TEST_FIELDS,
+    HistogramSpec,
+    gradient_tests,
+    histogram_counts_1d,
+    histogram_counts_2d,
+    hutchinson_diagonal,
+    merge_sums,
+    per_sample_sums,
+)
 from lightning_probes.functional.gradients import (
     gradient_stats,
     l2_norms,
@@ -132,6 +142,7 @@ from lightning_probes.functional.per_sample import (
     chunk_size_for,
     cross_entropy_loss,
     eval_mode,
+    mean_gradient,
     per_sample_bytes,
     per_sample_gradients,
     sample_count,
@@ -353,6 +364,7 @@ __all__ = [
     "chunk_size_for",
     "cross_entropy_loss",
     "eval_mode",
+    "mean_gradient",
     "per_sample_bytes",
     "per_sample_gradients",
     "sample_count",
@@ -368,4 +380,12 @@ __all__ = [
     "quadratic_fit",
     "step_alpha",
     "unflatten",
+    "GRADIENT_TEST_FIELDS",
+    "HistogramSpec",
+    "gradient_tests",
+    "histogram_counts_1d",
+    "histogram_counts_2d",
+    "hutchinson_diagonal",
+    "merge_sums",
+    "per_sample_sums",
 ]

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
-__all__ = ["PerSampleLoss", "chunk_size_for", "cross_entropy_loss", "eval_mode", "per_sample_bytes",
+__all__ = ["PerSampleLoss", "chunk_size_for", "cross_entropy_loss", "eval_mode", "mean_gradient", "per_sample_bytes",
            "per_sample_gradients", "sample_count", "slice_samples", "stack_chunks"]
 
 #: ``loss_fn(module_call, sample_batch) -> scalar``: the loss of a batch of one sample. ``module_call(*inputs)``
@@ -105,6 +105,7 @@ def per_sample_gradients(
     loss_fn: PerSampleLoss = cross_entropy_loss,
     chunk_size: Optional[int] = None,
     buffers: Optional[Mapping[str, torch.Tensor]] = None,
+    vectorize: bool = True,
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Per-sample gradients of ``loss_fn`` on ``batch``, one chunk of samples at a time.
 
@@ -117,6 +118,9 @@ def per_sample_gradients(
         loss_fn: ``loss_fn(module_call, sample_batch)``, the loss of one sample (see `PerSampleLoss`).
         chunk_size: Samples per chunk (see `chunk_size_for`); default all at once.
         buffers: The buffers to use (default the module's own).
+        vectorize: ``True``: ``vmap`` over the samples of a chunk; ``False``: a loop of ``grad`` over the samples
+            (the same numbers, for layers without a batching rule, e.g. the fused RNN kernels ``nn.GRU`` and
+            ``nn.LSTM``; slower).
 
     Yields:
         ``(grads, losses)`` per chunk: ``{name: (c, *param.shape)}`` and the ``(c,)`` per-sample losses.
@@ -134,10 +138,72 @@ def per_sample_gradients(
     buffers = dict(module.named_buffers()) if buffers is None else dict(buffers)
     n = sample_count(batch)
     size = max(1, n if chunk_size is None else int(chunk_size))
-    compute = vmap(grad_and_value(_sample_loss(module, loss_fn)), in_dims=(None, None, 0), randomness="different")
+    if vectorize:
+        compute = vmap(grad_and_value(_sample_loss(module, loss_fn)), in_dims=(None, None, 0),
+                       randomness="different")
+    else:
+        compute = _looped(grad_and_value(_sample_loss(module, loss_fn)))
     for start in range(0, n, size):
         grads, losses = compute(params, buffers, slice_samples(batch, start, min(n, start + size)))
         yield grads, losses
+
+
+def mean_gradient(
+    module: nn.Module,
+    batch: Any,
+    params: Optional[Mapping[str, torch.Tensor]] = None,
+    loss_fn: PerSampleLoss = cross_entropy_loss,
+    chunk_size: Optional[int] = None,
+    buffers: Optional[Mapping[str, torch.Tensor]] = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The gradient and the value of the mean loss of ``batch`` (``loss_fn`` on chunks of ``chunk_size`` samples,
+    weighted by their sizes): the mean of the per-sample gradients of `per_sample_gradients` when ``loss_fn`` is a
+    mean over samples, at the cost of one batched backward pass. Arguments as in `per_sample_gradients`.
+
+    Returns:
+        ``({name: param.shape}, loss)``, detached.
+    """
+    if params is None:
+        params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    params = dict(params)
+    buffers = dict(module.named_buffers()) if buffers is None else dict(buffers)
+    n = sample_count(batch)
+    size = max(1, n if chunk_size is None else int(chunk_size))
+
+    def chunk_loss(p: dict[str, torch.Tensor], chunk: Any) -> torch.Tensor:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(module, (p, buffers), args, kwargs)
+
+        return loss_fn(call, chunk)
+
+    compute = grad_and_value(chunk_loss)
+    total: Optional[dict[str, torch.Tensor]] = None
+    loss_total: Optional[torch.Tensor] = None
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        grads, loss = compute(params, slice_samples(batch, start, stop))
+        weight = (stop - start) / n
+        grads = {k: v.detach() * weight for k, v in grads.items()}
+        total = grads if total is None else {k: total[k] + grads[k] for k in grads}
+        loss_total = loss.detach() * weight if loss_total is None else loss_total + loss.detach() * weight
+    if total is None or loss_total is None:
+        raise ValueError("Expected a batch of at least one sample, but got an empty batch")
+    return total, loss_total
+
+
+def _looped(single: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+            ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``single(params, buffers, sample)`` over the samples of a chunk, one at a time, stacked like vmap's result."""
+    def squeeze(sample: Any) -> Any:  # vmap hands `_sample_loss` one sample without its batch dimension
+        return tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, sample)
+
+    def run(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], chunk: Any
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        outs = [single(params, buffers, squeeze(slice_samples(chunk, i, i + 1))) for i in range(sample_count(chunk))]
+        grads = {k: torch.stack([o[0][k] for o in outs]) for k in outs[0][0]}
+        return grads, torch.stack([o[1].reshape(()) for o in outs])
+
+    return run
 
 
 def stack_chunks(chunks: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]]

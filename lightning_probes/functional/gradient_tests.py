@@ -1,0 +1,306 @@
+"""Cockpit's gradient tests from per-sample gradients: sums over samples in, test values out.
+
+The per-sample gradients ``g_i`` (``i = 1..n``) of a batch and its mean gradient ``g = (1/n) sum_i g_i`` give every
+quantity here through a few sums over the samples (`per_sample_sums`), so that a batch processed in chunks, or
+split over data-parallel ranks, is combined exactly by adding the sums (`merge_sums`; an all-reduce across
+ranks). From them `gradient_tests` forms, per parameter tensor and for all of them together, the quantities of
+Cockpit (Schneider, Dangel & Hennig, 2021), with Cockpit's definitions:
+
+- ``norm_test`` (Byrd, Chin, Nocedal & Wu, 2012, eq. 3.9): ``sqrt(sum_i ||g_i - g||^2 / (n (n - 1) ||g||^2))``,
+  the largest ``theta`` for which the norm test passes;
+- ``inner_test`` (Bollapragada, Byrd & Nocedal, 2018, eq. 2.6): ``sqrt(sum_i (g_i.g - ||g||^2)^2 /
+  (n (n - 1) ||g||^4))``;
+- ``ortho_test`` (same paper, eq. 3.3): ``sqrt(sum_i ||g_i - (g_i.g / ||g||^2) g||^2 / (n (n - 1) ||g||^2))``;
+- ``mean_gsnr`` (Liu et al., 2020): the mean over entries ``j`` of ``g_j^2 / (mean_i g_ij^2 - g_j^2 + eps)``;
+- ``early_stopping`` (Mahsereci, Balles, Lassner & Hennig, 2017, eq. 7): ``1 - n mean_j g_j^2 / (s_j^2 + eps)``
+  with ``s_j^2`` the unbiased sample variance of entry ``j``; above 0: stop;
+- ``cabs`` (Balles, Romero & Hennig, 2017, eq. 22): ``lr sum_j (sum_i g_ij^2 - n g_j^2) / (n loss)``, the batch
+  size CABS suggests for SGD at learning rate ``lr``;
+- ``tic_trace`` and ``tic_diag`` (Thomas et al., 2020, as Cockpit's ``TICTrace``/``TICDiag``):
+  ``mean_i ||g_i||^2 / (tr H + eps)`` and ``sum_j mean_i g_ij^2 / (H_jj + eps)``, with the Hessian's trace or
+  diagonal (`hutchinson_diagonal` estimates both from Hessian-vector products).
+
+Histograms (`per_sample_sums` with a `HistogramSpec`): Cockpit's ``GradHist1d`` (every entry ``g_ij`` of every
+sample in ``bins_1d`` equal bins over ``range_1d``, values outside clipped into the edge bins) and ``GradHist2d``
+(``(g_ij, w_j)`` pairs, gradient entry against the parameter's value, in ``bins_2d`` bins over ``range_2d``, clipped
+likewise), counted per tensor; the clipped entries are counted too.
+
+Nothing here synchronises with the host: tensors in, tensors out, on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "gradient_tests", "histogram_counts_1d", "histogram_counts_2d",
+           "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
+
+#: The columns of `gradient_tests`' table, in order.
+GRADIENT_TEST_FIELDS = ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping", "cabs",
+                        "hessian_trace", "hessian_trace_stderr", "tic_trace", "tic_diag")
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Bins of the per-sample gradient histograms (Cockpit's ``GradHist1d``/``GradHist2d`` defaults).
+
+    Attributes:
+        bins_1d: Bins of the 1-D histogram of gradient entries.
+        range_1d: Its ``(low, high)``; entries outside are clipped into the edge bins.
+        bins_2d: ``(gradient bins, parameter bins)`` of the 2-D histogram, or ``None``: no 2-D histogram.
+        range_2d: ``((gradient low, high), (parameter low, high))``; pairs outside clipped into the edge bins.
+    """
+
+    bins_1d: Optional[int] = 100
+    range_1d: tuple[float, float] = (-2.0, 2.0)
+    bins_2d: Optional[tuple[int, int]] = (40, 50)
+    range_2d: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0))
+
+    def edges_1d(self) -> torch.Tensor:
+        """The ``bins_1d + 1`` edges (float64)."""
+        return torch.linspace(self.range_1d[0], self.range_1d[1], int(self.bins_1d or 0) + 1, dtype=torch.float64)
+
+    def edges_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edges of both axes (float64)."""
+        (xlo, xhi), (ylo, yhi) = self.range_2d
+        xb, yb = self.bins_2d or (0, 0)
+        return (torch.linspace(xlo, xhi, xb + 1, dtype=torch.float64),
+                torch.linspace(ylo, yhi, yb + 1, dtype=torch.float64))
+
+
+def _bin_index(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """The bin of each value among ``bins`` equal bins of ``[low, high]``, outside values in the edge bins."""
+    scaled = (values.double() - low) * (bins / (high - low))
+    return scaled.floor_().clamp_(0, bins - 1).long()
+
+
+def histogram_counts_1d(values: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of ``values`` in ``bins`` equal bins of ``[low, high]``, values outside clipped into the edge bins
+    (Cockpit's ``GradHist1d``: ``torch.histc`` of the clamped values), and how many were outside.
+
+    Returns:
+        ``(counts, outside)``: ``(bins,)`` and a scalar, float64 on the values' device (no host sync).
+
+    Example:
+        >>> counts, outside = histogram_counts_1d(torch.tensor([-3.0, -0.5, 0.2, 0.4, 5.0]), 4, -1.0, 1.0)
+        >>> counts.tolist(), float(outside)
+        ([1.0, 1.0, 2.0, 1.0], 2.0)
+    """
+    flat = values.reshape(-1)
+    index = _bin_index(flat, bins, low, high)
+    counts = torch.zeros(bins, dtype=torch.float64, device=flat.device)
+    counts.index_add_(0, index, torch.ones((), dtype=torch.float64, device=flat.device).expand(index.numel()))
+    outside = ((flat < low) | (flat > high)).sum().double()
+    return counts, outside
+
+
+def histogram_counts_2d(x: torch.Tensor, y: torch.Tensor, bins: tuple[int, int],
+                        ranges: tuple[tuple[float, float], tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the pairs ``(x, y)`` (``y`` broadcast against ``x``) in a grid of equal bins, pairs outside
+    clipped into the edge bins (Cockpit's ``GradHist2d``), and how many pairs were outside.
+
+    Returns:
+        ``(counts, outside)``: ``(x bins, y bins)`` and a scalar, float64 on the device of ``x``.
+    """
+    (xlo, xhi), (ylo, yhi) = ranges
+    xb, yb = bins
+    y = y.expand_as(x)
+    index = (_bin_index(x, xb, xlo, xhi) * yb + _bin_index(y, yb, ylo, yhi)).reshape(-1)
+    counts = torch.zeros(xb * yb, dtype=torch.float64, device=x.device)
+    counts.index_add_(0, index, torch.ones((), dtype=torch.float64, device=x.device).expand(index.numel()))
+    outside = ((x < xlo) | (x > xhi) | (y < ylo) | (y > yhi)).sum().double()
+    return counts.view(xb, yb), outside
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Tensor],
+                    params: Optional[Sequence[torch.Tensor]] = None,
+                    histograms: Optional[HistogramSpec] = None) -> dict[str, torch.Tensor]:
+    """The sums over one chunk of samples that every test is formed from (add chunks with `merge_sums`).
+
+    Args:
+        grads: Per tensor ``t``, the per-sample gradients ``(c, *shape_t)`` of the chunk's ``c`` samples.
+        mean_grad: Per tensor, the mean gradient ``g^t`` of the whole batch (over every chunk and rank).
+        params: Per tensor, the parameter values (needed for the 2-D histogram only).
+        histograms: The histogram bins, or ``None``: no histograms.
+
+    Returns:
+        ``{"count": (), "sq_norm": (T,), "proj_sq": (T + 1,), "sq_entries": (D,)}``, plus ``"hist_1d"``
+        ``(T, bins)``, ``"outside_1d"`` ``(T,)``, ``"hist_2d"`` ``(T, xb, yb)``, ``"outside_2d"`` ``(T,)`` with
+        histograms. With ``p_i^t = g_i^t . g^t``: ``count = c``, ``sq_norm[t] = sum_i ||g_i^t||^2``,
+        ``proj_sq[t] = sum_i (p_i^t)^2`` and ``proj_sq[T] = sum_i (sum_t p_i^t)^2`` (the whole parameter
+        vector), ``sq_entries`` = ``sum_i g_i^2`` entry by entry (flat, the tensors concatenated). Float64,
+        except ``sq_entries`` (the gradients' dtype, at least float32).
+    """
+    if not grads:
+        raise ValueError("Expected at least one per-sample gradient tensor, but got none")
+    count = grads[0].shape[0]
+    device = grads[0].device
+    sq_norm = torch.zeros(len(grads), dtype=torch.float64, device=device)
+    projections = torch.zeros(count, len(grads), dtype=torch.float64, device=device)  # (c, T): p_i^t
+    entries = []
+    hist_1d, out_1d, hist_2d, out_2d = [], [], [], []
+    for t, (g, mean) in enumerate(zip(grads, mean_grad)):
+        flat = g.reshape(count, -1).to(_accumulator_dtype(g.dtype))  # (c, numel_t)
+        sq_norm[t] = flat.square().sum().double()
+        projections[:, t] = (flat @ mean.reshape(-1).to(flat.dtype)).double()
+        entries.append(flat.square().sum(0))
+        if histograms is not None and histograms.bins_1d:
+            counts, outside = histogram_counts_1d(flat, histograms.bins_1d, *histograms.range_1d)
+            hist_1d.append(counts)
+            out_1d.append(outside)
+        if histograms is not None and histograms.bins_2d:
+            if params is None:
+                raise ValueError("Expected `params` for the 2-D histogram (gradient entry against parameter value)")
+            counts, outside = histogram_counts_2d(flat, params[t].detach().reshape(1, -1).to(flat.dtype),
+                                                  histograms.bins_2d, histograms.range_2d)
+            hist_2d.append(counts)
+            out_2d.append(outside)
+    dtype = max((e.dtype for e in entries), key=lambda d: torch.finfo(d).bits)
+    sums = {
+        "count": torch.tensor(float(count), dtype=torch.float64, device=device),
+        "sq_norm": sq_norm,
+        "proj_sq": torch.cat([projections.square().sum(0), projections.sum(1).square().sum().reshape(1)]),
+        "sq_entries": torch.cat([e.to(dtype) for e in entries]),
+    }
+    if hist_1d:
+        sums["hist_1d"], sums["outside_1d"] = torch.stack(hist_1d), torch.stack(out_1d)
+    if hist_2d:
+        sums["hist_2d"], sums["outside_2d"] = torch.stack(hist_2d), torch.stack(out_2d)
+    return sums
+
+
+def merge_sums(total: Optional[Mapping[str, torch.Tensor]],
+               part: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total + part`` key by key (``total`` ``None``: a copy of ``part``)."""
+    if total is None:
+        return dict(part)
+    return {k: total[k] + part[k] for k in part}
+
+
+def hutchinson_diagonal(hvp: Callable[[torch.Tensor], torch.Tensor], sizes: Sequence[int], samples: int,
+                        generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float32
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hutchinson's estimates of the Hessian diagonal, ``mean_k v_k * (H v_k)``, and of the traces of its diagonal
+    blocks (one block per tensor), from ``samples`` Rademacher vectors ``v_k``.
+
+    The vectors are drawn as `lightning_probes.functional.curvature.hutchinson_trace` draws them, so with the same
+    generator state the two give the same trace.
+
+    Args:
+        hvp: ``v -> H v`` on flat vectors (`lightning_probes.functional.curvature.hvp_operator`).
+        sizes: Entries of each tensor, in the flat order (``sum(sizes)`` is the vector length).
+        samples: Rademacher vectors.
+        generator: A CPU generator (every rank draws the same vectors).
+        device: Where the vectors live.
+        dtype: Their dtype.
+
+    Returns:
+        ``(diagonal, forms)``: the ``(D,)`` diagonal estimate and the ``(samples, T)`` forms ``v_k^t . (H v_k)^t``
+        per tensor (their row sums are ``v_k^T H v_k``; the mean over rows estimates each block's trace), float64.
+
+    Example:
+        >>> h = torch.diag(torch.tensor([3.0, 1.0, -2.0]))
+        >>> diag, forms = hutchinson_diagonal(lambda v: h @ v, [2, 1], 3, torch.Generator().manual_seed(0),
+        ...                                   torch.device("cpu"))
+        >>> diag.tolist(), forms.mean(0).tolist()  # exact for a diagonal matrix
+        ([3.0, 1.0, -2.0], [4.0, -2.0])
+    """
+    size = int(sum(sizes))
+    diagonal = torch.zeros(size, dtype=torch.float64, device=device)
+    forms = torch.zeros(samples, len(sizes), dtype=torch.float64, device=device)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(list(sizes), device=device),
+                                      output_size=size)
+    for k in range(samples):
+        v = (torch.randint(0, 2, (size,), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
+        product = (v * hvp(v)).double()
+        diagonal += product
+        forms[k].index_add_(0, segment, product)
+    return diagonal / max(1, samples), forms
+
+
+def _segment_sum(values: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(0, segment, values.double())
+
+
+def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.Tensor], loss: torch.Tensor,
+                   lr: float = math.nan, hessian_diagonal: Optional[torch.Tensor] = None,
+                   hessian_forms: Optional[torch.Tensor] = None, gsnr_eps: float = 1e-5, eb_eps: float = 1e-5,
+                   tic_eps: float = 1e-7) -> torch.Tensor:
+    """The test values per tensor and for all tensors together, from the sums of the whole batch.
+
+    Args:
+        sums: `per_sample_sums` merged over every chunk (and rank) of the batch.
+        mean_grad: Per tensor, the batch's mean gradient ``g^t`` (the one the sums were made with).
+        loss: The batch's mean loss (for CABS).
+        lr: The learning rate (for CABS; NaN: no CABS).
+        hessian_diagonal: ``(D,)`` Hessian diagonal for ``tic_diag`` (exact, or `hutchinson_diagonal`'s), or
+            ``None``.
+        hessian_forms: ``(samples, T)`` Hutchinson forms (`hutchinson_diagonal`) for ``hessian_trace``, its
+            standard error and ``tic_trace``, or ``None``. An exact trace per tensor is a ``(1, T)`` tensor.
+        gsnr_eps: ``eps`` of the mean GSNR (Cockpit's ``MeanGSNR`` default).
+        eb_eps: ``eps`` of the EB criterion (Cockpit's ``EarlyStopping`` default).
+        tic_eps: ``eps`` of the TIC (Cockpit's ``TICDiag``/``TICTrace`` default).
+
+    Returns:
+        A ``(T + 1, len(GRADIENT_TEST_FIELDS))`` float64 table: one row per tensor, the last for all tensors
+        together; columns `GRADIENT_TEST_FIELDS`. NaN where a value is undefined (one sample, a zero gradient, no
+        curvature given).
+    """
+    count = sums["count"].double()
+    n_tensors = sums["sq_norm"].numel()
+    device = sums["sq_norm"].device
+    sizes = [m.numel() for m in mean_grad]
+    segment = torch.repeat_interleave(torch.arange(n_tensors, device=device), torch.tensor(sizes, device=device),
+                                      output_size=sum(sizes))
+    g = torch.cat([m.reshape(-1) for m in mean_grad]).to(sums["sq_entries"].dtype)  # (D,)
+    g2 = g.square()
+    sq_entries = sums["sq_entries"]
+
+    def with_total(per_tensor: torch.Tensor, total: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat([per_tensor, (per_tensor.sum() if total is None else total).reshape(1)])
+
+    grad_sq = with_total(_segment_sum(g2, segment, n_tensors))  # ||g||^2, (T + 1,)
+    sq_norm = with_total(sums["sq_norm"])  # sum_i ||g_i||^2
+    proj_sq = sums["proj_sq"]  # sum_i (g_i . g)^2
+    numel = with_total(torch.tensor(sizes, dtype=torch.float64, device=device))
+    nan = torch.full_like(grad_sq, math.nan)
+
+    var_l1 = (sq_norm - count * grad_sq) / (count - 1)  # the sample variance's l1 norm, sum_j s_j^2
+    norm_test = (var_l1.clamp_min(0) / count / grad_sq).sqrt()
+    inner_test = ((proj_sq - count * grad_sq.square()).clamp_min(0) / (count - 1) / count / grad_sq.square()).sqrt()
+    ortho_test = ((sq_norm - proj_sq / grad_sq).clamp_min(0) / (count - 1) / count / grad_sq).sqrt()
+
+    gsnr = g2 / (sq_entries / count.to(g.dtype) - g2 + gsnr_eps)
+    mean_gsnr = with_total(_segment_sum(gsnr, segment, n_tensors)) / numel
+    diag_var = (sq_entries - count.to(g.dtype) * g2) / (count.to(g.dtype) - 1)
+    snr = g2 / (diag_var + eb_eps)
+    early_stopping = 1 - count * with_total(_segment_sum(snr, segment, n_tensors)) / numel
+    undefined = count < 2  # one sample: no sample variance (NaN, not the inf or 0 of x / 0 after rounding)
+    norm_test, inner_test, ortho_test, early_stopping = (
+        torch.where(undefined, nan, v.double()) for v in (norm_test, inner_test, ortho_test, early_stopping))
+    cabs = lr * with_total(_segment_sum(sq_entries - count.to(g.dtype) * g2, segment, n_tensors)) \
+        / (count * loss.double())
+
+    if hessian_forms is not None:
+        forms = torch.cat([hessian_forms, hessian_forms.sum(1, keepdim=True)], 1).double()  # (k, T + 1)
+        trace = forms.mean(0)
+        stderr = forms.std(0) / math.sqrt(forms.shape[0]) if forms.shape[0] > 1 else nan
+        tic_trace = (sq_norm / count) / (trace + tic_eps)
+    else:
+        trace = stderr = tic_trace = nan
+    if hessian_diagonal is not None:
+        ratio = (sq_entries.double() / count) / (hessian_diagonal.double() + tic_eps)
+        tic_diag = with_total(_segment_sum(ratio, segment, n_tensors))
+    else:
+        tic_diag = nan
+    return torch.stack([grad_sq.sqrt(), norm_test, inner_test, ortho_test, mean_gsnr.double(),
+                        early_stopping.double(), cabs.double(), trace, stderr, tic_trace, tic_diag], 1)
