@@ -14,6 +14,7 @@ from lightning_probes.callbacks import (
     GradientStatsMonitor,
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
+    PerSampleGradientMonitor,
     StabilityMonitor,
 )
 from lightning_probes.callbacks.guard import ProbeDisabledWarning, ProbeSkippedWarning, ProbeWarning
@@ -34,6 +35,7 @@ __all__ = [
     "GradientStatsMonitor",
     "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
+    "PerSampleGradientMonitor",
     "ProbeConfigurationError",
     "ProbeDisabledWarning",
     "ProbeSkippedWarning",

@@ -14,6 +14,7 @@ from lightning_probes.callbacks.gradient_stats import GradientStatsMonitor
 from lightning_probes.callbacks.layer_correlation import LayerCorrelationMonitor
 from lightning_probes.callbacks.noise_robustness import NoiseRobustnessMonitor
 from lightning_probes.callbacks.parameter_probe import ParameterProbe
+from lightning_probes.callbacks.per_sample_gradients import PerSampleGradientMonitor
 from lightning_probes.callbacks.stability import StabilityMonitor
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "LayerCorrelationMonitor",
     "NoiseRobustnessMonitor",
     "ParameterProbe",
+    "PerSampleGradientMonitor",
     "ProbeCallback",
     "StabilityMonitor",
 ]
