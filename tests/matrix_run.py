@@ -36,6 +36,7 @@ from lightning_probes import (
     AttentionMonitor,
     AugmentationInvarianceMonitor,
     ConfidenceMonitor,
+    CurvatureMonitor,
     GradientDynamicsMonitor,
     GradientNoiseScaleMonitor,
     GradientStatsMonitor,
@@ -50,7 +51,8 @@ from tests.matrix_cases import CASES, Case
 
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
           LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
-          ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor, GradientNoiseScaleMonitor)
+          ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor, GradientNoiseScaleMonitor,
+          CurvatureMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:

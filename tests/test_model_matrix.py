@@ -71,6 +71,13 @@ def expected(case: str) -> dict[str, str]:
         table["GradientNoiseScaleMonitor"] = "idle"
     elif case != "accumulation":
         table["GradientNoiseScaleMonitor"] = "skipped"
+    # The default loss_fn (cross entropy of module(batch[0]) against class indices batch[1]) does not fit these
+    # batches; mobilenet's hardsigmoid has no second derivative (no Hessian-vector product).
+    if case in ("validate_only", "test_only", "predict_only"):
+        table["CurvatureMonitor"] = "idle"
+    elif case in ("boring_model", "gru_dict_batches", "binary_one_logit", "segmentation",
+                  "gan_manual_two_optimizers", "mobilenet_v3_small"):
+        table["CurvatureMonitor"] = "skipped"
     return table
 
 

@@ -131,11 +131,13 @@ class CurvatureMonitor(ProbeCallback):
         self._restored: Optional[list[list[torch.Tensor]]] = None  # from a checkpoint
         self._next_due = 0
         self._pending: Optional[_Pending] = None
+        self._checked = False  # the first analysis of the run has run
 
     def reset_run(self) -> None:
         super().reset_run()
         self._batch = self._batch_leaves = self._restored = self._pending = None
         self._next_due = 0
+        self._checked = False
 
     # -- state: the probe batch and the cadence survive a checkpoint --------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -238,6 +240,19 @@ class CurvatureMonitor(ProbeCallback):
                                    f"`loss_fn(module_call, batch)`")
 
     def _analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if not self._checked:  # the first analysis: an operation without a second derivative is a skip
+            self._checked = True
+            try:
+                self._curvature(trainer, pl_module, step)
+            except (RuntimeError, NotImplementedError) as err:
+                if "derivative for" not in str(err) or "not implemented" not in str(err):
+                    raise
+                self.skip(trainer, f"the model has an operation without a second derivative, so there is no "
+                                   f"Hessian-vector product ({str(err).splitlines()[0]})")
+            return
+        self._curvature(trainer, pl_module, step)
+
+    def _curvature(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         with eval_mode(pl_module), math_attention():
             hvp, loss, names = hvp_operator(pl_module, self._batch, self.loss_fn)
             params = dict(pl_module.named_parameters())

@@ -22,6 +22,7 @@ No function here synchronises with the host: the results stay tensors on the dev
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -32,6 +33,8 @@ from torch.func import functional_call
 
 __all__ = ["alpha_sums", "directional_samples", "flatten", "hutchinson_trace", "hvp_operator", "lanczos",
            "local_step_alpha", "quadratic_fit", "step_alpha", "unflatten"]
+
+log = logging.getLogger(__name__)
 
 #: ``v -> H v`` on flat vectors.
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -252,7 +255,11 @@ def directional_samples(module: nn.Module, batch: Any, params: Mapping[str, torc
         chunk = slice_samples(batch, start, min(n, start + size))
         with torch.enable_grad():
             leaves = {k: params[k].detach().requires_grad_(True) for k in names}
-            values = vmap(sample_loss, in_dims=(None, 0), randomness="different")(leaves, chunk)  # (c,)
+            try:
+                values = vmap(sample_loss, in_dims=(None, 0), randomness="different")(leaves, chunk)  # (c,)
+            except (RuntimeError, NotImplementedError) as err:  # no batching rule (e.g. aten::lstm): one by one
+                log.debug("directional_samples: vmap failed (%s); the losses are taken one sample at a time", err)
+                values = torch.stack([_one(sample_loss, leaves, chunk, i) for i in range(sample_count(chunk))])
             dummy = torch.zeros_like(values, requires_grad=True)
             inputs = [leaves[k] for k in names]
             grads = torch.autograd.grad(values, inputs, grad_outputs=dummy, create_graph=True, allow_unused=True)
@@ -265,6 +272,14 @@ def directional_samples(module: nn.Module, batch: Any, params: Mapping[str, torc
         losses.append(values.detach())
         derivs.append(torch.zeros_like(values).detach() if jvp is None else jvp.detach())
     return torch.cat(losses), torch.cat(derivs)
+
+
+def _one(sample_loss: Callable[..., torch.Tensor], leaves: dict[str, torch.Tensor], chunk: Any,
+         i: int) -> torch.Tensor:
+    """``sample_loss`` of sample ``i`` of ``chunk`` (which adds the batch dimension back itself)."""
+    from torch.utils._pytree import tree_map
+
+    return sample_loss(leaves, tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, chunk)).reshape(())
 
 
 def alpha_sums(losses_start: torch.Tensor, derivs_start: torch.Tensor, losses_end: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_probes.functional.curvature import (
+    alpha_sums,
     directional_samples,
     flatten,
     hutchinson_trace,
@@ -19,6 +20,7 @@ from lightning_probes.functional.curvature import (
     lanczos,
     local_step_alpha,
     quadratic_fit,
+    step_alpha,
     unflatten,
 )
 from lightning_probes.functional.per_sample import cross_entropy_loss
@@ -140,3 +142,51 @@ def test_directional_samples_are_per_sample_derivatives():
         ref = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction))
         assert math.isclose(float(losses[i]), loss.item(), rel_tol=1e-12)
         assert math.isclose(float(derivs[i]), float(ref), rel_tol=1e-10)
+
+
+def test_directional_samples_without_a_batching_rule():
+    """``aten::lstm`` has no vmap batching rule: the losses are taken one sample at a time, the same numbers."""
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Seq().double()
+    x, y = torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    direction = [torch.randn_like(p) for p in params.values()]
+    losses, derivs = directional_samples(model, (x, y), params, direction, cross_entropy_loss)
+    for i in range(5):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        loss.backward()
+        ref = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction))
+        assert math.isclose(float(losses[i]), loss.item(), rel_tol=1e-12)
+        assert math.isclose(float(derivs[i]), float(ref), rel_tol=1e-10)
+
+
+def test_step_alpha_equals_cockpits_fit_on_per_sample_values():
+    """`alpha_sums` + `step_alpha` against Cockpit's `_fit_quadratic`/`_get_alpha` on the means and variances
+    (ddof=1) of the same per-sample values, the derivatives projected on the unit step as Cockpit does."""
+    alpha_mod = _cockpit_alpha()
+    g = torch.Generator().manual_seed(5)
+    l0, l1, d0, d1 = (torch.randn(12, generator=g, dtype=torch.float64) * s + m
+                      for m, s in ((2.0, 0.3), (1.5, 0.2), (-1.0, 1.0), (0.3, 1.0)))
+    t = torch.tensor(0.7, dtype=torch.float64)
+    out = step_alpha(t, alpha_sums(l0, d0, l1, d1))
+    fs = [float(l0.mean()), float(l1.mean())]
+    dfs = [float(d0.mean() / t), float(d1.mean() / t)]
+    var_fs = [float(l0.var()), float(l1.var())]
+    var_dfs = [float((d0 / t).var()), float((d1 / t).var())]
+    mu = alpha_mod._fit_quadratic(0.7, fs, dfs, var_fs, var_dfs)
+    assert math.isclose(float(out["alpha"]), alpha_mod._get_alpha(mu, 0.7), rel_tol=1e-9)
+    assert math.isclose(float(out["slope_start"]), dfs[0], rel_tol=1e-12)
+    assert math.isclose(float(out["loss_end"]), fs[1], rel_tol=1e-12)
+    zero = step_alpha(torch.tensor(0.0, dtype=torch.float64), alpha_sums(l0, d0 * 0, l0, d0 * 0))
+    assert math.isnan(float(zero["alpha"])) and math.isnan(float(zero["slope_start"]))  # no step: nothing to fit
