@@ -84,8 +84,9 @@ class CurvatureMonitor(ProbeCallback):
             much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread), so every 500 steps
             it adds about 4% (the issue's target: at most 5%).
         num_samples: Samples of the probe batch (per rank).
-        lanczos_iters: Lanczos steps (Hessian-vector products) for the eigenvalues.
-        trace_samples: Rademacher vectors for the trace (>= 2 for a standard error).
+        lanczos_iters: Lanczos steps (Hessian-vector products) for the eigenvalues; 0: no eigenvalues.
+        trace_samples: Rademacher vectors for the trace (>= 2 for a standard error); 0: no trace. With both 0 the
+            probe computes alpha only (no Hessian-vector product).
         alpha: Also record Cockpit's alpha of the analysed steps (holds one copy of the trainable parameters during
             the step; two per-sample passes over the probe batch after it).
         seed: Seeds the Lanczos start vector and the Rademacher vectors (with the step).
@@ -113,9 +114,14 @@ class CurvatureMonitor(ProbeCallback):
                  name: Optional[str] = None, flush_every_n_steps: Optional[int] = None,
                  flush_secs: Optional[float] = DEFAULT_FLUSH_SECS, on_error: Optional[str] = None) -> None:
         super().__init__(output_dir, name, flush_every_n_steps, flush_secs, on_error=on_error)
-        for arg, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples),
-                           ("lanczos_iters", lanczos_iters), ("trace_samples", trace_samples)):
-            check_positive_int(arg, value)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("num_samples", num_samples)
+        for arg, value in (("lanczos_iters", lanczos_iters), ("trace_samples", trace_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Expected `{arg}` to be a non-negative integer (0: not computed), but got {value!r}")
+        if not (lanczos_iters or trace_samples or alpha):
+            raise ValueError("Expected at least one of `lanczos_iters`, `trace_samples` and `alpha` to be on, but got "
+                             "lanczos_iters=0, trace_samples=0, alpha=False: nothing to compute")
         if not isinstance(alpha, bool):
             raise ValueError(f"Expected `alpha` to be True or False, but got {alpha!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -254,7 +260,13 @@ class CurvatureMonitor(ProbeCallback):
 
     def _curvature(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         with eval_mode(pl_module), math_attention():
-            hvp, loss, names = hvp_operator(pl_module, self._batch, self.loss_fn)
+            if self.lanczos_iters or self.trace_samples:
+                hvp, loss, names = hvp_operator(pl_module, self._batch, self.loss_fn)
+            else:  # alpha only: no Hessian-vector product, no double-backward graph
+                with torch.no_grad():
+                    loss = self.loss_fn(pl_module, self._batch).detach()
+                names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+                hvp = None
             params = dict(pl_module.named_parameters())
             first = params[names[0]]
             device, dtype = first.device, first.dtype
@@ -274,9 +286,12 @@ class CurvatureMonitor(ProbeCallback):
             else:
                 total = torch.tensor(n_local, device=device, dtype=torch.float64)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            ritz, residual = lanczos(hvp, size, self.lanczos_iters, generator, device, dtype)
-            trace, stderr, _ = hutchinson_trace(hvp, size, self.trace_samples, generator, device, dtype)
-            del hvp  # the double-backward graph
+            nan = torch.full((), math.nan, device=device, dtype=torch.float64)
+            ritz, residual = (lanczos(hvp, size, self.lanczos_iters, generator, device, dtype)
+                              if self.lanczos_iters else (nan.expand(1), nan))
+            trace, stderr, _ = (hutchinson_trace(hvp, size, self.trace_samples, generator, device, dtype)
+                                if self.trace_samples else (nan, nan, None))
+            hvp = None  # the double-backward graph
         block = torch.stack([ritz[-1], ritz[0], residual, trace, stderr, loss.double().to(device), total])
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
         start = {n: params[n].detach().clone() for n in names} if self.alpha else None

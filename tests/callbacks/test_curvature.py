@@ -311,3 +311,36 @@ def test_a_resumed_run_writes_the_records_of_an_uninterrupted_one(tmp_path):
         assert a.keys() == b.keys()
         for key, value in a.items():
             assert b[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+
+
+def test_alpha_only_and_the_default_loss_skip(tmp_path):
+    """``lanczos_iters=0, trace_samples=0``: alpha without Hessian-vector products (the same alpha); a dict batch
+    the default loss_fn cannot take: one skip record."""
+    records = {}
+    for name, kwargs in (("full", {}), ("alpha", {"lanczos_iters": 0, "trace_samples": 0})):
+        torch.manual_seed(0)
+        probe = CurvatureMonitor(every_n_steps=1, num_samples=8, output_dir=str(tmp_path / name), **kwargs)
+        trainer(tmp_path, [probe], max_steps=2).fit(TanhNet(), RandomDataModule(n=32, batch_size=16))
+        records[name] = read(tmp_path / name / "curvature.jsonl")
+    for a, b in zip(records["full"], records["alpha"]):
+        assert b["lambda_max"] is None and b["trace"] is None and b["hvps"] == 0
+        assert math.isclose(a["alpha"], b["alpha"], rel_tol=1e-6) and math.isclose(a["loss"], b["loss"], rel_tol=1e-6)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        CurvatureMonitor(lanczos_iters=0, trace_samples=0, alpha=False)
+
+    class DictData(RandomDataModule):
+        def train_dataloader(self):
+            from torch.utils.data import DataLoader
+
+            return DataLoader([{"x": x, "y": y} for x, y in zip(self.x[:16], self.y[:16])], batch_size=16)
+
+    class DictNet(TanhNet):
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    from lightning_probes import ProbeSkippedWarning
+
+    with pytest.warns(ProbeSkippedWarning, match="default loss_fn.*dict"):
+        trainer(tmp_path, [CurvatureMonitor(output_dir=str(tmp_path / "d"))], max_steps=1).fit(DictNet(), DictData())
+    (record,) = read(tmp_path / "d" / "curvature.jsonl")
+    assert record["probe_status"] == "skipped"
