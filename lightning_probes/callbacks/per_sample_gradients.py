@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -53,6 +54,16 @@ _PROBE_BATCH = ("fixed", "current")
 _PACKED = ("count", "sq_norm", "proj_sq", "hist_1d", "outside_1d", "hist_2d", "outside_2d")
 #: torch.func's notice when a layer has no batching rule (it then loops inside vmap: slower, the same numbers).
 _NO_BATCHING_RULE = "There is a performance drop"
+
+
+def _differentiable_twice() -> Any:
+    """Scaled dot-product attention on its math kernel: the fused (flash, memory-efficient) kernels have no double
+    backward, which the Hessian-vector products need; the math kernel is plain differentiable operations."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _detach_clone(batch: Any) -> Any:
@@ -397,7 +408,8 @@ class PerSampleGradientMonitor(ProbeCallback):
                 all_reduce_sum(sums["sq_entries"])
             diagonal = forms = None
             if self.curvature_samples:
-                local, _, _ = hvp_operator(pl_module, batch, self._loss_fn, params)
+                with _differentiable_twice():
+                    local, _, _ = hvp_operator(pl_module, batch, self._loss_fn, params)
                 hvp = local
                 if distributed:
                     def hvp(v: torch.Tensor) -> torch.Tensor:  # the union batch: sum_r n_r H_r v / sum_r n_r
