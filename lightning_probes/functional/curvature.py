@@ -212,7 +212,7 @@ def directional_samples(module: nn.Module, batch: Any, params: Mapping[str, torc
                         loss_fn: Callable[[Callable[..., Any], Any], torch.Tensor],
                         chunk_size: Optional[int] = None,
                         buffers: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample losses ``l_i`` and per-sample derivatives ``g_i . u`` along ``direction`` ``u`` at ``params``.
+    """Per-sample losses ``l_i`` and per-sample derivatives ``dot(g_i, u)`` along ``direction`` ``u`` at ``params``.
 
     The losses are ``loss_fn`` on each sample alone (``vmap`` over batches of one sample, as in
     `lightning_probes.functional.per_sample`); the derivatives are the Jacobian-vector product ``J u`` of the
