@@ -42,6 +42,7 @@ from lightning_probes import (
     GradientStatsMonitor,
     LayerCorrelationMonitor,
     NoiseRobustnessMonitor,
+    PerSampleGradientMonitor,
     StabilityMonitor,
 )
 from lightning_probes.callbacks.analysis_base import AnalysisProbe
@@ -52,7 +53,7 @@ from tests.matrix_cases import CASES, Case
 PROBES = (GradientStatsMonitor, GradientDynamicsMonitor, ConfidenceMonitor, NoiseRobustnessMonitor,
           LayerCorrelationMonitor, ActivationStatsMonitor, AugmentationInvarianceMonitor, AlignmentMonitor,
           ActivationOutlierMonitor, AttentionMonitor, StabilityMonitor, GradientNoiseScaleMonitor,
-          CurvatureMonitor)
+          CurvatureMonitor, PerSampleGradientMonitor)
 
 
 def make_probes(case: Case, classes: list[type]) -> list[Any]:

@@ -73,12 +73,6 @@ class HistogramSpec:
                 torch.linspace(ylo, yhi, yb + 1, dtype=torch.float64))
 
 
-def _bin_index(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
-    """The bin of each value among ``bins`` equal bins of ``[low, high]``, outside values in the edge bins."""
-    scaled = (values.double() - low) * (bins / (high - low))
-    return scaled.floor_().clamp_(0, bins - 1).long()
-
-
 def histogram_counts_1d(values: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of ``values`` in ``bins`` equal bins of ``[low, high]``, values outside clipped into the edge bins
     (Cockpit's ``GradHist1d``: ``torch.histc`` of the clamped values), and how many were outside.
@@ -92,11 +86,18 @@ def histogram_counts_1d(values: torch.Tensor, bins: int, low: float, high: float
         ([1.0, 1.0, 2.0, 1.0], 2.0)
     """
     flat = values.reshape(-1)
-    index = _bin_index(flat, bins, low, high)
-    counts = torch.zeros(bins, dtype=torch.float64, device=flat.device)
-    counts.index_add_(0, index, torch.ones((), dtype=torch.float64, device=flat.device).expand(index.numel()))
-    outside = ((flat < low) | (flat > high)).sum().double()
+    below, above = torch.count_nonzero(flat < low), torch.count_nonzero(flat > high)
+    counts = torch.histc(flat, bins=bins, min=low, max=high).double()  # values outside are left out by histc ...
+    counts[0] += below  # ... and clipped into the edge bins here (the same counts as histc of the clamped values)
+    counts[-1] += above
+    outside = (below + above).double()
     return counts, outside
+
+
+def _bin_index(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """The bin of each value among ``bins`` equal bins of ``[low, high]``, outside values in the edge bins, as
+    integer-valued floats (exact below 2^24)."""
+    return values.sub(low).mul_(bins / (high - low)).floor_().clamp_(0, bins - 1)
 
 
 def histogram_counts_2d(x: torch.Tensor, y: torch.Tensor, bins: tuple[int, int],
@@ -109,11 +110,12 @@ def histogram_counts_2d(x: torch.Tensor, y: torch.Tensor, bins: tuple[int, int],
     """
     (xlo, xhi), (ylo, yhi) = ranges
     xb, yb = bins
-    y = y.expand_as(x)
-    index = (_bin_index(x, xb, xlo, xhi) * yb + _bin_index(y, yb, ylo, yhi)).reshape(-1)
-    counts = torch.zeros(xb * yb, dtype=torch.float64, device=x.device)
-    counts.index_add_(0, index, torch.ones((), dtype=torch.float64, device=x.device).expand(index.numel()))
-    outside = ((x < xlo) | (x > xhi) | (y < ylo) | (y > yhi)).sum().double()
+    dtype = x.dtype if xb * yb < 2 ** 24 or x.dtype == torch.float64 else torch.float64
+    x = x.to(dtype)
+    y_index = _bin_index(y.to(dtype), yb, ylo, yhi)  # (1, numel): the parameter's bin, once
+    index = _bin_index(x, xb, xlo, xhi).mul_(yb).add_(y_index)  # (c, numel): the cell, as a float
+    counts = torch.histc(index, bins=xb * yb, min=0, max=xb * yb).double()
+    outside = torch.count_nonzero((x < xlo).logical_or_(x > xhi).logical_or_((y < ylo) | (y > yhi))).double()
     return counts.view(xb, yb), outside
 
 
@@ -150,9 +152,12 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
     hist_1d, out_1d, hist_2d, out_2d = [], [], [], []
     for t, (g, mean) in enumerate(zip(grads, mean_grad)):
         flat = g.reshape(count, -1).to(_accumulator_dtype(g.dtype))  # (c, numel_t)
-        sq_norm[t] = flat.square().sum().double()
+        squares = flat * flat
+        per_entry = squares.sum(0)
+        entries.append(per_entry)
+        sq_norm[t] = per_entry.sum().double()
         projections[:, t] = (flat @ mean.reshape(-1).to(flat.dtype)).double()
-        entries.append(flat.square().sum(0))
+        del squares
         if histograms is not None and histograms.bins_1d:
             counts, outside = histogram_counts_1d(flat, histograms.bins_1d, *histograms.range_1d)
             hist_1d.append(counts)
@@ -217,18 +222,17 @@ def hutchinson_diagonal(hvp: Callable[[torch.Tensor], torch.Tensor], sizes: Sequ
     size = int(sum(sizes))
     diagonal = torch.zeros(size, dtype=torch.float64, device=device)
     forms = torch.zeros(samples, len(sizes), dtype=torch.float64, device=device)
-    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(list(sizes), device=device),
-                                      output_size=size)
     for k in range(samples):
         v = (torch.randint(0, 2, (size,), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
         product = (v * hvp(v)).double()
         diagonal += product
-        forms[k].index_add_(0, segment, product)
+        forms[k] = _segment_sum(product, sizes)
     return diagonal / max(1, samples), forms
 
 
-def _segment_sum(values: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.zeros(count, dtype=torch.float64, device=values.device).index_add_(0, segment, values.double())
+def _segment_sum(values: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The sums of consecutive segments of ``sizes`` entries (one per tensor), float64."""
+    return torch.stack([part.sum() for part in torch.split(values, list(sizes))]).double()
 
 
 def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.Tensor], loss: torch.Tensor,
@@ -256,11 +260,8 @@ def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.T
         curvature given).
     """
     count = sums["count"].double()
-    n_tensors = sums["sq_norm"].numel()
     device = sums["sq_norm"].device
     sizes = [m.numel() for m in mean_grad]
-    segment = torch.repeat_interleave(torch.arange(n_tensors, device=device), torch.tensor(sizes, device=device),
-                                      output_size=sum(sizes))
     g = torch.cat([m.reshape(-1) for m in mean_grad]).to(sums["sq_entries"].dtype)  # (D,)
     g2 = g.square()
     sq_entries = sums["sq_entries"]
@@ -268,7 +269,7 @@ def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.T
     def with_total(per_tensor: torch.Tensor, total: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.cat([per_tensor, (per_tensor.sum() if total is None else total).reshape(1)])
 
-    grad_sq = with_total(_segment_sum(g2, segment, n_tensors))  # ||g||^2, (T + 1,)
+    grad_sq = with_total(_segment_sum(g2, sizes))  # ||g||^2, (T + 1,)
     sq_norm = with_total(sums["sq_norm"])  # sum_i ||g_i||^2
     proj_sq = sums["proj_sq"]  # sum_i (g_i . g)^2
     numel = with_total(torch.tensor(sizes, dtype=torch.float64, device=device))
@@ -280,14 +281,14 @@ def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.T
     ortho_test = ((sq_norm - proj_sq / grad_sq).clamp_min(0) / (count - 1) / count / grad_sq).sqrt()
 
     gsnr = g2 / (sq_entries / count.to(g.dtype) - g2 + gsnr_eps)
-    mean_gsnr = with_total(_segment_sum(gsnr, segment, n_tensors)) / numel
+    mean_gsnr = with_total(_segment_sum(gsnr, sizes)) / numel
     diag_var = (sq_entries - count.to(g.dtype) * g2) / (count.to(g.dtype) - 1)
     snr = g2 / (diag_var + eb_eps)
-    early_stopping = 1 - count * with_total(_segment_sum(snr, segment, n_tensors)) / numel
+    early_stopping = 1 - count * with_total(_segment_sum(snr, sizes)) / numel
     undefined = count < 2  # one sample: no sample variance (NaN, not the inf or 0 of x / 0 after rounding)
     norm_test, inner_test, ortho_test, early_stopping = (
         torch.where(undefined, nan, v.double()) for v in (norm_test, inner_test, ortho_test, early_stopping))
-    cabs = lr * with_total(_segment_sum(sq_entries - count.to(g.dtype) * g2, segment, n_tensors)) \
+    cabs = lr * with_total(_segment_sum(sq_entries - count.to(g.dtype) * g2, sizes)) \
         / (count * loss.double())
 
     if hessian_forms is not None:
@@ -299,7 +300,7 @@ def gradient_tests(sums: Mapping[str, torch.Tensor], mean_grad: Sequence[torch.T
         trace = stderr = tic_trace = nan
     if hessian_diagonal is not None:
         ratio = (sq_entries.double() / count) / (hessian_diagonal.double() + tic_eps)
-        tic_diag = with_total(_segment_sum(ratio, segment, n_tensors))
+        tic_diag = with_total(_segment_sum(ratio, sizes))
     else:
         tic_diag = nan
     return torch.stack([grad_sq.sqrt(), norm_test, inner_test, ortho_test, mean_gsnr.double(),
