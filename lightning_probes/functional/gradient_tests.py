@@ -49,11 +49,10 @@ GRADIENT_TEST_FIELDS = ("grad_norm", "norm_test", "inner_test", "ortho_test", "m
 class HistogramSpec:
     """Bins of the per-sample gradient histograms (Cockpit's ``GradHist1d``/``GradHist2d`` defaults).
 
-    Attributes:
-        bins_1d: Bins of the 1-D histogram of gradient entries.
-        range_1d: Its ``(low, high)``; entries outside are clipped into the edge bins.
-        bins_2d: ``(gradient bins, parameter bins)`` of the 2-D histogram, or ``None``: no 2-D histogram.
-        range_2d: ``((gradient low, high), (parameter low, high))``; pairs outside clipped into the edge bins.
+    ``bins_1d`` bins of the 1-D histogram of gradient entries over ``range_1d`` (``None``: no 1-D histogram);
+    ``bins_2d`` = ``(gradient bins, parameter bins)`` of the 2-D histogram over ``range_2d`` =
+    ``((gradient low, high), (parameter low, high))`` (``None``: no 2-D histogram). Entries (pairs) outside a range
+    are clipped into its edge bins.
     """
 
     bins_1d: Optional[int] = 100
