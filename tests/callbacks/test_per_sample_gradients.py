@@ -309,3 +309,23 @@ def test_ddp_equals_one_process_on_the_union_batch_and_fsdp2_is_refused(tmp_path
             npz_a, npz_b = np.load(tmp_path / "single" / a["histograms"]), np.load(tmp_path / "ddp" / b["histograms"])
             np.testing.assert_array_equal(npz_a["hist_1d"], npz_b["hist_1d"])
             np.testing.assert_array_equal(npz_a["hist_2d"], npz_b["hist_2d"])
+
+
+def test_a_failure_after_the_start_disables_the_probe_and_training_goes_on(tmp_path):
+    def broken(call, batch):
+        raise RuntimeError("a broken loss")
+
+    weights = []
+    for probes in ([], [PerSampleGradientMonitor(every_n_steps=1, loss_fn=broken, on_error="warn",
+                                                 output_dir=str(tmp_path / "p"))]):
+        torch.manual_seed(0)
+        model = relu_net()
+        if probes:
+            with pytest.warns(UserWarning, match="a broken loss"):
+                trainer(tmp_path, probes, max_steps=3).fit(model, RandomDataModule(n=48))
+        else:
+            trainer(tmp_path, probes, max_steps=3).fit(model, RandomDataModule(n=48))
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    records = read(tmp_path / "p" / "per_sample_gradients.jsonl")
+    assert len(records) == 1 and records[0]["probe_status"] == "disabled" and "a broken loss" in records[0]["reason"]
