@@ -18,7 +18,7 @@ Usage::
     python benchmarks/noise_scale_mnist.py --smoke --output DIR                       # seconds: that it runs
 
 ``DIR/probes/gradient_noise_scale.jsonl`` keeps the probe's records, ``DIR/direct.json`` the direct estimates and
-``DIR/table.md`` the printed table.
+``DIR/table.md`` the printed table and ``DIR/noise_scale.png`` the figure of the probe's docs page.
 """
 
 from __future__ import annotations
@@ -182,6 +182,42 @@ def main() -> None:
             f.write(text + "\n")
         with open(os.path.join(root, "direct.json"), "w") as f:
             json.dump(direct.rows, f, indent=1)
+        figure(records, direct.rows, trainer.num_training_batches // args.accumulate).savefig(
+            os.path.join(root, "noise_scale.png"), dpi=110, bbox_inches="tight")
+
+
+def figure(records: list[dict], direct: list[dict], steps_per_epoch: int):
+    """``B_simple`` over training: the probe's per-interval estimates (dots), its EMA (line), the direct
+    per-sample estimates (crosses) and the epoch boundaries; and the two terms' EMAs on a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def column(rows: list[dict], key: str) -> list[float]:
+        return [math.nan if r.get(key) is None else r[key] for r in rows]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    step = [r["step"] for r in records]
+    top.scatter(step, column(records, "b_simple"), s=8, color="tab:blue", alpha=0.5,
+                label="B_simple (per record interval)")
+    top.plot(step, column(records, "b_simple_ema"), color="tab:blue", lw=1.5, label="B_simple EMA")
+    top.scatter([r["step"] for r in direct], column(direct, "b_simple"), marker="x", s=50, color="tab:red",
+                zorder=3, label="direct per-sample estimate")
+    top.set_yscale("log")
+    top.set_ylabel("B_simple (samples)")
+    top.legend(fontsize=8)
+    bottom.plot(step, column(records, "grad_sq_ema"), label="|G|^2 EMA")
+    bottom.plot(step, column(records, "trace_sigma_ema"), label="tr(Sigma) EMA")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("optimiser step")
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        for epoch in range(1, (step[-1] if step else 0) // max(1, steps_per_epoch) + 1):
+            ax.axvline(epoch * steps_per_epoch, color="0.7", lw=0.8, ls=":")
+    top.set_title("Gradient noise scale of an MLP on MNIST (GradientNoiseScaleMonitor)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from torch import nn
 import lightning_probes as lp
 from lightning_probes.datamodules import MNISTDataModule
 
-
 #: StabilityMonitor's z-score threshold (its default, as OLMo's spike score).
 THRESHOLD = 6.0
 
@@ -99,7 +98,8 @@ class LearningRateSpike(pl.Callback):
 def probes(every: int) -> list[pl.Callback]:
     """Every training-health probe, each logging every ``every`` optimiser steps."""
     return [
-        lp.StabilityMonitor(every_n_steps=every, window=50, threshold=THRESHOLD),  # the z-scores need 50 steps of history
+        # the z-scores need 50 steps of history
+        lp.StabilityMonitor(every_n_steps=every, window=50, threshold=THRESHOLD),
         lp.GradientDynamicsMonitor(every_n_steps=every, init_distance=True),
         lp.ActivationOutlierMonitor(every_n_steps=every),
         lp.AttentionMonitor(every_n_steps=every),
@@ -120,6 +120,8 @@ def main(data_dir: str, output: str = "runs/examples", max_epochs: int = 1, limi
     trainer.fit(RowTransformer(), data)
     figure = health_figure(trainer.log_dir, spike_at, spike_steps)
     figure.savefig(os.path.join(trainer.log_dir, "training_health.png"), dpi=110, bbox_inches="tight")
+    for name, fig in probe_figures(trainer.log_dir, spike_at, spike_steps).items():
+        fig.savefig(os.path.join(trainer.log_dir, f"{name}.png"), dpi=100, bbox_inches="tight")
     return trainer.log_dir
 
 
@@ -172,6 +174,75 @@ def health_figure(run: str, spike_at: int, spike_steps: int):
     return fig
 
 
+def probe_figures(run: str, spike_at: int, spike_steps: int) -> dict:
+    """One figure per probe page, per layer over the optimiser steps, the spike shaded: ``attention`` (maximum
+    logit, mean entropy, first-token mass), ``activation_outliers`` (max |x| of the block outputs, the channel ratio)
+    and ``stability`` (the z-scores against the threshold, the spike score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = lp.read_probes(run)
+    figures = {}
+
+    def shade(axes) -> None:
+        for ax in axes:
+            ax.axvspan(spike_at, spike_at + spike_steps, color="tab:red", alpha=0.25)
+
+    attention = table[table.probe == "attention"].sort_values("step")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), sharex=True)
+    for layer, rows in attention.groupby("layer", sort=False):
+        label = layer.replace("blocks.layers.", "block ").replace(".self_attn", "")
+        for ax, field in zip(axes, ("max_logit", "entropy_mean", "sink_mass")):
+            ax.plot(rows.step, rows[field], lw=1, label=label)
+    titles = ("maximum pre-softmax logit", "mean attention entropy (nats)", "mass on the first token")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+    axes[0].legend(fontsize=8)
+    shade(axes)
+    fig.tight_layout()
+    figures["attention"] = fig
+
+    outliers = table[table.probe == "activation_outliers"].sort_values("step")
+    blocks = outliers[outliers.layer.str.fullmatch(r"blocks\.layers\.\d+")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    for layer, rows in blocks.groupby("layer", sort=False):
+        label = layer.replace("blocks.layers.", "block ")
+        axes[0].plot(rows.step, rows.max_abs, lw=1, label=label)
+        axes[1].plot(rows.step, rows.channel_max_ratio, lw=1, label=label)
+    axes[0].set_title("max |x| of the block outputs (residual stream)", fontsize=10)
+    axes[1].set_title("largest channel max / median channel max", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+    axes[0].legend(fontsize=8)
+    shade(axes)
+    fig.tight_layout()
+    figures["activation_outliers"] = fig
+
+    records = table[table.probe == "stability"]
+    steps = records.sort_values(["step", "kind"]).drop_duplicates("step", keep="first")
+    spikes = records[records.kind == "spike"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), sharex=True)
+    for ax, column, title in ((axes[0], "loss_z", "loss z-score"), (axes[1], "grad_norm_z", "gradient-norm z-score")):
+        ax.plot(steps.step, steps[column], lw=1)
+        ax.scatter(spikes.step, spikes[column], s=14, color="tab:red", zorder=3, label="spike record")
+        ax.axhline(THRESHOLD, color="0.4", ls="--", lw=0.8, label=f"threshold ({THRESHOLD:g} std)")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left")
+    quiet = steps[steps.kind == "step"]
+    axes[2].plot(quiet.step, quiet.spike_score_total, lw=1)
+    axes[2].set_title("spike score (share of flagged steps so far)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+    shade(axes)
+    fig.tight_layout()
+    figures["stability"] = fig
+    return figures
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="../shared/data", help="Holds MNIST/raw/ (the four IDX files).")
@@ -187,4 +258,4 @@ if __name__ == "__main__":
     limit = args.limit_batches if args.limit_batches <= 1 else int(args.limit_batches)
     run_dir = main(args.data_dir, args.output, args.max_epochs, limit, args.every, args.spike_at, args.spike_factor,
                    args.spike_steps, args.train_size)
-    print(f"records and training_health.png in {run_dir}")
+    print(f"records, training_health.png and the probe pages' figures in {run_dir}")

@@ -88,4 +88,5 @@ def test_training_health_every_probe_and_the_spike(tmp_path, monkeypatch, tiny_d
     steps = table[(table.probe == "stability") & (table.kind == "step")]
     assert len(steps) >= 1 and steps.loss.notna().all()  # the tiny split gives a step or two
     assert table[table.probe == "gradient_dynamics"].update_ratio.notna().any()
-    assert (run / "training_health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("training_health", "attention", "activation_outliers", "stability"):
+        assert (run / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -93,7 +93,8 @@ class InitialWeights:
     def _attach(self, sizes: list[int], dtype: np.dtype, step: int, squares: list[float]) -> None:
         self.sizes, self.dtype, self.step = sizes, dtype, step
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
-        self._map = (np.memmap(self.path, dtype=dtype, mode="r", shape=(sum(sizes),)) if sum(sizes)
+        # copy-on-write ("c"): the file is never written, and torch.from_numpy gets a writable view (no warning)
+        self._map = (np.memmap(self.path, dtype=dtype, mode="c", shape=(sum(sizes),)) if sum(sizes)
                      else np.zeros(0, dtype=dtype))
         self._squares = torch.tensor(squares, dtype=torch.float64)
 
