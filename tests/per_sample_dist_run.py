@@ -72,7 +72,8 @@ def fit(out: str, batch_size: int, devices: int) -> pl.Trainer:
     pl.seed_everything(0)
     model = ReluNet().double()
     probe = lp.PerSampleGradientMonitor(every_n_steps=2, num_samples=batch_size, curvature_samples=3, tic_diag=True,
-                                        hist_range_1d=(-0.3, 0.3), hist_range_2d=((-0.2, 0.2), (-0.5, 0.5)),
+                                        histograms="both", hist_range_1d=(-0.3, 0.3),
+                                        hist_range_2d=((-0.2, 0.2), (-0.5, 0.5)),
                                         max_memory_gb=0.0002, output_dir=out)
     trainer = _trainer(out, "ddp" if devices > 1 else "auto", devices, probe)
     trainer.fit(model, Data(batch_size))

@@ -102,7 +102,8 @@ def test_records_equal_a_loop_of_single_sample_backward_passes(tmp_path):
     torch.manual_seed(0)
     model = relu_net().double()
     probe = PerSampleGradientMonitor(every_n_steps=2, num_samples=12, curvature_samples=3, tic_diag=True,
-                                     hist_range_1d=(-0.2, 0.2), hist_range_2d=((-0.1, 0.1), (-0.3, 0.3)),
+                                     histograms="both", hist_range_1d=(-0.2, 0.2),
+                                     hist_range_2d=((-0.1, 0.1), (-0.3, 0.3)),
                                      max_memory_gb=0.0002, output_dir=str(tmp_path))  # 200 kB: chunks of a few
     recorder = GradRecorder()
     fit = trainer(tmp_path, [probe, recorder], max_epochs=1, precision="64-true")
