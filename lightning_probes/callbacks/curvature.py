@@ -82,7 +82,9 @@ class CurvatureMonitor(ProbeCallback):
     Args:
         every_n_steps: Analyse every n-th optimiser step. Default 500: one analysis at the defaults costs about as
             much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread), so every 500 steps
-            it adds about 4% (the issue's target: at most 5%).
+            it adds about 4% (the issue's target: at most 5%). Larger models pay more per step: on one CPU thread
+            about 6% on a 784-512-256-128-10 MLP and 16% on resnet18 at 32x32 (``benchmarks/cockpit_comparison.py``;
+            every 1500 or 2000 steps keeps those within 5%).
         num_samples: Samples of the probe batch (per rank).
         lanczos_iters: Lanczos steps (Hessian-vector products) for the eigenvalues; 0: no eigenvalues.
         trace_samples: Rademacher vectors for the trace (>= 2 for a standard error); 0: no trace. With both 0 the
