@@ -66,6 +66,38 @@ def _differentiable_twice() -> Any:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+@contextlib.contextmanager
+def _other_probes_paused(trainer: pl.Trainer, me: ProbeCallback) -> Any:
+    """The module hooks other probes hold (their ``_handles``, e.g. `AttentionMonitor`'s on its due steps) taken
+    off the model for the block and put back in their order after it: the probe's own ``vmap``ped forward passes
+    are not training's, and a hook would record (batched) tensors that do not belong to the step."""
+    from torch.utils.hooks import RemovableHandle
+
+    taken: list[tuple[dict, int, Any]] = []
+    for other in trainer.callbacks:
+        if other is me or not isinstance(other, ProbeCallback):
+            continue
+        for handle in list(getattr(other, "_handles", None) or ()):
+            if not isinstance(handle, RemovableHandle):
+                continue
+            refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+            for ref in refs:
+                hooks = ref()
+                if hooks is not None and handle.id in hooks:
+                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
+    try:
+        yield
+    finally:
+        touched = {}
+        for hooks, key, value in taken:
+            hooks[key] = value
+            touched[id(hooks)] = hooks
+        for hooks in touched.values():  # hook ids grow with registration: their order as it was
+            items = sorted(hooks.items())
+            hooks.clear()
+            hooks.update(items)
+
+
 def _detach_clone(batch: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)
 
@@ -303,10 +335,11 @@ class PerSampleGradientMonitor(ProbeCallback):
         if batch is None:
             return
         self._last_step = step
-        if not self._prepared and not self._prepare(trainer, pl_module, batch):
-            return
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
-        self._analyse(trainer, pl_module, batch, step, lr)
+        with _other_probes_paused(trainer, self):
+            if not self._prepared and not self._prepare(trainer, pl_module, batch):
+                return
+            self._analyse(trainer, pl_module, batch, step, lr)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = None
