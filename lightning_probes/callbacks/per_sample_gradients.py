@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -13,10 +12,16 @@ from typing import Any, Literal, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torch.utils._pytree import tree_map
 
 from lightning_probes.budget import format_bytes
+from lightning_probes.callbacks._per_sample_support import (
+    default_loss_problem,
+    detach_clone,
+    differentiable_twice,
+    item_of,
+    other_probes_paused,
+)
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_choice, check_float, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
@@ -54,77 +59,6 @@ _PROBE_BATCH = ("fixed", "current")
 _PACKED = ("count", "sq_norm", "proj_sq", "hist_1d", "outside_1d", "hist_2d", "outside_2d")
 #: torch.func's notice when a layer has no batching rule (it then loops inside vmap: slower, the same numbers).
 _NO_BATCHING_RULE = "There is a performance drop"
-
-
-def _differentiable_twice() -> Any:
-    """Scaled dot-product attention on its math kernel: the fused (flash, memory-efficient) kernels have no double
-    backward, which the Hessian-vector products need; the math kernel is plain differentiable operations."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def _other_probes_paused(trainer: pl.Trainer, me: ProbeCallback) -> Any:
-    """The module hooks other probes hold (their ``_handles``, e.g. `AttentionMonitor`'s on its due steps) taken
-    off the model for the block and put back in their order after it: the probe's own ``vmap``ped forward passes
-    are not training's, and a hook would record (batched) tensors that do not belong to the step."""
-    from torch.utils.hooks import RemovableHandle
-
-    taken: list[tuple[dict, int, Any]] = []
-    for other in trainer.callbacks:
-        if other is me or not isinstance(other, ProbeCallback):
-            continue
-        for handle in list(getattr(other, "_handles", None) or ()):
-            if not isinstance(handle, RemovableHandle):
-                continue
-            refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
-            for ref in refs:
-                hooks = ref()
-                if hooks is not None and handle.id in hooks:
-                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
-    try:
-        yield
-    finally:
-        touched = {}
-        for hooks, key, value in taken:
-            hooks[key] = value
-            touched[id(hooks)] = hooks
-        for hooks in touched.values():  # hook ids grow with registration: their order as it was
-            items = sorted(hooks.items())
-            hooks.clear()
-            hooks.update(items)
-
-
-def _detach_clone(batch: Any) -> Any:
-    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)
-
-
-def _default_loss_problem(module: nn.Module, batch: Any) -> Optional[str]:
-    """Why the default loss (cross entropy of ``module(batch[0])`` against ``batch[1]``) does not apply to this
-    batch, or ``None``; one forward of one sample, and one read of the targets' range (the first analysis only)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
-            isinstance(b, torch.Tensor) for b in batch[:2]):
-        return (f"the default loss_fn takes (input, target, ...) batches of tensors, but the training batch is a "
-                f"{type(batch).__name__}; pass loss_fn=lambda module_call, batch: <the mean loss of the batch>")
-    x, y = batch[0], batch[1]
-    if y.is_floating_point() or y.is_complex():
-        return (f"the default loss_fn is cross entropy against integer class targets, but the targets are {y.dtype}; "
-                f"pass loss_fn")
-    with torch.no_grad(), eval_mode(module):
-        logits = module(x[:1])
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 2 \
-            or tuple(logits.shape[2:]) != tuple(y.shape[1:]):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        return (f"the default loss_fn is cross entropy of module(x) (N, C, *) against targets (N, *), but one "
-                f"sample gives outputs {shape} for targets {tuple(y[:1].shape)}; pass loss_fn")
-    low, high = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
-    if low < 0 or high >= logits.shape[1]:
-        return (f"the default loss_fn is cross entropy over the {logits.shape[1]} output classes, but the targets "
-                f"range over [{low}, {high}]; pass loss_fn")
-    return None
 
 
 class PerSampleGradientMonitor(ProbeCallback):
@@ -235,8 +169,8 @@ class PerSampleGradientMonitor(ProbeCallback):
                 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in hist_bins_2d)):
             raise ValueError(f"Expected `hist_bins_2d` to be two positive integers (gradient bins, parameter bins), "
                              f"but got {hist_bins_2d!r}")
-        for arg, pair in (("hist_range_1d", hist_range_1d), ("hist_range_2d[0]", _item(hist_range_2d, 0)),
-                          ("hist_range_2d[1]", _item(hist_range_2d, 1))):
+        for arg, pair in (("hist_range_1d", hist_range_1d), ("hist_range_2d[0]", item_of(hist_range_2d, 0)),
+                          ("hist_range_2d[1]", item_of(hist_range_2d, 1))):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                             for v in pair) and pair[0] < pair[1]):
@@ -321,7 +255,7 @@ class PerSampleGradientMonitor(ProbeCallback):
                                            self._restored_batch)
                     self._restored_batch = None
                 else:
-                    self._batch = _detach_clone(slice_samples(batch, 0, min(self.num_samples, sample_count(batch))))
+                    self._batch = detach_clone(slice_samples(batch, 0, min(self.num_samples, sample_count(batch))))
         elif self._due(trainer.global_step):
             self._current = slice_samples(batch, 0, min(self.num_samples, sample_count(batch)))
 
@@ -336,7 +270,7 @@ class PerSampleGradientMonitor(ProbeCallback):
             return
         self._last_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
-        with _other_probes_paused(trainer, self):
+        with other_probes_paused(trainer, self):
             if not self._prepared and not self._prepare(trainer, pl_module, batch):
                 return
             self._analyse(trainer, pl_module, batch, step, lr)
@@ -355,7 +289,7 @@ class PerSampleGradientMonitor(ProbeCallback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> bool:
         """At the first analysis: whether the default loss fits the batch (every rank agrees), and the chunk sizes
         inside the memory share (one forward of one sample measures the activations)."""
-        problem = _default_loss_problem(pl_module, batch) if self.loss_fn is None else None
+        problem = default_loss_problem(pl_module, batch) if self.loss_fn is None else None
         if trainer.world_size > 1:
             if not trainer.strategy.reduce_boolean_decision(problem is None, all=True) and problem is None:
                 problem = "the default loss_fn does not fit the training batch on another rank; pass loss_fn"
@@ -419,7 +353,7 @@ class PerSampleGradientMonitor(ProbeCallback):
     def _curvature(self, pl_module: pl.LightningModule, batch: Any, params: dict[str, torch.Tensor], n_local: float,
                    total: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hutchinson's Hessian diagonal and per-tensor forms on the (union) probe batch."""
-        with _differentiable_twice():
+        with differentiable_twice():
             local, _, _ = hvp_operator(pl_module, batch, self._loss_fn, params)
         hvp = local
         if self._world_size > 1:
@@ -429,7 +363,7 @@ class PerSampleGradientMonitor(ProbeCallback):
                 return out / total.to(out.dtype)
         first = next(iter(params.values()))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        with _differentiable_twice():
+        with differentiable_twice():
             return hutchinson_diagonal(hvp, [p.numel() for p in params.values()], self.curvature_samples, generator,
                                        first.device, first.dtype)
 
@@ -536,10 +470,3 @@ class PerSampleGradientMonitor(ProbeCallback):
             return records
 
         return produce
-
-
-def _item(value: Any, index: int) -> Any:
-    try:
-        return value[index]
-    except (TypeError, IndexError, KeyError):
-        return None

@@ -1,0 +1,92 @@
+"""Helpers of `PerSampleGradientMonitor`: the default loss's check, the math attention kernel, other probes' hooks
+paused during its passes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.functional.per_sample import eval_mode
+
+
+def differentiable_twice() -> Any:
+    """Scaled dot-product attention on its math kernel: the fused (flash, memory-efficient) kernels have no double
+    backward, which the Hessian-vector products need; the math kernel is plain differentiable operations."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def other_probes_paused(trainer: pl.Trainer, me: ProbeCallback) -> Any:
+    """The module hooks other probes hold (their ``_handles``, e.g. `AttentionMonitor`'s on its due steps) taken
+    off the model for the block and put back in their order after it: the probe's own ``vmap``ped forward passes
+    are not training's, and a hook would record (batched) tensors that do not belong to the step."""
+    from torch.utils.hooks import RemovableHandle
+
+    taken: list[tuple[dict, int, Any]] = []
+    for other in trainer.callbacks:
+        if other is me or not isinstance(other, ProbeCallback):
+            continue
+        for handle in list(getattr(other, "_handles", None) or ()):
+            if not isinstance(handle, RemovableHandle):
+                continue
+            refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+            for ref in refs:
+                hooks = ref()
+                if hooks is not None and handle.id in hooks:
+                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
+    try:
+        yield
+    finally:
+        touched = {}
+        for hooks, key, value in taken:
+            hooks[key] = value
+            touched[id(hooks)] = hooks
+        for hooks in touched.values():  # hook ids grow with registration: their order as it was
+            items = sorted(hooks.items())
+            hooks.clear()
+            hooks.update(items)
+
+
+def detach_clone(batch: Any) -> Any:
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)
+
+
+def default_loss_problem(module: nn.Module, batch: Any) -> Optional[str]:
+    """Why the default loss (cross entropy of ``module(batch[0])`` against ``batch[1]``) does not apply to this
+    batch, or ``None``; one forward of one sample, and one read of the targets' range (the first analysis only)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
+            isinstance(b, torch.Tensor) for b in batch[:2]):
+        return (f"the default loss_fn takes (input, target, ...) batches of tensors, but the training batch is a "
+                f"{type(batch).__name__}; pass loss_fn=lambda module_call, batch: <the mean loss of the batch>")
+    x, y = batch[0], batch[1]
+    if y.is_floating_point() or y.is_complex():
+        return (f"the default loss_fn is cross entropy against integer class targets, but the targets are {y.dtype}; "
+                f"pass loss_fn")
+    with torch.no_grad(), eval_mode(module):
+        logits = module(x[:1])
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 2 \
+            or tuple(logits.shape[2:]) != tuple(y.shape[1:]):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        return (f"the default loss_fn is cross entropy of module(x) (N, C, *) against targets (N, *), but one "
+                f"sample gives outputs {shape} for targets {tuple(y[:1].shape)}; pass loss_fn")
+    low, high = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+    if low < 0 or high >= logits.shape[1]:
+        return (f"the default loss_fn is cross entropy over the {logits.shape[1]} output classes, but the targets "
+                f"range over [{low}, {high}]; pass loss_fn")
+    return None
+
+def item_of(value: Any, index: int) -> Any:
+    try:
+        return value[index]
+    except (TypeError, IndexError, KeyError):
+        return None
