@@ -19,7 +19,7 @@ from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.curvature import hvp_operator
 from lightning_probes.functional.gradient_tests import hutchinson_diagonal
 from lightning_probes.functional.per_sample import cross_entropy_loss
-from tests.helpers import GradRecorder, RandomDataModule, read, trainer
+from tests.helpers import GradRecorder, RandomDataModule, approx, read, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -225,7 +225,7 @@ def test_resume_writes_every_record_once_and_keeps_the_probe_batch(tmp_path):
     assert [(r["step"], r["layer"]) for r in resumed] == [(r["step"], r["layer"]) for r in whole]
     for a, b in zip(whole, resumed):
         for key in ("norm_test", "inner_test", "ortho_test", "mean_gsnr", "hessian_trace", "loss"):
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-10, abs=1e-14), (a["step"], key)
+            assert a.get(key) == approx(b.get(key), rel=1e-10, abs=1e-14), (a["step"], key)
 
 
 def test_arguments_are_checked():
@@ -305,7 +305,7 @@ def test_ddp_equals_one_process_on_the_union_batch_and_fsdp2_is_refused(tmp_path
         for key in ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping", "cabs",
                     "hessian_trace", "hessian_trace_stderr", "tic_trace", "tic_diag", "hist_outside_1d", "loss"):
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-7, abs=1e-10), (a["step"], a["layer"], key)
+                assert a[key] == approx(b[key], rel=1e-7, abs=1e-10), (a["step"], a["layer"], key)
         if a["layer"] == "__total__":
             npz_a, npz_b = np.load(tmp_path / "single" / a["histograms"]), np.load(tmp_path / "ddp" / b["histograms"])
             np.testing.assert_array_equal(npz_a["hist_1d"], npz_b["hist_1d"])

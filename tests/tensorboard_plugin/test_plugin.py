@@ -174,6 +174,20 @@ def _live_page(browser, url, profile):
                 time.sleep(0.2)
         else:
             pytest.fail("the page never loaded")
+        evaluate = devtools.evaluate
+
+        def retried(expression: str):
+            """Evaluate again where the page replaced its execution context meanwhile (a load or navigation)."""
+            for _ in range(50):
+                try:
+                    return evaluate(expression)
+                except RuntimeError as err:
+                    if "context" not in str(err):
+                        raise
+                    time.sleep(0.2)
+            return evaluate(expression)
+
+        devtools.evaluate = retried
         try:
             yield devtools
         finally:
@@ -243,13 +257,7 @@ def test_tab_in_headless_chromium(logdir, tmp_path):
         frame = read_probes(logdir / RUN, "gradient_stats")
         # TensorBoard's own page: the "Probes" tab is one of its tabs and holds the heatmap with its axes
         with _live_page(browser, f"{base}/#probes", tmp_path / "p0") as devtools:
-            shell = None
-            for _ in range(50):  # the shell may navigate once while it starts (a new execution context)
-                try:
-                    shell = devtools.evaluate(_SHELL)
-                    break
-                except RuntimeError:
-                    time.sleep(0.2)
+            shell = devtools.evaluate(_SHELL)  # retried if the shell navigates while it starts
         assert shell is not None, "no heatmap in the Probes tab of TensorBoard's page"
         assert "Probes" in shell["tabs"] and shell["src"].startswith("data/plugin_entry.html?name=probes")
         layers = list(dict.fromkeys(frame.layer))
