@@ -90,3 +90,43 @@ def item_of(value: Any, index: int) -> Any:
         return value[index]
     except (TypeError, IndexError, KeyError):
         return None
+
+
+def rank_one_layers(module: nn.Module, params: dict[str, torch.Tensor], run_one_sample: Any) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers whose per-sample gradients `lightning_probes.functional.rank_one` takes from their
+    inputs and output gradients: a stock ``nn.Linear`` (no subclass forward, no hooks of its own), its weight
+    trainable, tracked and not shared with another module, called once a forward with one input row per sample
+    (``run_one_sample()`` runs the forward of one sample to see it). Sequence inputs ``(n, T, in)``, whose
+    per-sample gradient is a sum of ``T`` outer products, are left to ``vmap``."""
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    candidates: dict[str, nn.Linear] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
+            continue
+        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
+            continue
+        prefix = f"{name}." if name else ""
+        weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
+        if weight is None or uses.get(id(layer.weight), 0) != 1:
+            continue
+        if layer.bias is not None and layer.bias.requires_grad and (bias is None or uses.get(id(layer.bias), 0) != 1):
+            continue
+        candidates[name] = layer
+    calls: dict[str, list[bool]] = {name: [] for name in candidates}
+
+    def watch(name: str) -> Any:
+        def hook(layer: nn.Linear, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if len(args) == 1 and not kwargs else None
+            calls[name].append(isinstance(x, torch.Tensor) and tuple(x.shape) == (1, layer.in_features)
+                               and isinstance(output, torch.Tensor) and tuple(output.shape) == (1, layer.out_features))
+        return hook
+
+    handles = [layer.register_forward_hook(watch(name), with_kwargs=True) for name, layer in candidates.items()]
+    try:
+        run_one_sample()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: layer for name, layer in candidates.items() if calls[name] == [True]}

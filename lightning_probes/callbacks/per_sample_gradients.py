@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils._pytree import tree_map
 
 from lightning_probes.budget import format_bytes
+from lightning_probes.callbacks._per_sample_records import RecordContext, record_producer
 from lightning_probes.callbacks._per_sample_support import (
     default_loss_problem,
     detach_clone,
     differentiable_twice,
     item_of,
     other_probes_paused,
+    rank_one_layers,
 )
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
 from lightning_probes.checks import check_choice, check_float, check_positive_int
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.curvature import hvp_operator
 from lightning_probes.functional.gradient_tests import (
-    GRADIENT_TEST_FIELDS,
     HistogramSpec,
     gradient_tests,
     hutchinson_diagonal,
@@ -45,6 +44,7 @@ from lightning_probes.functional.per_sample import (
     sample_count,
     slice_samples,
 )
+from lightning_probes.functional.rank_one import capture_linear, combine_sums, rank_one_sums
 from lightning_probes.naming import clean_name
 from lightning_probes.probe_data import forward_peak_bytes
 from lightning_probes.sharding import all_reduce_sum, is_dtensor
@@ -69,10 +69,14 @@ class PerSampleGradientMonitor(ProbeCallback):
     from), on the probe batch, in eval mode (batch norm on its running statistics, dropout off, nothing of the model
     changed, its ``.grad`` untouched; see `lightning_probes.functional.per_sample`):
 
-    1. the mean gradient ``g`` and loss of the batch (one batched backward pass, `mean_gradient`);
-    2. the per-sample gradients ``g_i`` (``vmap`` over ``grad``, in chunks sized by the memory budget), reduced to
-       sums over the samples at once (`lightning_probes.functional.gradient_tests.per_sample_sums`): nothing of
-       the size of ``n`` gradients is kept;
+    1. the mean gradient ``g`` and loss of the batch (one batched backward pass, `mean_gradient`), which also
+       keeps the inputs and output gradients of the ``nn.Linear`` layers the rank-one shortcut takes;
+    2. for those layers (``rank_one=True``, a layer that sees one input row per sample), every sum from the
+       inputs and output gradients (`lightning_probes.functional.rank_one`): ``g_i = d_i a_i^T``, no per-sample
+       gradient formed, the same numbers; for every other tensor the per-sample gradients ``g_i`` (``vmap``
+       over ``grad``, in chunks sized by the memory budget), reduced to sums over the samples at once
+       (`lightning_probes.functional.gradient_tests.per_sample_sums`): nothing of the size of ``n`` gradients
+       is kept;
     3. with ``curvature_samples > 0``, ``curvature_samples`` Hessian-vector products (double backward, as
        `CurvatureMonitor`) for Hutchinson's estimates of the Hessian trace and diagonal, for the TIC;
     4. the tests per parameter tensor and for all tensors together (`gradient_tests`), Cockpit's definitions.
@@ -81,7 +85,8 @@ class PerSampleGradientMonitor(ProbeCallback):
     (``layer``: its name) and one with ``layer: "__total__"``: ``step``, ``epoch``, ``numel``, ``num_samples`` (over
     all ranks), ``grad_norm``, ``norm_test``, ``inner_test``, ``ortho_test``, ``mean_gsnr``, ``early_stopping``,
     ``cabs``, ``hessian_trace``, ``hessian_trace_stderr``, ``tic_trace``, ``tic_diag``, ``hist_outside_1d``,
-    ``hist_outside_2d``; the total record also ``loss``, ``lr``, ``vectorized``, ``histograms`` (the npz file, relative
+    ``hist_outside_2d``; the total record also ``loss``, ``lr``, ``vectorized``, ``rank_one_tensors`` (how many
+    tensors the rank-one shortcut took), ``histograms`` (the npz file, relative
     to the output directory) and, for a model without second derivatives, ``curvature_unavailable``. Histograms:
     ``<output_dir>/per_sample_gradients/histograms/step_<step>.npz``. No host synchronisation: everything stays on
     the device until the records are written.
@@ -119,6 +124,11 @@ class PerSampleGradientMonitor(ProbeCallback):
         loss_fn: ``loss_fn(module_call, batch) -> scalar``, the **mean** loss of a batch (it is called on batches of
             one sample and on the probe batch). Default: cross entropy of ``module(x)`` against ``y`` for
             ``(x, y, ...)`` batches; a batch it does not fit skips the probe with the reason.
+        rank_one: Take the sums and histograms of ``nn.Linear`` layers that see one input row per sample from the
+            layers' inputs and output gradients (``||g_i||^2 = ||d_i||^2 ||a_i||^2``, ...; the 1-D histogram
+            counted without forming the entries): the same numbers at a fraction of the cost (about 30x less on
+            the MNIST MLP). Stock ``nn.Linear`` only, its weight not shared, called once a forward; other layers
+            (and sequence inputs) go through ``vmap``. ``False``: every tensor through ``vmap``.
         max_memory_gb: This probe's own memory allowance in GB (1e9 bytes), outside the shared budget; default
             ``None``: its share of the probes' budget (`lightning_probes.set_memory_budget`).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
@@ -142,8 +152,8 @@ class PerSampleGradientMonitor(ProbeCallback):
                  histograms: Literal["both", "1d", "2d", "none"] = "1d", hist_bins_1d: int = 100,
                  hist_range_1d: tuple[float, float] = (-2.0, 2.0), hist_bins_2d: tuple[int, int] = (40, 50),
                  hist_range_2d: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0)),
-                 seed: int = 0, loss_fn: Optional[PerSampleLoss] = None, max_memory_gb: Optional[float] = None,
-                 output_dir: Optional[str] = None, name: Optional[str] = None,
+                 seed: int = 0, loss_fn: Optional[PerSampleLoss] = None, rank_one: bool = True,
+                 max_memory_gb: Optional[float] = None, output_dir: Optional[str] = None, name: Optional[str] = None,
                  flush_every_n_steps: Optional[int] = None, flush_secs: Optional[float] = DEFAULT_FLUSH_SECS,
                  on_error: Optional[str] = None) -> None:
         super().__init__(output_dir, name, flush_every_n_steps, flush_secs, on_error=on_error)
@@ -160,6 +170,8 @@ class PerSampleGradientMonitor(ProbeCallback):
         if not isinstance(tic_diag, bool) or (tic_diag and not curvature_samples):
             raise ValueError(f"Expected `tic_diag` to be a bool, True only with curvature_samples > 0, but got "
                              f"{tic_diag!r} with curvature_samples={curvature_samples!r}")
+        if not isinstance(rank_one, bool):
+            raise ValueError(f"Expected `rank_one` to be True or False, but got {rank_one!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Expected `loss_fn` to be None or callable as loss_fn(module_call, batch), but got "
                              f"{loss_fn!r}")
@@ -182,6 +194,7 @@ class PerSampleGradientMonitor(ProbeCallback):
         self.hist_bins_2d = tuple(int(b) for b in hist_bins_2d)
         self.hist_range_2d = tuple(tuple(float(v) for v in r) for r in hist_range_2d)
         self.loss_fn = loss_fn
+        self.rank_one = rank_one
         self.max_memory_gb = max_memory_gb
         self._spec = None if histograms == "none" else HistogramSpec(
             bins_1d=hist_bins_1d if histograms in ("both", "1d") else None, range_1d=self.hist_range_1d,
@@ -197,6 +210,7 @@ class PerSampleGradientMonitor(ProbeCallback):
         self._prepared = False
         self._chunk = self._batch_chunk = 1
         self._vectorize = True
+        self._linear: dict[str, torch.nn.Linear] = {}
         self._no_curvature: Optional[str] = None
         self._share = 0
         self._world_size = 1
@@ -305,12 +319,18 @@ class PerSampleGradientMonitor(ProbeCallback):
                 self._loss_fn(pl_module, one)
 
         activation = forward_peak_bytes(pl_module, forward)
+        self._linear = rank_one_layers(pl_module, params, forward) if self.rank_one else {}
+        if self._linear:
+            log.info("%s %r: the rank-one shortcut for %d linear layers (%s)", type(self).__name__, self.name,
+                     len(self._linear), ", ".join(n or "<root>" for n in self._linear))
         grad_bytes = sum(p.numel() * p.element_size() for p in params.values())
         largest = max(p.numel() for p in params.values())
         hist = 0 if self._spec is None else largest * 16 * (2 if self._spec.bins_1d and self._spec.bins_2d else 1)
         per_sample = per_sample_bytes(params, activation) + 2 * grad_bytes + hist
         n = sample_count(batch)
-        fixed = 3 * grad_bytes + (n * 3 * activation + 2 * grad_bytes if self.curvature_samples else 0)
+        captured = sum(2 * n * (layer.in_features + layer.out_features) * layer.weight.element_size()
+                       for layer in self._linear.values())
+        fixed = 3 * grad_bytes + captured + (n * 3 * activation + 2 * grad_bytes if self.curvature_samples else 0)
         self._chunk = chunk_size_for(max(0, self._share - fixed), per_sample, n)
         self._batch_chunk = chunk_size_for(max(0, self._share - fixed), 2 * activation + 1, n)
         reduced = None
@@ -323,10 +343,13 @@ class PerSampleGradientMonitor(ProbeCallback):
         return True
 
     def _per_sample_pass(self, pl_module: pl.LightningModule, batch: Any, params: dict[str, torch.Tensor],
-                         mean: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+                         mean: list[torch.Tensor], base: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The sums of ``params`` (a subset of the trainable parameters; the others held fixed) from ``vmap``'s
+        per-sample gradients; ``base``: ``(n,)`` per-sample projections of the other tensors, for the total."""
         names = list(params)
         values = list(params.values())
         sums = None
+        done = 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
             chunks = per_sample_gradients(pl_module, batch, params, self._loss_fn, self._chunk,
@@ -345,10 +368,41 @@ class PerSampleGradientMonitor(ProbeCallback):
                     chunks = per_sample_gradients(pl_module, batch, params, self._loss_fn, self._chunk,
                                                   vectorize=False)
                     continue
-                sums = merge_sums(sums, per_sample_sums([grads[n] for n in names], mean, values, self._spec))
+                size = grads[names[0]].shape[0]
+                part = None if base is None else base[done:done + size]
+                done += size
+                sums = merge_sums(sums, per_sample_sums([grads[n] for n in names], mean, values, self._spec, part))
         if sums is None:
             raise ValueError("Expected a probe batch of at least one sample, but got an empty batch")
         return sums
+
+    def _sums(self, pl_module: pl.LightningModule, batch: Any, params: dict[str, torch.Tensor],
+              mean: dict[str, torch.Tensor], captured: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+              ) -> dict[str, torch.Tensor]:
+        """The per-sample sums of every tensor: the rank-one shortcut's for the captured linear layers, ``vmap``'s
+        for the rest (with the shortcut's per-sample projections added to the total's)."""
+        names = list(params)
+        if not captured:
+            return self._per_sample_pass(pl_module, batch, params, [mean[n] for n in names])
+        parts, base = [], None
+        for layer, (inputs, out_grads) in captured.items():
+            prefix = f"{layer}." if layer else ""
+            group = [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in params else [])
+            sums = rank_one_sums(inputs, out_grads, mean[group[0]], mean.get(group[1]) if len(group) > 1 else None,
+                                 params[group[0]], self._spec, params.get(group[-1]) if len(group) > 1 else None)
+            projections = sums.pop("projections").sum(1)
+            base = projections if base is None else base + projections
+            parts.append((group, sums))
+        taken = {n for group, _ in parts for n in group}
+        rest = [n for n in names if n not in taken]
+        if rest:
+            sums = self._per_sample_pass(pl_module, batch, {n: params[n] for n in rest}, [mean[n] for n in rest],
+                                         base)
+            total = sums["proj_sq"][-1]
+            parts.append((rest, sums))
+        else:
+            total = base.square().sum()
+        return combine_sums(parts, names, {n: params[n].numel() for n in names}, total)
 
     def _curvature(self, pl_module: pl.LightningModule, batch: Any, params: dict[str, torch.Tensor], n_local: float,
                    total: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +428,12 @@ class PerSampleGradientMonitor(ProbeCallback):
         names = list(params)
         n_local = float(sample_count(batch))
         with eval_mode(pl_module):
-            grad, loss = mean_gradient(pl_module, batch, params, self._loss_fn, self._batch_chunk)
+            if self._linear:
+                grad, loss, captured = capture_linear(pl_module, batch, params, self._linear, self._loss_fn,
+                                                      self._batch_chunk)
+            else:
+                grad, loss = mean_gradient(pl_module, batch, params, self._loss_fn, self._batch_chunk)
+                captured = {}
             flat = torch.cat([grad[n].reshape(-1) for n in names])
             head = torch.cat([flat * n_local, torch.stack([loss.to(flat.dtype) * n_local,
                                                            flat.new_tensor(n_local)])])
@@ -385,7 +444,7 @@ class PerSampleGradientMonitor(ProbeCallback):
             mean = [m.view_as(params[n]) for m, n in zip(torch.split(mean_flat, [params[n].numel() for n in names]),
                                                           names)]
             loss = head[-2] / total
-            sums = self._per_sample_pass(pl_module, batch, params, mean)
+            sums = self._sums(pl_module, batch, params, dict(zip(names, mean)), captured)
             if distributed:
                 keys = [k for k in _PACKED if k in sums]
                 packed = torch.cat([sums[k].reshape(-1) for k in keys])
@@ -412,61 +471,9 @@ class PerSampleGradientMonitor(ProbeCallback):
         block = torch.cat([table.reshape(-1), outside.reshape(-1), torch.stack([loss.double(), total.double()]),
                            *hists])
         shapes = {k: tuple(sums[k].shape) for k in ("hist_1d", "hist_2d") if k in sums}
-        self.defer_records(trainer, self._producer(trainer, names, params, shapes, step, lr), block)
-
-    def _producer(self, trainer: pl.Trainer, names: list[str], params: Mapping[str, torch.Tensor],
-                  shapes: Mapping[str, tuple[int, ...]], step: int, lr: float) -> Any:
-        """The function that turns the step's block (on the host, at the flush) into its records and npz file."""
-        layers = [clean_name(n) for n in names]
-        numels = [params[n].numel() for n in names]
-        rows, columns = len(names) + 1, len(GRADIENT_TEST_FIELDS)
-        epoch, vectorized, spec, no_curvature = trainer.current_epoch, self._vectorize, self._spec, self._no_curvature
-
-        def value(v: float) -> Optional[float]:
-            return v if math.isfinite(v) else None
-
-        def produce(host: torch.Tensor) -> list[dict[str, Any]]:
-            data = host.numpy()
-            table = data[:rows * columns].reshape(rows, columns)
-            at = rows * columns
-            outside = data[at:at + 2 * rows].reshape(rows, 2)
-            at += 2 * rows
-            loss, count = float(data[at]), int(round(float(data[at + 1])))
-            at += 2
-            arrays: dict[str, Any] = {}
-            for key, shape in shapes.items():
-                size = int(np.prod(shape))
-                arrays[key] = data[at:at + size].reshape(shape)
-                at += size
-            relative = None
-            if arrays and spec is not None:
-                relative = os.path.join(self.name, "histograms", f"step_{step:08d}.npz")
-                path = os.path.join(self.output_dir, relative)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                extra: dict[str, Any] = {"layers": np.array(layers), "step": np.array(step)}
-                if "hist_1d" in arrays:
-                    extra.update(hist_1d=arrays["hist_1d"], hist_1d_total=arrays["hist_1d"].sum(0),
-                                 edges_1d=spec.edges_1d().numpy(), outside_1d=outside[:-1, 0])
-                if "hist_2d" in arrays:
-                    x_edges, y_edges = spec.edges_2d()
-                    extra.update(hist_2d=arrays["hist_2d"], hist_2d_total=arrays["hist_2d"].sum(0),
-                                 edges_2d_grad=x_edges.numpy(), edges_2d_param=y_edges.numpy(),
-                                 outside_2d=outside[:-1, 1])
-                np.savez(path, **extra)
-            records = []
-            for r in range(rows):
-                record: dict[str, Any] = {"step": step, "epoch": epoch,
-                                          "layer": layers[r] if r < len(layers) else "__total__",
-                                          "numel": numels[r] if r < len(layers) else sum(numels),
-                                          "num_samples": count}
-                record.update({f: value(float(v)) for f, v in zip(GRADIENT_TEST_FIELDS, table[r])})
-                record["hist_outside_1d"] = value(float(outside[r, 0]))
-                record["hist_outside_2d"] = value(float(outside[r, 1]))
-                if r == len(layers):
-                    record.update(loss=value(loss), lr=value(lr), vectorized=vectorized, histograms=relative)
-                    if no_curvature is not None:
-                        record["curvature_unavailable"] = no_curvature
-                records.append(record)
-            return records
-
-        return produce
+        context = RecordContext(
+            output_dir=self.output_dir, name=self.name, layers=[clean_name(n) for n in names],
+            numels=[params[n].numel() for n in names], epoch=trainer.current_epoch, spec=self._spec,
+            vectorized=self._vectorize, no_curvature=self._no_curvature,
+            rank_one_tensors=sum(1 + int((f"{layer}.bias" if layer else "bias") in params) for layer in self._linear))
+        self.defer_records(trainer, record_producer(context, shapes, step, lr), block)

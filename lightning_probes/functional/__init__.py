@@ -1,9 +1,9 @@
 """Pure tensor functions behind the probes: tensors in, tensors or dicts out, no Trainer.
 
 Every public function and class of the submodules (`ablation`, `activations`, `alignment`, `attention`,
-`boundary`, `calibration`, `dynamics`, `gradient_tests`, `gradients`, `importance`, `linear_probes`, `metanet`,
-`noise_profile`, `noise_scale`, `outliers`, `representations`, `robustness`, `runs`, `stability`, `statistics`,
-`weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
+`boundary`, `calibration`, `curvature`, `dynamics`, `gradient_tests`, `gradients`, `importance`, `linear_probes`,
+`metanet`, `noise_profile`, `noise_scale`, `outliers`, `per_sample`, `rank_one`, `representations`, `robustness`,
+`runs`, `stability`, `statistics`, `weights`) is importable from here; `tests/functional/test_exports.py` keeps it so.
 """
 
 from lightning_probes.functional.ablation import (
@@ -87,6 +87,7 @@ from lightning_probes.functional.dynamics import (
 from lightning_probes.functional.gradient_tests import (
     GRADIENT_TEST_FIELDS,
     HistogramSpec,
+    exact_edges,
     gradient_tests,
     histogram_counts_1d,
     histogram_counts_2d,
@@ -149,6 +150,7 @@ from lightning_probes.functional.per_sample import (
     slice_samples,
     stack_chunks,
 )
+from lightning_probes.functional.rank_one import capture_linear, combine_sums, rank_one_histogram_1d, rank_one_sums
 from lightning_probes.functional.representations import (
     EffectiveRankAccumulator,
     MomentAccumulator,
@@ -388,4 +390,9 @@ __all__ = [
     "hutchinson_diagonal",
     "merge_sums",
     "per_sample_sums",
+    "exact_edges",
+    "capture_linear",
+    "combine_sums",
+    "rank_one_histogram_1d",
+    "rank_one_sums",
 ]

@@ -37,12 +37,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "gradient_tests", "histogram_counts_1d", "histogram_counts_2d",
-           "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
+__all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "exact_edges", "gradient_tests", "histogram_counts_1d",
+           "histogram_counts_2d", "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
 
 #: The columns of `gradient_tests`' table, in order.
 GRADIENT_TEST_FIELDS = ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping", "cabs",
                         "hessian_trace", "hessian_trace_stderr", "tic_trace", "tic_diag")
+
+
+def exact_edges(low: float, high: float, bins: int) -> torch.Tensor:
+    """The ``bins + 1`` edges ``(low (bins - j) + high j) / bins`` in float64: ``torch.linspace``'s, except that
+    the middle edge of a symmetric range is exactly 0 (``linspace(-2, 2, 101)[50]`` is ``-4e-17``)."""
+    j = torch.arange(bins + 1, dtype=torch.float64)
+    return (low * (bins - j) + high * j) / bins
 
 
 @dataclass(frozen=True)
@@ -62,14 +69,13 @@ class HistogramSpec:
 
     def edges_1d(self) -> torch.Tensor:
         """The ``bins_1d + 1`` edges (float64)."""
-        return torch.linspace(self.range_1d[0], self.range_1d[1], int(self.bins_1d or 0) + 1, dtype=torch.float64)
+        return exact_edges(self.range_1d[0], self.range_1d[1], int(self.bins_1d or 0))
 
     def edges_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The edges of both axes (float64)."""
         (xlo, xhi), (ylo, yhi) = self.range_2d
         xb, yb = self.bins_2d or (0, 0)
-        return (torch.linspace(xlo, xhi, xb + 1, dtype=torch.float64),
-                torch.linspace(ylo, yhi, yb + 1, dtype=torch.float64))
+        return exact_edges(xlo, xhi, xb), exact_edges(ylo, yhi, yb)
 
 
 def histogram_counts_1d(values: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +92,23 @@ def histogram_counts_1d(values: torch.Tensor, bins: int, low: float, high: float
     """
     flat = values.reshape(-1)
     below, above = torch.count_nonzero(flat < low), torch.count_nonzero(flat > high)
-    counts = torch.histc(flat, bins=bins, min=low, max=high).double()  # values outside are left out by histc ...
+    counts = _histc(flat, bins, low, high)  # values outside are left out by histc ...
     counts[0] += below  # ... and clipped into the edge bins here (the same counts as histc of the clamped values)
     counts[-1] += above
     outside = (below + above).double()
     return counts, outside
+
+
+#: torch.histc counts in the input's dtype: a float32 count stops growing at 2**24, so larger inputs go in pieces.
+_HISTC_PIECE = 1 << 24
+
+
+def _histc(flat: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """``torch.histc`` of a flat tensor, float64 counts, exact beyond ``2**24`` entries a bin (in pieces: histc
+    accumulates in the input's dtype, and a float32 bin of a 72-million-entry histogram saturates at 16,777,216)."""
+    if flat.dtype == torch.float64 or flat.numel() <= _HISTC_PIECE:
+        return torch.histc(flat, bins=bins, min=low, max=high).double()
+    return sum(torch.histc(part, bins=bins, min=low, max=high).double() for part in torch.split(flat, _HISTC_PIECE))
 
 
 def _bin_index(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
@@ -113,7 +131,7 @@ def histogram_counts_2d(x: torch.Tensor, y: torch.Tensor, bins: tuple[int, int],
     x = x.to(dtype)
     y_index = _bin_index(y.to(dtype), yb, ylo, yhi)  # (1, numel): the parameter's bin, once
     index = _bin_index(x, xb, xlo, xhi).mul_(yb).add_(y_index)  # (c, numel): the cell, as a float
-    counts = torch.histc(index, bins=xb * yb, min=0, max=xb * yb).double()
+    counts = _histc(index.reshape(-1), xb * yb, 0, xb * yb)
     outside = torch.count_nonzero((x < xlo).logical_or_(x > xhi).logical_or_((y < ylo) | (y > yhi))).double()
     return counts.view(xb, yb), outside
 
@@ -124,7 +142,8 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Tensor],
                     params: Optional[Sequence[torch.Tensor]] = None,
-                    histograms: Optional[HistogramSpec] = None) -> dict[str, torch.Tensor]:
+                    histograms: Optional[HistogramSpec] = None,
+                    base_projection: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """The sums over one chunk of samples that every test is formed from (add chunks with `merge_sums`).
 
     Args:
@@ -132,6 +151,9 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
         mean_grad: Per tensor, the mean gradient ``g^t`` of the whole batch (over every chunk and rank).
         params: Per tensor, the parameter values (needed for the 2-D histogram only).
         histograms: The histogram bins, or ``None``: no histograms.
+        base_projection: ``(c,)``, each sample's projections ``g_i^t . g^t`` summed over tensors taken elsewhere
+            (`lightning_probes.functional.rank_one.rank_one_sums`), added to this chunk's before the total
+            ``proj_sq[T]`` is squared; ``None``: none.
 
     Returns:
         ``{"count": (), "sq_norm": (T,), "proj_sq": (T + 1,), "sq_entries": (D,)}``, plus ``"hist_1d"``
@@ -169,10 +191,11 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
             hist_2d.append(counts)
             out_2d.append(outside)
     dtype = max((e.dtype for e in entries), key=lambda d: torch.finfo(d).bits)
+    total = projections.sum(1) if base_projection is None else projections.sum(1) + base_projection.double()
     sums = {
         "count": torch.tensor(float(count), dtype=torch.float64, device=device),
         "sq_norm": sq_norm,
-        "proj_sq": torch.cat([projections.square().sum(0), projections.sum(1).square().sum().reshape(1)]),
+        "proj_sq": torch.cat([projections.square().sum(0), total.square().sum().reshape(1)]),
         "sq_entries": torch.cat([e.to(dtype) for e in entries]),
     }
     if hist_1d:
