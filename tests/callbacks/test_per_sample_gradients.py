@@ -97,11 +97,13 @@ def _numpy_tests(gs: np.ndarray, loss: float, lr: float) -> dict[str, float]:
             "cabs": lr * float(gs.var(0).sum()) / loss}
 
 
-def test_records_equal_a_loop_of_single_sample_backward_passes(tmp_path):
+@pytest.mark.parametrize("rank_one", [True, False], ids=["rank_one_shortcut", "vmap"])
+def test_records_equal_a_loop_of_single_sample_backward_passes(tmp_path, rank_one):
     data = RandomDataModule(n=48, batch_size=16)
     torch.manual_seed(0)
     model = relu_net().double()
     probe = PerSampleGradientMonitor(every_n_steps=2, num_samples=12, curvature_samples=3, tic_diag=True,
+                                     rank_one=rank_one,
                                      histograms="both", hist_range_1d=(-0.2, 0.2),
                                      hist_range_2d=((-0.1, 0.1), (-0.3, 0.3)),
                                      max_memory_gb=0.0002, output_dir=str(tmp_path))  # 200 kB: chunks of a few
@@ -128,6 +130,7 @@ def test_records_equal_a_loop_of_single_sample_backward_passes(tmp_path):
                 assert math.isclose(record[field], value, rel_tol=1e-8), (step, record["layer"], field)
         total = rows[-1]
         assert math.isclose(total["loss"], loss, rel_tol=1e-12) and total["lr"] == 0.1 and total["vectorized"]
+        assert total["rank_one_tensors"] == (4 if rank_one else 0)  # both linear layers' weights and biases
         # curvature: the same Rademacher vectors through the exact Hessian-vector product of the probe batch
         hvp, _, _ = hvp_operator(model, (x, y), cross_entropy_loss, before)
         diag, forms = hutchinson_diagonal(hvp, sizes, 3, torch.Generator().manual_seed(step), torch.device("cpu"),
@@ -200,6 +203,7 @@ def test_layernorm_attention_and_a_recurrent_model_run(tmp_path, body):
     total = [r for r in records if r["layer"] == "__total__"]
     assert [r["step"] for r in total] == [0, 2]
     assert total[0]["vectorized"] is (body is Attention)
+    assert total[0]["rank_one_tensors"] == 2  # the head (embed sees (n, 8, 8) tokens and goes through vmap)
     data = RandomDataModule(n=32)
     gs = _loop_gradients(model, recorder.by_step()[2]["before"], data.x[:6].double(), data.y[:6])
     assert math.isclose(total[1]["ortho_test"], _numpy_tests(gs, 1.0, 0.1)["ortho_test"], rel_tol=1e-7)
