@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils._pytree import tree_map
 
 from lightning_probes.budget import format_bytes
@@ -205,6 +206,7 @@ class PerSampleGradientMonitor(ProbeCallback):
     def reset_run(self) -> None:
         super().reset_run()
         self._batch: Any = None
+        self._batches: Optional[list[Any]] = None  # DDP: every rank's fixed probe batch (CPU), for rank 0's state
         self._current: Any = None
         self._last_step: Optional[int] = None
         self._prepared = False
@@ -218,16 +220,30 @@ class PerSampleGradientMonitor(ProbeCallback):
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        batch = self._batch if self._batch is not None else self._restored_batch
-        if self.probe_batch == "fixed" and self._world_size == 1 and batch is not None:
-            # One process: the fixed probe batch goes into the checkpoint, so a resumed run analyses the same samples
-            # (under DDP every rank has its own batch and Lightning keeps rank 0's state only: each rank re-takes it).
-            state["probe_batch"] = tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, batch)
+        if self.probe_batch != "fixed":
+            return state
+        # The fixed probe batch of every rank, so a resumed run analyses the same samples: under DDP gathered once at
+        # the first batch of the fit into rank 0's state (the only one Lightning keeps); at a resume each rank takes
+        # its own entry back. One process: "probe_batch" alone.
+        batches = self._batches
+        if batches is None and self._batch is not None and self._world_size == 1:
+            batches = [tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, self._batch)]
+        if batches is None:
+            batches = self._restored_batch  # restored, not taken back yet
+        if batches is not None:
+            if len(batches) == 1:
+                state["probe_batch"] = batches[0]
+            else:
+                state["probe_batches"] = batches
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._restored_batch = state_dict.get("probe_batch")
+        # One entry per rank of the run that saved it: "probe_batches" under DDP, "probe_batch" in one process.
+        batches = state_dict.get("probe_batches")
+        if batches is None and state_dict.get("probe_batch") is not None:
+            batches = [state_dict["probe_batch"]]
+        self._restored_batch = batches
 
     # -- setup -----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -263,13 +279,28 @@ class PerSampleGradientMonitor(ProbeCallback):
             return
         if self.probe_batch == "fixed":
             if self._batch is None:
-                if self._restored_batch is not None:
+                rank, world = trainer.global_rank, trainer.world_size
+                restored, self._restored_batch = self._restored_batch, None
+                if restored is not None and len(restored) != world:
+                    rank_zero_warn(f"{type(self).__name__} {self.name!r}: the checkpoint's probe batch "
+                                   f"({len(restored)} process(es)) does not fit this run ({world} process(es)); a "
+                                   f"new probe batch is taken from this first batch, so the records from here on "
+                                   f"are of other samples than before the checkpoint")
+                    restored = None
+                if restored is not None:
                     device = next(pl_module.parameters()).device
                     self._batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                           self._restored_batch)
-                    self._restored_batch = None
+                                           restored[rank])
+                    self._batches = restored if world > 1 else None
                 else:
                     self._batch = detach_clone(slice_samples(batch, 0, min(self.num_samples, sample_count(batch))))
+                    if world > 1:  # every rank's probe batch in rank 0's checkpoint: one gather, once per fit
+                        import torch.distributed as dist
+
+                        gathered: list[Any] = [None] * world
+                        dist.all_gather_object(gathered, tree_map(
+                            lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, self._batch))
+                        self._batches = gathered
         elif self._due(trainer.global_step):
             self._current = slice_samples(batch, 0, min(self.num_samples, sample_count(batch)))
 

@@ -290,9 +290,20 @@ def test_a_batch_the_default_loss_does_not_fit_skips_and_a_loss_fn_runs(tmp_path
     assert records[-1]["histograms"] is None and records[-1]["tic_trace"] is None
 
 
+
+def test_a_probe_batch_saved_by_another_number_of_processes_is_taken_anew_with_one_warning(tmp_path):
+    data = RandomDataModule(n=32, batch_size=16)
+    probe = PerSampleGradientMonitor(every_n_steps=1, num_samples=8, curvature_samples=0, histograms="none",
+                                     output_dir=str(tmp_path))
+    probe.load_state_dict({"probe_batches": [(data.x[16:24], data.y[16:24])] * 2})  # a 2-rank DDP checkpoint's
+    with pytest.warns(UserWarning, match=r"probe batch \(2 process\(es\)\) does not fit this run \(1") as caught:
+        trainer(tmp_path, [probe], max_steps=2).fit(relu_net(), data)
+    assert sum("does not fit this run" in str(w.message) for w in caught) == 1
+    assert torch.equal(probe._batch[0], data.x[:8]) and "probe_batch" in probe.state_dict()
+
 def test_ddp_equals_one_process_on_the_union_batch_and_fsdp2_is_refused(tmp_path):
     from tests.helpers import run_in_new_session
-    from tests.per_sample_dist_run import fit
+    from tests.per_sample_dist_run import Data, fit
 
     root = Path(__file__).parents[2]
     run_in_new_session([sys.executable, str(root / "tests" / "per_sample_dist_run.py"), str(tmp_path)], 240,
@@ -303,7 +314,26 @@ def test_ddp_equals_one_process_on_the_union_batch_and_fsdp2_is_refused(tmp_path
     single = read(tmp_path / "single" / "per_sample_gradients.jsonl")
     multi = read(tmp_path / "ddp" / "per_sample_gradients.jsonl")
     assert [(r["step"], r["layer"]) for r in multi] == [(r["step"], r["layer"]) for r in single]
-    assert {r["step"] for r in single} == {0, 2}
+    assert {r["step"] for r in single} == {0, 2, 4}
+    # resumed from the checkpoint after epoch 1 (step 3): epoch 2 runs in reverse order, so its first batches are not
+    # the probe batches; each rank's comes back from rank 0's checkpoint and the records equal the uninterrupted run's
+    resumed = read(tmp_path / "resumed" / "per_sample_gradients.jsonl")
+    assert [(r["step"], r["layer"]) for r in resumed] == [(r["step"], r["layer"]) for r in multi]
+    for a, b in zip(multi, resumed):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert math.isclose(value, b[key], rel_tol=1e-12, abs_tol=1e-15), (a["step"], a["layer"], key)
+            elif key != "histograms":
+                assert value == b[key], (a["step"], a["layer"], key)
+        if a["layer"] == "__total__":
+            npz_a, npz_b = np.load(tmp_path / "ddp" / a["histograms"]), np.load(tmp_path / "resumed" / b["histograms"])
+            np.testing.assert_array_equal(npz_a["hist_1d"], npz_b["hist_1d"])
+            np.testing.assert_array_equal(npz_a["hist_2d"], npz_b["hist_2d"])
+    state = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    (batches,) = [v["probe_batches"] for v in state.values() if "probe_batches" in v]
+    x = Data(8).x
+    assert len(batches) == 2 and all(torch.equal(batches[r][0], x[r::2][:8]) for r in (0, 1))
     for a, b in zip(single, multi):
         assert b["num_samples"] == a["num_samples"] == 16
         for key in ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping", "cabs",
