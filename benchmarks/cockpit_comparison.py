@@ -170,7 +170,7 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def our_probes(kind: str, batch_size: int, out: str) -> list[pl.Callback]:
+def our_probes(kind: str, batch_size: int, out: str, memory_gb: Optional[float] = None) -> list[pl.Callback]:
     """Our probes for a set of Cockpit's quantities.
 
     ``economy``: Cockpit's economy set at every step (alpha from `CurvatureMonitor` without products, the
@@ -185,7 +185,7 @@ def our_probes(kind: str, batch_size: int, out: str) -> list[pl.Callback]:
         probes = [curvature(every_n_steps=1, num_samples=batch_size, lanczos_iters=0, trace_samples=0, output_dir=out)]
         if per_sample is not None:
             probes.append(per_sample(every_n_steps=1, num_samples=batch_size, probe_batch="current",
-                                     curvature_samples=0, histograms="1d", output_dir=out))
+                                     curvature_samples=0, histograms="1d", max_memory_gb=memory_gb, output_dir=out))
         return probes
     if kind == "curvature":
         return [curvature(every_n_steps=1, num_samples=batch_size, output_dir=out)]
@@ -218,7 +218,7 @@ SAME = {"ours economy": "cockpit economy", "ours curvature": "cockpit curvature"
 
 
 def run_config(name: str, model: str, x: torch.Tensor, y: torch.Tensor, batch_size: int, lr: float,
-               root: str, hidden: Optional[int] = None) -> list[float]:
+               root: str, hidden: Optional[int] = None, memory_gb: Optional[float] = None) -> list[float]:
     net = build(model, hidden=hidden)
     if name == "plain":
         return plain_loop(net, x, y, batch_size, lr)
@@ -240,7 +240,7 @@ def run_config(name: str, model: str, x: torch.Tensor, y: torch.Tensor, batch_si
                 raise
             NOTES[name] = "HessMaxEV + Alpha only: HessTrace failed (BackPACK has no DiagHessian here: no diag_h)"
             return plain_loop(build(model, hidden=hidden), x, y, batch_size, lr, lambda: quantities(trace=False))
-    probes = [] if name == "lightning" else our_probes(name.split(" ", 1)[1], batch_size, root)
+    probes = [] if name == "lightning" else our_probes(name.split(" ", 1)[1], batch_size, root, memory_gb)
     return lightning_run(net, x, y, batch_size, lr, probes, root)
 
 
@@ -257,6 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print every run's time as it ends")
     parser.add_argument("--configs", default=None,
                         help="comma-separated subset of the configurations (plain and lightning always run)")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="PerSampleGradientMonitor's max_memory_gb in the economy configuration (default: its "
+                             "share of the probes' budget, which runs resnet18's per-sample gradients a few samples "
+                             "at a time; Cockpit holds a whole layer's at once)")
     parser.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)  # the smoke run's tiny MLP
     add_threads_argument(parser)
     add_output_argument(parser)
@@ -290,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         warnings.simplefilter("ignore")
                         n = (cockpit_steps if name.startswith("cockpit") else steps) * batch_size
                         try:
-                            times = run_config(name, model, x[:n], y[:n], batch_size, args.lr, root, args.hidden)
+                            times = run_config(name, model, x[:n], y[:n], batch_size, args.lr, root, args.hidden,
+                                               args.memory_gb)
                         except Exception as err:  # noqa: BLE001 - e.g. a BackPACK extension missing for a layer
                             if not name.startswith("cockpit"):
                                 raise

@@ -1,17 +1,15 @@
-"""Helpers of `PerSampleGradientMonitor`: the default loss's check, the math attention kernel, other probes' hooks
-paused during its passes."""
+"""Helpers of `PerSampleGradientMonitor`: the default loss's check, the math attention kernel, the layers of the
+rank-one shortcut."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.functional.per_sample import eval_mode
 
 
@@ -23,38 +21,6 @@ def differentiable_twice() -> Any:
     except ImportError:  # pragma: no cover - older torch
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def other_probes_paused(trainer: pl.Trainer, me: ProbeCallback) -> Any:
-    """The module hooks other probes hold (their ``_handles``, e.g. `AttentionMonitor`'s on its due steps) taken
-    off the model for the block and put back in their order after it: the probe's own ``vmap``ped forward passes
-    are not training's, and a hook would record (batched) tensors that do not belong to the step."""
-    from torch.utils.hooks import RemovableHandle
-
-    taken: list[tuple[dict, int, Any]] = []
-    for other in trainer.callbacks:
-        if other is me or not isinstance(other, ProbeCallback):
-            continue
-        for handle in list(getattr(other, "_handles", None) or ()):
-            if not isinstance(handle, RemovableHandle):
-                continue
-            refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
-            for ref in refs:
-                hooks = ref()
-                if hooks is not None and handle.id in hooks:
-                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
-    try:
-        yield
-    finally:
-        touched = {}
-        for hooks, key, value in taken:
-            hooks[key] = value
-            touched[id(hooks)] = hooks
-        for hooks in touched.values():  # hook ids grow with registration: their order as it was
-            items = sorted(hooks.items())
-            hooks.clear()
-            hooks.update(items)
 
 
 def detach_clone(batch: Any) -> Any:

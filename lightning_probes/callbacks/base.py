@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -287,6 +288,11 @@ class ProbeCallback(FailSafe, BudgetUser, ProbeOutputs, Callback):
         if trainer.is_global_zero and self._buffer is not None:
             self._buffer.add(records, trainer.global_step)
 
+    def probe_pass(self, trainer: pl.Trainer) -> contextlib.AbstractContextManager[None]:
+        """A block of this probe's own passes through the model (not training's): every other probe's hooks are
+        off during it (`other_probes_paused`), so that they record training's passes only."""
+        return other_probes_paused(trainer, self)
+
     def defer_records(self, trainer: pl.Trainer, produce: Produce, block: Optional[torch.Tensor] = None) -> None:
         """Queue records that are made only when the buffer is written, in order with `write_records`' records.
 
@@ -394,3 +400,37 @@ class ProbeCallback(FailSafe, BudgetUser, ProbeOutputs, Callback):
 
 install_guards(ProbeOutputs)
 install_guards(ProbeCallback)
+
+
+@contextlib.contextmanager
+def other_probes_paused(trainer: pl.Trainer, me: ProbeCallback) -> Iterator[None]:
+    """The hooks other probes hold (their ``_handles``: `AttentionMonitor`'s and `ActivationOutlierMonitor`'s module
+    hooks on their due steps, `GradientNoiseScaleMonitor`'s gradient hooks) taken off for the block and put back in
+    their order after it: a probe's own forward and backward passes (`CurvatureMonitor`'s Hessian-vector products,
+    `PerSampleGradientMonitor`'s ``vmap``) are not training's, and another probe's hook would record tensors that do
+    not belong to the step (or, under ``vmap``, batched tensors it cannot read)."""
+    from torch.utils.hooks import RemovableHandle
+
+    taken: list[tuple[dict, int, Any]] = []
+    for other in trainer.callbacks:
+        if other is me or not isinstance(other, ProbeCallback):
+            continue
+        for handle in list(getattr(other, "_handles", None) or ()):
+            if not isinstance(handle, RemovableHandle):
+                continue
+            refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+            for ref in refs:
+                hooks = ref()
+                if hooks is not None and handle.id in hooks:
+                    taken.append((hooks, handle.id, hooks.pop(handle.id)))
+    try:
+        yield
+    finally:
+        touched = {}
+        for hooks, key, value in taken:
+            hooks[key] = value
+            touched[id(hooks)] = hooks
+        for hooks in touched.values():  # hook ids grow with registration: their order as it was
+            items = sorted(hooks.items())
+            hooks.clear()
+            hooks.update(items)

@@ -80,11 +80,11 @@ class CurvatureMonitor(ProbeCallback):
     are refused at setup: the products need the full parameters in every process.
 
     Args:
-        every_n_steps: Analyse every n-th optimiser step. Default 500: one analysis at the defaults costs about as
-            much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread), so every 500 steps
-            it adds about 4% (the issue's target: at most 5%). Larger models pay more per step: on one CPU thread
-            about 6% on a 784-512-256-128-10 MLP and 16% on resnet18 at 32x32 (``benchmarks/cockpit_comparison.py``;
-            every 1500 or 2000 steps keeps those within 5%).
+        every_n_steps: Analyse every n-th optimiser step. Default 2000: one analysis at the defaults costs about as
+            much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread), 30 of a
+            784-512-256-128-10 MLP and 80 of resnet18 at 32x32 (``benchmarks/cockpit_comparison.py``), so every
+            2000 steps adds about 1%, 1.5% and 4% (the target: at most 5%). For an edge-of-stability curve over a
+            short run, analyse more often (every 50-500 steps) and accept the cost.
         num_samples: Samples of the probe batch (per rank).
         lanczos_iters: Lanczos steps (Hessian-vector products) for the eigenvalues; 0: no eigenvalues.
         trace_samples: Rademacher vectors for the trace (>= 2 for a standard error); 0: no trace. With both 0 the
@@ -104,13 +104,13 @@ class CurvatureMonitor(ProbeCallback):
 
     Example:
         >>> from pytorch_lightning import Trainer
-        >>> trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=500, num_samples=64)])
+        >>> trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=2000, num_samples=64)])
     """
 
     probe_name = "curvature"
     layout_stats = ("lambda_max", "trace", "sharpness_ratio", "alpha")
 
-    def __init__(self, every_n_steps: int = 500, num_samples: int = 64, lanczos_iters: int = 10,
+    def __init__(self, every_n_steps: int = 2000, num_samples: int = 64, lanczos_iters: int = 10,
                  trace_samples: int = 10, alpha: bool = True, seed: int = 0,
                  loss_fn: PerSampleLoss = cross_entropy_loss, output_dir: Optional[str] = None,
                  name: Optional[str] = None, flush_every_n_steps: Optional[int] = None,
@@ -188,7 +188,8 @@ class CurvatureMonitor(ProbeCallback):
         if trainer.state.fn != "fit":
             return
         if self._batch is None:
-            self._take_batch(trainer, pl_module, batch)
+            with self.probe_pass(trainer):
+                self._take_batch(trainer, pl_module, batch)
             if not self.active:
                 return
         step = trainer.global_step
@@ -196,7 +197,8 @@ class CurvatureMonitor(ProbeCallback):
             return  # not due (or the micro-batches after the first of a due step); lazy: once they exist
         self._next_due = (step // self.every_n_steps + 1) * self.every_n_steps
         self._write_pending(trainer)  # a step that never finished (e.g. the optimiser step was never taken)
-        self._analyse(trainer, pl_module, step)
+        with self.probe_pass(trainer):
+            self._analyse(trainer, pl_module, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -204,7 +206,8 @@ class CurvatureMonitor(ProbeCallback):
         if pending is None or trainer.global_step == pending.step:
             return  # no analysis waiting, or its optimiser step has not been taken yet (accumulation)
         if pending.start is not None:
-            pending.block = torch.cat([pending.block, self._alpha_block(trainer, pl_module, pending.start)])
+            with self.probe_pass(trainer):
+                pending.block = torch.cat([pending.block, self._alpha_block(trainer, pl_module, pending.start)])
         self._write_pending(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

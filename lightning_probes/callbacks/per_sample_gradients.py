@@ -20,7 +20,6 @@ from lightning_probes.callbacks._per_sample_support import (
     detach_clone,
     differentiable_twice,
     item_of,
-    other_probes_paused,
     rank_one_layers,
 )
 from lightning_probes.callbacks.base import DEFAULT_FLUSH_SECS, ProbeCallback
@@ -315,7 +314,7 @@ class PerSampleGradientMonitor(ProbeCallback):
             return
         self._last_step = step
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
-        with other_probes_paused(trainer, self):
+        with self.probe_pass(trainer):
             if not self._prepared and not self._prepare(trainer, pl_module, batch):
                 return
             self._analyse(trainer, pl_module, batch, step, lr)

@@ -366,20 +366,30 @@ def test_a_failure_after_the_start_disables_the_probe_and_training_goes_on(tmp_p
     assert len(records) == 1 and records[0]["probe_status"] == "disabled" and "a broken loss" in records[0]["reason"]
 
 
-def test_other_probes_hooks_do_not_see_the_per_sample_passes(tmp_path):
-    """AttentionMonitor's hooks stay on the model until its step ends: the probe takes them off for its passes, so
-    the attention records equal a run without it."""
-    from lightning_probes import AttentionMonitor
+@pytest.mark.parametrize("probe", ["per_sample", "curvature"])
+def test_other_probes_hooks_do_not_see_the_probes_own_passes(tmp_path, probe):
+    """AttentionMonitor's and ActivationOutlierMonitor's hooks stay on the model during their due steps: the
+    probe's own passes (vmap; CurvatureMonitor's Hessian-vector products and alpha) run with them taken off
+    (`ProbeCallback.probe_pass`), so their records equal a run without it. Without it, CurvatureMonitor's passes
+    added its probe batch's rows to both."""
+    from lightning_probes import ActivationOutlierMonitor, AttentionMonitor, CurvatureMonitor
 
     runs = []
     for with_probe in (False, True):
         out = tmp_path / str(with_probe)
-        probes = [AttentionMonitor(every_n_steps=1, output_dir=str(out))]
+        probes = [AttentionMonitor(every_n_steps=1, output_dir=str(out)),
+                  ActivationOutlierMonitor(every_n_steps=1, output_dir=str(out))]
         if with_probe:
-            probes.append(PerSampleGradientMonitor(every_n_steps=1, num_samples=4, curvature_samples=1,
-                                                   output_dir=str(out)))
+            probes.insert(0, PerSampleGradientMonitor(every_n_steps=1, num_samples=4, curvature_samples=1,
+                                                      output_dir=str(out)) if probe == "per_sample"
+                          else CurvatureMonitor(every_n_steps=1, num_samples=4, lanczos_iters=2, trace_samples=1,
+                                                output_dir=str(out)))
+            probes.append(PerSampleGradientMonitor(every_n_steps=1, num_samples=4, curvature_samples=0,
+                                                   name="last", output_dir=str(out)) if probe == "per_sample"
+                          else CurvatureMonitor(every_n_steps=1, num_samples=4, lanczos_iters=2, trace_samples=1,
+                                                name="last", output_dir=str(out)))
         torch.manual_seed(0)
         trainer(tmp_path, probes, max_steps=2, precision="64-true").fit(Net(Attention()).double(),
                                                                         RandomDataModule(n=32))
-        runs.append(read(out / "attention.jsonl"))
-    assert runs[0] == runs[1] and len(runs[0]) > 0
+        runs.append([read(out / "attention.jsonl"), read(out / "activation_outliers.jsonl")])
+    assert runs[0] == runs[1] and len(runs[0][0]) > 0 and len(runs[0][1]) > 0
