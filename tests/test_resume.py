@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import signal
 import subprocess
@@ -243,3 +244,104 @@ def torch_load_step(path: Path) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+HEALTH = """
+seed_everything: 7
+trainer:
+  max_epochs: 3
+  accelerator: cpu
+  limit_train_batches: 6
+  limit_val_batches: 0
+  accumulate_grad_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args: {{save_dir: "{save_dir}", name: "{name}"}}
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{every_n_epochs: 1, save_last: true, save_top_k: -1}}
+    - class_path: tests.crash.PauseAt
+    - class_path: lightning_probes.StabilityMonitor
+      init_args: {{every_n_steps: 1, window: 4, warmup: 2}}
+    - class_path: lightning_probes.GradientNoiseScaleMonitor
+      init_args: {{every_n_steps: 1, log_every_n_steps: 2}}
+    - class_path: lightning_probes.CurvatureMonitor
+      init_args: {{every_n_steps: 2, num_samples: 16, lanczos_iters: 3, trace_samples: 2}}
+    - class_path: lightning_probes.PerSampleGradientMonitor
+      init_args: {{every_n_steps: 2, num_samples: 8, curvature_samples: 2}}
+model:
+  class_path: MLP
+  init_args: {{hidden: [32, 16, 16], lr: 0.05}}
+data:
+  class_path: tests.crash.EpochSeededDigits
+  init_args: {{batch_size: 32}}
+"""
+HEALTH_PROBES = ("stability", "gradient_noise_scale", "curvature", "per_sample_gradients")
+
+
+def _records(path: Path) -> dict[tuple, dict]:
+    """The records by key (``kind`` too: stability's step and spike records share a step); each key once."""
+    records = collections.defaultdict(list)
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        records[tuple((k, record[k]) for k in ("kind", *KEY_FIELDS) if k in record)].append(record)
+    duplicated = [k for k, v in records.items() if len(v) > 1]
+    assert not duplicated, f"{path.name}: records written twice: {duplicated[:3]}"
+    return {k: v[0] for k, v in records.items()}
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread here and in the subprocesses: the same arithmetic in every run, and on 2 busy cores a
+    tiny model's kernels run some 100x faster than with 2 threads contending."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kill_and_resume_the_stateful_health_probes_keeps_every_record_once_with_equal_values(tmp_path, monkeypatch,
+                                                                                              one_thread):
+    """StabilityMonitor, GradientNoiseScaleMonitor, CurvatureMonitor and PerSampleGradientMonitor (their windows,
+    EMAs, cadences and probe batches in the checkpoint): killed in epoch 2 (3 optimiser steps an epoch, 2
+    micro-batches a step) after records of step 6 past the checkpoint of epoch 1 were written, resumed (in this
+    process); the training order depends on the epoch only, so the resumed records equal the uninterrupted run's."""
+    from lightning_probes.cli import main
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(HEALTH.format(save_dir=tmp_path / "runs", name=name))
+        return path
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config("reference"))])
+    crash = config("crash")
+    _fit(crash, tmp_path, kill_at="2:3")  # epoch 2, the second step's second micro-batch: global step 7
+    killed = tmp_path / "runs" / "crash" / "version_0"
+    assert torch_load_step(killed / "checkpoints" / "last.ckpt") == 6
+    assert 6 in {r["step"] for r in map(json.loads, (killed / "probes" / "stability.jsonl").read_text().splitlines())}
+    monkeypatch.delenv("LP_PAUSE_AT", raising=False)
+    main(["fit", "--config", str(crash), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt")])  # no 2nd import
+    reference = tmp_path / "runs" / "reference" / "version_0" / "probes"
+    final = tmp_path / "runs" / "crash" / "version_1" / "probes"
+    for probe in HEALTH_PROBES:
+        expected, got = _records(reference / f"{probe}.jsonl"), _records(final / f"{probe}.jsonl")
+        assert len({dict(k).get("step") for k in expected}) >= 3, probe  # records at several steps
+        assert got.keys() == expected.keys(), (f"{probe}: missing {sorted(set(expected) - set(got))[:3]}, "
+                                               f"extra {sorted(set(got) - set(expected))[:3]}")
+        for key, record in expected.items():
+            assert got[key].keys() == record.keys(), (probe, key)
+            for field, value in record.items():
+                other = got[key][field]
+                if isinstance(value, float):
+                    assert isinstance(other, (int, float)) and not isinstance(other, bool) \
+                        and math.isclose(value, other, rel_tol=1e-9), (probe, key, field, value, other)
+                else:
+                    assert other == value, (probe, key, field, value, other)
