@@ -97,14 +97,16 @@ class PerSampleGradientMonitor(ProbeCallback):
     setup: ``functional_call`` needs the full parameters in every process.
 
     Args:
-        every_n_steps: Analyse every n-th optimiser step (the first at step 0). Default 2000: at the defaults one
+        every_n_steps: Analyse every n-th optimiser step (the first at step 0). Default 5000: at the defaults one
             analysis (per-sample gradients of 32 samples, the 1-D histogram of their entries, 10 Hessian-vector
-            products) costs about 26 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread) and
-            about 70 of a resnet18 at 32x32 (batch 64), so every 2000 steps it adds about 1.3% and 3.5%.
+            products) costs about 31 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread) and
+            about 170 of a resnet18 at 32x32 (batch 32; its convolutions through ``vmap``), so every 5000 steps it
+            adds about 0.6% and 3.4% (``benchmarks/cockpit_comparison.py``).
         num_samples: Samples of the probe batch per rank (at most the training batch's).
         probe_batch: ``"fixed"``: the first ``num_samples`` samples of the first training batch of the fit, kept
             for the whole run (curves that describe the model, not the sampling noise of changing batches; kept in
-            the checkpoint in one process); ``"current"``: the first ``num_samples`` of the batch of the analysed
+            the checkpoint: under DDP every rank's batch is gathered once into rank 0's state and each rank takes
+            its own back at a resume); ``"current"``: the first ``num_samples`` of the batch of the analysed
             step (Cockpit's choice: the batch the step trains on).
         curvature_samples: Rademacher vectors (Hessian-vector products) for Hutchinson's Hessian trace of the TIC
             (``tic_trace``, ``hessian_trace`` and its standard error); 0: no curvature, no TIC.
@@ -139,14 +141,14 @@ class PerSampleGradientMonitor(ProbeCallback):
 
     Example:
         >>> from pytorch_lightning import Trainer
-        >>> trainer = Trainer(callbacks=[PerSampleGradientMonitor(every_n_steps=2000, num_samples=32)])
+        >>> trainer = Trainer(callbacks=[PerSampleGradientMonitor(every_n_steps=5000, num_samples=32)])
     """
 
     probe_name = "per_sample_gradients"
     layout_stats = ("norm_test", "inner_test", "ortho_test", "mean_gsnr")
     uses_memory_budget = True
 
-    def __init__(self, every_n_steps: int = 2000, num_samples: int = 32,
+    def __init__(self, every_n_steps: int = 5000, num_samples: int = 32,
                  probe_batch: Literal["fixed", "current"] = "fixed", curvature_samples: int = 10,
                  tic_diag: bool = False,
                  histograms: Literal["both", "1d", "2d", "none"] = "1d", hist_bins_1d: int = 100,
