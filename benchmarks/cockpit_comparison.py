@@ -27,8 +27,9 @@ initial weights every time):
 
 Each repeat runs every configuration once, in a shuffled order; a run's per-step time is the median of its steps
 after the first ``--warmup``, and its ratio is against the bare run of its kind (plain loop or Lightning) of the
-same repeat; the table shows medians over repeats. A probe at its default cadence (500 steps for
-`CurvatureMonitor`) analyses at step 0 only within a short run, so ``ours defaults`` is reported as measured
+same repeat; the table shows medians over repeats. A probe at its default cadence (2000 steps for
+`CurvatureMonitor`, 5000 for `PerSampleGradientMonitor`) analyses at step 0 only within a short run, so
+``ours defaults`` is reported as measured
 (the steps between analyses) and amortised: ``(t_between + sum of each probe's analysis time / its every) /
 t_lightning``,
 one analysis's cost spread over its cadence (`CurvatureMonitor`'s share, from ``curvature-defaults@1``, over its
