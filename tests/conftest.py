@@ -8,9 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# One intra-op thread per test process and per subprocess it starts: `pytest -n 2` on two cores with torch's
+# default of one thread per core oversubscribed the machine, and tiny models' kernels spun (a kill -9 test took 51 s
+# instead of 21 s). No test depends on the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite wants a probe's own failures raised, not turned into a warning (`on_error`'s default): tests that
 # check the fail-safe path pass `on_error="warn"` explicitly.
 os.environ.setdefault("LIGHTNING_PROBES_ON_ERROR", "raise")

@@ -36,6 +36,23 @@ class PauseAt(pl.Callback):
                 time.sleep(1)
 
 
+class EpochOrder(Sampler):
+    """Epoch 0 in order, epoch 1 reversed, ...: a resumed run's first batch is not the first run's."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        return iter(order[::-1] if self.epoch % 2 else order)
+
+
 class EpochSampler(Sampler):
     """A shuffle seeded by the epoch (Lightning calls ``set_epoch`` at every epoch start, a resumed one too)."""
 

@@ -21,6 +21,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
+from tests.crash import EpochOrder  # noqa: E402
 from tests.two_ranks import launch_two_ranks, leave_rank  # noqa: E402
 
 _RANK = "CURVATURE_RUN_RANK"
@@ -39,23 +40,6 @@ class TanhNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.2)
-
-
-class EpochOrder(torch.utils.data.Sampler):
-    """Epoch 0 in order, epoch 1 reversed."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        order = list(range(self.n))
-        return iter(order[::-1] if self.epoch % 2 else order)
 
 
 class Data(pl.LightningDataModule):

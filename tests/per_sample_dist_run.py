@@ -24,6 +24,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_probes as lp  # noqa: E402
+from tests.crash import EpochOrder  # noqa: E402
 from tests.two_ranks import launch_two_ranks, leave_rank  # noqa: E402
 
 _RANK = "PER_SAMPLE_RUN_RANK"
@@ -49,23 +50,6 @@ class Sharded(ReluNet):
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
-
-
-class EpochOrder(torch.utils.data.Sampler):
-    """Epoch 0 in order, epoch 1 reversed."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        order = list(range(self.n))
-        return iter(order[::-1] if self.epoch % 2 else order)
 
 
 class Data(pl.LightningDataModule):

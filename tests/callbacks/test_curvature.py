@@ -12,6 +12,7 @@ from torch import nn
 from lightning_probes import CurvatureMonitor
 from lightning_probes.errors import ProbeConfigurationError
 from lightning_probes.functional.curvature import flatten, unflatten
+from tests.crash import EpochOrder
 from tests.helpers import GradRecorder, RandomDataModule, read, small_mlp, trainer
 
 
@@ -256,28 +257,11 @@ def test_alpha_on_a_hand_worked_quadratic(tmp_path, lr_times_a):
 
 
 # -- resume ------------------------------------------------------------------------------------------------------
-class _EpochOrder(torch.utils.data.Sampler):
-    """Epoch 0 in order, epoch 1 reversed, ...: a resumed run's first batch is not the first run's."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        order = list(range(self.n))
-        return iter(order[::-1] if self.epoch % 2 else order)
-
-
 class _EpochData(RandomDataModule):
     def train_dataloader(self):
         from torch.utils.data import DataLoader, TensorDataset
 
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, sampler=_EpochOrder(len(self.x)))
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, sampler=EpochOrder(len(self.x)))
 
 
 def test_a_resumed_run_writes_the_records_of_an_uninterrupted_one(tmp_path):

@@ -230,7 +230,10 @@ def test_original_protocol_options_and_new_features(tiny_zoo, tmp_path):
             expected = np.full((len(idx), 10), -np.inf)
             expected[:, reference.classes_] = reference.predict_log_proba(scaler.transform(seen[name]))
             finite = np.isfinite(expected)
-            np.testing.assert_allclose(data[f"probe_{name}"][mine][finite], expected[finite], rtol=1e-3, atol=1e-4)
+            # The builder's float32 features come from other batches than these (another summation order), and a
+            # low-probability class's log-probability moves by up to ~1e-2 with them (seen: -7.3586 against -7.3667
+            # with one intra-op thread): 1% in probability.
+            np.testing.assert_allclose(data[f"probe_{name}"][mine][finite], expected[finite], rtol=1e-3, atol=1e-2)
             agree[expected.argmax(1) == pred.numpy()] = depth
         np.testing.assert_array_equal(data["probe_agree"][mine], agree)
 
