@@ -42,6 +42,10 @@ from lightning_probes.functional.gradient_tests import (
 __all__ = ["capture_linear", "combine_sums", "rank_one_histogram_1d", "rank_one_sums"]
 
 
+#: Products multiplied out at once by `rank_one_histogram_1d` (float64: 32 MiB).
+_PRODUCTS_AT_ONCE = 1 << 22
+
+
 def rank_one_histogram_1d(x: torch.Tensor, y: torch.Tensor, bins: int, low: float,
                           high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of every product ``x[i, o] * y[i, k]`` in ``bins`` equal bins of ``[low, high]`` (outside values
@@ -95,8 +99,10 @@ def rank_one_histogram_1d(x: torch.Tensor, y: torch.Tensor, bins: int, low: floa
         else:
             counts[home] += total
     rows = torch.nonzero(~small)  # the one host synchronisation: how many rows to multiply out
-    if rows.shape[0]:
-        products = x[rows[:, 0], rows[:, 1]].unsqueeze(1) * y[rows[:, 0]]  # (m, q), exact in float64
+    step = max(1, _PRODUCTS_AT_ONCE // max(1, q))  # rows a block: every row may need it (NaN, a spike, a narrow range)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        products = x[block[:, 0], block[:, 1]].unsqueeze(1) * y[block[:, 0]]  # (m, q), exact in float64
         part, out = histogram_counts_1d(products, bins, low, high)
         counts += part
         outside += out

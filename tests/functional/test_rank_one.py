@@ -143,3 +143,20 @@ def test_rank_one_layers_takes_only_the_layers_it_is_exact_for():
     params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
     chosen = rank_one_layers(net, params, lambda: net(torch.zeros(1, 5, dtype=torch.long)))
     assert sorted(chosen) == ["frozen_bias", "head"]
+
+
+def test_rows_multiplied_out_go_in_blocks_with_the_same_counts(monkeypatch):
+    """Where every row needs multiplying out (a narrow range here; a spike or NaN in training), the products are
+    formed a block of rows at a time, never all at once."""
+    import lightning_probes.functional.rank_one as rank_one
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 7, generator=g), torch.randn(6, 5, generator=g)
+    whole = rank_one_histogram_1d(x, y, 10, -0.01, 0.01)
+    monkeypatch.setattr(rank_one, "_PRODUCTS_AT_ONCE", 12)  # two rows of 5 products a block
+    blocks = rank_one_histogram_1d(x, y, 10, -0.01, 0.01)
+    products = (x.double()[:, :, None] * y.double()[:, None, :]).numpy()
+    ref, ref_outside = _numpy_histogram(products, 10, -0.01, 0.01)
+    for counts, outside in (whole, blocks):
+        np.testing.assert_array_equal(counts.numpy(), ref)
+        assert float(outside) == ref_outside
