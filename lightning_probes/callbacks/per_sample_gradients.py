@@ -128,9 +128,10 @@ class PerSampleGradientMonitor(ProbeCallback):
             ``(x, y, ...)`` batches; a batch it does not fit skips the probe with the reason.
         rank_one: Take the sums and histograms of ``nn.Linear`` layers that see one input row per sample from the
             layers' inputs and output gradients (``||g_i||^2 = ||d_i||^2 ||a_i||^2``, ...; the 1-D histogram
-            counted without forming the entries): the same numbers at a fraction of the cost (about 30x less on
-            the MNIST MLP). Stock ``nn.Linear`` only, its weight not shared, called once a forward; other layers
-            (and sequence inputs) go through ``vmap``. ``False``: every tensor through ``vmap``.
+            counted without forming the entries): the same numbers at a fraction of the cost (18 ms against 634 ms
+            for 128 samples of a 784-512-256-128-10 MLP, one CPU thread). Stock ``nn.Linear`` only, its weight
+            not shared, called once a forward; other layers (and sequence inputs) go through ``vmap``. ``False``:
+            every tensor through ``vmap``.
         max_memory_gb: This probe's own memory allowance in GB (1e9 bytes), outside the shared budget; default
             ``None``: its share of the probes' budget (`lightning_probes.set_memory_budget`).
         output_dir: Directory for the outputs; default ``<trainer.log_dir>/probes``.
