@@ -106,7 +106,7 @@ def library() -> Optional[ctypes.CDLL]:
             if compiler is None:
                 raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
             lib = ctypes.CDLL(_build(compiler))
-            for name in ("lp_dynamics_before", "lp_dynamics_after", "lp_abs_summary"):
+            for name in ("lp_dynamics_before", "lp_dynamics_after", "lp_abs_summary", "lp_sample_sums"):
                 getattr(lib, name).restype = None
             log.debug("Loaded the gradient probes' C kernels in %.2f s", time.perf_counter() - start)
         except Exception as err:  # noqa: BLE001 - any failure: the eager reference runs instead
@@ -240,3 +240,25 @@ def abs_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                        _tensor_ptr(out))
     out[:, 1].sqrt_()
     return out
+
+
+def sample_sums(grads: torch.Tensor, mean: torch.Tensor, edges: Optional[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One pass over a tensor's ``(c, n)`` per-sample gradients (CPU, float32 or float64, contiguous; `supports`):
+    ``sum_i g_i^2`` per entry and ``g_i . mean`` per sample (float64), and with ``edges`` (``bins + 1`` float64)
+    the 1-D histogram against those exact edges (float64 counts) and the ``(2,)`` counts below and above the range.
+    """
+    lib = library()
+    c, n = grads.shape
+    entries = torch.empty(n, dtype=torch.float64)
+    proj = torch.empty(c, dtype=torch.float64)
+    bins = 0 if edges is None else int(edges.numel()) - 1
+    edges64 = None if edges is None else edges.to(torch.float64).contiguous()
+    counts = torch.zeros(max(1, 4 * bins), dtype=torch.int64)
+    outside = torch.zeros(2, dtype=torch.int64)
+    lib.lp_sample_sums(ctypes.c_int(DTYPES[grads.dtype]), _tensor_ptr(grads), ctypes.c_int64(c), ctypes.c_int64(n),
+                       _tensor_ptr(mean), _tensor_ptr(entries), _tensor_ptr(proj), ctypes.c_int64(bins),
+                       _tensor_ptr(edges64), _tensor_ptr(counts), _tensor_ptr(outside))
+    if edges is None:
+        return entries, proj, None, None
+    return entries, proj, counts.view(4, bins).sum(0).double(), outside.double()

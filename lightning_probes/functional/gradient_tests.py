@@ -37,7 +37,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "exact_edges", "gradient_tests", "histogram_counts_1d",
+__all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "exact_edges", "exact_histogram_1d", "gradient_tests",
+           "histogram_counts_1d",
            "histogram_counts_2d", "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
 
 #: The columns of `gradient_tests`' table, in order.
@@ -111,6 +112,22 @@ def _histc(flat: torch.Tensor, bins: int, low: float, high: float) -> torch.Tens
     return sum(torch.histc(part, bins=bins, min=low, max=high).double() for part in torch.split(flat, _HISTC_PIECE))
 
 
+def exact_histogram_1d(values: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`histogram_counts_1d` against the exact edges (`exact_edges`; bin ``j`` holds ``e_j <= x < e_j+1``) where the
+    C kernel runs (CPU, float32/float64), as the C path of `per_sample_sums` counts; elsewhere `histogram_counts_1d`
+    (``torch.histc``'s arithmetic in the values' dtype: an entry within a rounding of an edge may sit one bin over).
+    """
+    flat = values.reshape(1, -1)
+    if not _native_sums(flat):
+        return histogram_counts_1d(values, bins, low, high)
+    from lightning_probes.functional import _native
+
+    flat = flat.contiguous()
+    _, _, counts, outside = _native.sample_sums(flat, torch.zeros(flat.shape[1], dtype=flat.dtype),
+                                                exact_edges(low, high, bins))
+    return counts, outside.sum()
+
+
 def _bin_index(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
     """The bin of each value among ``bins`` equal bins of ``[low, high]``, outside values in the edge bins, as
     integer-valued floats (exact below 2^24)."""
@@ -134,6 +151,16 @@ def histogram_counts_2d(x: torch.Tensor, y: torch.Tensor, bins: tuple[int, int],
     counts = _histc(index.reshape(-1), xb * yb, 0, xb * yb)
     outside = torch.count_nonzero((x < xlo).logical_or_(x > xhi).logical_or_((y < ylo) | (y > yhi))).double()
     return counts.view(xb, yb), outside
+
+
+def _native_sums(flat: torch.Tensor) -> bool:
+    """Whether `per_sample_sums` takes a tensor's sums in one pass of the C kernel (`_native.sample_sums`): on the
+    CPU, float32 or float64, with the library built (``LIGHTNING_PROBES_NATIVE=0`` turns it off)."""
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64) or flat.numel() == 0:
+        return False
+    from lightning_probes.functional import _native
+
+    return _native.available()
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,18 +198,33 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
     projections = torch.zeros(count, len(grads), dtype=torch.float64, device=device)  # (c, T): p_i^t
     entries = []
     hist_1d, out_1d, hist_2d, out_2d = [], [], [], []
+    want_1d = histograms is not None and bool(histograms.bins_1d)
     for t, (g, mean) in enumerate(zip(grads, mean_grad)):
         flat = g.reshape(count, -1).to(_accumulator_dtype(g.dtype))  # (c, numel_t)
-        squares = flat * flat
-        per_entry = squares.sum(0)
-        entries.append(per_entry)
-        sq_norm[t] = per_entry.sum().double()
-        projections[:, t] = (flat @ mean.reshape(-1).to(flat.dtype)).double()
-        del squares
-        if histograms is not None and histograms.bins_1d:
-            counts, outside = histogram_counts_1d(flat, histograms.bins_1d, *histograms.range_1d)
-            hist_1d.append(counts)
-            out_1d.append(outside)
+        flat_mean = mean.reshape(-1).to(flat.dtype)
+        if _native_sums(flat):  # one pass in C on the CPU: the same sums, the histogram against the exact edges
+            from lightning_probes.functional import _native
+
+            flat, flat_mean = flat.contiguous(), flat_mean.contiguous()
+            per_entry64, proj, counts, outside = _native.sample_sums(
+                flat, flat_mean, histograms.edges_1d() if want_1d else None)
+            entries.append(per_entry64.to(flat.dtype))
+            sq_norm[t] = per_entry64.sum()
+            projections[:, t] = proj
+            if want_1d:
+                hist_1d.append(counts)
+                out_1d.append(outside.sum())
+        else:
+            squares = flat * flat
+            per_entry = squares.sum(0)
+            entries.append(per_entry)
+            sq_norm[t] = per_entry.sum().double()
+            projections[:, t] = (flat @ flat_mean).double()
+            del squares
+            if want_1d:
+                counts, outside = histogram_counts_1d(flat, histograms.bins_1d, *histograms.range_1d)
+                hist_1d.append(counts)
+                out_1d.append(outside)
         if histograms is not None and histograms.bins_2d:
             if params is None:
                 raise ValueError("Expected `params` for the 2-D histogram (gradient entry against parameter value)")

@@ -35,7 +35,7 @@ from torch.func import functional_call
 from lightning_probes.functional.gradient_tests import (
     HistogramSpec,
     exact_edges,
-    histogram_counts_1d,
+    exact_histogram_1d,
     histogram_counts_2d,
 )
 
@@ -103,7 +103,7 @@ def rank_one_histogram_1d(x: torch.Tensor, y: torch.Tensor, bins: int, low: floa
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step]
         products = x[block[:, 0], block[:, 1]].unsqueeze(1) * y[block[:, 0]]  # (m, q), exact in float64
-        part, out = histogram_counts_1d(products, bins, low, high)
+        part, out = exact_histogram_1d(products, bins, low, high)
         counts += part
         outside += out
     return counts, outside
@@ -147,7 +147,7 @@ def rank_one_sums(inputs: torch.Tensor, out_grads: torch.Tensor, mean_weight: to
         hist_1d.append(counts)
         out_1d.append(outside)
         if mean_bias is not None:
-            counts, outside = histogram_counts_1d(d, histograms.bins_1d, *histograms.range_1d)
+            counts, outside = exact_histogram_1d(d, histograms.bins_1d, *histograms.range_1d)
             hist_1d.append(counts)
             out_1d.append(outside)
     if histograms is not None and histograms.bins_2d:
