@@ -30,7 +30,6 @@ from lightning_probes.functional.gradient_tests import (
     HistogramSpec,
     gradient_tests,
     hutchinson_diagonal,
-    merge_sums,
     per_sample_sums,
 )
 from lightning_probes.functional.per_sample import (
@@ -404,7 +403,7 @@ class PerSampleGradientMonitor(ProbeCallback):
                 size = grads[names[0]].shape[0]
                 part = None if base is None else base[done:done + size]
                 done += size
-                sums = merge_sums(sums, per_sample_sums([grads[n] for n in names], mean, values, self._spec, part))
+                sums = per_sample_sums([grads[n] for n in names], mean, values, self._spec, part, into=sums)
         if sums is None:
             raise ValueError("Expected a probe batch of at least one sample, but got an empty batch")
         return sums

@@ -242,23 +242,33 @@ def abs_summary(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def sample_sums(grads: torch.Tensor, mean: torch.Tensor, edges: Optional[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def sample_sums(grads: torch.Tensor, mean: torch.Tensor, edges: Optional[torch.Tensor],
+                entries: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over a tensor's ``(c, n)`` per-sample gradients (CPU, float32 or float64, contiguous; `supports`):
-    ``sum_i g_i^2`` per entry and ``g_i . mean`` per sample (float64), and with ``edges`` (``bins + 1`` float64)
+    ``sum_i g_i^2`` per entry, ``g_i . mean`` per sample and ``sum_i ||g_i||^2`` (float64; returned in that order,
+    then the histogram and the outside counts), and with ``edges`` (``bins + 1`` float64)
     the 1-D histogram against those exact edges (float64 counts) and the ``(2,)`` counts below and above the range.
+    ``entries``: a contiguous float64 ``(n,)`` tensor the per-entry sums are added to (and returned), in place.
     """
     lib = library()
     c, n = grads.shape
-    entries = torch.empty(n, dtype=torch.float64)
+    accumulate = entries is not None
+    if entries is None:
+        entries = torch.empty(n, dtype=torch.float64)
+    elif entries.dtype != torch.float64 or not entries.is_contiguous() or entries.numel() != n:
+        raise ValueError(f"Expected `entries` to be a contiguous float64 tensor of {n} entries, but got "
+                         f"{entries.dtype} {tuple(entries.shape)}")
     proj = torch.empty(c, dtype=torch.float64)
+    squares = torch.empty((), dtype=torch.float64)
     bins = 0 if edges is None else int(edges.numel()) - 1
     edges64 = None if edges is None else edges.to(torch.float64).contiguous()
     counts = torch.zeros(max(1, 4 * bins), dtype=torch.int64)
     outside = torch.zeros(2, dtype=torch.int64)
     lib.lp_sample_sums(ctypes.c_int(DTYPES[grads.dtype]), _tensor_ptr(grads), ctypes.c_int64(c), ctypes.c_int64(n),
-                       _tensor_ptr(mean), _tensor_ptr(entries), _tensor_ptr(proj), ctypes.c_int64(bins),
+                       _tensor_ptr(mean), _tensor_ptr(entries), ctypes.c_int(int(accumulate)), _tensor_ptr(proj),
+                       _tensor_ptr(squares), ctypes.c_int64(bins),
                        _tensor_ptr(edges64), _tensor_ptr(counts), _tensor_ptr(outside))
     if edges is None:
-        return entries, proj, None, None
-    return entries, proj, counts.view(4, bins).sum(0).double(), outside.double()
+        return entries, proj, squares, None, None
+    return entries, proj, squares, counts.view(4, bins).sum(0).double(), outside.double()

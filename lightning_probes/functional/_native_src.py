@@ -299,34 +299,41 @@ void lp_abs_summary(int64_t P, int dt, const int64_t* gptr, const int64_t* n, do
 
 /* Per-sample sums of one tensor's per-sample gradients g (c rows of n entries, float32 or float64, contiguous), a
    tile of entries at a time so that the per-entry sums stay in cache across the rows: entries[k] += g_ik^2
-   (float64), proj[i] = g_i . mean (float64), and with bins > 0 the 1-D histogram of every entry against the exact
+   (float64; added to what entries holds with accumulate), proj[i] = g_i . mean and squares[0] = sum_ik g_ik^2
+   (float64), and with bins > 0 the 1-D histogram of every entry against the exact
    edges (bin j holds edges[j] <= x < edges[j + 1]; x == edges[bins] in the last bin; x below edges[0] or above
    edges[bins] clipped into the edge bins and counted in outside[0] / outside[1]; NaN not counted). counts holds
    4 * bins int64 (four interleaved copies, summed by the caller: fewer stalls on a bin hit twice in a row). */
 #define LP_TILE 2048
-void lp_sample_sums(int dt, const void* g, int64_t c, int64_t n, const void* mean, double* entries, double* proj,
-                    int64_t bins, const double* edges, int64_t* counts, int64_t* outside) {
+void lp_sample_sums(int dt, const void* g, int64_t c, int64_t n, const void* mean, double* entries, int accumulate,
+                    double* proj, double* squares, int64_t bins, const double* edges, int64_t* counts,
+                    int64_t* outside) {
     const float* gf = (const float*)g; const double* gd = (const double*)g;
     const float* mf = (const float*)mean; const double* md = (const double*)mean;
     double lo = bins ? edges[0] : 0.0, hi = bins ? edges[bins] : 0.0, scale = bins ? (double)bins / (hi - lo) : 0.0;
     int64_t below = 0, above = 0;
+    double sq = 0.0;
     for (int64_t i = 0; i < c; i++) proj[i] = 0.0;
-    for (int64_t k = 0; k < n; k++) entries[k] = 0.0;
+    if (!accumulate) for (int64_t k = 0; k < n; k++) entries[k] = 0.0;
     for (int64_t t0 = 0; t0 < n; t0 += LP_TILE) {
         int64_t t1 = t0 + LP_TILE < n ? t0 + LP_TILE : n;
         for (int64_t i = 0; i < c; i++) {
-            double p = 0.0;
+            double p = 0.0, q = 0.0;
             if (dt == 1) {
                 const double* row = gd + i * n;
-                for (int64_t k = t0; k < t1; k++) { double x = row[k]; entries[k] += x * x; p += x * md[k]; }
+                for (int64_t k = t0; k < t1; k++) {
+                    double x = row[k];
+                    entries[k] += x * x; q += x * x; p += x * md[k];
+                }
             } else {
                 const float* row = gf + i * n;
                 for (int64_t k = t0; k < t1; k++) {
                     double x = (double)row[k];
-                    entries[k] += x * x; p += x * (double)mf[k];
+                    entries[k] += x * x; q += x * x; p += x * (double)mf[k];
                 }
             }
             proj[i] += p;
+            sq += q;
             if (!bins) continue;
             for (int64_t k = t0; k < t1; k++) {
                 double x = dt == 1 ? gd[i * n + k] : (double)gf[i * n + k];
@@ -346,5 +353,6 @@ void lp_sample_sums(int dt, const void* g, int64_t c, int64_t n, const void* mea
         }
     }
     outside[0] = below; outside[1] = above;
+    squares[0] = sq;
 }
 """

@@ -123,8 +123,8 @@ def exact_histogram_1d(values: torch.Tensor, bins: int, low: float, high: float)
     from lightning_probes.functional import _native
 
     flat = flat.contiguous()
-    _, _, counts, outside = _native.sample_sums(flat, torch.zeros(flat.shape[1], dtype=flat.dtype),
-                                                exact_edges(low, high, bins))
+    _, _, _, counts, outside = _native.sample_sums(flat, torch.zeros(flat.shape[1], dtype=flat.dtype),
+                                                   exact_edges(low, high, bins))
     return counts, outside.sum()
 
 
@@ -170,7 +170,8 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Tensor],
                     params: Optional[Sequence[torch.Tensor]] = None,
                     histograms: Optional[HistogramSpec] = None,
-                    base_projection: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                    base_projection: Optional[torch.Tensor] = None,
+                    into: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The sums over one chunk of samples that every test is formed from (add chunks with `merge_sums`).
 
     Args:
@@ -181,6 +182,9 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
         base_projection: ``(c,)``, each sample's projections ``g_i^t . g^t`` summed over tensors taken elsewhere
             (`lightning_probes.functional.rank_one.rank_one_sums`), added to this chunk's before the total
             ``proj_sq[T]`` is squared; ``None``: none.
+        into: The sums of the chunks before (an earlier result of this function for the same tensors): this
+            chunk's are added to them in place and they are returned (`merge_sums` without the second copy; the
+            C path adds its per-entry squares straight into ``into["sq_entries"]``).
 
     Returns:
         ``{"count": (), "sq_norm": (T,), "proj_sq": (T + 1,), "sq_entries": (D,)}``, plus ``"hist_1d"``
@@ -199,6 +203,10 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
     entries = []
     hist_1d, out_1d, hist_2d, out_2d = [], [], [], []
     want_1d = histograms is not None and bool(histograms.bins_1d)
+    offsets = [0]
+    for g in grads:
+        offsets.append(offsets[-1] + math.prod(g.shape[1:]))
+    target = into["sq_entries"] if into is not None and into["sq_entries"].dtype == torch.float64 else None
     for t, (g, mean) in enumerate(zip(grads, mean_grad)):
         flat = g.reshape(count, -1).to(_accumulator_dtype(g.dtype))  # (c, numel_t)
         flat_mean = mean.reshape(-1).to(flat.dtype)
@@ -206,10 +214,11 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
             from lightning_probes.functional import _native
 
             flat, flat_mean = flat.contiguous(), flat_mean.contiguous()
-            per_entry64, proj, counts, outside = _native.sample_sums(
-                flat, flat_mean, histograms.edges_1d() if want_1d else None)
-            entries.append(per_entry64.to(flat.dtype))
-            sq_norm[t] = per_entry64.sum()
+            slot = None if target is None else target[offsets[t]:offsets[t + 1]]
+            per_entry64, proj, squares, counts, outside = _native.sample_sums(
+                flat, flat_mean, histograms.edges_1d() if want_1d else None, slot)
+            sq_norm[t] = squares
+            entries.append(per_entry64 if slot is None else None)  # None: already added into `into`
             projections[:, t] = proj
             if want_1d:
                 hist_1d.append(counts)
@@ -232,19 +241,26 @@ def per_sample_sums(grads: Sequence[torch.Tensor], mean_grad: Sequence[torch.Ten
                                                   histograms.bins_2d, histograms.range_2d)
             hist_2d.append(counts)
             out_2d.append(outside)
-    dtype = max((e.dtype for e in entries), key=lambda d: torch.finfo(d).bits)
     total = projections.sum(1) if base_projection is None else projections.sum(1) + base_projection.double()
     sums = {
         "count": torch.tensor(float(count), dtype=torch.float64, device=device),
         "sq_norm": sq_norm,
         "proj_sq": torch.cat([projections.square().sum(0), total.square().sum().reshape(1)]),
-        "sq_entries": torch.cat([e.to(dtype) for e in entries]),
     }
     if hist_1d:
         sums["hist_1d"], sums["outside_1d"] = torch.stack(hist_1d), torch.stack(out_1d)
     if hist_2d:
         sums["hist_2d"], sums["outside_2d"] = torch.stack(hist_2d), torch.stack(out_2d)
-    return sums
+    if into is None:
+        dtype = max((e.dtype for e in entries), key=lambda d: torch.finfo(d).bits)
+        sums["sq_entries"] = torch.cat([e.to(dtype) for e in entries])
+        return sums
+    for t, part in enumerate(entries):
+        if part is not None:
+            into["sq_entries"][offsets[t]:offsets[t + 1]] += part.to(into["sq_entries"].dtype)
+    for key, value in sums.items():
+        into[key] += value
+    return into
 
 
 def merge_sums(total: Optional[Mapping[str, torch.Tensor]],

@@ -200,3 +200,19 @@ def test_per_sample_histograms_in_the_sums_equal_numpy():
                                     range=((-0.3, 0.3), (-1, 1)))
         np.testing.assert_array_equal(sums["hist_2d"][t].numpy(), ref2)
     np.testing.assert_allclose(spec.edges_1d().numpy(), np.linspace(-0.5, 0.5, 21), atol=1e-15)
+
+
+def test_sums_added_into_the_earlier_chunks_equal_the_whole_batch():
+    """`per_sample_sums(..., into=sums)` (the probe's chunk loop) gives the sums of the whole batch at once."""
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(7, 3, 4, generator=g), torch.randn(7, 5, generator=g)]
+    mean = [t.mean(0) for t in grads]
+    spec = HistogramSpec(bins_1d=12, range_1d=(-1.5, 1.5), bins_2d=(3, 4), range_2d=((-1.0, 1.0), (-1.0, 1.0)))
+    params = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    whole = per_sample_sums(grads, mean, params, spec)
+    sums = None
+    for start, stop in ((0, 2), (2, 3), (3, 7)):
+        sums = per_sample_sums([t[start:stop] for t in grads], mean, params, spec, into=sums)
+    assert set(sums) == set(whole)
+    for key in whole:
+        torch.testing.assert_close(sums[key].double(), whole[key].double(), rtol=1e-6, atol=1e-6, msg=key)
