@@ -83,7 +83,7 @@ class CurvatureMonitor(ProbeCallback):
         every_n_steps: Analyse every n-th optimiser step. Default 5000: one analysis at the defaults costs about as
             much as 19 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread), 31 of a
             784-512-256-128-10 MLP and 112 of resnet18 at 32x32, batch 32 (``benchmarks/cockpit_comparison.py``),
-            so every 5000 steps adds about 0.4%, 0.6% and 2.2% (the target: at most 5%; every 2000 measured 5.6% on
+            so every 5000 steps adds about 0.4%, 0.6% and 2.3% (the target: at most 5%; every 2000 measured 5.6% on
             that resnet18). For an edge-of-stability curve over a short run, analyse more often (every 50-500
             steps) and accept the cost.
         num_samples: Samples of the probe batch (per rank).

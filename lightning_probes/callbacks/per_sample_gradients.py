@@ -99,8 +99,8 @@ class PerSampleGradientMonitor(ProbeCallback):
         every_n_steps: Analyse every n-th optimiser step (the first at step 0). Default 5000: at the defaults one
             analysis (per-sample gradients of 32 samples, the 1-D histogram of their entries, 10 Hessian-vector
             products) costs about 31 training steps of an MNIST MLP (784-128-10, batch 128, one CPU thread) and
-            about 135 of a resnet18 at 32x32 (batch 32; its convolutions through ``vmap``), so every 5000 steps it
-            adds about 0.6% and 2.7% (``benchmarks/cockpit_comparison.py``; every 2000 measured 6.7% there).
+            about 104 of a resnet18 at 32x32 (batch 32; its convolutions through ``vmap``), so every 5000 steps it
+            adds about 0.6% and 2.1% (``benchmarks/cockpit_comparison.py``).
         num_samples: Samples of the probe batch per rank (at most the training batch's).
         probe_batch: ``"fixed"``: the first ``num_samples`` samples of the first training batch of the fit, kept
             for the whole run (curves that describe the model, not the sampling noise of changing batches; kept in
