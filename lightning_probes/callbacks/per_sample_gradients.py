@@ -362,7 +362,10 @@ class PerSampleGradientMonitor(ProbeCallback):
         n = sample_count(batch)
         captured = sum(2 * n * (layer.in_features + layer.out_features) * layer.weight.element_size()
                        for layer in self._linear.values())
-        fixed = 3 * grad_bytes + captured + (n * 3 * activation + 2 * grad_bytes if self.curvature_samples else 0)
+        # the mean gradient, the per-entry sums (float64 on the C path: twice a float32 gradient) and a spare copy
+        entries = sum(p.numel() for p in params.values()) * 8
+        fixed = 2 * grad_bytes + entries + captured + (n * 3 * activation + 2 * grad_bytes if self.curvature_samples
+                                                       else 0)
         self._chunk = chunk_size_for(max(0, self._share - fixed), per_sample, n)
         self._batch_chunk = chunk_size_for(max(0, self._share - fixed), 2 * activation + 1, n)
         reduced = None
