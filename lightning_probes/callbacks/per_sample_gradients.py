@@ -87,8 +87,9 @@ class PerSampleGradientMonitor(ProbeCallback):
     ``hist_outside_2d``; the total record also ``loss``, ``lr``, ``vectorized``, ``rank_one_tensors`` (how many
     tensors the rank-one shortcut took), ``histograms`` (the npz file, relative
     to the output directory) and, for a model without second derivatives, ``curvature_unavailable``. Histograms:
-    ``<output_dir>/per_sample_gradients/histograms/step_<step>.npz``. No host synchronisation: everything stays on
-    the device until the records are written.
+    ``<output_dir>/per_sample_gradients/histograms/step_<step>.npz``. Everything stays on the device until the
+    records are written, except one host synchronisation per rank-one layer and analysis (how many rows of its
+    histogram to multiply out): a constant number on an analysed step, none in between.
 
     DDP: each rank computes on its own probe batch; the mean gradient is all-reduced before the per-sample pass,
     the sums after it, and every Hessian-vector product, so the records equal one process on the union of the
