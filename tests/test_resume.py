@@ -294,21 +294,7 @@ def _records(path: Path) -> dict[tuple, dict]:
     return {k: v[0] for k, v in records.items()}
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """One intra-op thread here and in the subprocesses: the same arithmetic in every run, and on 2 busy cores a
-    tiny model's kernels run some 100x faster than with 2 threads contending."""
-    import torch
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_kill_and_resume_the_stateful_health_probes_keeps_every_record_once_with_equal_values(tmp_path, monkeypatch,
-                                                                                              one_thread):
+def test_kill_and_resume_the_stateful_health_probes_keeps_every_record_once_with_equal_values(tmp_path, monkeypatch):
     """StabilityMonitor, GradientNoiseScaleMonitor, CurvatureMonitor and PerSampleGradientMonitor (their windows,
     EMAs, cadences and probe batches in the checkpoint): killed in epoch 2 (3 optimiser steps an epoch, 2
     micro-batches a step) after records of step 6 past the checkpoint of epoch 1 were written, resumed (in this

@@ -38,8 +38,7 @@ from typing import Optional
 import torch
 
 __all__ = ["GRADIENT_TEST_FIELDS", "HistogramSpec", "exact_edges", "exact_histogram_1d", "gradient_tests",
-           "histogram_counts_1d",
-           "histogram_counts_2d", "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
+           "histogram_counts_1d", "histogram_counts_2d", "hutchinson_diagonal", "merge_sums", "per_sample_sums"]
 
 #: The columns of `gradient_tests`' table, in order.
 GRADIENT_TEST_FIELDS = ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping", "cabs",
